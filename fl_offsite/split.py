@@ -1,0 +1,235 @@
+"""The offsite split: adapter (bottom + top blocks) and emulator (a uniform subset of
+the middle), and the exact inverse pair ``extract_adapter`` / ``plug_in``.
+
+An adapter is always keyed by the **full model's** parameter names, whichever model
+(full or emulator) it came from or goes into; the block index in a name is mapped
+through ``SplitPlan.kept_layers``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from fl_offsite.blocks import find_blocks, resize_config
+from fl_offsite.errors import UserError
+from fl_offsite.io import atomic_dir, load_tensors, save_tensors, write_json
+
+ADAPTER_FILE = "adapter.safetensors"
+SPLIT_FILE = "split.json"
+EMULATOR_DIR = "emulator"
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which blocks of an ``num_layers``-block model form the adapter and the emulator."""
+
+    num_layers: int
+    adapter_bottom: int
+    adapter_top: int
+    kept_layers: tuple[int, ...]  # original index of every emulator block, in order
+    block_prefix: str  # dotted path of the block list, e.g. "model.layers"
+
+    @property
+    def adapter_layers(self) -> tuple[int, ...]:
+        top = range(self.num_layers - self.adapter_top, self.num_layers)
+        return (*range(self.adapter_bottom), *top)
+
+    @property
+    def emulator_layers(self) -> int:
+        """Number of middle blocks the emulator keeps (the paper's ``k``)."""
+        return len(self.kept_layers) - self.adapter_bottom - self.adapter_top
+
+    @property
+    def name(self) -> str:
+        return f"{self.adapter_bottom}-{self.emulator_layers}-{self.adapter_top}"
+
+    def positions(self, model: torch.nn.Module) -> dict[int, int]:
+        """Map original block index -> block position in ``model`` (full model or emulator)."""
+        _, blocks = find_blocks(model)
+        if len(blocks) == self.num_layers:
+            return {i: i for i in range(self.num_layers)}
+        if len(blocks) == len(self.kept_layers):
+            return {orig: pos for pos, orig in enumerate(self.kept_layers)}
+        raise UserError(
+            f"model has {len(blocks)} blocks, but split {self.name} expects {self.num_layers} "
+            f"(full model) or {len(self.kept_layers)} (emulator): wrong model for this split")
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "kept_layers": list(self.kept_layers), "split": self.name}
+
+    @classmethod
+    def from_json(cls, data: dict) -> SplitPlan:
+        fields = ("num_layers", "adapter_bottom", "adapter_top", "kept_layers", "block_prefix")
+        missing = [f for f in fields if f not in data]
+        if missing:
+            raise UserError(f"split description lacks {missing}; re-create it with `fl-offsite split`")
+        return cls(**{f: data[f] for f in fields[:3]}, kept_layers=tuple(data["kept_layers"]),
+                   block_prefix=data["block_prefix"])
+
+
+def uniform_drop(n: int, k: int) -> list[int]:
+    """The paper's uniform layer drop: ``k`` of ``n`` indices, first and last kept."""
+    if not 0 <= k <= n:
+        raise UserError(f"cannot keep {k} of {n} middle blocks: choose 0 <= k <= {n}")
+    if k == 0:
+        return []
+    if k == 1:
+        return [0]
+    stride = (n - 1) / (k - 1)
+    return [round(i * stride) for i in range(k)]
+
+
+def plan_split(
+    model: torch.nn.Module,
+    adapter_bottom: int,
+    adapter_top: int,
+    emulator_layers: int | None = None,
+    drop_ratio: float | None = None,
+) -> SplitPlan:
+    """Plan an ``l-k-r`` split of ``model``; give ``emulator_layers`` (k) or ``drop_ratio``."""
+    prefix, blocks = find_blocks(model)
+    n = len(blocks)
+    middle = n - adapter_bottom - adapter_top
+    if adapter_bottom < 0 or adapter_top < 0 or adapter_bottom + adapter_top == 0:
+        raise UserError(f"adapter layers must be >= 0 and not both 0, got {adapter_bottom},{adapter_top}")
+    if middle < 0:
+        raise UserError(
+            f"adapter {adapter_bottom}+{adapter_top} blocks does not fit a {n}-block model: "
+            f"choose adapter layers adding up to at most {n}")
+    if (emulator_layers is None) == (drop_ratio is None):
+        raise UserError("give exactly one of emulator layers (k) or a drop ratio")
+    if drop_ratio is not None:
+        if not 0.0 <= drop_ratio < 1.0:
+            raise UserError(f"drop ratio must be in [0, 1), got {drop_ratio}")
+        emulator_layers = max(1, round(middle * (1.0 - drop_ratio))) if middle else 0
+    kept_middle = [adapter_bottom + i for i in uniform_drop(middle, emulator_layers)]
+    kept = (*range(adapter_bottom), *kept_middle, *range(n - adapter_top, n))
+    return SplitPlan(n, adapter_bottom, adapter_top, kept, prefix)
+
+
+def _block_key(plan: SplitPlan, key: str) -> tuple[int, str] | None:
+    """``(block index, rest of the name)`` when ``key`` belongs to a block, else None."""
+    match = re.match(rf"{re.escape(plan.block_prefix)}\.(\d+)\.(.+)$", key)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def build_emulator(model: PreTrainedModel, plan: SplitPlan) -> PreTrainedModel:
+    """A standalone model of the kept blocks, embeddings, final norm and head.
+
+    It is a fresh Hugging Face model of the same class with ``len(kept_layers)`` blocks:
+    it saves and loads with ``from_pretrained`` and holds no tensor of a dropped block.
+    """
+    plan.positions(model)  # checks that ``model`` is the full model of this plan
+    config = resize_config(model.config, plan.num_layers, list(plan.kept_layers))
+    emulator = type(model)(config).to(model.dtype)
+    position = {orig: pos for pos, orig in enumerate(plan.kept_layers)}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        block = _block_key(plan, key)
+        if block is None:
+            state[key] = tensor
+        elif block[0] in position:
+            state[f"{plan.block_prefix}.{position[block[0]]}.{block[1]}"] = tensor
+    emulator.load_state_dict(state, strict=True)
+    emulator.tie_weights()
+    emulator.generation_config = copy.deepcopy(model.generation_config)
+    return emulator.eval()
+
+
+def adapter_names(model: torch.nn.Module, plan: SplitPlan) -> dict[str, str]:
+    """Map each adapter tensor's full-model name to its name in ``model`` (full or emulator)."""
+    original = {pos: orig for orig, pos in plan.positions(model).items()}
+    adapter = set(plan.adapter_layers)
+    names = {}
+    for key in model.state_dict():
+        block = _block_key(plan, key)
+        if block and original.get(block[0]) in adapter:
+            names[f"{plan.block_prefix}.{original[block[0]]}.{block[1]}"] = key
+    return names
+
+
+def extract_adapter(model: torch.nn.Module, plan: SplitPlan) -> dict[str, torch.Tensor]:
+    """The adapter blocks' tensors of ``model`` (full or emulator), keyed by full-model names."""
+    state = model.state_dict()
+    return {full: state[local].detach().clone() for full, local in adapter_names(model, plan).items()}
+
+
+def check_adapter(adapter: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    """Raise a UserError naming the first key that is missing, extra, misshapen or not finite."""
+    missing = sorted(set(reference) - set(adapter))
+    extra = sorted(set(adapter) - set(reference))
+    if missing:
+        raise UserError(f"adapter lacks {len(missing)} tensor(s), first {missing[0]!r}: wrong split or model")
+    if extra:
+        raise UserError(f"adapter has {len(extra)} unexpected tensor(s), first {extra[0]!r}: wrong split or model")
+    for key, ref in reference.items():
+        got = adapter[key]
+        if got.shape != ref.shape:
+            raise UserError(f"adapter tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
+        if got.dtype != ref.dtype:
+            raise UserError(f"adapter tensor {key!r} has dtype {got.dtype}, expected {ref.dtype}")
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise UserError(f"adapter tensor {key!r} holds NaN or Inf values")
+
+
+@torch.no_grad()
+def plug_in(model: torch.nn.Module, adapter: dict[str, torch.Tensor], plan: SplitPlan) -> torch.nn.Module:
+    """Copy ``adapter`` (full-model names) into ``model`` (full or emulator), in place, by name."""
+    names = adapter_names(model, plan)
+    state = model.state_dict()
+    check_adapter(adapter, {full: state[local] for full, local in names.items()})
+    for full, local in names.items():
+        state[local].copy_(adapter[full])
+    return model
+
+
+def save_adapter(path: str | Path, adapter: dict[str, torch.Tensor], plan: SplitPlan) -> None:
+    """Save an adapter as safetensors with its split plan in the file's metadata."""
+    save_tensors(path, adapter, metadata={"format": "pt", "split_plan": json.dumps(plan.to_json())})
+
+
+def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], SplitPlan]:
+    """Load an adapter written by :func:`save_adapter` and its split plan."""
+    from safetensors import safe_open
+
+    tensors = load_tensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "split_plan" not in metadata:
+        raise UserError(f"{path} carries no split plan: it was not written by fl-offsite")
+    return tensors, SplitPlan.from_json(json.loads(metadata["split_plan"]))
+
+
+def write_split(
+    out: str | Path,
+    emulator: PreTrainedModel,
+    adapter: dict[str, torch.Tensor],
+    plan: SplitPlan,
+    tokenizer=None,
+    record: dict | None = None,
+) -> Path:
+    """Write ``out/emulator/``, ``out/adapter.safetensors`` and ``out/split.json`` atomically."""
+    with atomic_dir(out) as tmp:
+        emulator.save_pretrained(tmp / EMULATOR_DIR)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / EMULATOR_DIR)
+        save_adapter(tmp / ADAPTER_FILE, adapter, plan)
+        write_json(tmp / SPLIT_FILE, {**plan.to_json(), **(record or {})})
+    return Path(out)
+
+
+def read_plan(split_dir: str | Path) -> SplitPlan:
+    """The plan stored in a folder written by :func:`write_split`."""
+    path = Path(split_dir) / SPLIT_FILE
+    if not path.is_file():
+        raise UserError(f"{split_dir} has no {SPLIT_FILE}: give a folder written by `fl-offsite split`")
+    try:
+        return SplitPlan.from_json(json.loads(path.read_text()))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); re-create the split") from err

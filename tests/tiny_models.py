@@ -1,0 +1,40 @@
+"""Tiny random causal LMs of many families, built from configs (no hub access)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+VOCAB = 96
+LAYERS = 8
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+               num_attention_heads=4, max_position_embeddings=128)
+
+# model_type -> config overrides; each family names its sizes its own way.
+FAMILIES: dict[str, dict] = {
+    "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=128, bos_token_id=0,
+                 eos_token_id=0),
+    "opt": dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                word_embed_proj_dim=32, max_position_embeddings=128),
+    "bloom": dict(vocab_size=VOCAB, hidden_size=32, n_layer=LAYERS, n_head=4),
+    "llama": dict(_COMMON, num_key_value_heads=2),
+    "qwen2": dict(_COMMON, num_key_value_heads=2),
+    "mistral": dict(_COMMON, num_key_value_heads=2),
+    "gpt_neox": dict(_COMMON),
+    "phi": dict(_COMMON),
+    "falcon": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4),
+    "gemma2": dict(_COMMON, num_key_value_heads=2, head_dim=8),
+}
+
+
+def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, **FAMILIES[family])
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def save_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
+    tiny_model(family, seed).save_pretrained(folder)
+    return folder
