@@ -178,14 +178,18 @@ def check_adapter(adapter: dict[str, torch.Tensor], reference: dict[str, torch.T
             raise UserError(f"adapter tensor {key!r} holds NaN or Inf values")
 
 
-@torch.no_grad()
 def plug_in(model: torch.nn.Module, adapter: dict[str, torch.Tensor], plan: SplitPlan) -> torch.nn.Module:
     """Copy ``adapter`` (full-model names) into ``model`` (full or emulator), in place, by name."""
-    names = adapter_names(model, plan)
+    return copy_by_name(model, adapter, adapter_names(model, plan))
+
+
+@torch.no_grad()
+def copy_by_name(model: torch.nn.Module, tensors: dict[str, torch.Tensor], names: dict[str, str]) -> torch.nn.Module:
+    """Check ``tensors`` against ``names`` (their name -> name in ``model``), then copy them in."""
     state = model.state_dict()
-    check_adapter(adapter, {full: state[local] for full, local in names.items()})
-    for full, local in names.items():
-        state[local].copy_(adapter[full])
+    check_adapter(tensors, {name: state[local] for name, local in names.items()})
+    for name, local in names.items():
+        state[local].copy_(tensors[name])
     return model
 
 

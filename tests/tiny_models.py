@@ -38,3 +38,15 @@ def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
 def save_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
     tiny_model(family, seed).save_pretrained(folder)
     return folder
+
+
+def save_tiny_lm(folder: Path, tokenizer, family: str = "llama", layers: int = 6) -> Path:
+    """A tiny random model with a real tokenizer, saved as a model folder (the real loading path)."""
+    overrides = dict(FAMILIES[family], vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    overrides["n_layer" if "n_layer" in overrides else "num_hidden_layers"] = layers
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **overrides))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,103 @@
+"""The data owner's Flower ClientApp: cache the emulator once, train the adapter each round."""
+from __future__ import annotations
+
+import json
+import logging
+from functools import lru_cache
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_offsite.config import validate
+from fl_offsite.delivery import node_store
+from fl_offsite.errors import UserError
+from fl_offsite.models import load_model
+from fl_offsite.payload import get_payload, payload_names, set_payload
+from fl_offsite.split import SplitPlan
+from fl_offsite.train import TrainSettings, train_local
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+
+@app.query("model_status")
+def model_status(msg: Message, context: Context) -> Message:
+    store = node_store(context.node_config, context.node_id)
+    has = store.has(msg.content["model"]["digest"])
+    return Message(RecordDict({"model": ConfigRecord({"has": has})}), reply_to=msg)
+
+
+@app.query("model")
+def receive_model(msg: Message, context: Context) -> Message:
+    store = node_store(context.node_config, context.node_id)
+    folder = store.store(msg.content["model"]["digest"], msg.content)
+    log.info("node %s cached the delivered model in %s", context.node_id, folder)
+    return Message(RecordDict({"model": ConfigRecord({"has": True})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = validate(dict(context.run_config))
+    round_config = msg.content["config"]
+    store = node_store(context.node_config, context.node_id)
+    digest = round_config["digest"]
+    if not store.has(digest):
+        raise UserError(f"node {context.node_id} has no model {digest}: it must be delivered before training")
+    model, tokenizer = _cached_model(str(store.folder(digest)))
+    plan = SplitPlan.from_json(json.loads(round_config["split-plan"])) if round_config["split-plan"] else None
+    names = payload_names(model, plan)
+    set_payload(model, msg.content["arrays"].to_torch_state_dict(), names)
+
+    partition_id, num_partitions = _partition(context, config)
+    features = _features(config["task"], config["seed"], config["data.partitioner"], config["data.alpha"],
+                         num_partitions, partition_id, config["train.max-length"], str(store.folder(digest)))
+    rnd = int(round_config["round"])
+    settings = TrainSettings(
+        lr=float(round_config["lr"]), batch_size=config["train.batch-size"], grad_accum=config["train.grad-accum"],
+        local_steps=config["train.local-steps"], local_epochs=config["train.local-epochs"],
+        weight_decay=config["train.weight-decay"], grad_clip=config["train.grad-clip"],
+        proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+        seed=config["seed"] * 7919 + rnd * 131 + partition_id)
+    stats = train_local(model, set(names.values()), features, settings, _pad_id(tokenizer),
+                        desc=f"client {partition_id} round {rnd}")
+    log.info("client %d round %d: loss %.4f, %d steps, %.1f s, %.0f tokens/s, peak %.0f MB", partition_id, rnd,
+             stats.loss, stats.steps, stats.seconds, stats.tokens_per_s, stats.peak_memory_mb)
+    metrics = MetricRecord({
+        "num-examples": len(features), "partition-id": partition_id, "train-loss": stats.loss,
+        "train-steps": stats.steps, "train-seconds": stats.seconds, "tokens-per-s": stats.tokens_per_s,
+        "peak-memory-mb": stats.peak_memory_mb, "trainable-params": stats.trainable_params})
+    return Message(RecordDict({"arrays": ArrayRecord(get_payload(model, names)), "metrics": metrics}), reply_to=msg)
+
+
+def _partition(context: Context, config: dict) -> tuple[int, int]:
+    node = context.node_config
+    if "partition-id" not in node:
+        raise UserError(f"node {context.node_id} has no partition-id: start it with "
+                        "--node-config 'partition-id=N num-partitions=M'")
+    return int(node["partition-id"]), int(node.get("num-partitions", config["data.num-partitions"]))
+
+
+@lru_cache(maxsize=1)
+def _cached_model(folder: str):
+    """The delivered model, loaded once per process (Ray actors serve many rounds and nodes)."""
+    return load_model(folder)
+
+
+@lru_cache(maxsize=8)
+def _features(task: str, seed: int, partitioner: str, alpha: float, num_partitions: int, partition_id: int,
+              max_length: int, tokenizer_folder: str) -> list[dict[str, list[int]]]:
+    """This data owner's tokenized training examples (loss on the answer tokens only)."""
+    from fl_offsite.data import encode_choice_example
+    from fl_offsite.partition import partition_indices
+    from fl_offsite.tasks import load_task
+
+    train = load_task(task, seed=seed).train
+    indices = partition_indices([ex.label for ex in train], num_partitions, partition_id, partitioner, alpha, seed)
+    if not indices:
+        raise UserError(f"partition {partition_id} of {num_partitions} is empty: use fewer clients")
+    tokenizer = _cached_model(tokenizer_folder)[1]
+    return [encode_choice_example(tokenizer, train[i], max_length) for i in indices]
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

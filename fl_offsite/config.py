@@ -1,0 +1,147 @@
+"""The run configuration: flat dotted keys, one table of defaults, strict validation.
+
+The same keys appear in ``[tool.flwr.app.config]`` of pyproject.toml (Flower's run
+config; a test keeps the two equal), in config files for ``fl-offsite simulate``, and
+in ``--set key=value`` / ``--run-config`` overrides.
+"""
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fl_offsite.errors import UserError
+
+Value = bool | int | float | str
+
+DEFAULTS: dict[str, Value] = {
+    "model": "smollm2-135m",  # local folder, hub id, or offline alias
+    "task": "bbc-news",  # see fl_offsite.tasks
+    "method": "offsite",
+    "num-rounds": 3,
+    "seed": 1234,
+    "split.adapter-layers": "2,2",  # bottom,top blocks of the adapter
+    "split.emulator-layers": 8,  # middle blocks the emulator keeps (k)
+    "split.drop-ratio": 0.0,  # when > 0, replaces emulator-layers
+    "strategy.name": "fedavg",
+    "strategy.fraction-train": 1.0,
+    "strategy.min-train-nodes": 2,
+    "strategy.min-available-nodes": 2,
+    "strategy.round-timeout": 3600.0,  # seconds to wait for the replies of a round
+    "strategy.proximal-mu": 0.01,  # fedprox
+    "strategy.server-lr": 1.0,  # fedavgm
+    "strategy.server-momentum": 0.9,  # fedavgm
+    "strategy.eta": 1e-3,  # fedadam, fedyogi, fedadagrad: server learning rate
+    "strategy.trim-beta": 0.2,  # fedtrimmedavg
+    "strategy.num-malicious": 0,  # krum
+    "train.lr": 1e-4,
+    "train.lr-schedule": "cosine",  # across rounds: constant | cosine | linear
+    "train.batch-size": 8,
+    "train.grad-accum": 1,
+    "train.local-steps": 10,  # optimizer steps per round; 0 = use local-epochs
+    "train.local-epochs": 1.0,
+    "train.max-length": 256,
+    "train.weight-decay": 0.0,
+    "train.grad-clip": 1.0,
+    "data.partitioner": "dirichlet",  # iid | dirichlet (over labels)
+    "data.alpha": 1.0,
+    "data.num-partitions": 4,  # used when the node does not give num-partitions
+    "eval.limit": 200,  # held-out test examples evaluated by the model owner
+    "eval.batch-size": 16,
+    "results.dir": "runs/default",
+    "results.resume": True,
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": ("offsite", "fedavg-full"),
+    "strategy.name": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
+                      "fedtrimmedavg", "krum"),
+    "train.lr-schedule": ("constant", "cosine", "linear"),
+    "data.partitioner": ("iid", "dirichlet"),
+}
+
+
+def validate(overrides: dict[str, Any]) -> dict[str, Value]:
+    """Defaults updated with ``overrides``; unknown keys, wrong types and bad choices are UserErrors."""
+    config = dict(DEFAULTS)
+    for key, value in overrides.items():
+        if key not in DEFAULTS:
+            close = difflib.get_close_matches(key, DEFAULTS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(DEFAULTS)}"
+            raise UserError(f"unknown config key {key!r}{hint}")
+        config[key] = _coerce(key, value)
+    for key, allowed in CHOICES.items():
+        if config[key] not in allowed:
+            raise UserError(f"{key} = {config[key]!r} is not one of {', '.join(allowed)}")
+    for key in ("num-rounds", "train.batch-size", "train.grad-accum", "train.max-length"):
+        if config[key] < 1:
+            raise UserError(f"{key} must be >= 1, got {config[key]}")
+    if config["train.local-steps"] <= 0 and config["train.local-epochs"] <= 0:
+        raise UserError("set train.local-steps or train.local-epochs to a positive number")
+    if not 0.0 < config["strategy.fraction-train"] <= 1.0:
+        raise UserError(f"strategy.fraction-train must be in (0, 1], got {config['strategy.fraction-train']}")
+    adapter_layers(config)
+    return config
+
+
+def _coerce(key: str, value: Any) -> Value:
+    """``value`` as the type of the key's default (strings from the command line are parsed)."""
+    kind = type(DEFAULTS[key])
+    if isinstance(value, str) and kind is not str:
+        text = value.strip().lower()
+        if kind is bool:
+            if text not in ("true", "false", "1", "0"):
+                raise UserError(f"{key} must be true or false, got {value!r}")
+            return text in ("true", "1")
+        try:
+            return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
+        except ValueError:
+            raise UserError(f"{key} must be {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"{key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def adapter_layers(config: dict[str, Value]) -> tuple[int, int]:
+    text = str(config["split.adapter-layers"])
+    try:
+        bottom, top = (int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"split.adapter-layers must be 'L,R' (two integers), got {text!r}") from None
+    return bottom, top
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file of flat keys (nested tables are flattened with dots)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such config file: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path} is not valid TOML: {err}") from err
+    return _flatten(data)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

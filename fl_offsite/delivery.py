@@ -1,0 +1,110 @@
+"""Deliver a model (the emulator) to each node once; nodes cache it on disk by content hash.
+
+The model owner sends ``query.model_status`` with the model's digest; a node that does
+not have it on disk answers ``has = False`` and then receives ``query.model`` carrying
+the weights (an ArrayRecord) and the small files (config, tokenizer) it needs to
+rebuild a Hugging Face model folder. Rounds then carry only the trainable tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from safetensors.torch import load_file
+
+from fl_offsite.io import atomic_dir, save_tensors
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+STATUS_QUERY, MODEL_QUERY = "query.model_status", "query.model"
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A saved Hugging Face model folder as the records that carry it."""
+
+    digest: str
+    weights: ArrayRecord
+    files: ConfigRecord  # file name -> bytes (config, tokenizer, ...)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> ModelPackage:
+        folder = Path(folder)
+        names = sorted(p.name for p in folder.iterdir() if p.is_file())
+        if WEIGHTS_FILE not in names:
+            raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE} (a sharded model is not supported here)")
+        digest = hashlib.sha256()
+        for name in names:
+            digest.update(name.encode())
+            digest.update((folder / name).read_bytes())
+        files = ConfigRecord({n: (folder / n).read_bytes() for n in names if n != WEIGHTS_FILE})
+        weights = ArrayRecord(load_file(folder / WEIGHTS_FILE))
+        return cls(digest.hexdigest()[:16], weights, files)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weights.count_bytes() + self.files.count_bytes()
+
+
+def deliver(grid, package: ModelPackage, node_ids: list[int], timeout: float) -> dict[int, int]:
+    """Send ``package`` to the nodes that lack it; return the bytes sent to each node."""
+    status = RecordDict({"model": ConfigRecord({"digest": package.digest})})
+    replies = grid.send_and_receive(
+        [Message(content=status, message_type=STATUS_QUERY, dst_node_id=n) for n in node_ids], timeout=timeout)
+    needs = [r.metadata.src_node_id for r in _checked(replies, len(node_ids), "model status")
+             if not r.content["model"]["has"]]
+    sent = {n: 0 for n in node_ids}
+    if needs:
+        content = RecordDict({"model": ConfigRecord({"digest": package.digest}), "weights": package.weights,
+                              "files": package.files})
+        log.info("Sending the emulator (%.1f MB) to %d node(s); %d have it cached",
+                 package.nbytes / 1e6, len(needs), len(node_ids) - len(needs))
+        replies = grid.send_and_receive(
+            [Message(content=content, message_type=MODEL_QUERY, dst_node_id=n) for n in needs], timeout=timeout)
+        for reply in _checked(replies, len(needs), "model delivery"):
+            sent[reply.metadata.src_node_id] = package.nbytes
+    return sent
+
+
+def _checked(replies, expected: int, what: str) -> list[Message]:
+    replies = list(replies)
+    errors = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+    if errors or len(replies) < expected:
+        raise RuntimeError(f"{what} failed: {len(replies) - len(errors)}/{expected} nodes replied; "
+                           + "; ".join(errors or ["the others timed out"]))
+    return replies
+
+
+class NodeStore:
+    """A node's on-disk cache of delivered models, one folder per digest."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def folder(self, digest: str) -> Path:
+        return self.root / f"model-{digest}"
+
+    def has(self, digest: str) -> bool:
+        return (self.folder(digest) / WEIGHTS_FILE).is_file()
+
+    def store(self, digest: str, content: RecordDict) -> Path:
+        with atomic_dir(self.folder(digest)) as tmp:
+            for name, data in content["files"].items():
+                (tmp / name).write_bytes(data)
+            save_tensors(tmp / WEIGHTS_FILE, content["weights"].to_torch_state_dict())
+        return self.folder(digest)
+
+
+def node_store(node_config: dict, node_id: int) -> NodeStore:
+    """The node's store: ``cache-dir`` from the node config, else a per-node cache folder."""
+    from fl_offsite.assets import cache_dir
+
+    if "cache-dir" in node_config:
+        return NodeStore(os.path.expanduser(str(node_config["cache-dir"])))
+    name = f"partition-{node_config['partition-id']}" if "partition-id" in node_config else f"node-{node_id}"
+    return NodeStore(cache_dir("nodes", name))

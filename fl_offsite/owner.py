@@ -1,0 +1,94 @@
+"""The model owner's side: the split, the package delivered once, and evaluation."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fl_offsite.config import adapter_layers
+from fl_offsite.evaluate import evaluate_task
+from fl_offsite.models import load_model, resolve_model_path
+from fl_offsite.payload import get_payload, payload_names, set_payload
+from fl_offsite.split import EMULATOR_DIR, SplitPlan, build_emulator, extract_adapter, plan_split, write_split
+from fl_offsite.tasks import TaskData, load_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelOwner:
+    """The full model, and for offsite-tuning its emulator; ``plan`` is None for full fine-tuning."""
+
+    config: dict
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    plan: SplitPlan | None
+    emulator: PreTrainedModel | None
+    base_folder: Path  # the model delivered once to every node
+    task: TaskData
+
+    @classmethod
+    def prepare(cls, config: dict, run_dir: Path) -> ModelOwner:
+        model, tokenizer = load_model(config["model"])
+        if tokenizer is None:
+            raise ValueError(f"{config['model']} has no tokenizer; clients need one to read their data")
+        task = load_task(config["task"], seed=config["seed"])
+        if config["method"] == "fedavg-full":
+            return cls(config, model, tokenizer, None, None, _model_folder(config["model"], model, tokenizer, run_dir),
+                       task)
+        drop = config["split.drop-ratio"]
+        plan = plan_split(model, *adapter_layers(config), emulator_layers=None if drop > 0 else
+                          config["split.emulator-layers"], drop_ratio=drop if drop > 0 else None)
+        emulator = build_emulator(model, plan)
+        split_dir = write_split(run_dir / "split", emulator, extract_adapter(model, plan), plan, tokenizer,
+                                record={"source_model": config["model"]})
+        log.info("Split %s of %s: adapter blocks %s, emulator keeps %s", plan.name, config["model"],
+                 list(plan.adapter_layers), list(plan.kept_layers))
+        return cls(config, model, tokenizer, plan, emulator, split_dir / EMULATOR_DIR, task)
+
+    def initial_payload(self) -> dict[str, torch.Tensor]:
+        return get_payload(self.model, payload_names(self.model, self.plan))
+
+    def evaluate(self, payload: dict[str, torch.Tensor]) -> dict[str, dict]:
+        """Plug ``payload`` in and score the held-out test split: plug-in (full) and emulator models."""
+        limit, batch = self.config["eval.limit"], self.config["eval.batch-size"]
+        models = {"plugin": self.model} if self.plan else {"full": self.model}
+        if self.emulator is not None:
+            models["emulator"] = self.emulator
+        results = {}
+        for name, model in models.items():
+            set_payload(model, payload, payload_names(model, self.plan))
+            results[name] = evaluate_task(model, self.tokenizer, self.task, "test", limit=limit, batch_size=batch,
+                                          progress=False)
+        if self.emulator is not None:
+            log.info("plug-in acc %.3f | emulator acc %.3f | gap %+.3f", results["plugin"]["acc"],
+                     results["emulator"]["acc"], results["emulator"]["acc"] - results["plugin"]["acc"])
+        return results
+
+
+def _model_folder(name: str, model: PreTrainedModel, tokenizer, run_dir: Path) -> Path:
+    """A local folder holding the full model (saved into the run folder when it came from the hub)."""
+    path = Path(resolve_model_path(name))
+    if path.is_dir():
+        return path
+    folder = run_dir / "full-model"
+    if not folder.is_dir():
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def lr_schedule(base_lr: float, kind: str, num_rounds: int):
+    """Learning rate of round ``r`` (1-based) across the run."""
+    def lr_at(r: int) -> float:
+        progress = (r - 1) / num_rounds
+        if kind == "cosine":
+            return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return base_lr * (1 - progress)
+        return base_lr
+    return lr_at

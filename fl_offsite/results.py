@@ -1,0 +1,71 @@
+"""A run's results folder: config, per-round metrics, checkpoints, final weights.
+
+Every file is written atomically; a checkpoint is one folder replaced in a single rename,
+so a run killed at any moment resumes from its last complete round.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fl_offsite.errors import UserError
+from fl_offsite.io import atomic_dir, load_tensors, save_tensors, write_atomic, write_json
+
+log = logging.getLogger(__name__)
+
+CONFIG, METRICS, CHECKPOINT = "config.json", "metrics.jsonl", "checkpoint"
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    payload: dict[str, torch.Tensor]
+    strategy_state: dict[str, Any]
+
+
+class RunFolder:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, config: dict) -> None:
+        write_json(self.root / CONFIG, config)
+
+    def read_config(self) -> dict | None:
+        path = self.root / CONFIG
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def rounds(self) -> list[dict]:
+        path = self.root / METRICS
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def append_round(self, record: dict) -> None:
+        """Add one round's line, replacing any line of that round or later (from a crashed run)."""
+        kept = [r for r in self.rounds() if r["round"] < record["round"]]
+        lines = [json.dumps(r) for r in [*kept, record]]
+        write_atomic(self.root / METRICS, "\n".join(lines) + "\n")
+
+    def save_checkpoint(self, ckpt: Checkpoint) -> None:
+        with atomic_dir(self.root / CHECKPOINT) as tmp:
+            save_tensors(tmp / "payload.safetensors", ckpt.payload)
+            (tmp / "strategy.pkl").write_bytes(pickle.dumps(ckpt.strategy_state))
+            write_json(tmp / "round.json", {"round": ckpt.round})
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        folder = self.root / CHECKPOINT
+        if not folder.exists():
+            return None
+        try:
+            done = json.loads((folder / "round.json").read_text())["round"]
+            state = pickle.loads((folder / "strategy.pkl").read_bytes())
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as err:
+            raise UserError(f"corrupt checkpoint in {folder} ({err}); delete it to start over") from err
+        return Checkpoint(done, load_tensors(folder / "payload.safetensors"), state)

@@ -1,0 +1,97 @@
+"""The model owner's Flower ServerApp: split, deliver the emulator once, run the rounds."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fl_offsite.config import validate
+from fl_offsite.delivery import ModelPackage, deliver
+from fl_offsite.io import save_tensors, write_json
+from fl_offsite.owner import ModelOwner, lr_schedule
+from fl_offsite.results import CHECKPOINT, RunFolder
+from fl_offsite.split import save_adapter
+from strategies.aggregation import aggregation_strategy
+from strategies.offsite import OffsiteStrategy
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federated(grid, validate(dict(context.run_config)))
+
+
+def run_federated(grid: Grid, config: dict) -> Path:
+    """Run (or resume) one federated run described by ``config``; return its results folder."""
+    logging.getLogger("fl_offsite").setLevel(logging.INFO)
+    run = RunFolder(Path(config["results.dir"]).expanduser().resolve())
+    previous = run.read_config()
+    if previous is not None and config["results.resume"] and _essential(previous) != _essential(config):
+        raise ValueError(f"{run.root} holds a run with another configuration; choose another results.dir "
+                         "or set results.resume=false")
+    checkpoint = run.load_checkpoint() if config["results.resume"] else None
+    if checkpoint is None:
+        run = _fresh(run)
+    run.write_config(config)
+    owner = ModelOwner.prepare(config, run.root)
+    payload = checkpoint.payload if checkpoint else owner.initial_payload()
+    done = checkpoint.round if checkpoint else 0
+    if done >= config["num-rounds"]:
+        log.info("%s already finished %d rounds", run.root, done)
+        return run.root
+
+    nodes = _wait_for_nodes(grid, config["strategy.min-available-nodes"], config["strategy.round-timeout"])
+    package = ModelPackage.from_folder(owner.base_folder)
+    sent = deliver(grid, package, nodes, timeout=config["strategy.round-timeout"])
+    write_json(run.root / "delivery.json", {"digest": package.digest, "package_bytes": package.nbytes,
+                                            "bytes_per_node": {str(k): v for k, v in sent.items()},
+                                            "time": time.time()})
+    strategy = OffsiteStrategy(
+        aggregation_strategy(config), reference=payload, evaluate_payload=owner.evaluate, run=run,
+        lr_at=lr_schedule(config["train.lr"], config["train.lr-schedule"], config["num-rounds"]),
+        min_replies=config["strategy.min-train-nodes"], seed=config["seed"],
+        base_config={"digest": package.digest, "method": config["method"],
+                     "split-plan": json.dumps(owner.plan.to_json()) if owner.plan else ""},
+        rounds_done=done)
+    if checkpoint:
+        strategy.restore(checkpoint.strategy_state)
+        log.info("Resuming %s after round %d", run.root, done)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(payload), num_rounds=config["num-rounds"] - done,
+                            timeout=config["strategy.round-timeout"], evaluate_fn=strategy.evaluate)
+    final = result.arrays.to_torch_state_dict()
+    if owner.plan:
+        save_adapter(run.root / "adapter.safetensors", final, owner.plan)
+    else:
+        save_tensors(run.root / "model.safetensors", final)
+    log.info("Results in %s", run.root)
+    return run.root
+
+
+def _essential(config: dict) -> dict:
+    """The settings a resumed run must share with the interrupted one."""
+    return {k: v for k, v in config.items() if not k.startswith(("results.", "eval.")) and k != "num-rounds"}
+
+
+def _fresh(run: RunFolder) -> RunFolder:
+    """Clear the records of an earlier run in the same folder."""
+    for name in ("metrics.jsonl", "adapter.safetensors", "model.safetensors", "delivery.json"):
+        (run.root / name).unlink(missing_ok=True)
+    shutil.rmtree(run.root / CHECKPOINT, ignore_errors=True)
+    return run
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of the {minimum} required nodes connected in {timeout:.0f} s")
+        log.info("Waiting for nodes: %d of %d connected", len(nodes), minimum)
+        time.sleep(1)
+    return nodes

@@ -1,0 +1,128 @@
+"""Local training of the trainable tensors (the adapter) with everything else frozen."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fl_offsite.data import collate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    lr: float
+    batch_size: int = 8
+    grad_accum: int = 1
+    local_steps: int = 10  # optimizer steps; 0 = use local_epochs
+    local_epochs: float = 1.0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2
+    seed: int = 0
+
+    def steps_for(self, num_examples: int) -> int:
+        if self.local_steps > 0:
+            return self.local_steps
+        return max(1, math.ceil(self.local_epochs * num_examples / (self.batch_size * self.grad_accum)))
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float
+    steps: int
+    examples: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    peak_memory_mb: float
+    trainable_params: int
+
+
+def freeze_except(model: nn.Module, trainable: set[str]) -> list[nn.Parameter]:
+    """Make exactly the parameters named in ``trainable`` require grad; return them."""
+    params = dict(model.named_parameters())
+    unknown = trainable - params.keys()
+    if unknown:
+        raise KeyError(f"not parameters of the model: {sorted(unknown)[:3]}")
+    for name, param in params.items():
+        param.requires_grad_(name in trainable)
+    return [params[name] for name in sorted(trainable)]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Allocator peak on GPU; the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_local(
+    model: nn.Module,
+    trainable: set[str],
+    features: Sequence[dict[str, list[int]]],
+    settings: TrainSettings,
+    pad_id: int,
+    desc: str = "train",
+) -> TrainStats:
+    """AdamW on the ``trainable`` parameters over ``features`` (input_ids + labels, -100 masked)."""
+    if not features:
+        raise ValueError("no training examples in this partition")
+    device = next(model.parameters()).device
+    params = freeze_except(model, trainable)
+    anchors = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else None
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = settings.steps_for(len(features))
+    order = _example_order(len(features), steps * settings.grad_accum * settings.batch_size, settings.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    start, losses, tokens = time.perf_counter(), [], 0
+    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, mininterval=2.0)
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(settings.grad_accum):
+            first = (step * settings.grad_accum + micro) * settings.batch_size
+            batch = collate([features[i] for i in order[first:first + settings.batch_size]], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss / settings.grad_accum
+            if anchors is not None:
+                loss = loss + settings.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+            loss.backward()
+            step_loss += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        if settings.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        optimizer.step()
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.3f}")
+    model.eval()
+    for param in params:
+        param.requires_grad_(False)
+    seconds = time.perf_counter() - start
+    return TrainStats(
+        loss=sum(losses) / len(losses), steps=steps, examples=len(order), tokens=tokens, seconds=seconds,
+        tokens_per_s=tokens / seconds, peak_memory_mb=peak_memory_mb(device),
+        trainable_params=sum(p.numel() for p in params))
+
+
+def _example_order(num_examples: int, needed: int, seed: int) -> list[int]:
+    """Seeded epochs of shuffled example indices, long enough for ``needed`` draws."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < needed:
+        epoch = list(range(num_examples))
+        rng.shuffle(epoch)
+        order.extend(epoch)
+    return order[:needed]
+

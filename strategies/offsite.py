@@ -1,0 +1,141 @@
+"""The offsite strategy: any Flower strategy, plus update checks, server-side evaluation
+of the plug-in and emulator models, per-client accounting and checkpoints.
+
+It wraps the aggregation strategy by composition: sampling and aggregation are the
+inner strategy's; this class only filters what goes in and records what comes out.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fl_offsite.errors import UserError
+from fl_offsite.results import Checkpoint, RunFolder
+from fl_offsite.split import check_adapter
+
+log = logging.getLogger(__name__)
+
+Evaluator = Callable[[dict[str, torch.Tensor]], dict[str, dict]]
+
+
+class OffsiteStrategy(Strategy):
+    """Wrap ``inner``; evaluate with ``evaluate_payload``; record rounds in ``run``."""
+
+    def __init__(self, inner: Strategy, reference: dict[str, torch.Tensor], evaluate_payload: Evaluator,
+                 run: RunFolder, lr_at: Callable[[int], float], min_replies: int, seed: int,
+                 base_config: dict, rounds_done: int = 0) -> None:
+        self.inner = inner
+        self.reference = {k: torch.empty_like(v, device="meta") for k, v in reference.items()}
+        self.evaluate_payload = evaluate_payload
+        self.run = run
+        self.lr_at = lr_at
+        self.min_replies = min_replies
+        self.seed = seed
+        self.base_config = base_config
+        self.offset = rounds_done  # rounds finished before a resume
+        self._round: dict = {}
+
+    # --- training ---------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        rnd = server_round + self.offset
+        random.seed(self.seed * 100_003 + rnd)  # the inner strategy samples with `random`
+        config = ConfigRecord({**self.base_config, **config, "lr": self.lr_at(rnd), "round": rnd})
+        messages = list(self.inner.configure_train(rnd, arrays, config, grid))
+        down = arrays.count_bytes()
+        self._round = {"start": time.perf_counter(), "bytes_down": {m.metadata.dst_node_id: down for m in messages}}
+        log.info("round %d: sent %.2f MB to each of %d clients", rnd, down / 1e6, len(messages))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = server_round + self.offset
+        replies = list(replies)
+        accepted, clients, problems = [], [], []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                problems.append({"node": node, "kind": "failed", "reason": reply.error.reason})
+                continue
+            reason = self._check(reply)
+            if reason:
+                problems.append({"node": node, "kind": "rejected", "reason": reason})
+                continue
+            accepted.append(reply)
+            clients.append({"node": node, "bytes_down": self._round["bytes_down"].get(node, 0),
+                            "bytes_up": reply.content["arrays"].count_bytes(), **dict(reply.content["metrics"])})
+        for problem in problems:
+            log.warning("round %d: node %s %s: %s", rnd, problem["node"], problem["kind"], problem["reason"])
+        sent = len(self._round["bytes_down"])
+        if len(accepted) < self.min_replies:
+            details = "; ".join(f"node {p['node']} {p['kind']}: {p['reason']}" for p in problems)
+            raise RuntimeError(f"round {rnd}: only {len(accepted)} of {sent} clients returned a usable update "
+                               f"(need {self.min_replies}); {details or 'the others timed out'}")
+        self._round.update(clients=clients, problems=problems, missing=sent - len(replies))
+        return self.inner.aggregate_train(rnd, accepted)
+
+    def _check(self, reply: Message) -> str | None:
+        """Why an update must not be averaged in, or None when it is fine."""
+        content = reply.content
+        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+            return "reply lacks the 'arrays' or 'metrics' record"
+        if "num-examples" not in content["metrics"]:
+            return "metrics lack num-examples"
+        try:
+            check_adapter(content["arrays"].to_torch_state_dict(), self.reference)
+        except (UserError, ValueError, TypeError) as err:
+            return str(err)
+        return None
+
+    # --- evaluation and records -------------------------------------------
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Server-side evaluation (Flower's ``evaluate_fn``), then the round's record and checkpoint."""
+        rnd = server_round + self.offset
+        if server_round == 0 and self.offset > 0:
+            return None  # resumed: round 0 is already on record
+        payload = arrays.to_torch_state_dict()
+        results = self.evaluate_payload(payload)
+        record = {"round": rnd, "eval": results}
+        if rnd > 0:
+            record.update(seconds=time.perf_counter() - self._round["start"], clients=self._round["clients"],
+                          problems=self._round["problems"], missing=self._round["missing"],
+                          lr=self.lr_at(rnd))
+        self.run.append_round(record)
+        self.run.save_checkpoint(Checkpoint(rnd, payload, self.state()))
+        return MetricRecord({f"{model}.{k}": v for model, m in results.items() for k, v in m.items()
+                             if isinstance(v, (int, float))})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # the model owner evaluates on its own held-out data
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log.info("offsite strategy wrapping %s", type(self.inner).__name__)
+        self.inner.summary()
+
+    # --- resumable state ---------------------------------------------------
+    def state(self) -> dict:
+        """The inner strategy's picklable attributes (e.g. FedAdam's moments)."""
+        out = {}
+        for key, value in vars(self.inner).items():
+            try:
+                pickle.dumps(value)
+            except Exception:  # functions, locks: configuration, rebuilt from config
+                continue
+            out[key] = value
+        return out
+
+    def restore(self, state: dict) -> None:
+        vars(self.inner).update(state)
+

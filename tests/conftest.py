@@ -1,0 +1,65 @@
+"""Shared offline fixtures: a tiny byte-level BPE tokenizer and tiny random causal LMs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+CORPUS = [
+    "Article: Quarterly profits at the media giant jumped as advert sales rose.\nTopic: business",
+    "Article: The band released a new album and the film won an award.\nTopic: entertainment",
+    "Article: The minister told parliament the election will be held in May.\nTopic: politics",
+    "Article: The striker scored twice as the club won the cup final.\nTopic: sport",
+    "Article: The phone maker showed a faster chip and new software.\nTopic: tech",
+    "Question: What do plants need to grow?\nAnswer: water and light",
+    "Q: Where would you keep milk cold?\nA: in the fridge",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2-style byte-level BPE (any text encodes) trained on a few sentences; EOS = BOS = pad."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def _seeded(config_class: type[transformers.PretrainedConfig], **kwargs: float) -> transformers.PreTrainedModel:
+    """A random model, the same every run, with a wide init so choices get distinct scores.
+
+    Special ids are the tokenizer's <|endoftext|> (0).
+    """
+    config = config_class(bos_token_id=0, eos_token_id=0, pad_token_id=0, **kwargs)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer: PreTrainedTokenizerFast) -> transformers.PreTrainedModel:
+    """A 2-block Llama (grouped-query attention) with random weights."""
+    return _seeded(
+        transformers.LlamaConfig, vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256,
+        initializer_range=0.3)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_tokenizer: PreTrainedTokenizerFast) -> transformers.PreTrainedModel:
+    """A 2-block GPT-2 with random weights."""
+    return _seeded(transformers.GPT2Config, vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=2, n_head=2,
+                   n_positions=256, initializer_range=0.3)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tiny_tokenizer: PreTrainedTokenizerFast) -> transformers.PreTrainedModel:
+    """A 2-block OPT with random weights."""
+    return _seeded(transformers.OPTConfig, vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=2, ffn_dim=64, max_position_embeddings=256, word_embed_proj_dim=32,
+                   init_std=0.3)

@@ -1,0 +1,124 @@
+"""The ServerApp logic and the ClientApp driven in process (no Ray): delivery, rounds, records, resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fl_offsite.client_app import app as client_app
+from fl_offsite.config import validate
+from fl_offsite.server_app import run_federated
+from fl_offsite.split import load_adapter
+from flower_harness import InProcessGrid
+from tiny_models import save_tiny_lm
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory, tiny_tokenizer):
+    return save_tiny_lm(tmp_path_factory.mktemp("model") / "tiny", tiny_tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_OFFSITE_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_config(model_dir, results_dir, **overrides) -> dict:
+    return validate({
+        "model": str(model_dir), "task": "bbc-news", "num-rounds": 2, "split.adapter-layers": "1,1",
+        "split.emulator-layers": 2, "train.local-steps": 2, "train.batch-size": 4, "train.max-length": 64,
+        "train.lr": 1e-3, "eval.limit": 12, "results.dir": str(results_dir), "data.alpha": 0.5, **overrides})
+
+
+def run(config: dict, num_nodes: int = 3, fault=None) -> InProcessGrid:
+    grid = InProcessGrid(client_app, num_nodes, config, fault=fault)
+    run_federated(grid, config)
+    return grid
+
+
+def of_type(grid: InProcessGrid, kind: str) -> list:
+    return [m for m in grid.sent if m.metadata.message_type == kind]
+
+
+def test_offsite_run_sends_the_emulator_once_and_only_the_adapter_each_round(tiny_lm_dir, tmp_path):
+    config = tiny_config(tiny_lm_dir, tmp_path / "run")
+    grid = run(config)
+
+    deliveries = of_type(grid, "query.model")
+    assert sorted(m.metadata.dst_node_id for m in deliveries) == grid.node_ids  # once per node
+    trains = of_type(grid, "train")
+    assert len(trains) == 3 * 2
+    adapter, plan = load_adapter(tmp_path / "run" / "adapter.safetensors")
+    assert plan.kept_layers == (0, 1, 4, 5) and plan.adapter_layers == (0, 5)
+    for msg in trains:  # adapter blocks only, full-model names
+        assert set(msg.content["arrays"].keys()) == set(adapter)
+
+    rounds = rounds_of(tmp_path / "run")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for record in rounds:
+        assert {"plugin", "emulator"} <= record["eval"].keys()
+        assert record["eval"]["plugin"]["n"] == 12
+    adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
+    for record in rounds[1:]:
+        assert len(record["clients"]) == 3 and record["problems"] == []
+        for client in record["clients"]:
+            assert client["bytes_down"] == client["bytes_up"]  # the records' own byte counts
+            assert adapter_bytes <= client["bytes_up"] < 1.1 * adapter_bytes
+            assert client["num-examples"] > 0 and client["train-steps"] == 2
+    delivery = json.loads((tmp_path / "run" / "delivery.json").read_text())
+    assert delivery["package_bytes"] > 3 * adapter_bytes
+    assert set(delivery["bytes_per_node"].values()) == {delivery["package_bytes"]}
+    # Round 0 is the zero-shot full model and emulator; training moved the adapter.
+    assert not torch.equal(adapter[sorted(adapter)[0]], _initial(tmp_path / "run")[sorted(adapter)[0]])
+
+
+def _initial(run_dir):
+    return load_adapter(run_dir / "split" / "adapter.safetensors")[0]
+
+
+class Crash(Exception):
+    """Stands for the server process dying mid-run."""
+
+
+def crash_in_round(n: int):
+    def fault(msg, node_index):
+        if msg.metadata.message_type == "train" and msg.content["config"]["round"] == n:
+            raise Crash
+        return None
+    return fault
+
+
+def test_resume_continues_from_the_last_round_and_matches_an_uninterrupted_run(tiny_lm_dir, tmp_path):
+    straight = tiny_config(tiny_lm_dir, tmp_path / "straight", **{"num-rounds": 3})
+    run(straight, num_nodes=2)
+
+    resumed = {**straight, "results.dir": str(tmp_path / "resumed")}
+    with pytest.raises(Crash):
+        run(resumed, num_nodes=2, fault=crash_in_round(3))
+    grid = run(resumed, num_nodes=2)
+    assert of_type(grid, "query.model") == []  # nodes kept the emulator on disk
+    assert {m.content["config"]["round"] for m in of_type(grid, "train")} == {3}
+
+    a, _ = load_adapter(tmp_path / "straight" / "adapter.safetensors")
+    b, _ = load_adapter(tmp_path / "resumed" / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight_rounds, resumed_rounds = rounds_of(tmp_path / "straight"), rounds_of(tmp_path / "resumed")
+    assert [r["round"] for r in resumed_rounds] == [0, 1, 2, 3]
+    accuracy = lambda rounds: [r["eval"][m]["acc"] for r in rounds for m in ("plugin", "emulator")]
+    assert accuracy(straight_rounds) == accuracy(resumed_rounds)
+
+
+def rounds_of(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fedavg_full_sends_every_parameter(tiny_lm_dir, tmp_path):
+    config = tiny_config(tiny_lm_dir, tmp_path / "full", method="fedavg-full", **{"num-rounds": 1})
+    grid = run(config, num_nodes=2)
+    from fl_offsite.models import load_model
+    model, _ = load_model(str(tiny_lm_dir), with_tokenizer=False)
+    for msg in of_type(grid, "train"):
+        assert set(msg.content["arrays"].keys()) == {n for n, _ in model.named_parameters()}
+    record = rounds_of(tmp_path / "full")[-1]
+    assert set(record["eval"]) == {"full"}

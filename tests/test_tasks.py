@@ -1,0 +1,195 @@
+"""Task registry: every source's formatting, split sizes and seeded determinism."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fl_offsite import tasks
+from fl_offsite.assets import cache_dir
+from fl_offsite.tasks import ChoiceExample, bigbench_examples, load_task, load_text_corpus
+
+BIGBENCH_FIXTURE = {
+    "name": "toy_task",
+    "examples": [
+        {"input": "Is fire hot?", "target_scores": {"yes": 1, "no": 0}},
+        {"input": "Pick the even number.", "target_scores": {"3": 0, "5": 0, "8": 1}},
+        {"input": "Best guess?", "target_scores": {"a": 0.2, "b": 0.9, "c": 0.5}},
+    ] + [{"input": f"Is {i} odd?", "target_scores": {"yes": i % 2, "no": 1 - i % 2}} for i in range(17)],
+}
+
+
+# --- BIG-bench --------------------------------------------------------------------------
+
+def test_bigbench_default_prompt_lists_choices_and_gold_is_max_score() -> None:
+    first, second, third = bigbench_examples(BIGBENCH_FIXTURE)[:3]
+    assert first == ChoiceExample("Q: Is fire hot?\n  choice: yes\n  choice: no\nA:", [" yes", " no"], 0)
+    assert second.choices == [" 3", " 5", " 8"] and second.label == 2
+    assert third.label == 1  # graded scores: the highest wins
+
+
+def test_bigbench_custom_prefixes_and_no_choices_in_input() -> None:
+    task = {"task_prefix": "Answer the questions.\n", "example_input_prefix": "\nQuestion: ",
+            "example_output_prefix": "\nAnswer: ", "append_choices_to_input": False,
+            "examples": [{"input": "2+2?", "target_scores": {"4": 1, "5": 0}}]}
+    (ex,) = bigbench_examples(task)
+    assert ex.context == "Answer the questions.\n\nQuestion: 2+2?\nAnswer:"
+    assert ex.choices == [" 4", " 5"] and ex.label == 0
+
+
+def test_bigbench_reads_a_task_json_path(tmp_path: Path) -> None:
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps(BIGBENCH_FIXTURE))
+    assert bigbench_examples(path) == bigbench_examples(BIGBENCH_FIXTURE)
+
+
+def test_bigbench_keeps_only_multiple_choice_examples() -> None:
+    task = {"examples": [{"input": "x", "target": "y"}, {"input": "q", "target_scores": {"a": 0, "b": 1}}]}
+    assert [ex.label for ex in bigbench_examples(task)] == [1]
+
+
+def test_bigbench_generative_task_is_rejected() -> None:
+    with pytest.raises(ValueError, match="not multiple choice"):
+        bigbench_examples({"name": "gen", "examples": [{"input": "x", "target": "y"}]})
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty project cache."""
+    monkeypatch.setenv("FL_OFFSITE_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_bigbench_task_loads_from_cached_json_with_seeded_split(cache: Path) -> None:
+    (cache_dir("tasks", "bigbench") / "toy__sub.json").write_text(json.dumps(BIGBENCH_FIXTURE))
+    data = load_task("bigbench:toy/sub")
+    assert (len(data.train), len(data.validation), len(data.test)) == (14, 2, 4)
+    assert sorted(map(repr, data.train + data.validation + data.test)) == sorted(
+        map(repr, bigbench_examples(BIGBENCH_FIXTURE)))
+    assert load_task("bigbench:toy/sub") == data
+    assert load_task("bigbench:toy/sub", seed=7).test != data.test
+
+
+def test_unknown_task_format_lists_formats() -> None:
+    with pytest.raises(ValueError, match="bigbench:<task folder>"):
+        load_task("glue:sst2")
+
+
+# --- bbc-news (the real 3 MB wheel) -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bbc() -> tasks.TaskData:
+    return load_task("bbc-news")
+
+
+def test_bbc_news_sizes_labels_and_prompt(bbc: tasks.TaskData) -> None:
+    assert (len(bbc.train), len(bbc.validation), len(bbc.test)) == (1500, 100, 496)
+    assert set(bbc.labels("train")) == {0, 1, 2, 3, 4}
+    ex = bbc.test[0]
+    assert ex.choices == [" business", " entertainment", " politics", " sport", " tech"]
+    assert ex.context.startswith("Article: ") and ex.context.endswith("\nTopic:")
+    assert len(ex.context.split()) <= tasks.BBC_PROMPT_WORDS + 2
+
+
+def test_bbc_news_split_is_seeded(bbc: tasks.TaskData) -> None:
+    assert load_task("bbc-news", seed=1234) == bbc
+    other = load_task("bbc-news", seed=1)
+    assert other.test != bbc.test
+    assert sorted(map(repr, other.train + other.validation + other.test)) == sorted(
+        map(repr, bbc.train + bbc.validation + bbc.test))
+
+
+def test_bbc_text_corpus_follows_the_task_split(bbc: tasks.TaskData) -> None:
+    train, test = load_text_corpus("bbc-news", "train"), load_text_corpus("bbc-news", "test")
+    assert (len(train), len(test)) == (1500, 496)
+    assert not set(train) & set(test)
+    assert not {ex.context for ex in bbc.train} & {ex.context for ex in bbc.test}
+    assert tasks.bbc_example(test[0], bbc.test[0].label) == bbc.test[0]
+    with pytest.raises(ValueError, match="unknown text corpus"):
+        load_text_corpus("nope")
+
+
+# --- hub tasks: lm-eval formats on hand-written records --------------------------------
+
+def test_format_sciq() -> None:
+    doc = {"support": "  Plants make food by photosynthesis.", "question": "What do plants make?",
+           "distractor1": "rocks", "distractor2": "air", "distractor3": "fire", "correct_answer": "food"}
+    assert tasks.format_sciq(doc) == ChoiceExample(
+        "Plants make food by photosynthesis.\nQuestion: What do plants make?\nAnswer:",
+        [" rocks", " air", " fire", " food"], 3)
+
+
+def test_format_piqa() -> None:
+    doc = {"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Freeze it.", "label": 0}
+    assert tasks.format_piqa(doc) == ChoiceExample(
+        "Question: Open a jar\nAnswer:", [" Twist the lid.", " Freeze it."], 0)
+
+
+def test_format_openbookqa() -> None:
+    doc = {"question_stem": "The sun is a", "answerKey": "B",
+           "choices": {"text": ["planet", "star", "moon", "comet"], "label": ["A", "B", "C", "D"]}}
+    assert tasks.format_openbookqa(doc) == ChoiceExample(
+        "The sun is a", [" planet", " star", " moon", " comet"], 1)
+
+
+def test_format_arc_with_numeric_keys() -> None:
+    doc = {"question": "Which is a gas?", "answerKey": "3",
+           "choices": {"text": ["ice", "water", "steam"], "label": ["1", "2", "3"]}}
+    assert tasks.format_arc(doc) == ChoiceExample(
+        "Question: Which is a gas?\nAnswer:", [" ice", " water", " steam"], 2)
+
+
+def test_format_hellaswag_cleans_like_lm_eval() -> None:
+    doc = {"activity_label": "Baking cookies", "ctx_a": "A woman mixes flour.", "ctx_b": "she",
+           "endings": ["puts the tray in the oven. [title] Wait.", "eats  the bowl."], "label": "0"}
+    assert tasks.format_hellaswag(doc) == ChoiceExample(
+        "Baking cookies: A woman mixes flour. She", [" puts the tray in the oven.. Wait.", " eats the bowl."], 0)
+
+
+def _arc_record(i: int) -> dict[str, object]:
+    return {"question": f"q{i}", "answerKey": "A", "choices": {"text": ["x", "y"], "label": ["A", "B"]}}
+
+
+def test_hub_task_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = {"train": [_arc_record(i) for i in range(50)], "validation": [_arc_record(i) for i in range(50, 60)],
+            "test": [_arc_record(i) for i in range(60, 80)]}
+    monkeypatch.setattr("datasets.load_dataset", lambda path, config: fake)
+    data = load_task("hf:arc_easy")
+    assert (len(data.train), len(data.validation), len(data.test)) == (50, 10, 20)
+    assert {ex.context for ex in data.test} == {f"Question: q{i}\nAnswer:" for i in range(60, 80)}
+    assert load_task("hf:arc_easy") == data and load_task("hf:arc_easy", seed=2) != data
+
+    fake = {"train": [{"goal": f"g{i}", "sol1": "a", "sol2": "b", "label": 1} for i in range(50)],
+            "validation": [{"goal": f"v{i}", "sol1": "a", "sol2": "b", "label": 0} for i in range(8)]}
+    monkeypatch.setattr("datasets.load_dataset", lambda path, config: fake)
+    piqa = load_task("hf:piqa")  # lm-eval tests piqa on validation: validation is held out of train
+    assert (len(piqa.train), len(piqa.validation), len(piqa.test)) == (45, 5, 8)
+    assert not {ex.context for ex in piqa.validation} & {ex.context for ex in piqa.train}
+
+
+def test_hub_unreachable_suggests_offline_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(path: str, config: str | None) -> None:
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr("datasets.load_dataset", offline)
+    with pytest.raises(RuntimeError, match="unreachable.*bbc-news"):
+        load_task("hf:sciq")
+    with pytest.raises(ValueError, match="known"):
+        load_task("hf:nope")
+
+
+# --- the real BIG-bench sdist (358 MB download the first time) --------------------------
+
+@pytest.mark.slow
+def test_bigbench_real_tasks() -> None:
+    social = load_task("bigbench:social_iqa")
+    assert len(social.train) + len(social.validation) + len(social.test) == 1954
+    assert all(len(ex.choices) == 3 for ex in social.test)
+    assert social.test[0].context.startswith("Q: ") and social.test[0].context.endswith("\nA:")
+    goal = load_task("bigbench:goal_step_wikihow/goal_inference")
+    assert sum(len(ex.choices) == 4 for ex in goal.train) >= len(goal.train) - 1  # one item has 5
+    with pytest.raises(ValueError, match="goal_step_wikihow/goal_inference"):
+        load_task("bigbench:goal_step_wikihow")
+    with pytest.raises(ValueError, match="social_iqa"):
+        load_task("bigbench:socal_iqa")
