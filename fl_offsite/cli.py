@@ -57,6 +57,66 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
     print(f"plugged {len(adapter)} adapter tensors (blocks {list(plan.adapter_layers)}) into {args.model} -> {args.out}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from fl_offsite.evaluate import evaluate_task
+    from fl_offsite.io import write_json
+    from fl_offsite.models import load_model
+    from fl_offsite.report import markdown_table
+    from fl_offsite.split import load_adapter, plug_in
+    from fl_offsite.tasks import load_task
+
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise UserError(f"{args.model} has no tokenizer; evaluation needs one")
+    if args.adapter:
+        adapter, plan = load_adapter(args.adapter)
+        plug_in(model, adapter, plan)
+    task = _user_input(load_task, args.task, seed=args.seed)
+    result = evaluate_task(model, tokenizer, task, split=args.split, limit=args.limit, batch_size=args.batch_size)
+    result = {"model": args.model, "adapter": args.adapter, **result}
+    print(markdown_table(["model", "task", "n", "acc", "acc_norm", "examples/s"], [[
+        args.model, result["task"], str(result["n"]), f"{result['acc']:.3f} ± {result['acc_stderr']:.3f}",
+        f"{result['acc_norm']:.3f} ± {result['acc_norm_stderr']:.3f}", f"{result['examples_per_s']:.1f}"]]))
+    if args.json:
+        write_json(args.json, result)
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from fl_offsite.config import load_file, parse_sets, validate
+    from fl_offsite.launch import run_simulation_app
+    from fl_offsite.report import round_table
+    from fl_offsite.results import RunFolder
+
+    config = validate({**(load_file(args.config) if args.config else {}), **parse_sets(args.set)})
+    config["results.dir"] = str(Path(config["results.dir"]).expanduser().resolve())
+    config["data.num-partitions"] = args.num_clients
+    run_simulation_app(app_dir(), config, num_supernodes=args.num_clients, cpus_per_client=args.cpus_per_client,
+                       gpus_per_client=args.gpus_per_client)
+    print(round_table(RunFolder(config["results.dir"]).rounds()))
+    print(f"results: {config['results.dir']}")
+
+
+def app_dir():
+    """The folder of the Flower app (this project's pyproject.toml with [tool.flwr.app])."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file() or "[tool.flwr.app]" not in (root / "pyproject.toml").read_text():
+        raise UserError(f"the Flower app's pyproject.toml is not beside the package ({root}); "
+                        "install fl-offsite from a source checkout (pip install -e .)")
+    return root
+
+
+def _user_input(func, *args, **kwargs):
+    """Call ``func``; its ValueErrors come from user input (an unknown task, say)."""
+    try:
+        return func(*args, **kwargs)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-offsite", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -77,6 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
     plug.add_argument("adapter", help="adapter.safetensors written by fl-offsite")
     plug.add_argument("--out", required=True, help="output model folder")
     plug.set_defaults(func=cmd_plug_in)
+
+    evaluate = sub.add_parser("eval", help="score a model (optionally with an adapter) on a task")
+    evaluate.add_argument("model", help="folder (also an emulator folder), hub id, or offline alias")
+    evaluate.add_argument("--task", required=True, help="bbc-news, bigbench:<task>, hf:<name>")
+    evaluate.add_argument("--adapter", help="adapter.safetensors to plug in first")
+    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    evaluate.add_argument("--limit", type=int, help="evaluate the first N examples")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--seed", type=int, default=1234, help="seed of the task's train/validation/test split")
+    evaluate.add_argument("--json", help="write the results as JSON here")
+    evaluate.set_defaults(func=cmd_eval)
+
+    simulate = sub.add_parser("simulate", help="run the federated app on Flower's simulation engine (Ray)")
+    simulate.add_argument("config", nargs="?", help="TOML file of run-config keys (see pyproject.toml)")
+    simulate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    simulate.add_argument("--num-clients", type=int, default=4, help="simulated data owners (SuperNodes)")
+    simulate.add_argument("--cpus-per-client", type=float, default=1.0)
+    simulate.add_argument("--gpus-per-client", type=float, default=0.0)
+    simulate.set_defaults(func=cmd_simulate)
     return parser
 
 

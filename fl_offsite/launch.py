@@ -97,23 +97,25 @@ def run_simulation_app(app_dir: Path, run_config: dict[str, ConfigValue], num_su
         command += ["--run-config", str(config_file)]
 
     start = time.perf_counter()
-    superlink = None
+    superlink, keep_logs = None, False
     try:
         superlink = _start_superlink(home, env)
         run_id, tail = _stream_run(command, env, home / "run.log", stream)
         status, details = _run_status(run_id, env)
+        if status != "finished:completed":
+            raise RuntimeError(f"Flower run {run_id} of {app_dir} ended as {status!r}: {details}\n"
+                               f"Last log lines:\n{''.join(tail)}Logs: {home}/run.log and {home}/superlink.log")
+    except RuntimeError:
+        keep_logs = True  # the message points at them
+        raise
     finally:
         _stop_processes(lambda value: value == tag)
         if superlink is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 superlink.wait(timeout=10)  # reap it: no zombie left behind
-    if status != "finished:completed":
-        raise RuntimeError(
-            f"Flower run {run_id} of {app_dir} ended as {status!r}: {details}\n"
-            f"Last log lines:\n{''.join(tail)}Logs: {home}/run.log and {home}/superlink.log")
+        if temporary and not keep_logs:
+            shutil.rmtree(home, ignore_errors=True)
     log.info("Flower run %s of %s completed in %.1f s", run_id, app_dir.name, time.perf_counter() - start)
-    if temporary:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _check_app(app_dir: Path, run_config: dict[str, ConfigValue]) -> None:
@@ -183,6 +185,8 @@ def _environment(home: Path, tag: str) -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ADDRESS": "local",
         "PYTHONUNBUFFERED": "1",
+        "NO_PROXY": ",".join(filter(None, [env.get("NO_PROXY"), "127.0.0.1,localhost"])),
+        "no_proxy": ",".join(filter(None, [env.get("no_proxy"), "127.0.0.1,localhost"])),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         TAG_VAR: tag,
     })
@@ -212,9 +216,10 @@ def _start_superlink(home: Path, env: dict[str, str]) -> subprocess.Popen:
                  "--log-file", str(log_file)],
                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         while process.poll() is None and time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                with no_proxy.open(f"http://127.0.0.1:{port}/health", timeout=1) as response:
                     if response.status == 200:
                         return process
             except OSError:
@@ -320,7 +325,8 @@ def _stop_stale_launches() -> None:
     def stale(tag: str) -> bool:
         try:
             pid, create_time, _ = tag.split(":", 2)
-            return psutil.Process(int(pid)).create_time() != float(create_time)
+            launcher = psutil.Process(int(pid))
+            return launcher.create_time() != float(create_time) or launcher.status() == psutil.STATUS_ZOMBIE
         except (psutil.NoSuchProcess, ValueError):
             return True
 

@@ -28,7 +28,7 @@ def tiny_config(model_dir, results_dir, **overrides) -> dict:
     return validate({
         "model": str(model_dir), "task": "bbc-news", "num-rounds": 2, "split.adapter-layers": "1,1",
         "split.emulator-layers": 2, "train.local-steps": 2, "train.batch-size": 4, "train.max-length": 64,
-        "train.lr": 1e-3, "eval.limit": 12, "results.dir": str(results_dir), "data.alpha": 0.5, **overrides})
+        "train.lr": 1e-3, "eval.limit": 6, "results.dir": str(results_dir), "data.alpha": 0.5, **overrides})
 
 
 def run(config: dict, num_nodes: int = 3, fault=None) -> InProcessGrid:
@@ -58,7 +58,7 @@ def test_offsite_run_sends_the_emulator_once_and_only_the_adapter_each_round(tin
     assert [r["round"] for r in rounds] == [0, 1, 2]
     for record in rounds:
         assert {"plugin", "emulator"} <= record["eval"].keys()
-        assert record["eval"]["plugin"]["n"] == 12
+        assert record["eval"]["plugin"]["n"] == 6
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
     for record in rounds[1:]:
         assert len(record["clients"]) == 3 and record["problems"] == []

@@ -1,0 +1,28 @@
+"""Readable tables of a run's records."""
+from __future__ import annotations
+
+
+def round_table(rounds: list[dict]) -> str:
+    """One line per round: accuracy of every evaluated model, train loss, bytes, time, memory."""
+    models = list(rounds[0]["eval"]) if rounds else []
+    head = ["round", *(f"{m} acc" for m in models), "train loss", "MB down/client", "MB up/client",
+            "round s", "client peak MB"]
+    rows = []
+    for record in rounds:
+        clients = record.get("clients", [])
+        mean = lambda key: sum(c[key] for c in clients) / len(clients) if clients else float("nan")
+        rows.append([
+            str(record["round"]), *(f"{record['eval'][m]['acc']:.3f}" for m in models),
+            f"{mean('train-loss'):.4f}" if clients else "-",
+            f"{mean('bytes_down') / 1e6:.1f}" if clients else "-",
+            f"{mean('bytes_up') / 1e6:.1f}" if clients else "-",
+            f"{record['seconds']:.0f}" if "seconds" in record else "-",
+            f"{max(c['peak-memory-mb'] for c in clients):.0f}" if clients else "-",
+        ])
+    return markdown_table(head, rows)
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
