@@ -98,6 +98,22 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     print(f"results: {config['results.dir']}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from fl_offsite.compare import load_compare_config, run_compare
+    from fl_offsite.config import parse_sets
+
+    methods, num_clients, out, config = load_compare_config(args.config, parse_sets(args.set))
+    report = run_compare(methods, num_clients, out, config, cpus_per_client=args.cpus_per_client)
+    print(report.read_text().split("![")[0].rstrip())
+    print(f"\nreport: {report}\nplots:  {out / 'accuracy.png'}, {out / 'client_cost.png'}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The README's main job: the demo comparison shipped in simulations/demo.toml."""
+    args.config = str(app_dir() / "simulations" / "demo.toml")
+    cmd_compare(args)
+
+
 def app_dir():
     """The folder of the Flower app (this project's pyproject.toml with [tool.flwr.app])."""
     from pathlib import Path
@@ -156,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--cpus-per-client", type=float, default=1.0)
     simulate.add_argument("--gpus-per-client", type=float, default=0.0)
     simulate.set_defaults(func=cmd_simulate)
+
+    compare = sub.add_parser("compare", help="run several methods on the same data; write a report with plots")
+    compare.add_argument("config", help="TOML file: run-config keys plus compare.methods, compare.num-clients, "
+                                        "compare.out")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    compare.add_argument("--cpus-per-client", type=float, default=1.0)
+    compare.set_defaults(func=cmd_compare)
+
+    demo = sub.add_parser("demo", help="the main job: offsite-tuning vs FedAvg full fine-tuning on smollm2-135m")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    demo.add_argument("--cpus-per-client", type=float, default=1.0)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 from fl_offsite.config import validate
 from fl_offsite.delivery import node_store
 from fl_offsite.errors import UserError
+from fl_offsite.logs import log_to_console
 from fl_offsite.models import load_model
 from fl_offsite.payload import get_payload, payload_names, set_payload
 from fl_offsite.split import SplitPlan
@@ -37,6 +38,7 @@ def receive_model(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    log_to_console()
     config = validate(dict(context.run_config))
     round_config = msg.content["config"]
     store = node_store(context.node_config, context.node_id)

@@ -3,3 +3,4 @@
 
 class UserError(ValueError):
     """Bad input (arguments, config, files): the message says what to change."""
+

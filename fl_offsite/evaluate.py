@@ -44,42 +44,48 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return 0
 
 
-@dataclass
-class _Row:
-    """One sequence to run: an example's context, plus one choice's tokens but its last."""
+@dataclass(frozen=True)
+class _Item:
+    """One example's context tokens and the tokens of each of its choices."""
 
     example: int
-    input_ids: list[int]
-    # (choice index, position of the logits predicting its first token, its tokens)
-    targets: list[tuple[int, int, list[int]]]
+    context: list[int]
+    choices: list[list[int]]
+
+    @property
+    def multi_token(self) -> list[int]:
+        """Indices of the choices longer than one token (they need a continuation pass)."""
+        return [j for j, cont in enumerate(self.choices) if len(cont) > 1]
 
 
-def _rows(tokenizer: PreTrainedTokenizerBase, examples: Sequence[ChoiceExample],
-          max_length: int | None) -> list[_Row]:
-    """The fewest sequences that score every choice of every example.
-
-    The logits at the context's last position score the first token of every choice, so all
-    single-token choices of an example (every BBC topic, most class labels) share one row
-    holding just the context; each multi-token choice gets a row of context + its tokens but
-    the last. Choices of one example therefore cost one context pass instead of one each.
-    """
-    rows = []
+def _items(tokenizer: PreTrainedTokenizerBase, examples: Sequence[ChoiceExample],
+           max_length: int | None) -> list[_Item]:
+    items = []
     for i, ex in enumerate(examples):
         pairs = [encode_pair(tokenizer, ex.context, choice) for choice in ex.choices]
-        context = pairs[0][0]
-        conts = [cont for _, cont in pairs]
-        if max_length is not None:  # the last answer token is never fed, hence the +1
-            context = truncate_context(context, max(conts, key=len), max_length + 1)
-        start = len(context) - 1
-        single = [(j, start, cont) for j, cont in enumerate(conts) if len(cont) == 1]
-        multi = [_Row(i, context + cont[:-1], [(j, start, cont)])
-                 for j, cont in enumerate(conts) if len(cont) > 1]
-        if multi:
-            multi[0].targets.extend(single)
-            rows.extend(multi)
-        else:
-            rows.append(_Row(i, context, single))
-    return rows
+        context, choices = pairs[0][0], [cont for _, cont in pairs]
+        if max_length is not None:  # the last choice token is never fed, hence the +1
+            context = truncate_context(context, max(choices, key=len), max_length + 1)
+        items.append(_Item(i, context, choices))
+    return items
+
+
+def _groups(items: Sequence[_Item], batch_size: int) -> Iterator[list[_Item]]:
+    """Consecutive items with at most ``batch_size`` contexts and multi-token choices each."""
+    group: list[_Item] = []
+    for item in items:
+        if group and (len(group) == batch_size or
+                      sum(len(g.multi_token) for g in group) + len(item.multi_token) > batch_size):
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
+def _cache_name(model: nn.Module) -> str:
+    """The key/value cache's argument name: ``cache`` from transformers 5.x, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def choice_logliks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[ChoiceExample],
@@ -87,42 +93,54 @@ def choice_logliks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, example
                    progress: bool = True, max_length: int | None = None) -> list[list[float]]:
     """Log-likelihood of each choice's tokens given its context, per example.
 
-    Runs the rows of :func:`_rows` longest first, ``batch_size`` rows a forward pass, right
-    padded. (Caching the context's keys/values and expanding them per choice would also save
-    the context pass for multi-token choices, but with right padding the cache has holes and
-    every architecture handles that differently; sharing the pass for single-token choices
-    gets the large win on CPU with plain batched forwards.) Only the needed positions go
-    through the LM head when the model accepts ``logits_to_keep``. ``max_length`` (default:
-    the model's ``max_position_embeddings``) truncates long contexts from the left.
+    Each context runs once: the context pass (right padded, longest first) gives the logits
+    that score every choice's first token (all of them, for one-token choices such as BBC
+    topics), and its key/value cache, copied per multi-token choice, feeds a short second pass
+    over the choices' remaining tokens. Compared with one (context + choice) row per choice,
+    this cuts the tokens run on CPU by about the number of choices. A group holds at most
+    ``batch_size`` contexts and ``batch_size`` multi-token choices, which bounds the copied
+    cache. ``max_length`` (default: the model's ``max_position_embeddings``) truncates long
+    contexts from the left.
     """
     device = _device(model, device)
     if max_length is None:
         max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    rows = sorted(_rows(tokenizer, examples, max_length), key=lambda r: -len(r.input_ids))
+    items = sorted(_items(tokenizer, examples, max_length), key=lambda it: -len(it.context))
+    groups = list(_groups(items, batch_size))
     keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    cache_name, pad_id = _cache_name(model), _pad_id(tokenizer)
     logliks = [[0.0] * len(ex.choices) for ex in examples]
-    pad_id = _pad_id(tokenizer)
     with _inference(model):
-        for b in tqdm(range(0, len(rows), batch_size), desc="scoring", unit="batch", disable=not progress):
-            batch = rows[b:b + batch_size]
-            tensors = collate([{"input_ids": r.input_ids, "labels": r.input_ids} for r in batch], pad_id)
-            width = tensors["input_ids"].shape[1]
-            # every needed position is >= offset; keep the logits from there on
-            offset = min(start for r in batch for _, start, _ in r.targets) if keep_logits else 0
-            kwargs = {"logits_to_keep": width - offset} if keep_logits else {}
-            logits = model(input_ids=tensors["input_ids"].to(device),
-                           attention_mask=tensors["attention_mask"].to(device), **kwargs).logits
-            row_idx, pos, target, owner = [], [], [], []
-            for k, r in enumerate(batch):
-                for j, start, cont in r.targets:
-                    row_idx += [k] * len(cont)
-                    pos += range(start - offset, start - offset + len(cont))
-                    target += cont
-                    owner += [(r.example, j)] * len(cont)
-            picked = logits[torch.tensor(row_idx), torch.tensor(pos)].float().log_softmax(-1)
-            scores = picked.gather(1, torch.tensor(target, device=picked.device)[:, None])[:, 0].tolist()
-            for (i, j), score in zip(owner, scores):
-                logliks[i][j] += score
+        for group in tqdm(groups, desc="scoring", unit="batch", disable=not progress):
+            ctx = {k: v.to(device) for k, v in
+                   collate([{"input_ids": it.context, "labels": it.context} for it in group], pad_id).items()}
+            lengths = ctx["attention_mask"].sum(1)
+            rows = [(g, j) for g, it in enumerate(group) for j in it.multi_token]
+            offset = int(lengths.min()) - 1 if keep_logits else 0  # logits needed from here on
+            kwargs = {"logits_to_keep": ctx["input_ids"].shape[1] - offset} if keep_logits else {}
+            out = model(input_ids=ctx["input_ids"], attention_mask=ctx["attention_mask"], use_cache=bool(rows),
+                        **kwargs)
+            first = out.logits[torch.arange(len(group), device=device), lengths - 1 - offset].float().log_softmax(-1)
+            for g, it in enumerate(group):
+                scores = first[g, [cont[0] for cont in it.choices]].tolist()
+                for j, score in enumerate(scores):
+                    logliks[it.example][j] = score
+            if not rows:
+                continue
+            cache = out[cache_name]
+            index = torch.tensor([g for g, _ in rows], device=device)
+            cache.batch_select_indices(index)
+            tails = [group[g].choices[j] for g, j in rows]
+            cont = {k: v.to(device) for k, v in
+                    collate([{"input_ids": t[:-1], "labels": t[1:]} for t in tails], pad_id).items()}
+            positions = lengths[index, None] + torch.arange(cont["input_ids"].shape[1], device=device)
+            logits = model(input_ids=cont["input_ids"], position_ids=positions, **{cache_name: cache},
+                           attention_mask=torch.cat([ctx["attention_mask"][index], cont["attention_mask"]], 1)).logits
+            logprobs = logits.float().log_softmax(-1)
+            targets = cont["labels"].clamp(min=0)
+            token_scores = logprobs.gather(2, targets[..., None])[..., 0] * (cont["labels"] != IGNORE_INDEX)
+            for (g, j), score in zip(rows, token_scores.sum(1).tolist()):
+                logliks[group[g].example][j] += score
     return logliks
 
 

@@ -70,8 +70,8 @@ def run_simulation_app(app_dir: Path, run_config: dict[str, ConfigValue], num_su
     ``run_config`` overrides keys of the app's ``[tool.flwr.app.config]``. Each of the
     ``num_supernodes`` simulated nodes gets ``cpus_per_client`` CPUs (a whole number, as
     flwr 1.42 wants) and ``gpus_per_client`` GPUs. ``flwr_home`` holds Flower's state and
-    the logs (``run.log``, ``superlink.log``); by default a temporary folder, deleted after
-    a successful run. With ``stream`` the run's logs are copied to stdout.
+    the logs (``run.log``, ``superlink.log``); by default a temporary folder, kept only when
+    a ``RuntimeError`` points at its logs. With ``stream`` the run's logs are copied to stdout.
 
     Raises ``UserError`` for bad arguments and ``RuntimeError`` when the run did not
     complete (the ServerApp raised, the SuperLink did not start, ``flwr run`` failed).
@@ -101,7 +101,9 @@ def run_simulation_app(app_dir: Path, run_config: dict[str, ConfigValue], num_su
     try:
         superlink = _start_superlink(home, env)
         run_id, tail = _stream_run(command, env, home / "run.log", stream)
+        log.debug("Run %s streamed after %.1f s", run_id, time.perf_counter() - start)
         status, details = _run_status(run_id, env)
+        log.debug("Run status %r after %.1f s", status, time.perf_counter() - start)
         if status != "finished:completed":
             raise RuntimeError(f"Flower run {run_id} of {app_dir} ended as {status!r}: {details}\n"
                                f"Last log lines:\n{''.join(tail)}Logs: {home}/run.log and {home}/superlink.log")
@@ -221,6 +223,7 @@ def _start_superlink(home: Path, env: dict[str, str]) -> subprocess.Popen:
             try:
                 with no_proxy.open(f"http://127.0.0.1:{port}/health", timeout=1) as response:
                     if response.status == 200:
+                        log.debug("flower-superlink ready after %.1f s", STARTUP_TIMEOUT_S - deadline + time.monotonic())
                         return process
             except OSError:
                 time.sleep(0.3)

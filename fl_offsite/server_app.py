@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_offsite.config import validate
 from fl_offsite.delivery import ModelPackage, deliver
+from fl_offsite.logs import log_to_console
 from fl_offsite.io import save_tensors, write_json
 from fl_offsite.owner import ModelOwner, lr_schedule
 from fl_offsite.results import CHECKPOINT, RunFolder
@@ -25,12 +26,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    log_to_console()
     run_federated(grid, validate(dict(context.run_config)))
 
 
 def run_federated(grid: Grid, config: dict) -> Path:
     """Run (or resume) one federated run described by ``config``; return its results folder."""
-    logging.getLogger("fl_offsite").setLevel(logging.INFO)
     run = RunFolder(Path(config["results.dir"]).expanduser().resolve())
     previous = run.read_config()
     if previous is not None and config["results.resume"] and _essential(previous) != _essential(config):

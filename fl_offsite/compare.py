@@ -1,0 +1,191 @@
+"""Run several methods on the same task, partitions and rounds; write a report with plots."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from fl_offsite.config import load_file, validate
+from fl_offsite.errors import UserError
+from fl_offsite.io import write_atomic, write_json
+from fl_offsite.report import markdown_table
+from fl_offsite.results import RunFolder
+
+log = logging.getLogger(__name__)
+
+BASELINE = "fedavg-full"
+
+
+def load_compare_config(path: str | Path, overrides: dict[str, Any]) -> tuple[list[str], int, Path, dict]:
+    """``[compare]`` (methods, num-clients, out) and the shared run config of a compare file."""
+    data = {**load_file(path), **overrides}
+    methods = data.pop("compare.methods", ["offsite", BASELINE])
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    num_clients = int(data.pop("compare.num-clients", 4))
+    out = Path(str(data.pop("compare.out", "runs/compare"))).expanduser().resolve()
+    config = validate(data)
+    for method in methods:
+        validate({**data, "method": method})
+    if num_clients < config["strategy.min-train-nodes"]:
+        raise UserError(f"compare.num-clients={num_clients} is below strategy.min-train-nodes")
+    return methods, num_clients, out, config
+
+
+def run_compare(methods: list[str], num_clients: int, out: Path, config: dict, cpus_per_client: float = 1.0) -> Path:
+    """Run each method (resuming, skipping finished ones), then write the report into ``out``."""
+    from fl_offsite.cli import app_dir
+    from fl_offsite.launch import run_simulation_app
+
+    for method in methods:
+        run_config = {**config, "method": method, "results.dir": str(out / method),
+                      "data.num-partitions": num_clients}
+        if finished(out / method, config["num-rounds"]):
+            log.info("%s: already finished, not rerun (%s)", method, out / method)
+            continue
+        log.info("%s: running %d rounds with %d clients", method, config["num-rounds"], num_clients)
+        run_simulation_app(app_dir(), run_config, num_supernodes=num_clients, cpus_per_client=cpus_per_client)
+    return write_report(out, methods)
+
+
+def finished(run_dir: Path, num_rounds: int) -> bool:
+    rounds = RunFolder(run_dir).rounds() if run_dir.is_dir() else []
+    return bool(rounds) and rounds[-1]["round"] >= num_rounds
+
+
+def summarize(run_dir: Path) -> dict:
+    """Per-method numbers from a results folder (all measured by the run itself)."""
+    run = RunFolder(run_dir)
+    rounds = run.rounds()
+    delivery = _read_json(run_dir / "delivery.json")
+    clients = [c for r in rounds[1:] for c in r["clients"]]
+    mean = lambda key: sum(c[key] for c in clients) / len(clients)
+    one_time = sum(delivery["bytes_per_node"].values()) / max(1, len(delivery["bytes_per_node"]))
+    per_round = [sum(c["bytes_down"] + c["bytes_up"] for c in r["clients"]) / len(r["clients"]) for r in rounds[1:]]
+    return {
+        "config": run.read_config(),
+        "rounds": [{"round": r["round"], **{m: r["eval"][m] for m in r["eval"]}} for r in rounds],
+        "bytes_down_per_client_round": mean("bytes_down"),
+        "bytes_up_per_client_round": mean("bytes_up"),
+        "one_time_bytes_per_client": one_time,
+        "cumulative_bytes_per_client": _cumulative(one_time, per_round),
+        "client_peak_memory_mb": max(c["peak-memory-mb"] for c in clients),
+        "client_train_seconds_per_round": mean("train-seconds"),
+        "client_tokens_per_s": mean("tokens-per-s"),
+        "trainable_params": int(max(c["trainable-params"] for c in clients)),
+        "round_seconds": sum(r["seconds"] for r in rounds[1:]) / len(rounds[1:]),
+    }
+
+
+def _cumulative(one_time: float, per_round: list[float]) -> list[float]:
+    totals, total = [one_time], one_time
+    for nbytes in per_round:
+        total += nbytes
+        totals.append(total)
+    return totals
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the run did not start; rerun the compare command")
+    return json.loads(path.read_text())
+
+
+def write_report(out: Path, methods: list[str]) -> Path:
+    """``report.json``, ``report.md`` and PNG plots from the methods' results folders."""
+    runs = {m: summarize(out / m) for m in methods if finished(out / m, 1)}
+    write_json(out / "report.json", runs)
+    plots = _plots(out, runs)
+    write_atomic(out / "report.md", _markdown(runs, plots))
+    return out / "report.md"
+
+
+def accuracy_rows(runs: dict[str, dict]) -> list[tuple[str, dict]]:
+    """The paper's rows: zero-shot full and emulator, FedAvg full FT, OT emulator, OT plug-in."""
+    rows = []
+    first = runs.get("offsite") or next(iter(runs.values()))
+    zero = first["rounds"][0]
+    rows.append(("Full zero-shot", zero.get("plugin") or zero.get("full")))
+    if "emulator" in zero:
+        rows.append(("Emulator zero-shot", zero["emulator"]))
+    if BASELINE in runs:
+        rows.append(("FedAvg full fine-tuning", runs[BASELINE]["rounds"][-1]["full"]))
+    if "offsite" in runs:
+        rows.append(("Offsite emulator (emulator + adapter)", runs["offsite"]["rounds"][-1]["emulator"]))
+        rows.append(("Offsite plug-in (full model + adapter)", runs["offsite"]["rounds"][-1]["plugin"]))
+    return rows
+
+
+def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
+    any_run = next(iter(runs.values()))
+    config = any_run["config"]
+    n = any_run["rounds"][0][next(k for k in any_run["rounds"][0] if k != "round")]["n"]
+    lines = [f"# Comparison: {config['model']} on {config['task']}", "",
+             f"{config['num-rounds']} rounds, {config['data.num-partitions']} clients, "
+             f"{config['data.partitioner']} partitions (alpha {config['data.alpha']}), "
+             f"{config['train.local-steps']} local steps x batch {config['train.batch-size']}, "
+             f"split {config['split.adapter-layers'].replace(',', '-' + str(config['split.emulator-layers']) + '-')}; "
+             f"accuracy on {n} held-out test examples (± one standard error).", "",
+             markdown_table(["setting", "acc", "acc_norm"], [
+                 [name, f"{m['acc']:.3f} ± {m['acc_stderr']:.3f}", f"{m['acc_norm']:.3f}"]
+                 for name, m in accuracy_rows(runs)]), ""]
+    base = runs.get(BASELINE)
+    ratio = lambda run, key: f"{run[key] / base[key]:.3f}" if base else "-"
+    lines += ["## Cost per client", "", markdown_table(
+        ["method", "MB down/round", "MB up/round", "one-time MB", "peak MB", "train s/round", "tokens/s",
+         "trainable params", f"bytes vs {BASELINE}", f"memory vs {BASELINE}", f"time vs {BASELINE}"],
+        [[m, f"{r['bytes_down_per_client_round'] / 1e6:.1f}", f"{r['bytes_up_per_client_round'] / 1e6:.1f}",
+          f"{r['one_time_bytes_per_client'] / 1e6:.1f}", f"{r['client_peak_memory_mb']:.0f}",
+          f"{r['client_train_seconds_per_round']:.1f}", f"{r['client_tokens_per_s']:.0f}",
+          f"{r['trainable_params']:,}", ratio(r, "bytes_down_per_client_round"),
+          ratio(r, "client_peak_memory_mb"), ratio(r, "client_train_seconds_per_round")]
+         for m, r in runs.items()]), "",
+        "Peak memory is the client process's peak RSS on CPU (the allocator's peak on GPU); "
+        "bytes are the Flower records' own byte counts.", ""]
+    lines += [f"![{name}]({name})" for name in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out: Path, runs: dict[str, dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [(f"{method} / {model}", run, model) for method, run in runs.items()
+              for model in run["rounds"][0] if model != "round"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, run, model in series:
+        rounds = [r["round"] for r in run["rounds"]]
+        acc = [r[model]["acc"] for r in run["rounds"]]
+        left.plot(rounds, acc, marker="o", label=label)
+        right.plot([b / 1e6 for b in run["cumulative_bytes_per_client"]], acc, marker="o", label=label)
+    left.set(xlabel="round", ylabel="test accuracy", title="Accuracy by round")
+    right.set(xlabel="MB communicated per client (incl. one-time download)", ylabel="test accuracy",
+              title="Accuracy by communication", xscale="log")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out / "accuracy.png")
+
+    fig, (mem, time_) = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = list(runs)
+    mem.bar(names, [runs[m]["client_peak_memory_mb"] for m in names], color="tab:blue")
+    mem.set(ylabel="MB", title="Client peak memory")
+    time_.bar(names, [runs[m]["client_train_seconds_per_round"] for m in names], color="tab:orange")
+    time_.set(ylabel="seconds", title="Client train time per round")
+    fig.tight_layout()
+    _save(fig, out / "client_cost.png")
+    plt.close("all")
+    return ["accuracy.png", "client_cost.png"]
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    write_atomic(path, buffer.getvalue())

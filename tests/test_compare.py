@@ -1,0 +1,55 @@
+"""The comparison report: in process for two methods, and end to end through Ray (slow)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fl_offsite.cli import main
+from fl_offsite.compare import write_report
+from fl_offsite.results import RunFolder
+from test_federated import private_cache, run, tiny_config, tiny_lm_dir  # noqa: F401 - fixtures
+
+
+def test_report_of_offsite_and_fedavg_full(tiny_lm_dir, tmp_path):
+    out = tmp_path / "compare"
+    for method in ("offsite", "fedavg-full"):
+        run(tiny_config(tiny_lm_dir, out / method, method=method, **{"data.num-partitions": 2}), num_nodes=2)
+    report = write_report(out, ["offsite", "fedavg-full"])
+
+    data = json.loads((out / "report.json").read_text())
+    for method in ("offsite", "fedavg-full"):
+        rounds = RunFolder(out / method).rounds()
+        clients = [c for r in rounds[1:] for c in r["clients"]]
+        summary = data[method]
+        assert summary["client_peak_memory_mb"] == max(c["peak-memory-mb"] for c in clients)
+        assert summary["bytes_up_per_client_round"] == sum(c["bytes_up"] for c in clients) / len(clients)
+        assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    offsite, full = data["offsite"], data["fedavg-full"]
+    assert offsite["bytes_up_per_client_round"] < full["bytes_up_per_client_round"]
+    assert offsite["trainable_params"] < full["trainable_params"]
+
+    text = report.read_text()
+    final = RunFolder(out / "offsite").rounds()[-1]["eval"]
+    assert f"| Offsite plug-in (full model + adapter) | {final['plugin']['acc']:.3f}" in text
+    for row in ("Full zero-shot", "Emulator zero-shot", "FedAvg full fine-tuning", "Offsite emulator"):
+        assert row in text
+    for plot in ("accuracy.png", "client_cost.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_compare_command_through_flower_simulation(tiny_lm_dir, tmp_path, capsys):
+    """`fl-offsite compare` on Ray: both methods run, the report is written; a rerun skips both."""
+    config = tmp_path / "compare.toml"
+    config.write_text(
+        f'model = "{tiny_lm_dir}"\nnum-rounds = 1\n"split.adapter-layers" = "1,1"\n"split.emulator-layers" = 2\n'
+        '"train.local-steps" = 2\n"train.batch-size" = 4\n"train.max-length" = 64\n"eval.limit" = 6\n'
+        f'[compare]\nmethods = ["offsite", "fedavg-full"]\nnum-clients = 2\nout = "{tmp_path / "out"}"\n')
+    assert main(["compare", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "Offsite plug-in" in printed and "FedAvg full fine-tuning" in printed
+    assert (tmp_path / "out" / "report.md").is_file()
+    stamp = (tmp_path / "out" / "offsite" / "metrics.jsonl").stat().st_mtime
+    assert main(["compare", str(config)]) == 0  # finished methods are not rerun
+    assert (tmp_path / "out" / "offsite" / "metrics.jsonl").stat().st_mtime == stamp

@@ -1,0 +1,66 @@
+"""Config validation, and pyproject.toml's Flower run config kept equal to the defaults."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fl_offsite.cli import main
+from fl_offsite.config import DEFAULTS, load_file, parse_sets, validate
+from fl_offsite.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_run_config_equals_the_defaults():
+    flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert flwr == DEFAULTS
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(UserError, match="did you mean 'train.lr'"):
+        validate({"train.lrr": 0.1})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"num-rounds": "three"}, "must be int"),
+    ({"results.resume": "maybe"}, "true or false"),
+    ({"method": "magic"}, "not one of"),
+    ({"strategy.name": "fedsgd"}, "not one of"),
+    ({"split.adapter-layers": "2"}, "two integers"),
+    ({"strategy.fraction-train": 0.0}, "fraction-train"),
+    ({"train.local-steps": 0, "train.local-epochs": 0.0}, "local-steps or train.local-epochs"),
+])
+def test_bad_values_are_refused(overrides, message):
+    with pytest.raises(UserError, match=message):
+        validate(overrides)
+
+
+def test_strings_from_the_command_line_are_typed():
+    config = validate(parse_sets(["num-rounds=5", "train.lr=3e-4", "results.resume=false", "data.alpha=1"]))
+    assert config["num-rounds"] == 5 and config["train.lr"] == 3e-4 and config["results.resume"] is False
+    assert config["data.alpha"] == 1.0
+    with pytest.raises(UserError, match="key=value"):
+        parse_sets(["oops"])
+
+
+def test_config_files_flatten_tables(tmp_path):
+    (tmp_path / "c.toml").write_text('num-rounds = 2\n[train]\nlr = 0.5\n')
+    assert load_file(tmp_path / "c.toml") == {"num-rounds": 2, "train.lr": 0.5}
+    (tmp_path / "bad.toml").write_text("num-rounds = = 2")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_file(tmp_path / "bad.toml")
+
+
+def test_simulate_refuses_a_bad_key_in_one_line(capsys):
+    assert main(["simulate", "--set", "strategy.nmae=fedavg"]) == 2
+    assert "did you mean 'strategy.name'" in capsys.readouterr().err
+
+
+def test_shipped_configs_are_valid():
+    from fl_offsite.compare import load_compare_config
+
+    methods, clients, _, config = load_compare_config(ROOT / "simulations" / "demo.toml", {})
+    assert methods == ["offsite", "fedavg-full"] and clients == 4 and config["model"] == "smollm2-135m"
+    validate(load_file(ROOT / "simulations" / "smoke.toml"))

@@ -1,0 +1,134 @@
+"""End-to-end: ``run_simulation_app`` runs a toy Flower app through ``flwr run`` on Ray and cleans up."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fl_offsite.errors import UserError
+from fl_offsite.launch import run_simulation_app
+
+PYPROJECT = """\
+[project]
+name = "toyapp"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fl-offsite-tests"
+
+[tool.flwr.app.components]
+serverapp = "toy:server_app"
+clientapp = "toy:client_app"
+
+[tool.flwr.app.config]
+num-rounds = 1
+out = ""
+note = ""
+lr = 0.5
+flag = false
+fail = false
+"""
+
+TOY = '''\
+import json
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+client_app = ClientApp()
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    arrays = ArrayRecord([a.numpy() + 1.0 for a in msg.content["arrays"].values()])
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = dict(context.run_config)
+    if config["fail"]:
+        raise ValueError("boom from the toy ServerApp")
+    rounds = []
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        rounds.append(server_round)
+        return MetricRecord({})
+
+    strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord([np.zeros(3, dtype=np.float32)]),
+                            num_rounds=config["num-rounds"], evaluate_fn=evaluate_fn)
+    with open(config["out"], "w") as f:
+        json.dump({"run_config": config, "rounds": max(rounds),
+                   "arrays": [a.numpy().tolist() for a in result.arrays.values()]}, f)
+'''
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/environ")
+
+
+@pytest.fixture
+def toy_app(tmp_path: Path) -> Path:
+    app = tmp_path / "toyapp"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(PYPROJECT)
+    (app / "toy.py").write_text(TOY)
+    return app
+
+
+def processes_of(flwr_home: Path) -> list[str]:
+    """Live processes started for this FLWR_HOME: every process of a launch inherits the variable.
+    (Reads /proc: Ray's setproctitle hides the environment from psutil.)"""
+    needle = f"FLWR_HOME={flwr_home}".encode()
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        try:
+            environ = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in environ and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(f"{process.pid} {' '.join(process.info['cmdline'] or [])[:100]}")
+    return found
+
+
+@pytest.mark.slow
+@linux_only
+def test_runs_app_with_overrides_and_cleans_up(toy_app: Path, tmp_path: Path) -> None:
+    out, home = tmp_path / "result.json", tmp_path / "flwr-home"
+    overrides = {"out": str(out), "note": "two words, 'single' and \"double\" quotes = \\ é",
+                 "num-rounds": 2, "lr": 0.125, "flag": True}
+    run_simulation_app(toy_app, overrides, num_supernodes=2, flwr_home=home, stream=False)
+
+    result = json.loads(out.read_text())
+    assert result["run_config"] == {**overrides, "fail": False}
+    assert result["rounds"] == 2
+    assert result["arrays"] == [[2.0, 2.0, 2.0]]  # each round the two clients add 1 to the average
+    assert (home / "run.log").is_file()
+    assert processes_of(home) == []
+
+
+@pytest.mark.slow
+@linux_only
+def test_failing_server_app_raises_and_cleans_up(toy_app: Path, tmp_path: Path) -> None:
+    home = tmp_path / "flwr-home"
+    with pytest.raises(RuntimeError, match=r"finished:failed.*boom from the toy ServerApp"):
+        run_simulation_app(toy_app, {"fail": True}, num_supernodes=2, flwr_home=home, stream=False)
+    assert processes_of(home) == []
+
+
+def test_rejects_what_flwr_would_reject_late(toy_app: Path) -> None:
+    with pytest.raises(UserError, match="not in \\[tool.flwr.app.config\\]"):
+        run_simulation_app(toy_app, {"num-round": 2}, num_supernodes=2)
+    with pytest.raises(UserError, match="whole number"):
+        run_simulation_app(toy_app, {}, num_supernodes=2, cpus_per_client=0.5)
+    with pytest.raises(UserError, match="no pyproject.toml"):
+        run_simulation_app(toy_app.parent, {}, num_supernodes=2)
