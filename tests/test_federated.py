@@ -122,3 +122,36 @@ def test_fedavg_full_sends_every_parameter(tiny_lm_dir, tmp_path):
         assert set(msg.content["arrays"].keys()) == {n for n, _ in model.named_parameters()}
     record = rounds_of(tmp_path / "full")[-1]
     assert set(record["eval"]) == {"full"}
+
+
+def nan_update(msg, node_index):
+    """Node 0 trains normally but returns NaN; the others are honest."""
+    if msg.metadata.message_type != "train" or node_index != 0:
+        return None
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    bad = {k: torch.full_like(v, float("nan")) for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+    return Message(RecordDict({"arrays": ArrayRecord(bad), "metrics": MetricRecord({"num-examples": 10})}),
+                   reply_to=msg)
+
+
+def test_bad_and_failed_clients_are_left_out_and_logged(tiny_lm_dir, tmp_path):
+    from flwr.app import Error, Message
+
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1})
+
+    def failing_and_nan(msg, node_index):
+        if msg.metadata.message_type == "train" and node_index == 1:
+            return Message(Error(code=0, reason="RuntimeError: disk full"), reply_to=msg)
+        return nan_update(msg, node_index)
+
+    with pytest.raises(RuntimeError, match="only 1 of 3 clients returned a usable update.*disk full"):
+        run(config, num_nodes=3, fault=failing_and_nan)
+
+    run(config, num_nodes=4, fault=nan_update)  # 3 good replies of 4: the round goes on
+    record = rounds_of(tmp_path / "run")[-1]
+    assert len(record["clients"]) == 3
+    (problem,) = record["problems"]
+    assert problem["kind"] == "rejected" and "NaN" in problem["reason"]
+    adapter, _ = load_adapter(tmp_path / "run" / "adapter.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
