@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("config", nargs="?", help="TOML file of run-config keys (see pyproject.toml)")
     simulate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     simulate.add_argument("--num-clients", type=int, default=4, help="simulated data owners (SuperNodes)")
-    simulate.add_argument("--cpus-per-client", type=float, default=1.0)
+    simulate.add_argument("--cpus-per-client", type=int, default=1)
     simulate.add_argument("--gpus-per-client", type=float, default=0.0)
     simulate.set_defaults(func=cmd_simulate)
 
@@ -177,12 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("config", help="TOML file: run-config keys plus compare.methods, compare.num-clients, "
                                         "compare.out")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
-    compare.add_argument("--cpus-per-client", type=float, default=1.0)
+    compare.add_argument("--cpus-per-client", type=int, default=1)
     compare.set_defaults(func=cmd_compare)
 
     demo = sub.add_parser("demo", help="the main job: offsite-tuning vs FedAvg full fine-tuning on smollm2-135m")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
-    demo.add_argument("--cpus-per-client", type=float, default=1.0)
+    demo.add_argument("--cpus-per-client", type=int, default=1)
     demo.set_defaults(func=cmd_demo)
     return parser
 

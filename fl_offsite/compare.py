@@ -32,7 +32,7 @@ def load_compare_config(path: str | Path, overrides: dict[str, Any]) -> tuple[li
     return methods, num_clients, out, config
 
 
-def run_compare(methods: list[str], num_clients: int, out: Path, config: dict, cpus_per_client: float = 1.0) -> Path:
+def run_compare(methods: list[str], num_clients: int, out: Path, config: dict, cpus_per_client: int = 1) -> Path:
     """Run each method (resuming, skipping finished ones), then write the report into ``out``."""
     from fl_offsite.cli import app_dir
     from fl_offsite.launch import run_simulation_app

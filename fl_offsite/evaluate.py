@@ -88,6 +88,38 @@ def _cache_name(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _score_group(model: nn.Module, group: Sequence[_Item], pad_id: int, device: torch.device,
+                 keep_logits: bool) -> list[list[float]]:
+    """Log-likelihoods of every choice of ``group``: one context pass, then one continuation pass."""
+    ctx = {k: v.to(device) for k, v in
+           collate([{"input_ids": it.context, "labels": it.context} for it in group], pad_id).items()}
+    lengths = ctx["attention_mask"].sum(1)
+    rows = [(g, j) for g, it in enumerate(group) for j in it.multi_token]
+    offset = int(lengths.min()) - 1 if keep_logits else 0  # the logits needed start here
+    kwargs = {"logits_to_keep": ctx["input_ids"].shape[1] - offset} if keep_logits else {}
+    out = model(input_ids=ctx["input_ids"], attention_mask=ctx["attention_mask"], use_cache=bool(rows), **kwargs)
+    first = out.logits[torch.arange(len(group), device=device), lengths - 1 - offset].float().log_softmax(-1)
+    scores = [first[g, [cont[0] for cont in it.choices]].tolist() for g, it in enumerate(group)]
+    if not rows:
+        return scores
+    # one copy of its example's context cache per multi-token choice, then the choice's tokens but the last
+    cache_name = _cache_name(model)
+    cache = out[cache_name]
+    index = torch.tensor([g for g, _ in rows], device=device)
+    cache.batch_select_indices(index)
+    tails = [group[g].choices[j] for g, j in rows]
+    cont = {k: v.to(device) for k, v in
+            collate([{"input_ids": t[:-1], "labels": t[1:]} for t in tails], pad_id).items()}
+    positions = lengths[index, None] + torch.arange(cont["input_ids"].shape[1], device=device)
+    mask = torch.cat([ctx["attention_mask"][index], cont["attention_mask"]], 1)
+    logits = model(input_ids=cont["input_ids"], attention_mask=mask, position_ids=positions,
+                   **{cache_name: cache}).logits
+    picked = logits.float().log_softmax(-1).gather(2, cont["labels"].clamp(min=0)[..., None])[..., 0]
+    for (g, j), tail_score in zip(rows, (picked * (cont["labels"] != IGNORE_INDEX)).sum(1).tolist()):
+        scores[g][j] += tail_score
+    return scores
+
+
 def choice_logliks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[ChoiceExample],
                    batch_size: int = 16, device: torch.device | str | None = None,
                    progress: bool = True, max_length: int | None = None) -> list[list[float]]:
@@ -96,11 +128,12 @@ def choice_logliks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, example
     Each context runs once: the context pass (right padded, longest first) gives the logits
     that score every choice's first token (all of them, for one-token choices such as BBC
     topics), and its key/value cache, copied per multi-token choice, feeds a short second pass
-    over the choices' remaining tokens. Compared with one (context + choice) row per choice,
-    this cuts the tokens run on CPU by about the number of choices. A group holds at most
-    ``batch_size`` contexts and ``batch_size`` multi-token choices, which bounds the copied
-    cache. ``max_length`` (default: the model's ``max_position_embeddings``) truncates long
-    contexts from the left.
+    over the choices' remaining tokens. Against one (context + choice) row per choice, this
+    cuts the tokens run by about the number of choices, which is what costs on CPU. A group
+    holds at most ``batch_size`` contexts and ``batch_size`` multi-token choices (a single
+    example may have more), which bounds the copied cache. Only the needed positions go
+    through the LM head when the model accepts ``logits_to_keep``. ``max_length`` (default:
+    the model's ``max_position_embeddings``) truncates long contexts from the left.
     """
     device = _device(model, device)
     if max_length is None:
@@ -108,39 +141,11 @@ def choice_logliks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, example
     items = sorted(_items(tokenizer, examples, max_length), key=lambda it: -len(it.context))
     groups = list(_groups(items, batch_size))
     keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-    cache_name, pad_id = _cache_name(model), _pad_id(tokenizer)
-    logliks = [[0.0] * len(ex.choices) for ex in examples]
+    logliks: list[list[float]] = [[] for _ in examples]
     with _inference(model):
         for group in tqdm(groups, desc="scoring", unit="batch", disable=not progress):
-            ctx = {k: v.to(device) for k, v in
-                   collate([{"input_ids": it.context, "labels": it.context} for it in group], pad_id).items()}
-            lengths = ctx["attention_mask"].sum(1)
-            rows = [(g, j) for g, it in enumerate(group) for j in it.multi_token]
-            offset = int(lengths.min()) - 1 if keep_logits else 0  # logits needed from here on
-            kwargs = {"logits_to_keep": ctx["input_ids"].shape[1] - offset} if keep_logits else {}
-            out = model(input_ids=ctx["input_ids"], attention_mask=ctx["attention_mask"], use_cache=bool(rows),
-                        **kwargs)
-            first = out.logits[torch.arange(len(group), device=device), lengths - 1 - offset].float().log_softmax(-1)
-            for g, it in enumerate(group):
-                scores = first[g, [cont[0] for cont in it.choices]].tolist()
-                for j, score in enumerate(scores):
-                    logliks[it.example][j] = score
-            if not rows:
-                continue
-            cache = out[cache_name]
-            index = torch.tensor([g for g, _ in rows], device=device)
-            cache.batch_select_indices(index)
-            tails = [group[g].choices[j] for g, j in rows]
-            cont = {k: v.to(device) for k, v in
-                    collate([{"input_ids": t[:-1], "labels": t[1:]} for t in tails], pad_id).items()}
-            positions = lengths[index, None] + torch.arange(cont["input_ids"].shape[1], device=device)
-            logits = model(input_ids=cont["input_ids"], position_ids=positions, **{cache_name: cache},
-                           attention_mask=torch.cat([ctx["attention_mask"][index], cont["attention_mask"]], 1)).logits
-            logprobs = logits.float().log_softmax(-1)
-            targets = cont["labels"].clamp(min=0)
-            token_scores = logprobs.gather(2, targets[..., None])[..., 0] * (cont["labels"] != IGNORE_INDEX)
-            for (g, j), score in zip(rows, token_scores.sum(1).tolist()):
-                logliks[group[g].example][j] += score
+            for item, scores in zip(group, _score_group(model, group, _pad_id(tokenizer), device, keep_logits)):
+                logliks[item.example] = scores
     return logliks
 
 

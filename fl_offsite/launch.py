@@ -42,16 +42,15 @@ import time
 import urllib.request
 import uuid
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import tomli_w
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+import tomllib
 
+from fl_offsite.config import flatten
 from fl_offsite.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ def _check_app(app_dir: Path, run_config: dict[str, ConfigValue]) -> None:
     if "federations" in flwr_tool:
         raise UserError(f"remove [tool.flwr.federations] from {pyproject}: `flwr run` would move it into "
                         "FLWR_HOME and rewrite the file; the launcher sets the federation itself")
-    known = _flatten(flwr_tool["app"].get("config", {}))
+    known = flatten(flwr_tool["app"].get("config", {}))
     unknown = sorted(set(run_config) - set(known))
     if unknown:
         raise UserError(f"run_config keys {unknown} are not in [tool.flwr.app.config] of {pyproject}: "
@@ -140,16 +139,6 @@ def _check_app(app_dir: Path, run_config: dict[str, ConfigValue]) -> None:
     for key, value in run_config.items():
         if not isinstance(value, (bool, int, float, str)):
             raise UserError(f"run_config[{key!r}] = {value!r}: values must be bool, int, float or str")
-
-
-def _flatten(table: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _check_resources(num_supernodes: int, cpus_per_client: float, gpus_per_client: float) -> int:
@@ -217,13 +206,14 @@ def _start_superlink(home: Path, env: dict[str, str]) -> subprocess.Popen:
                  "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
                  "--log-file", str(log_file)],
                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        started = time.monotonic()
+        deadline = started + STARTUP_TIMEOUT_S
         no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         while process.poll() is None and time.monotonic() < deadline:
             try:
                 with no_proxy.open(f"http://127.0.0.1:{port}/health", timeout=1) as response:
                     if response.status == 200:
-                        log.debug("flower-superlink ready after %.1f s", STARTUP_TIMEOUT_S - deadline + time.monotonic())
+                        log.debug("flower-superlink ready after %.1f s", time.monotonic() - started)
                         return process
             except OSError:
                 time.sleep(0.3)
@@ -284,10 +274,11 @@ def _launch_tag(process: psutil.Process) -> str | None:
     except OSError:  # gone, or another user's
         return None
     prefix = f"{TAG_VAR}=".encode()
-    return next((entry[len(prefix):].decode(errors="replace") for entry in block.split(b"\0") if entry.startswith(prefix)), None)
+    tags = [entry[len(prefix):].decode(errors="replace") for entry in block.split(b"\0") if entry.startswith(prefix)]
+    return tags[0] if tags else None
 
 
-def _tagged_processes(match) -> list[psutil.Process]:
+def _tagged_processes(match: Callable[[str], bool]) -> list[psutil.Process]:
     """This user's processes whose launch tag satisfies ``match``, and their descendants."""
     found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter():
@@ -299,7 +290,7 @@ def _tagged_processes(match) -> list[psutil.Process]:
     return list(found.values())
 
 
-def _stop_processes(match) -> None:
+def _stop_processes(match: Callable[[str], bool]) -> None:
     """Terminate, then kill, every process whose launch tag satisfies ``match``, until none is left."""
     for grace_s in (5.0, 2.0, 1.0):
         processes = _tagged_processes(match)
@@ -328,8 +319,8 @@ def _stop_stale_launches() -> None:
     def stale(tag: str) -> bool:
         try:
             pid, create_time, _ = tag.split(":", 2)
-            launcher = psutil.Process(int(pid))
-            return launcher.create_time() != float(create_time) or launcher.status() == psutil.STATUS_ZOMBIE
+            launcher = psutil.Process(int(pid))  # a new process with the same pid has a later start time
+            return abs(launcher.create_time() - float(create_time)) > 1.0 or launcher.status() == psutil.STATUS_ZOMBIE
         except (psutil.NoSuchProcess, ValueError):
             return True
 

@@ -72,6 +72,10 @@ class OffsiteStrategy(Strategy):
             accepted.append(reply)
             clients.append({"node": node, "bytes_down": self._round["bytes_down"].get(node, 0),
                             "bytes_up": reply.content["arrays"].count_bytes(), **dict(reply.content["metrics"])})
+        for c in clients:
+            log.info("round %d: client %s loss %.4f, %d examples, %.1f s, %.0f tokens/s, peak %.0f MB", rnd,
+                     int(c.get("partition-id", -1)), c.get("train-loss", float("nan")), int(c["num-examples"]),
+                     c.get("train-seconds", 0.0), c.get("tokens-per-s", 0.0), c.get("peak-memory-mb", 0.0))
         for problem in problems:
             log.warning("round %d: node %s %s: %s", rnd, problem["node"], problem["kind"], problem["reason"])
         sent = len(self._round["bytes_down"])
