@@ -57,13 +57,13 @@ def summarize(run_dir: Path) -> dict:
     """Per-method numbers from a results folder (all measured by the run itself)."""
     run = RunFolder(run_dir)
     rounds = run.rounds()
-    delivery = _read_json(run_dir / "delivery.json")
+    config = run.read_config()
     clients = [c for r in rounds[1:] for c in r["clients"]]
     mean = lambda key: sum(c[key] for c in clients) / len(clients)
-    one_time = sum(delivery["bytes_per_node"].values()) / max(1, len(delivery["bytes_per_node"]))
+    one_time = run.delivered_bytes() / config["data.num-partitions"]
     per_round = [sum(c["bytes_down"] + c["bytes_up"] for c in r["clients"]) / len(r["clients"]) for r in rounds[1:]]
     return {
-        "config": run.read_config(),
+        "config": config,
         "rounds": [{"round": r["round"], **{m: r["eval"][m] for m in r["eval"]}} for r in rounds],
         "bytes_down_per_client_round": mean("bytes_down"),
         "bytes_up_per_client_round": mean("bytes_up"),
@@ -83,14 +83,6 @@ def _cumulative(one_time: float, per_round: list[float]) -> list[float]:
         total += nbytes
         totals.append(total)
     return totals
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the run did not start; rerun the compare command")
-    return json.loads(path.read_text())
 
 
 def write_report(out: Path, methods: list[str]) -> Path:

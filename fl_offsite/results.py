@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from fl_offsite.io import atomic_dir, load_tensors, save_tensors, write_atomic, 
 
 log = logging.getLogger(__name__)
 
-CONFIG, METRICS, CHECKPOINT = "config.json", "metrics.jsonl", "checkpoint"
+CONFIG, METRICS, CHECKPOINT, DELIVERY = "config.json", "metrics.jsonl", "checkpoint", "delivery.json"
 
 
 @dataclass
@@ -52,6 +53,22 @@ class RunFolder:
         kept = [r for r in self.rounds() if r["round"] < record["round"]]
         lines = [json.dumps(r) for r in [*kept, record]]
         write_atomic(self.root / METRICS, "\n".join(lines) + "\n")
+
+    def record_delivery(self, digest: str, package_bytes: int, bytes_per_node: dict[int, int]) -> None:
+        """Add one (re)start's one-time model delivery: bytes sent to each node (0 when cached)."""
+        path = self.root / DELIVERY
+        record = json.loads(path.read_text()) if path.is_file() else {"digest": digest, "deliveries": []}
+        record.update(digest=digest, package_bytes=package_bytes)
+        record["deliveries"].append({"time": time.time(), "bytes_per_node": {str(k): v for k, v in
+                                                                             bytes_per_node.items()}})
+        write_json(path, record)
+
+    def delivered_bytes(self) -> int:
+        """All bytes of one-time model deliveries over the run's (re)starts."""
+        path = self.root / DELIVERY
+        if not path.is_file():
+            return 0
+        return sum(sum(d["bytes_per_node"].values()) for d in json.loads(path.read_text())["deliveries"])
 
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
         with atomic_dir(self.root / CHECKPOINT) as tmp:

@@ -12,10 +12,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_offsite.config import validate
 from fl_offsite.delivery import ModelPackage, deliver
+from fl_offsite.errors import UserError
+from fl_offsite.io import save_tensors
 from fl_offsite.logs import log_to_console
-from fl_offsite.io import save_tensors, write_json
 from fl_offsite.owner import ModelOwner, lr_schedule
-from fl_offsite.results import CHECKPOINT, RunFolder
+from fl_offsite.results import CHECKPOINT, DELIVERY, RunFolder
 from fl_offsite.split import save_adapter
 from strategies.aggregation import aggregation_strategy
 from strategies.offsite import OffsiteStrategy
@@ -35,7 +36,7 @@ def run_federated(grid: Grid, config: dict) -> Path:
     run = RunFolder(Path(config["results.dir"]).expanduser().resolve())
     previous = run.read_config()
     if previous is not None and config["results.resume"] and _essential(previous) != _essential(config):
-        raise ValueError(f"{run.root} holds a run with another configuration; choose another results.dir "
+        raise UserError(f"{run.root} holds a run with another configuration; choose another results.dir "
                          "or set results.resume=false")
     checkpoint = run.load_checkpoint() if config["results.resume"] else None
     if checkpoint is None:
@@ -51,9 +52,7 @@ def run_federated(grid: Grid, config: dict) -> Path:
     nodes = _wait_for_nodes(grid, config["strategy.min-available-nodes"], config["strategy.round-timeout"])
     package = ModelPackage.from_folder(owner.base_folder)
     sent = deliver(grid, package, nodes, timeout=config["strategy.round-timeout"])
-    write_json(run.root / "delivery.json", {"digest": package.digest, "package_bytes": package.nbytes,
-                                            "bytes_per_node": {str(k): v for k, v in sent.items()},
-                                            "time": time.time()})
+    run.record_delivery(package.digest, package.nbytes, sent)
     strategy = OffsiteStrategy(
         aggregation_strategy(config), reference=payload, evaluate_payload=owner.evaluate, run=run,
         lr_at=lr_schedule(config["train.lr"], config["train.lr-schedule"], config["num-rounds"]),
@@ -82,7 +81,7 @@ def _essential(config: dict) -> dict:
 
 def _fresh(run: RunFolder) -> RunFolder:
     """Clear the records of an earlier run in the same folder."""
-    for name in ("metrics.jsonl", "adapter.safetensors", "model.safetensors", "delivery.json"):
+    for name in ("metrics.jsonl", "adapter.safetensors", "model.safetensors", DELIVERY):
         (run.root / name).unlink(missing_ok=True)
     shutil.rmtree(run.root / CHECKPOINT, ignore_errors=True)
     return run

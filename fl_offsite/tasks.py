@@ -71,12 +71,11 @@ class TaskData:
 def load_task(name: str, seed: int = 1234) -> TaskData:
     """Load a task by name (see the module docstring) with a seeded train/validation/test split."""
     if name == "bbc-news":
-        train, validation, test = _split(_bbc_examples(), seed, n_validation=BBC_VALIDATION,
-                                         n_test=None, n_train=BBC_TRAIN)
+        train, validation, test = _split(_bbc_examples(), seed, BBC_TRAIN, BBC_VALIDATION)
     elif name.startswith("bigbench:"):
         examples = _bigbench_load(name.removeprefix("bigbench:"))
         n_validation, n_test = round(0.1 * len(examples)), round(0.2 * len(examples))
-        train, validation, test = _split(examples, seed, n_validation=n_validation, n_test=n_test)
+        train, validation, test = _split(examples, seed, len(examples) - n_validation - n_test, n_validation)
     elif name.startswith("hf:"):
         train, validation, test = _hf_splits(name.removeprefix("hf:"), seed)
     else:
@@ -93,12 +92,10 @@ def load_text_corpus(name: str, split: str = "train", seed: int = 1234) -> list[
     ``hf:wikitext`` gives WikiText-2 (raw) as one text per split (needs the hub).
     """
     if name == "bbc-news":
-        articles = _bbc_articles()
-        parts = dict(zip(SPLITS, _split(articles, seed, n_validation=BBC_VALIDATION, n_test=None,
-                                        n_train=BBC_TRAIN)))
+        parts = dict(zip(SPLITS, _split(_bbc_articles(), seed, BBC_TRAIN, BBC_VALIDATION)))
         return [text for text, _ in parts[_check_split(split)]]
     if name == "hf:wikitext":
-        rows = _hf_load("Salesforce/wikitext", "wikitext-2-raw-v1")[split]
+        rows = _hf_load("Salesforce/wikitext", "wikitext-2-raw-v1")[_check_split(split)]
         return ["".join(rows["text"])]
     raise UserError(f"unknown text corpus {name!r}; use 'bbc-news' or 'hf:wikitext'")
 
@@ -109,18 +106,14 @@ def _check_split(split: str) -> str:
     return split
 
 
-def _split(items: Sequence[T], seed: int, n_validation: int, n_test: int | None,
-           n_train: int | None = None) -> tuple[list[T], list[T], list[T]]:
-    """Shuffle with ``random.Random(seed)``; cut train, validation, then test (``None``: the rest)."""
+def _split(items: Sequence[T], seed: int, n_train: int, n_validation: int) -> tuple[list[T], list[T], list[T]]:
+    """Shuffle with ``random.Random(seed)``; the first ``n_train`` train, the next validation, the rest test."""
     order = list(items)
     random.Random(seed).shuffle(order)
-    if n_train is None:
-        n_train = len(order) - n_validation - (n_test or 0)
-    if n_train <= 0 or n_train + n_validation > len(order):
-        raise UserError(f"cannot split {len(order)} examples into {n_train} train / {n_validation} validation")
-    train, validation = order[:n_train], order[n_train:n_train + n_validation]
-    rest = order[n_train + n_validation:]
-    return train, validation, rest if n_test is None else rest[:n_test]
+    if n_train <= 0 or n_train + n_validation >= len(order):
+        raise UserError(f"cannot split {len(order)} examples into {n_train} train / {n_validation} validation / "
+                        "a test split: the task has too few examples")
+    return order[:n_train], order[n_train:n_train + n_validation], order[n_train + n_validation:]
 
 
 # --- bbc-news ---------------------------------------------------------------------------
@@ -130,7 +123,7 @@ BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
 # tested on 300; pass ``limit=300`` to evaluation for the same cost).
 BBC_TRAIN, BBC_VALIDATION = 1500, 100
 BBC_PROMPT_WORDS = 100
-_BBC_FOLDERS = {"business": 0, "entertainment": 1, "politics": 2, "sport": 3, "sports": 3, "tech": 4}
+_BBC_FOLDERS = {"business": 0, "entertainment": 1, "politics": 2, "sports": 3, "tech": 4}
 
 
 def _bbc_articles() -> list[tuple[str, int]]:
@@ -210,7 +203,7 @@ def bigbench_examples(task: dict[str, Any] | str | Path) -> list[ChoiceExample]:
         examples.append(ChoiceExample(context, [" " + c for c in choices], label))
     if not examples:
         raise UserError(f"BIG-bench task {name!r} is not multiple choice (no target_scores); "
-                         f"pick a multiple-choice task: {BIGBENCH_HINT}")
+                        f"pick a multiple-choice task: {BIGBENCH_HINT}")
     if len(examples) < len(task["examples"]):
         log.warning("BIG-bench %s: kept %d multiple-choice examples of %d", name, len(examples),
                     len(task["examples"]))
@@ -230,10 +223,13 @@ def _bigbench_task_json(task: str) -> dict[str, Any]:
     """The task.json of ``task``, streamed once out of the sdist and cached."""
     cached = cache_dir("tasks", "bigbench") / (task.replace("/", "__") + ".json")
     if not cached.exists():
-        names = _scan_bigbench({task: cached})
-        if not cached.exists():
+        names = bigbench_task_names()
+        if task not in names:
             close = difflib.get_close_matches(task, names, n=5)
             raise UserError(f"unknown BIG-bench task {task!r} (closest: {close}); {BIGBENCH_HINT}")
+        with tarfile.open(_bigbench_sdist(), "r|gz") as archive:
+            member = next(m for m in archive if m.name == f"{_BIGBENCH_TASKS}{task}/task.json")
+            _atomic_write(cached, archive.extractfile(member).read())
     return json.loads(cached.read_text(encoding="utf-8"))
 
 
@@ -241,29 +237,11 @@ def bigbench_task_names() -> list[str]:
     """Every BIG-bench task folder with a task.json (scans the sdist once, then cached)."""
     index = cache_dir("tasks", "bigbench") / "index.json"
     if not index.exists():
-        _scan_bigbench({})
+        with tarfile.open(_bigbench_sdist(), "r|gz") as archive:
+            names = sorted(m.name[len(_BIGBENCH_TASKS):-len("/task.json")] for m in archive
+                           if m.name.startswith(_BIGBENCH_TASKS) and m.name.endswith("/task.json"))
+        _atomic_write(index, json.dumps(names).encode())
     return json.loads(index.read_text(encoding="utf-8"))
-
-
-def _scan_bigbench(wanted: dict[str, Path]) -> list[str]:
-    """Stream the sdist, writing the task.json of each ``wanted`` task to its path.
-
-    Stops once all wanted tasks are written; a full pass also caches the list of task names.
-    """
-    names: list[str] = []
-    with tarfile.open(_bigbench_sdist(), "r|gz") as archive:
-        for member in archive:
-            if not (member.name.startswith(_BIGBENCH_TASKS) and member.name.endswith("/task.json")):
-                continue
-            task = member.name[len(_BIGBENCH_TASKS):-len("/task.json")]
-            names.append(task)
-            if task in wanted:
-                data = archive.extractfile(member).read()
-                _atomic_write(wanted.pop(task), data)
-                if not wanted:
-                    return names
-    _atomic_write(cache_dir("tasks", "bigbench") / "index.json", json.dumps(sorted(names)).encode())
-    return names
 
 
 def _bigbench_sdist() -> Path:

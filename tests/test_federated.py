@@ -68,7 +68,8 @@ def test_offsite_run_sends_the_emulator_once_and_only_the_adapter_each_round(tin
             assert client["num-examples"] > 0 and client["train-steps"] == 2
     delivery = json.loads((tmp_path / "run" / "delivery.json").read_text())
     assert delivery["package_bytes"] > 3 * adapter_bytes
-    assert set(delivery["bytes_per_node"].values()) == {delivery["package_bytes"]}
+    (first,) = delivery["deliveries"]
+    assert set(first["bytes_per_node"].values()) == {delivery["package_bytes"]}
     # Round 0 is the zero-shot full model and emulator; training moved the adapter.
     assert not torch.equal(adapter[sorted(adapter)[0]], _initial(tmp_path / "run")[sorted(adapter)[0]])
 
@@ -98,6 +99,8 @@ def test_resume_continues_from_the_last_round_and_matches_an_uninterrupted_run(t
         run(resumed, num_nodes=2, fault=crash_in_round(3))
     grid = run(resumed, num_nodes=2)
     assert of_type(grid, "query.model") == []  # nodes kept the emulator on disk
+    deliveries = json.loads((tmp_path / "resumed" / "delivery.json").read_text())["deliveries"]
+    assert len(deliveries) == 2 and set(deliveries[1]["bytes_per_node"].values()) == {0}  # both starts on record
     assert {m.content["config"]["round"] for m in of_type(grid, "train")} == {3}
 
     a, _ = load_adapter(tmp_path / "straight" / "adapter.safetensors")

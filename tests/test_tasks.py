@@ -71,6 +71,16 @@ def test_bigbench_task_loads_from_cached_json_with_seeded_split(cache: Path) -> 
     assert load_task("bigbench:toy/sub", seed=7).test != data.test
 
 
+def test_bigbench_group_of_subtasks_names_them(cache: Path) -> None:
+    folder = cache_dir("tasks", "bigbench")
+    (folder / "group.json").write_text(json.dumps({"name": "group"}))
+    (folder / "index.json").write_text(json.dumps(["group", "group/a", "group/b", "other"]))
+    with pytest.raises(ValueError, match="bigbench:group/a, bigbench:group/b$"):
+        load_task("bigbench:group")
+    with pytest.raises(ValueError, match=r"closest: \['group', "):
+        load_task("bigbench:grup")
+
+
 def test_unknown_task_format_lists_formats() -> None:
     with pytest.raises(ValueError, match="bigbench:<task folder>"):
         load_task("glue:sst2")
@@ -166,6 +176,12 @@ def test_hub_task_splits(monkeypatch: pytest.MonkeyPatch) -> None:
     piqa = load_task("hf:piqa")  # lm-eval tests piqa on validation: validation is held out of train
     assert (len(piqa.train), len(piqa.validation), len(piqa.test)) == (45, 5, 8)
     assert not {ex.context for ex in piqa.validation} & {ex.context for ex in piqa.train}
+
+
+def test_wikitext_corpus_is_one_text_per_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = {"test": {"text": [" = Title = \n", "", " Some words .\n"]}}
+    monkeypatch.setattr("datasets.load_dataset", lambda path, config: fake)
+    assert load_text_corpus("hf:wikitext", "test") == [" = Title = \n Some words .\n"]
 
 
 def test_hub_unreachable_suggests_offline_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
