@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import logging
 
+PROJECT_LOGGERS = ("fl_offsite", "strategies")
+
 
 def log_to_console() -> None:
-    """Show fl_offsite's INFO logs in processes Flower starts (they configure only Flower's logger)."""
-    logger = logging.getLogger("fl_offsite")
-    if not logger.handlers:
+    """Show the project's INFO logs in processes Flower starts (they configure only Flower's logger)."""
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.handlers:
+            continue
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
