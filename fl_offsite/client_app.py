@@ -12,7 +12,8 @@ from fl_offsite.config import validate
 from fl_offsite.delivery import node_store
 from fl_offsite.errors import UserError
 from fl_offsite.logs import log_to_console
-from fl_offsite.models import load_model
+from fl_offsite.lora import LoraSpec, add_lora, lora_blocks
+from fl_offsite.models import load_model, load_tokenizer
 from fl_offsite.payload import get_payload, payload_names, set_payload
 from fl_offsite.split import SplitPlan
 from fl_offsite.train import TrainSettings, train_local
@@ -45,8 +46,9 @@ def train(msg: Message, context: Context) -> Message:
     digest = round_config["digest"]
     if not store.has(digest):
         raise UserError(f"node {context.node_id} has no model {digest}: it must be delivered before training")
-    model, tokenizer = _cached_model(str(store.folder(digest)))
     plan = SplitPlan.from_json(json.loads(round_config["split-plan"])) if round_config["split-plan"] else None
+    lora = LoraSpec.from_config(config) if config["method"].endswith("-lora") else None
+    model, tokenizer = _cached_model(str(store.folder(digest)), lora, round_config["split-plan"], config["seed"])
     names = payload_names(model, plan)
     set_payload(model, msg.content["arrays"].to_torch_state_dict(), names)
 
@@ -80,9 +82,13 @@ def _partition(context: Context, config: dict) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=1)
-def _cached_model(folder: str):
-    """The delivered model, loaded once per process (Ray actors serve many rounds and nodes)."""
-    return load_model(folder)
+def _cached_model(folder: str, lora: LoraSpec | None = None, plan_json: str = "", seed: int = 0):
+    """The delivered model (with LoRA when asked), loaded once per process (Ray actors serve many rounds)."""
+    model, tokenizer = load_model(folder)
+    if lora is not None:
+        plan = SplitPlan.from_json(json.loads(plan_json)) if plan_json else None
+        model = add_lora(model, lora, lora_blocks(model, plan), seed=seed)
+    return model, tokenizer
 
 
 @lru_cache(maxsize=8)
@@ -97,7 +103,7 @@ def _features(task: str, seed: int, partitioner: str, alpha: float, num_partitio
     indices = partition_indices([ex.label for ex in train], num_partitions, partition_id, partitioner, alpha, seed)
     if not indices:
         raise UserError(f"partition {partition_id} of {num_partitions} is empty: use fewer clients")
-    tokenizer = _cached_model(tokenizer_folder)[1]
+    tokenizer = load_tokenizer(tokenizer_folder)
     return [encode_choice_example(tokenizer, train[i], max_length) for i in indices]
 
 

@@ -95,18 +95,19 @@ def write_report(out: Path, methods: list[str]) -> Path:
 
 
 def accuracy_rows(runs: dict[str, dict]) -> list[tuple[str, dict]]:
-    """The paper's rows: zero-shot full and emulator, FedAvg full FT, OT emulator, OT plug-in."""
-    rows = []
-    first = runs.get("offsite") or next(iter(runs.values()))
-    zero = first["rounds"][0]
-    rows.append(("Full zero-shot", zero.get("plugin") or zero.get("full")))
+    """The paper's rows: zero-shot full and emulator, FedAvg baselines, offsite emulator and plug-in."""
+    zero = next((r for r in runs.values() if "emulator" in r["rounds"][0]), next(iter(runs.values())))["rounds"][0]
+    rows = [("Full zero-shot", zero.get("plugin") or zero.get("full"))]
     if "emulator" in zero:
         rows.append(("Emulator zero-shot", zero["emulator"]))
-    if BASELINE in runs:
-        rows.append(("FedAvg full fine-tuning", runs[BASELINE]["rounds"][-1]["full"]))
-    if "offsite" in runs:
-        rows.append(("Offsite emulator (emulator + adapter)", runs["offsite"]["rounds"][-1]["emulator"]))
-        rows.append(("Offsite plug-in (full model + adapter)", runs["offsite"]["rounds"][-1]["plugin"]))
+    for method, label in (("fedavg-full", "FedAvg full fine-tuning"), ("fedavg-lora", "FedAvg LoRA (full model)")):
+        if method in runs:
+            rows.append((label, runs[method]["rounds"][-1]["full"]))
+    for method, label in (("offsite", "Offsite"), ("offsite-lora", "Offsite + LoRA")):
+        if method in runs:
+            final = runs[method]["rounds"][-1]
+            rows.append((f"{label} emulator (emulator + adapter)", final["emulator"]))
+            rows.append((f"{label} plug-in (full model + adapter)", final["plugin"]))
     return rows
 
 

@@ -18,12 +18,15 @@ Value = bool | int | float | str
 DEFAULTS: dict[str, Value] = {
     "model": "smollm2-135m",  # local folder, hub id, or offline alias
     "task": "bbc-news",  # see fl_offsite.tasks
-    "method": "offsite",
+    "method": "offsite",  # offsite | offsite-lora | fedavg-full | fedavg-lora
     "num-rounds": 3,
     "seed": 1234,
     "split.adapter-layers": "2,2",  # bottom,top blocks of the adapter
     "split.emulator-layers": 8,  # middle blocks the emulator keeps (k)
     "split.drop-ratio": 0.0,  # when > 0, replaces emulator-layers
+    "lora.r": 4,  # LoRA of the -lora methods (paper: r 4, alpha 32, dropout 0.1)
+    "lora.alpha": 32,
+    "lora.dropout": 0.1,
     "strategy.name": "fedavg",
     "strategy.fraction-train": 1.0,
     "strategy.min-train-nodes": 2,
@@ -54,7 +57,7 @@ DEFAULTS: dict[str, Value] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": ("offsite", "fedavg-full"),
+    "method": ("offsite", "offsite-lora", "fedavg-full", "fedavg-lora"),
     "strategy.name": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
                       "fedtrimmedavg", "krum"),
     "train.lr-schedule": ("constant", "cosine", "linear"),

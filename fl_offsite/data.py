@@ -12,14 +12,21 @@ from fl_offsite.tasks import ChoiceExample
 IGNORE_INDEX = -100
 
 
+def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """``[BOS]`` when the tokenizer starts every text with it by default (Llama 2, Gemma, OPT), else ``[]``."""
+    first = tokenizer.encode("a")[:1]
+    return first if tokenizer.bos_token_id is not None and first == [tokenizer.bos_token_id] else []
+
+
 def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str,
                 continuation: str) -> tuple[list[int], list[int]]:
     """Context and continuation token ids, tokenized as lm-eval-harness does.
 
     Trailing whitespace of the context moves to the continuation; the continuation's tokens
     are those of ``context + continuation`` past the context's own tokens, so merges across
-    the boundary fall in the continuation. No special tokens are added, except that an empty
-    context becomes the BOS (or EOS) token, so the first answer token has something to follow.
+    the boundary fall in the continuation. The context starts with the model's BOS when its
+    tokenizer adds one by default (:func:`bos_prefix`); an empty context becomes BOS (or EOS)
+    regardless, so the first answer token has something to follow.
     """
     spaces = len(context) - len(context.rstrip())
     if spaces:
@@ -27,6 +34,7 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str,
     whole = tokenizer.encode(context + continuation, add_special_tokens=False)
     context_ids = tokenizer.encode(context, add_special_tokens=False)
     continuation_ids = whole[len(context_ids):]
+    context_ids = bos_prefix(tokenizer) + context_ids
     if not context_ids:
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         context_ids = [prefix]
@@ -60,14 +68,15 @@ def encode_choice_example(tokenizer: PreTrainedTokenizerBase, ex: ChoiceExample,
 def lm_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], block_size: int) -> list[dict[str, list[int]]]:
     """Plain language-modelling blocks: texts joined with EOS, cut into ``block_size`` tokens.
 
-    The last block keeps the remainder (shorter; ``collate`` pads it) unless it has a single token.
+    Each text starts with BOS when the tokenizer adds one by default (:func:`bos_prefix`). The
+    last block keeps the remainder (shorter; ``collate`` pads it) unless it has a single token.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token to separate texts")
+    bos = bos_prefix(tokenizer)
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer.encode(text, add_special_tokens=False))
-        ids.append(tokenizer.eos_token_id)
+        ids += bos + tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
     blocks = [ids[i:i + block_size] for i in range(0, len(ids), block_size)]
     return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) > 1]
 

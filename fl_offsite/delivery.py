@@ -62,7 +62,7 @@ def deliver(grid, package: ModelPackage, node_ids: list[int], timeout: float) ->
     if needs:
         content = RecordDict({"model": ConfigRecord({"digest": package.digest}), "weights": package.weights,
                               "files": package.files})
-        log.info("Sending the emulator (%.1f MB) to %d node(s); %d have it cached",
+        log.info("Sending the model (%.1f MB) to %d node(s); %d have it cached",
                  package.nbytes / 1e6, len(needs), len(node_ids) - len(needs))
         replies = grid.send_and_receive(
             [Message(content=content, message_type=MODEL_QUERY, dst_node_id=n) for n in needs], timeout=timeout)

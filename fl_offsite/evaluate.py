@@ -83,11 +83,6 @@ def _groups(items: Sequence[_Item], batch_size: int) -> Iterator[list[_Item]]:
         yield group
 
 
-def _cache_name(model: nn.Module) -> str:
-    """The key/value cache's argument name: ``cache`` from transformers 5.x, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _score_group(model: nn.Module, group: Sequence[_Item], pad_id: int, device: torch.device,
                  keep_logits: bool) -> list[list[float]]:
     """Log-likelihoods of every choice of ``group``: one context pass, then one continuation pass."""
@@ -102,8 +97,9 @@ def _score_group(model: nn.Module, group: Sequence[_Item], pad_id: int, device: 
     scores = [first[g, [cont[0] for cont in it.choices]].tolist() for g, it in enumerate(group)]
     if not rows:
         return scores
-    # one copy of its example's context cache per multi-token choice, then the choice's tokens but the last
-    cache_name = _cache_name(model)
+    # one copy of its example's context cache per multi-token choice, then the choice's tokens but the last;
+    # the cache goes back under the name it came out with ("cache" in transformers 5, "past_key_values" in 4)
+    cache_name = "cache" if "cache" in out else "past_key_values"
     cache = out[cache_name]
     index = torch.tensor([g for g, _ in rows], device=device)
     cache.batch_select_indices(index)

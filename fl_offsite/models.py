@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +56,11 @@ def load_model(
             f"and the Hugging Face hub did not provide it ({err.__class__.__name__}: {str(err).splitlines()[0]})"
         ) from err
     model.eval()
-    return model, (_load_tokenizer(path) if with_tokenizer else None)
+    return model, (load_tokenizer(path) if with_tokenizer else None)
 
 
-def _load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
+@lru_cache(maxsize=4)
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
     """The tokenizer stored with a model, or None when it has none."""
     try:
         return AutoTokenizer.from_pretrained(path)

@@ -9,8 +9,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from peft import PeftModel
+
 from fl_offsite.config import adapter_layers
+from fl_offsite.errors import UserError
 from fl_offsite.evaluate import evaluate_task
+from fl_offsite.lora import LoraSpec, add_lora, lora_blocks
 from fl_offsite.models import load_model, resolve_model_path
 from fl_offsite.payload import get_payload, payload_names, set_payload
 from fl_offsite.split import EMULATOR_DIR, SplitPlan, build_emulator, extract_adapter, plan_split, write_split
@@ -35,20 +39,26 @@ class ModelOwner:
     def prepare(cls, config: dict, run_dir: Path) -> ModelOwner:
         model, tokenizer = load_model(config["model"])
         if tokenizer is None:
-            raise ValueError(f"{config['model']} has no tokenizer; clients need one to read their data")
+            raise UserError(f"{config['model']} has no tokenizer; clients need one to read their data")
         task = load_task(config["task"], seed=config["seed"])
-        if config["method"] == "fedavg-full":
-            return cls(config, model, tokenizer, None, None, _model_folder(config["model"], model, tokenizer, run_dir),
-                       task)
-        drop = config["split.drop-ratio"]
-        plan = plan_split(model, *adapter_layers(config), emulator_layers=None if drop > 0 else
-                          config["split.emulator-layers"], drop_ratio=drop if drop > 0 else None)
-        emulator = build_emulator(model, plan)
-        split_dir = write_split(run_dir / "split", emulator, extract_adapter(model, plan), plan, tokenizer,
-                                record={"source_model": config["model"]})
-        log.info("Split %s of %s: adapter blocks %s, emulator keeps %s", plan.name, config["model"],
-                 list(plan.adapter_layers), list(plan.kept_layers))
-        return cls(config, model, tokenizer, plan, emulator, split_dir / EMULATOR_DIR, task)
+        if config["method"].startswith("fedavg"):
+            plan, emulator = None, None
+            base_folder = _model_folder(config["model"], model, tokenizer, run_dir)
+        else:
+            drop = config["split.drop-ratio"]
+            plan = plan_split(model, *adapter_layers(config), emulator_layers=None if drop > 0 else
+                              config["split.emulator-layers"], drop_ratio=drop if drop > 0 else None)
+            emulator = build_emulator(model, plan)
+            split_dir = write_split(run_dir / "split", emulator, extract_adapter(model, plan), plan, tokenizer,
+                                    record={"source_model": config["model"]})
+            base_folder = split_dir / EMULATOR_DIR
+            log.info("Split %s of %s: adapter blocks %s, emulator keeps %s", plan.name, config["model"],
+                     list(plan.adapter_layers), list(plan.kept_layers))
+        if config["method"].endswith("-lora"):
+            spec = LoraSpec.from_config(config)
+            model = add_lora(model, spec, lora_blocks(model, plan), seed=config["seed"])
+            emulator = emulator and add_lora(emulator, spec, lora_blocks(emulator, plan), seed=config["seed"])
+        return cls(config, model, tokenizer, plan, emulator, base_folder, task)
 
     def initial_payload(self) -> dict[str, torch.Tensor]:
         return get_payload(self.model, payload_names(self.model, self.plan))
@@ -56,7 +66,7 @@ class ModelOwner:
     def evaluate(self, payload: dict[str, torch.Tensor]) -> dict[str, dict]:
         """Plug ``payload`` in and score the held-out test split: plug-in (full) and emulator models."""
         limit, batch = self.config["eval.limit"], self.config["eval.batch-size"]
-        models = {"plugin": self.model} if self.plan else {"full": self.model}
+        models = {"plugin": self.model} if self.emulator is not None else {"full": self.model}
         if self.emulator is not None:
             models["emulator"] = self.emulator
         results = {}
@@ -68,6 +78,17 @@ class ModelOwner:
             log.info("plug-in acc %.3f | emulator acc %.3f | gap %+.3f", results["plugin"]["acc"],
                      results["emulator"]["acc"], results["emulator"]["acc"] - results["plugin"]["acc"])
         return results
+
+
+def final_weights(owner: ModelOwner, payload: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+    """The file name and tensors to keep at the end: the adapter (LoRA merged in) or the payload."""
+    if owner.plan is None:
+        return ("lora.safetensors" if isinstance(owner.model, PeftModel) else "model.safetensors"), payload
+    model = owner.model
+    set_payload(model, payload, payload_names(model, owner.plan))
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    return "adapter.safetensors", extract_adapter(model, owner.plan)
 
 
 def _model_folder(name: str, model: PreTrainedModel, tokenizer, run_dir: Path) -> Path:

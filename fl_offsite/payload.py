@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import torch
+from peft import PeftModel
 
+from fl_offsite.lora import lora_names
 from fl_offsite.split import SplitPlan, adapter_names, copy_by_name
 
 
 def payload_names(model: torch.nn.Module, plan: SplitPlan | None) -> dict[str, str]:
-    """Map travelling name -> name in ``model``: the adapter for offsite, all parameters without a plan."""
+    """Map travelling name -> name in ``model``: LoRA factors of a PEFT model, else the adapter
+    (with a plan) or every parameter (without)."""
+    if isinstance(model, PeftModel):
+        return lora_names(model, plan)
     if plan is not None:
         return adapter_names(model, plan)
     return {name: name for name, _ in model.named_parameters()}  # tied weights once

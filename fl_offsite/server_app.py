@@ -15,7 +15,7 @@ from fl_offsite.delivery import ModelPackage, deliver
 from fl_offsite.errors import UserError
 from fl_offsite.io import save_tensors
 from fl_offsite.logs import log_to_console
-from fl_offsite.owner import ModelOwner, lr_schedule
+from fl_offsite.owner import ModelOwner, final_weights, lr_schedule
 from fl_offsite.results import CHECKPOINT, DELIVERY, RunFolder
 from fl_offsite.split import save_adapter
 from strategies.aggregation import aggregation_strategy
@@ -65,11 +65,11 @@ def run_federated(grid: Grid, config: dict) -> Path:
         log.info("Resuming %s after round %d", run.root, done)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(payload), num_rounds=config["num-rounds"] - done,
                             timeout=config["strategy.round-timeout"], evaluate_fn=strategy.evaluate)
-    final = result.arrays.to_torch_state_dict()
+    name, final = final_weights(owner, result.arrays.to_torch_state_dict())
     if owner.plan:
-        save_adapter(run.root / "adapter.safetensors", final, owner.plan)
+        save_adapter(run.root / name, final, owner.plan)
     else:
-        save_tensors(run.root / "model.safetensors", final)
+        save_tensors(run.root / name, final)
     log.info("Results in %s", run.root)
     return run.root
 
@@ -81,7 +81,7 @@ def _essential(config: dict) -> dict:
 
 def _fresh(run: RunFolder) -> RunFolder:
     """Clear the records of an earlier run in the same folder."""
-    for name in ("metrics.jsonl", "adapter.safetensors", "model.safetensors", DELIVERY):
+    for name in ("metrics.jsonl", "adapter.safetensors", "model.safetensors", "lora.safetensors", DELIVERY):
         (run.root / name).unlink(missing_ok=True)
     shutil.rmtree(run.root / CHECKPOINT, ignore_errors=True)
     return run

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
 from fl_offsite.data import IGNORE_INDEX, collate, encode_choice_example, encode_pair, lm_blocks
@@ -25,6 +26,26 @@ def test_encode_pair_empty_context_starts_with_bos(tiny_tokenizer: PreTrainedTok
     context, answer = encode_pair(tiny_tokenizer, "", "sport")
     assert context == [tiny_tokenizer.bos_token_id]
     assert answer == tiny_tokenizer.encode("sport", add_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tiny_tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The tiny tokenizer with a distinct BOS it puts before every text, as Llama 2 / Gemma do."""
+    backend = Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+    backend.add_special_tokens(["<s>"])
+    bos_id = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>")
+
+
+def test_bos_is_added_only_where_the_tokenizer_adds_it(tiny_tokenizer: PreTrainedTokenizerFast,
+                                                      bos_tokenizer: PreTrainedTokenizerFast) -> None:
+    plain = encode_choice_example(tiny_tokenizer, EXAMPLE, max_length=128)
+    with_bos = encode_choice_example(bos_tokenizer, EXAMPLE, max_length=128)
+    assert with_bos["input_ids"] == [bos_tokenizer.bos_token_id] + plain["input_ids"]
+    assert with_bos["labels"] == [IGNORE_INDEX] + plain["labels"]
+    blocks = lm_blocks(bos_tokenizer, ["The band.", "The cup."], block_size=64)
+    assert blocks[0]["input_ids"].count(bos_tokenizer.bos_token_id) == 2
 
 
 def test_answer_masking(tiny_tokenizer: PreTrainedTokenizerFast) -> None:

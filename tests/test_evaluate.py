@@ -63,18 +63,19 @@ def test_metrics_match_hand_computation(tiny_llama: PreTrainedModel, tiny_tokeni
     assert metrics["examples_per_s"] > 0 and metrics["seconds"] > 0
 
 
-def test_long_contexts_are_cut_on_the_left(tiny_llama: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
-    ex = EXAMPLES[1]
-    got = choice_logliks(tiny_llama, tiny_tokenizer, [ex], progress=False, max_length=8)[0]
+def test_long_contexts_are_cut_on_the_left(tiny_llama: PreTrainedModel,
+                                           tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    ex, max_length = EXAMPLES[1], 8
+    got = choice_logliks(tiny_llama, tiny_tokenizer, [ex], progress=False, max_length=max_length)[0]
+    longest = max(len(encode_pair(tiny_tokenizer, ex.context, c)[1]) for c in ex.choices)
     for choice, score in zip(ex.choices, got):
-        context, answer = encode_pair(tiny_tokenizer, ex.context, " water and light")
-        longest = len(answer)  # the longest choice sets how much context is kept
         context, answer = encode_pair(tiny_tokenizer, ex.context, choice)
-        ids = context[-(8 + 1 - longest):] + answer
+        kept = context[-(max_length + 1 - longest):]  # the longest choice, but its last token, fits
+        assert len(kept) < len(context)
         with torch.no_grad():
-            logprobs = tiny_llama(torch.tensor([ids])).logits[0].log_softmax(-1)
-        start = len(ids) - len(answer)
-        assert score == pytest.approx(sum(logprobs[start - 1 + k, t].item() for k, t in enumerate(answer)), abs=1e-4)
+            logprobs = tiny_llama(torch.tensor([kept + answer])).logits[0].log_softmax(-1)
+        want = sum(logprobs[len(kept) - 1 + k, t].item() for k, t in enumerate(answer))
+        assert score == pytest.approx(want, abs=1e-4)
 
 
 def test_training_mode_is_restored(tiny_gpt2: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerFast) -> None:

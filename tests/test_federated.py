@@ -158,3 +158,29 @@ def test_bad_and_failed_clients_are_left_out_and_logged(tiny_lm_dir, tmp_path):
     assert problem["kind"] == "rejected" and "NaN" in problem["reason"]
     adapter, _ = load_adapter(tmp_path / "run" / "adapter.safetensors")
     assert all(torch.isfinite(t).all() for t in adapter.values())
+
+
+@pytest.mark.parametrize("method", ["offsite-lora", "fedavg-lora"])
+def test_lora_methods_send_only_lora_factors(tiny_lm_dir, tmp_path, method):
+    from fl_offsite.models import load_model
+    from fl_offsite.split import plan_split
+
+    config = tiny_config(tiny_lm_dir, tmp_path / method, method=method, **{"num-rounds": 1})
+    grid = run(config, num_nodes=2)
+    model, _ = load_model(str(tiny_lm_dir), with_tokenizer=False)
+    blocks = {0, 5} if method == "offsite-lora" else set(range(6))
+    for msg in of_type(grid, "train"):
+        keys = set(msg.content["arrays"].keys())
+        assert keys and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in keys)
+        assert {int(k.split(".")[2]) for k in keys} == blocks  # full-model block indices
+    record = rounds_of(tmp_path / method)[-1]
+    client = record["clients"][0]
+    assert client["trainable-params"] == sum(msg.content["arrays"][k].numpy().size
+                                             for msg in of_type(grid, "train")[:1] for k in msg.content["arrays"])
+    if method == "offsite-lora":  # the owner merged LoRA into the adapter it keeps
+        adapter, plan = load_adapter(tmp_path / method / "adapter.safetensors")
+        assert plan == plan_split(model, 1, 1, emulator_layers=2)
+        base = {k: v for k, v in model.state_dict().items() if k in adapter}
+        assert any(not torch.equal(adapter[k], base[k]) for k in adapter)
+    else:
+        assert (tmp_path / method / "lora.safetensors").is_file()

@@ -1,0 +1,71 @@
+"""LoRA (via PEFT) on chosen transformer blocks, and the names its weights travel under.
+
+LoRA factors travel keyed by the **full model's** module names (``<block prefix>.<full
+index>.<module>.lora_A.weight``), like adapters, so clients training inside the emulator
+and the owner's full model agree on them. FedAvg averages A and B separately (as
+FedAvg-LoRA and FlowerTune do): the average of products is not the product of averages,
+but the clients' factors start from the same global pair each round, so the two stay
+close for the few local steps of a round; the owner evaluates exactly the averaged pair.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers.pytorch_utils import Conv1D
+
+from fl_offsite.blocks import find_blocks
+from fl_offsite.split import SplitPlan
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 4
+    alpha: int = 32
+    dropout: float = 0.1
+
+    @classmethod
+    def from_config(cls, config: dict) -> LoraSpec:
+        return cls(r=config["lora.r"], alpha=config["lora.alpha"], dropout=config["lora.dropout"])
+
+
+def add_lora(model: torch.nn.Module, spec: LoraSpec, blocks: list[int], seed: int = 0) -> PeftModel:
+    """Wrap ``model`` with LoRA on every linear layer of the blocks at positions ``blocks``."""
+    prefix, block_list = find_blocks(model)
+    leaves = sorted({name for name, module in block_list[0].named_modules()
+                     if isinstance(module, (torch.nn.Linear, Conv1D))})
+    if not leaves:
+        raise ValueError(f"{type(model).__name__}'s blocks have no linear layers for LoRA")
+    pattern = (rf"{re.escape(prefix)}\.({'|'.join(str(b) for b in blocks)})\."
+               rf"({'|'.join(re.escape(leaf) for leaf in leaves)})")
+    torch.manual_seed(seed)  # the same initial factors on every call
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=pattern,
+                        fan_in_fan_out=any(isinstance(m, Conv1D) for m in block_list[0].modules()))
+    return get_peft_model(model, config)
+
+
+def lora_blocks(model: torch.nn.Module, plan: SplitPlan | None) -> list[int]:
+    """Block positions in ``model`` that get LoRA: the adapter's with a plan, else all."""
+    if plan is None:
+        return list(range(len(find_blocks(model)[1])))
+    positions = plan.positions(model)
+    return [positions[i] for i in plan.adapter_layers]
+
+
+def lora_names(model: PeftModel, plan: SplitPlan | None) -> dict[str, str]:
+    """Map travelling name (full-model module + ``lora_A.weight``) -> parameter name in ``model``."""
+    original = {pos: orig for orig, pos in plan.positions(model.base_model.model).items()} if plan else None
+    names = {}
+    for local, _ in model.named_parameters():
+        if ".lora_" not in local:
+            continue
+        name = local.removeprefix(PEFT_PREFIX).replace(".default.", ".")
+        if original is not None:
+            match = re.match(rf"({re.escape(plan.block_prefix)})\.(\d+)\.(.+)$", name)
+            name = f"{match.group(1)}.{original[int(match.group(2))]}.{match.group(3)}"
+        names[name] = local
+    return names
