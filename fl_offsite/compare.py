@@ -60,7 +60,7 @@ def summarize(run_dir: Path) -> dict:
     config = run.read_config()
     clients = [c for r in rounds[1:] for c in r["clients"]]
     mean = lambda key: sum(c[key] for c in clients) / len(clients)
-    one_time = run.delivered_bytes() / config["data.num-partitions"]
+    one_time = run.package_bytes()  # what a new client downloads once (cached nodes were sent nothing)
     per_round = [sum(c["bytes_down"] + c["bytes_up"] for c in r["clients"]) / len(r["clients"]) for r in rounds[1:]]
     return {
         "config": config,
@@ -68,6 +68,7 @@ def summarize(run_dir: Path) -> dict:
         "bytes_down_per_client_round": mean("bytes_down"),
         "bytes_up_per_client_round": mean("bytes_up"),
         "one_time_bytes_per_client": one_time,
+        "one_time_bytes_sent": run.delivered_bytes(),
         "cumulative_bytes_per_client": _cumulative(one_time, per_round),
         "client_peak_memory_mb": max(c["peak-memory-mb"] for c in clients),
         "client_train_seconds_per_round": mean("train-seconds"),
@@ -136,13 +137,15 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
           ratio(r, "client_peak_memory_mb"), ratio(r, "client_train_seconds_per_round")]
          for m, r in runs.items()]), "",
         "Peak memory is the client process's peak RSS on CPU (the allocator's peak on GPU); "
-        "bytes are the Flower records' own byte counts.", ""]
+        "bytes are the Flower records' own byte counts; one-time MB is the model each new client downloads "
+        "once (the emulator for offsite), counted apart from the rounds.", ""]
     lines += [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 
 
 def _plots(out: Path, runs: dict[str, dict]) -> list[str]:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -156,6 +159,7 @@ def _plots(out: Path, runs: dict[str, dict]) -> list[str]:
         left.plot(rounds, acc, marker="o", label=label)
         right.plot([b / 1e6 for b in run["cumulative_bytes_per_client"]], acc, marker="o", label=label)
     left.set(xlabel="round", ylabel="test accuracy", title="Accuracy by round")
+    left.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     right.set(xlabel="MB communicated per client (incl. one-time download)", ylabel="test accuracy",
               title="Accuracy by communication", xscale="log")
     for axis in (left, right):

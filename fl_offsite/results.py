@@ -63,6 +63,11 @@ class RunFolder:
                                                                              bytes_per_node.items()}})
         write_json(path, record)
 
+    def package_bytes(self) -> int:
+        """Size of the model delivered once to each new node."""
+        path = self.root / DELIVERY
+        return json.loads(path.read_text())["package_bytes"] if path.is_file() else 0
+
     def delivered_bytes(self) -> int:
         """All bytes of one-time model deliveries over the run's (re)starts."""
         path = self.root / DELIVERY
