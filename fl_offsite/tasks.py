@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from fl_offsite.assets import cache_dir, pypi_distribution
 from fl_offsite.errors import UserError
+from fl_offsite.io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ def _bigbench_task_json(task: str) -> dict[str, Any]:
             raise UserError(f"unknown BIG-bench task {task!r} (closest: {close}); {BIGBENCH_HINT}")
         with tarfile.open(_bigbench_sdist(), "r|gz") as archive:
             member = next(m for m in archive if m.name == f"{_BIGBENCH_TASKS}{task}/task.json")
-            _atomic_write(cached, archive.extractfile(member).read())
+            write_atomic(cached, archive.extractfile(member).read())
     return json.loads(cached.read_text(encoding="utf-8"))
 
 
@@ -240,7 +241,7 @@ def bigbench_task_names() -> list[str]:
         with tarfile.open(_bigbench_sdist(), "r|gz") as archive:
             names = sorted(m.name[len(_BIGBENCH_TASKS):-len("/task.json")] for m in archive
                            if m.name.startswith(_BIGBENCH_TASKS) and m.name.endswith("/task.json"))
-        _atomic_write(index, json.dumps(names).encode())
+        write_atomic(index, json.dumps(names).encode())
     return json.loads(index.read_text(encoding="utf-8"))
 
 
@@ -275,13 +276,6 @@ def _bigbench_sdist() -> Path:
     os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, path)
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
-        tmp.write(data)
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, path)
 
 
 # --- Hugging Face hub tasks (lm-eval-harness formats) -----------------------------------
