@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fl_offsite.data import collate
+from fl_offsite.data import IGNORE_INDEX, collate
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def train_local(
             first = (step * settings.grad_accum + micro) * settings.batch_size
             batch = collate([features[i] for i in order[first:first + settings.batch_size]], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss / settings.grad_accum
+            loss = answer_loss(model, batch) / settings.grad_accum
             if anchors is not None:
                 loss = loss + settings.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
             loss.backward()
@@ -114,6 +114,18 @@ def train_local(
         loss=sum(losses) / len(losses), steps=steps, examples=len(order), tokens=tokens, seconds=seconds,
         tokens_per_s=tokens / seconds, peak_memory_mb=peak_memory_mb(device),
         trainable_params=sum(p.numel() for p in params))
+
+
+def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens (the answers).
+
+    The LM head runs only at the positions where some row has a label: for short answers
+    after long prompts that skips most of its (large-vocabulary) work, forward and backward.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE_INDEX).any(0).nonzero()[:, 0]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return nn.functional.cross_entropy(logits.float().transpose(1, 2), targets[:, keep], ignore_index=IGNORE_INDEX)
 
 
 def _example_order(num_examples: int, needed: int, seed: int) -> list[int]:

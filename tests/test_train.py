@@ -1,0 +1,40 @@
+"""Local training: the answer-only loss, and only the trainable tensors move."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fl_offsite.data import collate, encode_choice_example
+from fl_offsite.split import adapter_names, extract_adapter, plan_split
+from fl_offsite.tasks import ChoiceExample
+from fl_offsite.train import TrainSettings, answer_loss, train_local
+
+EXAMPLES = [ChoiceExample("Article: The striker scored twice.\nTopic:", [" sport", " tech"], 0),
+            ChoiceExample("Article: The phone maker showed a faster chip and new software.\nTopic:",
+                          [" sport", " tech"], 1)]
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2", "tiny_opt"])
+def test_answer_loss_equals_the_models_own_loss(name, request, tiny_tokenizer):
+    model = request.getfixturevalue(name)
+    batch = collate([encode_choice_example(tiny_tokenizer, ex, 64) for ex in EXAMPLES], tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(answer_loss(model, batch), model(**batch).loss, atol=1e-5)
+
+
+def test_train_local_moves_only_the_adapter(tiny_tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config)
+    plan = plan_split(model, 1, 1, emulator_layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    features = [encode_choice_example(tiny_tokenizer, ex, 64) for ex in EXAMPLES]
+    stats = train_local(model, set(adapter_names(model, plan).values()), features,
+                        TrainSettings(lr=1e-2, batch_size=2, local_steps=3), tiny_tokenizer.pad_token_id)
+    assert stats.steps == 3 and stats.examples == 6 and stats.trainable_params > 0
+    adapter = extract_adapter(model, plan)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]) != (key in adapter), key
