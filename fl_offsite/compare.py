@@ -40,12 +40,16 @@ def run_compare(methods: list[str], num_clients: int, out: Path, config: dict, c
     for method in methods:
         run_config = {**config, "method": method, "results.dir": str(out / method),
                       "data.num-partitions": num_clients}
-        if finished(out / method, config["num-rounds"]):
+        if finished(out / method, rounds_of(method, config)):
             log.info("%s: already finished, not rerun (%s)", method, out / method)
             continue
         log.info("%s: running %d rounds with %d clients", method, config["num-rounds"], num_clients)
         run_simulation_app(app_dir(), run_config, num_supernodes=num_clients, cpus_per_client=cpus_per_client)
     return write_report(out, methods)
+
+
+def rounds_of(method: str, config: dict) -> int:
+    return 0 if method == "zero-shot" else config["num-rounds"]
 
 
 def finished(run_dir: Path, num_rounds: int) -> bool:
@@ -58,13 +62,16 @@ def summarize(run_dir: Path) -> dict:
     run = RunFolder(run_dir)
     rounds = run.rounds()
     config = run.read_config()
+    evaluations = [{"round": r["round"], **{m: r["eval"][m] for m in r["eval"]}} for r in rounds]
     clients = [c for r in rounds[1:] for c in r["clients"]]
+    if not clients:  # zero-shot: nothing trained, nothing sent
+        return {"config": config, "rounds": evaluations}
     mean = lambda key: sum(c[key] for c in clients) / len(clients)
     one_time = run.package_bytes()  # what a new client downloads once (cached nodes were sent nothing)
     per_round = [sum(c["bytes_down"] + c["bytes_up"] for c in r["clients"]) / len(r["clients"]) for r in rounds[1:]]
     return {
         "config": config,
-        "rounds": [{"round": r["round"], **{m: r["eval"][m] for m in r["eval"]}} for r in rounds],
+        "rounds": evaluations,
         "bytes_down_per_client_round": mean("bytes_down"),
         "bytes_up_per_client_round": mean("bytes_up"),
         "one_time_bytes_per_client": one_time,
@@ -88,7 +95,7 @@ def _cumulative(one_time: float, per_round: list[float]) -> list[float]:
 
 def write_report(out: Path, methods: list[str]) -> Path:
     """``report.json``, ``report.md`` and PNG plots from the methods' results folders."""
-    runs = {m: summarize(out / m) for m in methods if finished(out / m, 1)}
+    runs = {m: summarize(out / m) for m in methods if finished(out / m, 0)}
     write_json(out / "report.json", runs)
     plots = _plots(out, runs)
     write_atomic(out / "report.md", _markdown(runs, plots))
@@ -125,7 +132,8 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
              markdown_table(["setting", "acc", "acc_norm"], [
                  [name, f"{m['acc']:.3f} ± {m['acc_stderr']:.3f}", f"{m['acc_norm']:.3f}"]
                  for name, m in accuracy_rows(runs)]), ""]
-    base = runs.get(BASELINE)
+    trained = {m: r for m, r in runs.items() if "client_peak_memory_mb" in r}
+    base = trained.get(BASELINE)
     ratio = lambda run, key: f"{run[key] / base[key]:.3f}" if base else "-"
     lines += ["## Cost per client", "", markdown_table(
         ["method", "MB down/round", "MB up/round", "one-time MB", "peak MB", "train s/round", "tokens/s",
@@ -135,7 +143,7 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
           f"{r['client_train_seconds_per_round']:.1f}", f"{r['client_tokens_per_s']:.0f}",
           f"{r['trainable_params']:,}", ratio(r, "bytes_down_per_client_round"),
           ratio(r, "client_peak_memory_mb"), ratio(r, "client_train_seconds_per_round")]
-         for m, r in runs.items()]), "",
+         for m, r in trained.items()]), "",
         "Peak memory is the client process's peak RSS on CPU (the allocator's peak on GPU); "
         "bytes are the Flower records' own byte counts; one-time MB is the model each new client downloads "
         "once (the emulator for offsite), counted apart from the rounds.", ""]
@@ -157,7 +165,8 @@ def _plots(out: Path, runs: dict[str, dict]) -> list[str]:
         rounds = [r["round"] for r in run["rounds"]]
         acc = [r[model]["acc"] for r in run["rounds"]]
         left.plot(rounds, acc, marker="o", label=label)
-        right.plot([b / 1e6 for b in run["cumulative_bytes_per_client"]], acc, marker="o", label=label)
+        if "cumulative_bytes_per_client" in run:
+            right.plot([b / 1e6 for b in run["cumulative_bytes_per_client"]], acc, marker="o", label=label)
     left.set(xlabel="round", ylabel="test accuracy", title="Accuracy by round")
     left.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     right.set(xlabel="MB communicated per client (incl. one-time download)", ylabel="test accuracy",
@@ -169,7 +178,7 @@ def _plots(out: Path, runs: dict[str, dict]) -> list[str]:
     _save(fig, out / "accuracy.png")
 
     fig, (mem, time_) = plt.subplots(1, 2, figsize=(9, 3.5))
-    names = list(runs)
+    names = [m for m in runs if "client_peak_memory_mb" in runs[m]]
     mem.bar(names, [runs[m]["client_peak_memory_mb"] for m in names], color="tab:blue")
     mem.set(ylabel="MB", title="Client peak memory")
     time_.bar(names, [runs[m]["client_train_seconds_per_round"] for m in names], color="tab:orange")

@@ -18,7 +18,7 @@ Value = bool | int | float | str
 DEFAULTS: dict[str, Value] = {
     "model": "smollm2-135m",  # local folder, hub id, or offline alias
     "task": "bbc-news",  # see fl_offsite.tasks
-    "method": "offsite",  # offsite | offsite-lora | fedavg-full | fedavg-lora
+    "method": "offsite",  # offsite | offsite-lora | fedavg-full | fedavg-lora | zero-shot
     "num-rounds": 3,
     "seed": 1234,
     "split.adapter-layers": "2,2",  # bottom,top blocks of the adapter
@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Value] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": ("offsite", "offsite-lora", "fedavg-full", "fedavg-lora"),
+    "method": ("offsite", "offsite-lora", "fedavg-full", "fedavg-lora", "zero-shot"),
     "strategy.name": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
                       "fedtrimmedavg", "krum"),
     "train.lr-schedule": ("constant", "cosine", "linear"),

@@ -45,6 +45,9 @@ def run_federated(grid: Grid, config: dict) -> Path:
     owner = ModelOwner.prepare(config, run.root)
     payload = checkpoint.payload if checkpoint else owner.initial_payload()
     done = checkpoint.round if checkpoint else 0
+    if config["method"] == "zero-shot":  # no training: the full model and the emulator, evaluated
+        run.append_round({"round": 0, "eval": owner.evaluate(payload)})
+        return run.root
     if done >= config["num-rounds"]:
         log.info("%s already finished %d rounds", run.root, done)
         return run.root

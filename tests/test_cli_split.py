@@ -74,3 +74,19 @@ def test_split_of_the_offline_model(tmp_path):
     full_ppl = perplexity(full, tokenizer, texts, block_size=128)["ppl"]
     emulator_ppl = perplexity(emulator, tokenizer, texts, block_size=128)["ppl"]
     assert full_ppl < 100 < emulator_ppl
+
+
+def test_eval_command_writes_json(tmp_path, tiny_tokenizer, capsys):
+    from tiny_models import save_tiny_lm
+
+    folder = save_tiny_lm(tmp_path / "tiny", tiny_tokenizer)
+    out = tmp_path / "split"
+    assert main(["split", str(folder), "--adapter-layers", "1,1", "--emulator-layers", "2", "--out", str(out)]) == 0
+    for model, extra in ((str(folder), []), (str(out / "emulator"), ["--adapter", str(out / ADAPTER_FILE)])):
+        assert main(["eval", model, "--task", "bbc-news", "--limit", "4", "--json", str(tmp_path / "r.json"), *extra]) == 0
+        result = json.loads((tmp_path / "r.json").read_text())
+        assert result["task"] == "bbc-news" and result["n"] == 4
+        assert 0.0 <= result["acc"] <= 1.0 and 0.0 <= result["acc_norm"] <= 1.0
+    assert "acc_norm" in capsys.readouterr().out
+    assert main(["eval", str(folder), "--task", "nope"]) == 2
+    assert "unknown task" in capsys.readouterr().err

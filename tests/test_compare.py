@@ -13,9 +13,9 @@ from test_federated import private_cache, run, tiny_config, tiny_lm_dir  # noqa:
 
 def test_report_of_offsite_and_fedavg_full(tiny_lm_dir, tmp_path):
     out = tmp_path / "compare"
-    for method in ("offsite", "fedavg-full"):
+    for method in ("zero-shot", "offsite", "fedavg-full"):
         run(tiny_config(tiny_lm_dir, out / method, method=method, **{"data.num-partitions": 2}), num_nodes=2)
-    report = write_report(out, ["offsite", "fedavg-full"])
+    report = write_report(out, ["zero-shot", "offsite", "fedavg-full"])
 
     data = json.loads((out / "report.json").read_text())
     for method in ("offsite", "fedavg-full"):
@@ -25,6 +25,10 @@ def test_report_of_offsite_and_fedavg_full(tiny_lm_dir, tmp_path):
         assert summary["client_peak_memory_mb"] == max(c["peak-memory-mb"] for c in clients)
         assert summary["bytes_up_per_client_round"] == sum(c["bytes_up"] for c in clients) / len(clients)
         assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert [r["round"] for r in data["zero-shot"]["rounds"]] == [0]  # evaluated, never trained
+    zero_shot, offsite_round0 = data["zero-shot"]["rounds"][0], RunFolder(out / "offsite").rounds()[0]["eval"]
+    assert [zero_shot[m]["acc"] for m in ("plugin", "emulator")] == [offsite_round0[m]["acc"] for m in
+                                                                     ("plugin", "emulator")]
     offsite, full = data["offsite"], data["fedavg-full"]
     assert offsite["bytes_up_per_client_round"] < full["bytes_up_per_client_round"]
     assert offsite["trainable_params"] < full["trainable_params"]

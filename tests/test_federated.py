@@ -184,3 +184,19 @@ def test_lora_methods_send_only_lora_factors(tiny_lm_dir, tmp_path, method):
         assert any(not torch.equal(adapter[k], base[k]) for k in adapter)
     else:
         assert (tmp_path / method / "lora.safetensors").is_file()
+
+
+def test_every_configured_strategy_builds():
+    from fl_offsite.config import CHOICES
+    from strategies.aggregation import aggregation_strategy
+
+    for name in CHOICES["strategy.name"]:
+        strategy = aggregation_strategy(validate({"strategy.name": name}))
+        assert strategy.fraction_evaluate == 0.0  # the owner evaluates, not the clients
+
+
+def test_a_stateful_strategy_runs_and_sends_its_settings(tiny_lm_dir, tmp_path):
+    config = tiny_config(tiny_lm_dir, tmp_path / "prox", **{"num-rounds": 1, "strategy.name": "fedprox"})
+    grid = run(config, num_nodes=2)
+    assert {m.content["config"]["proximal-mu"] for m in of_type(grid, "train")} == {0.01}
+    assert rounds_of(tmp_path / "prox")[-1]["problems"] == []
