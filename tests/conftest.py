@@ -63,3 +63,17 @@ def tiny_opt(tiny_tokenizer: PreTrainedTokenizerFast) -> transformers.PreTrained
     return _seeded(transformers.OPTConfig, vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
                    num_attention_heads=2, ffn_dim=64, max_position_embeddings=256, word_embed_proj_dim=32,
                    init_std=0.3)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved 6-block Llama with the tiny tokenizer: what the federated tests load by path."""
+    from tiny_models import save_tiny_lm
+
+    return save_tiny_lm(tmp_path_factory.mktemp("model") / "tiny", tiny_tokenizer)
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A cache of its own (node stores, downloads) for a test that writes to it."""
+    monkeypatch.setenv("FL_OFFSITE_CACHE", str(tmp_path / "cache"))

@@ -8,7 +8,9 @@ import pytest
 from fl_offsite.cli import main
 from fl_offsite.compare import write_report
 from fl_offsite.results import RunFolder
-from test_federated import private_cache, run, tiny_config, tiny_lm_dir  # noqa: F401 - fixtures
+from test_federated import run, tiny_config
+
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_report_of_offsite_and_fedavg_full(tiny_lm_dir, tmp_path):

@@ -11,17 +11,9 @@ from fl_offsite.config import validate
 from fl_offsite.server_app import run_federated
 from fl_offsite.split import load_adapter
 from flower_harness import InProcessGrid
-from tiny_models import save_tiny_lm
 
 
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory, tiny_tokenizer):
-    return save_tiny_lm(tmp_path_factory.mktemp("model") / "tiny", tiny_tokenizer)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FL_OFFSITE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def tiny_config(model_dir, results_dir, **overrides) -> dict:
