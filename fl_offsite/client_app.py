@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from contextvars import ContextVar
 from functools import lru_cache
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -11,6 +13,7 @@ from flwr.clientapp import ClientApp
 from fl_offsite.config import validate
 from fl_offsite.delivery import node_store
 from fl_offsite.errors import UserError
+from fl_offsite.local_data import data_path, load_examples
 from fl_offsite.logs import log_to_console
 from fl_offsite.lora import LoraSpec, add_lora, lora_blocks
 from fl_offsite.models import load_model, load_tokenizer
@@ -20,6 +23,8 @@ from fl_offsite.train import TrainSettings, train_local
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+# The node's own data file (node config `data-path`), set by _partition for _features.
+_LOCAL_DATA: ContextVar[tuple[str, int] | None] = ContextVar("local_data", default=None)
 
 
 @app.query("model_status")
@@ -75,6 +80,10 @@ def train(msg: Message, context: Context) -> Message:
 
 def _partition(context: Context, config: dict) -> tuple[int, int]:
     node = context.node_config
+    path = data_path(node)
+    _LOCAL_DATA.set((path, os.stat(path).st_mtime_ns) if path else None)
+    if path:  # a data owner with its own data: partition-id only names it in the records
+        return int(node.get("partition-id", 0)), 1
     if "partition-id" not in node:
         raise UserError(f"node {context.node_id} has no partition-id: start it with "
                         "--node-config 'partition-id=N num-partitions=M'")
@@ -91,20 +100,32 @@ def _cached_model(folder: str, lora: LoraSpec | None = None, plan_json: str = ""
     return model, tokenizer
 
 
-@lru_cache(maxsize=8)
 def _features(task: str, seed: int, partitioner: str, alpha: float, num_partitions: int, partition_id: int,
               max_length: int, tokenizer_folder: str) -> list[dict[str, list[int]]]:
-    """This data owner's tokenized training examples (loss on the answer tokens only)."""
+    """This data owner's tokenized training examples (loss on the answer tokens only): its own
+    file when the node config names a data-path, else its partition of the task."""
+    return _encoded(task, seed, partitioner, alpha, num_partitions, partition_id, max_length, tokenizer_folder,
+                    _LOCAL_DATA.get())
+
+
+@lru_cache(maxsize=8)
+def _encoded(task: str, seed: int, partitioner: str, alpha: float, num_partitions: int, partition_id: int,
+             max_length: int, tokenizer_folder: str, local: tuple[str, int] | None) -> list[dict[str, list[int]]]:
     from fl_offsite.data import encode_choice_example
     from fl_offsite.partition import partition_indices
     from fl_offsite.tasks import load_task
 
-    train = load_task(task, seed=seed).train
-    indices = partition_indices([ex.label for ex in train], num_partitions, partition_id, partitioner, alpha, seed)
-    if not indices:
-        raise UserError(f"partition {partition_id} of {num_partitions} is empty: use fewer clients")
+    if local is not None:
+        examples = load_examples(local[0])
+    else:
+        train = load_task(task, seed=seed).train
+        indices = partition_indices([ex.label for ex in train], num_partitions, partition_id, partitioner, alpha,
+                                    seed)
+        if not indices:
+            raise UserError(f"partition {partition_id} of {num_partitions} is empty: use fewer clients")
+        examples = [train[i] for i in indices]
     tokenizer = load_tokenizer(tokenizer_folder)
-    return [encode_choice_example(tokenizer, train[i], max_length) for i in indices]
+    return [encode_choice_example(tokenizer, ex, max_length) for ex in examples]
 
 
 def _pad_id(tokenizer) -> int:
