@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable
 
+from fl_offsite.config import DEFAULTS
 from fl_offsite.errors import UserError
 
 log = logging.getLogger("fl_offsite")
@@ -40,6 +42,27 @@ def cmd_split(args: argparse.Namespace) -> None:
     print(f"  adapter blocks   {list(plan.adapter_layers)}  {_megabytes(adapter.values()):.1f} MB")
     print(f"  emulator blocks  {list(plan.kept_layers)}  {_megabytes(emulator.state_dict().values()):.1f} MB")
     print(f"  full model       {_megabytes(model.state_dict().values()):.1f} MB  ({time.perf_counter() - start:.1f} s)")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    import shutil
+
+    from fl_offsite.distill import DistillSettings, distilled_split, ppl_summary
+    from fl_offsite.io import atomic_dir
+    from fl_offsite.models import load_model
+    from fl_offsite.split import SPLIT_FILE, plan_split
+
+    model, tokenizer = load_model(args.model)
+    plan = plan_split(model, *args.adapter_layers, emulator_layers=args.emulator_layers, drop_ratio=args.drop_ratio)
+    settings = DistillSettings(steps=args.steps, corpus=args.corpus, lr=args.lr, kd_weight=args.kd_weight,
+                               batch_size=args.batch_size, block_size=args.block_size, eval_every=args.eval_every,
+                               seed=args.seed)
+    cached = _user_input(distilled_split, args.model, model, tokenizer, plan, settings)
+    with atomic_dir(args.out) as tmp:
+        shutil.copytree(cached, tmp, dirs_exist_ok=True)
+    record = json.loads((cached / SPLIT_FILE).read_text())["distillation"]
+    print(f"distilled split {plan.name} of {args.model} -> {args.out} (cached in {cached})")
+    print(f"  {ppl_summary(record)}")
 
 
 def cmd_plug_in(args: argparse.Namespace) -> None:
@@ -138,15 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    split = sub.add_parser("split", help="split a model into adapter + emulator")
-    split.add_argument("model", help="local folder, hub id, or offline alias (smollm2-135m)")
-    split.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="L,R",
-                       help="bottom,top blocks forming the adapter (default 2,2)")
-    size = split.add_mutually_exclusive_group(required=True)
-    size.add_argument("--emulator-layers", type=int, metavar="K", help="middle blocks the emulator keeps")
-    size.add_argument("--drop-ratio", type=float, help="fraction of the middle blocks to drop")
-    split.add_argument("--out", required=True, help="output folder")
+    split = _split_parser(sub, "split", "split a model into adapter + emulator (uniform layer drop)")
     split.set_defaults(func=cmd_split)
+
+    distill = _split_parser(sub, "distill", "split, then distill the emulator's middle blocks (cached)")
+    distill.add_argument("--corpus", default=DEFAULTS["distill.corpus"], help="public text corpus: bbc-news | hf:wikitext")
+    distill.add_argument("--steps", type=int, default=100)
+    distill.add_argument("--lr", type=float, default=DEFAULTS["distill.lr"])
+    distill.add_argument("--kd-weight", type=float, default=DEFAULTS["distill.kd-weight"],
+                         help="weight of the hidden-state loss (paper: 30)")
+    distill.add_argument("--batch-size", type=int, default=DEFAULTS["distill.batch-size"])
+    distill.add_argument("--block-size", type=int, default=DEFAULTS["distill.block-size"], help="tokens per sequence")
+    distill.add_argument("--eval-every", type=int, default=25, help="steps between held-out perplexities")
+    distill.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    distill.set_defaults(func=cmd_distill)
 
     plug = sub.add_parser("plug-in", help="plug an adapter into the full model")
     plug.add_argument("model", help="the full model: folder, hub id, or offline alias")
@@ -184,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     demo.add_argument("--cpus-per-client", type=int, default=1)
     demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _split_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A sub-command that splits a model: model, --adapter-layers, --emulator-layers | --drop-ratio, --out."""
+    parser = sub.add_parser(name, help=help_text)
+    parser.add_argument("model", help="local folder, hub id, or offline alias (smollm2-135m)")
+    parser.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="L,R",
+                        help="bottom,top blocks forming the adapter (default 2,2)")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--emulator-layers", type=int, metavar="K", help="middle blocks the emulator keeps")
+    size.add_argument("--drop-ratio", type=float, help="fraction of the middle blocks to drop")
+    parser.add_argument("--out", required=True, help="output folder")
     return parser
 
 

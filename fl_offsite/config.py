@@ -24,6 +24,12 @@ DEFAULTS: dict[str, Value] = {
     "split.adapter-layers": "2,2",  # bottom,top blocks of the adapter
     "split.emulator-layers": 8,  # middle blocks the emulator keeps (k)
     "split.drop-ratio": 0.0,  # when > 0, replaces emulator-layers
+    "distill.steps": 0,  # emulator distillation steps on the owner's side (0 = plain layer drop)
+    "distill.corpus": "bbc-news",  # public text corpus: bbc-news | hf:wikitext
+    "distill.lr": 1e-4,
+    "distill.kd-weight": 30.0,  # weight of the hidden-state loss (paper: 30)
+    "distill.batch-size": 8,
+    "distill.block-size": 160,  # tokens per distillation sequence
     "lora.r": 4,  # LoRA of the -lora methods (paper: r 4, alpha 32, dropout 0.1)
     "lora.alpha": 32,
     "lora.dropout": 0.1,
