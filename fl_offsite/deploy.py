@@ -1,0 +1,532 @@
+"""Flower's deployment engine for real data owners: TLS certificates, node keys, SuperLink and SuperNodes.
+
+Roles (flwr 1.42):
+
+* The **model owner** runs one ``flower-superlink``. Its single HTTPS port (default 9093 here)
+  serves the Fleet API (SuperNodes connect to it), the Control API (``flwr run``, ``flwr ls``,
+  ``flwr supernode register``) and the runtime API of the ServerApp process.
+* Each **data owner** runs one ``flower-supernode`` that dials out to the SuperLink (no inbound
+  port needed); every message starts a fresh ``flwr-clientapp`` process on the node.
+
+Security is on by default: TLS with a CA made by :func:`make_certs` (the SuperLink holds the
+server certificate and key, everyone else only ``ca.crt``), and SuperNode authentication
+(``--enable-supernode-auth``): each data owner makes an EC P-384 key pair with
+:func:`make_node_key` and gives the model owner the public half; only registered public keys
+(``flwr supernode register``) may join. ``insecure=True`` turns both off and is refused
+outside loopback.
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+import tomllib
+
+from fl_offsite.errors import UserError
+from fl_offsite.launch import _executable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9093  # one port for Fleet, Control and runtime APIs (flwr default 8000 is often taken)
+DEFAULT_CONNECTION = "fl-offsite-deploy"
+CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.pem", "server.key"
+STARTUP_TIMEOUT_S = 90.0
+
+
+# --- certificates and keys -------------------------------------------------------------
+
+def make_certs(out: str | Path, hosts: Sequence[str], days: int = 365, overwrite: bool = False) -> Path:
+    """Write a CA (``ca.crt``, ``ca.key``) and a server certificate for ``hosts`` (``server.pem``,
+    ``server.key``) signed by it into ``out``; return ``out``.
+
+    ``hosts`` are the names and IP addresses the SuperNodes and ``flwr`` use to reach the
+    SuperLink: each becomes a subject alternative name (TLS checks the address against them).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    if not hosts:
+        raise UserError("give at least one host name or IP address the SuperLink is reached at (--host)")
+    out = Path(out).expanduser()
+    if (out / CA_KEY).exists() and not overwrite:
+        raise UserError(f"{out / CA_KEY} exists: certificates were made already (pass --overwrite to replace them; "
+                        "every SuperNode then needs the new ca.crt)")
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    names = [_san(h) for h in dict.fromkeys(hosts)]
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fl-offsite CA")])
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                            content_commitment=False, key_encipherment=False,
+                                            data_encipherment=False, key_agreement=False, encipher_only=False,
+                                            decipher_only=False), critical=True)
+               .sign(ca_key, hashes.SHA384()))
+
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(hosts[0]))]))
+                   .issuer_name(ca_name).public_key(server_key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=days))
+                   .add_extension(x509.SubjectAlternativeName(names), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                   .sign(ca_key, hashes.SHA384()))
+
+    _write_private(out / CA_KEY, _pem_key(ca_key))
+    _write_private(out / SERVER_KEY, _pem_key(server_key))
+    from cryptography.hazmat.primitives.serialization import Encoding
+    (out / CA_CERT).write_bytes(ca_cert.public_bytes(Encoding.PEM))
+    (out / SERVER_CERT).write_bytes(server_cert.public_bytes(Encoding.PEM))
+    return out
+
+
+def make_node_key(out: str | Path, name: str, overwrite: bool = False) -> tuple[Path, Path]:
+    """A data owner's SuperNode key pair: ``out/NAME`` (private, OpenSSH format, stays on the node)
+    and ``out/NAME.pub`` (the public key the model owner registers). Same as
+    ``ssh-keygen -t ecdsa -b 384 -N '' -f out/NAME``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise UserError(f"node key name {name!r}: use letters, digits, '.', '_' and '-' only")
+    out = Path(out).expanduser()
+    private, public = out / name, out / f"{name}.pub"
+    if private.exists() and not overwrite:
+        raise UserError(f"{private} exists (pass --overwrite to replace it; the model owner must then "
+                        "register the new public key)")
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                              serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH) + f" {name}\n".encode())
+    return private, public
+
+
+def _san(host: str):
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _pem_key(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def server_names(certs: str | Path) -> list[str]:
+    """The host names and IP addresses the SuperLink's certificate is valid for."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((Path(certs) / SERVER_CERT).read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(n.value) for n in names]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# --- the model owner's SuperLink ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class SuperLinkSettings:
+    certs: Path | None  # folder made by make_certs; None = insecure (loopback only)
+    host: str = "127.0.0.1"  # address to bind; 0.0.0.0 for every interface
+    port: int = DEFAULT_PORT
+    node_keys: tuple[Path, ...] = ()  # public keys (or folders of *.pub) allowed to join
+    node_auth: bool = True
+    database: Path | None = None  # keeps runs and registered nodes across restarts
+    connection: str = DEFAULT_CONNECTION
+    log_file: Path | None = None
+
+    def check(self) -> None:
+        if self.certs is None:
+            if not is_loopback(self.host):
+                raise UserError(f"--insecure binds {self.host}, which is not loopback: outside loopback the "
+                                "SuperLink needs TLS (make certificates with `fl-offsite certs --host NAME`) ")
+            if self.node_keys:
+                raise UserError("node authentication needs TLS: drop --insecure or the node keys")
+            return
+        for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
+            if not (self.certs / name).is_file():
+                raise UserError(f"{self.certs / name} is missing: make the certificates with "
+                                f"`fl-offsite certs --host NAME --out {self.certs}`")
+        if not self.node_auth and not is_loopback(self.host):
+            raise UserError(f"node authentication is off and the SuperLink binds {self.host}: anyone who can reach "
+                            "it could join; list the data owners' public keys with --node-key instead")
+
+    @property
+    def node_auth_on(self) -> bool:
+        return self.certs is not None and self.node_auth
+
+    def public_keys(self) -> list[Path]:
+        keys: list[Path] = []
+        for path in self.node_keys:
+            found = sorted(path.glob("*.pub")) if path.is_dir() else [path]
+            if not found or not all(p.is_file() for p in found):
+                raise UserError(f"{path}: no such public key file (or no *.pub in that folder)")
+            keys += found
+        return keys
+
+    def client_address(self) -> str:
+        """The address local ``flwr`` commands use: a name in the certificate, reachable from here."""
+        host = self.host
+        if self.certs is not None:
+            names = server_names(self.certs)
+            if host not in names:
+                loopback = [n for n in names if is_loopback(n)]
+                host = loopback[0] if loopback and host in ("0.0.0.0", "::") else names[0]
+        elif host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def superlink_command(s: SuperLinkSettings) -> list[str]:
+    command = [_executable("flower-superlink"), "--host", s.host, "--port", str(s.port),
+               "--disable-runtime-dependency-installation"]
+    if s.certs is None:
+        command.append("--insecure")
+    else:
+        command += ["--ssl-ca-certfile", str(s.certs / CA_CERT), "--ssl-certfile", str(s.certs / SERVER_CERT),
+                    "--ssl-keyfile", str(s.certs / SERVER_KEY)]
+        if s.node_auth:
+            command.append("--enable-supernode-auth")
+    if s.database is not None:
+        command += ["--database", str(s.database)]
+    if s.log_file is not None:
+        command += ["--log-file", str(s.log_file)]
+    return command
+
+
+def write_connection(name: str, address: str, ca: Path | None, flwr_home: Path | None = None) -> Path:
+    """Add ``[superlink.NAME]`` to Flower's config.toml so that ``flwr run . NAME`` reaches the SuperLink."""
+    home = flwr_home or Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    config = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    entry: dict[str, object] = {"address": address}
+    if ca is None:
+        entry["insecure"] = True
+    else:
+        entry["root-certificates"] = str(ca.resolve())
+    config.setdefault("superlink", {})[name] = entry
+    path.write_text(tomli_w.dumps(config), encoding="utf-8")
+    return path
+
+
+def wait_ready(port: int, ca: Path | None, process: subprocess.Popen, timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """Wait until the SuperLink on this machine answers its health check."""
+    scheme = "http" if ca is None else "https"
+    context = None
+    if ca is not None:
+        context = ssl.create_default_context(cafile=str(ca))
+        context.check_hostname = False  # probing 127.0.0.1; the certificate may name only the public host
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with opener.open(f"{scheme}://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    if process.poll() is not None:
+        raise RuntimeError(f"flower-superlink exited with code {process.returncode}; see its log above")
+    raise RuntimeError(f"flower-superlink did not answer on port {port} within {timeout:.0f} s")
+
+
+def register_nodes(connection: str, keys: Sequence[Path], env: dict[str, str]) -> dict[Path, str]:
+    """Register the public keys at the SuperLink (``flwr supernode register``); key -> node id or note."""
+    registered = {}
+    for key in keys:
+        result = subprocess.run([_executable("flwr"), "supernode", "register", str(key), connection,
+                                 "--name", key.stem, "--format", "json"],
+                                env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        output = result.stdout + result.stderr
+        if match := re.search(r'"node-id":\s*(\d+)', output):
+            registered[key] = match.group(1)
+        elif "already in use" in output:
+            registered[key] = "registered before"
+        else:
+            raise UserError(f"could not register {key} at the SuperLink: {output.strip()[-500:]}")
+    return registered
+
+
+def serve_superlink(s: SuperLinkSettings) -> int:
+    """Run the SuperLink in the foreground: start, register the node keys, write the connection, wait."""
+    s.check()
+    keys = s.public_keys() if s.node_auth_on else []
+    if s.node_auth_on and not keys:
+        log.warning("Node authentication is on and no node key is listed: no SuperNode can join until one is "
+                    "registered (`flwr supernode register KEY.pub %s`)", s.connection)
+    env = runtime_env()
+    process = subprocess.Popen(superlink_command(s), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
+    forward = _forward(process, _superlink_note)
+    try:
+        ca = s.certs / CA_CERT if s.certs else None
+        wait_ready(s.port, ca, process)
+        config_file = write_connection(s.connection, s.client_address(), ca)
+        for key, node in register_nodes(s.connection, keys, env).items():
+            log.info("Registered node key %s (node %s)", key, node)
+        mode = ("TLS, only registered nodes may join" if s.node_auth_on else
+                "TLS, any node may join" if s.certs else "INSECURE: no TLS, any node may join")
+        log.info("SuperLink ready on %s:%d (%s). Connection %r written to %s; run the app with:\n"
+                 "    flwr run . %s --stream --run-config 'results.dir=\"/abs/path\"'\n"
+                 "or  fl-offsite run CONFIG.toml --connection %s", s.host, s.port, mode, s.connection, config_file,
+                 s.connection, s.connection)
+        return _wait(process, forward)
+    finally:
+        _terminate(process)
+
+
+def _superlink_note(line: str) -> str | None:
+    if "activate-node" in line and "No SuperNode found with the given public key" in line:
+        return ("fl-offsite: REFUSED a SuperNode whose public key is not registered; to admit it, restart with "
+                "--node-key ITS_KEY.pub or run `flwr supernode register ITS_KEY.pub CONNECTION`")
+    if "ApiError:2001" in line:
+        return "fl-offsite: REFUSED a SuperNode that has no authentication key (start it with --key)"
+    return None
+
+
+# --- a data owner's SuperNode ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SuperNodeSettings:
+    superlink: str  # HOST:PORT of the SuperLink
+    ca: Path | None  # the model owner's ca.crt; None = insecure (loopback only)
+    key: Path | None  # this node's private key (make_node_key)
+    data_path: Path | None = None
+    cache_dir: Path | None = None
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    port: int = 9094  # this node's local runtime API (127.0.0.1 only); one per node on a machine
+
+    def check(self) -> None:
+        host = self.superlink.rsplit(":", 1)[0]
+        if ":" not in self.superlink:
+            raise UserError(f"--superlink {self.superlink!r}: give HOST:PORT, e.g. {self.superlink}:{DEFAULT_PORT}")
+        if self.ca is None:
+            if not is_loopback(host):
+                raise UserError(f"--insecure to {host}, which is not loopback: pass --ca with the model owner's "
+                                "ca.crt (TLS is required outside loopback)")
+            if self.key is not None:
+                raise UserError("node authentication (--key) needs TLS: pass --ca instead of --insecure")
+        elif not self.ca.is_file():
+            raise UserError(f"--ca {self.ca}: no such file; get ca.crt from the model owner "
+                            "(made by `fl-offsite certs`)")
+        if self.key is not None:
+            from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+            if not self.key.is_file():
+                raise UserError(f"--key {self.key}: no such file; make one with `fl-offsite node-key NAME`")
+            try:
+                load_ssh_private_key(self.key.read_bytes(), None)
+            except (ValueError, TypeError) as err:
+                raise UserError(f"--key {self.key} is not an unencrypted OpenSSH private key ({err}); "
+                                "make one with `fl-offsite node-key NAME`") from None
+        if self.data_path is not None:
+            from fl_offsite.local_data import load_examples
+
+            n = len(load_examples(self.data_path))  # fail here, not in the first round
+            log.info("Local data %s: %d examples", self.data_path, n)
+        elif self.partition_id is None:
+            raise UserError("give the node its data: --data-path FILE.jsonl (its own examples), or "
+                            "--partition-id N --num-partitions M (a share of the public task, for trials)")
+
+    def node_config(self) -> str:
+        config: dict[str, object] = {}
+        if self.data_path is not None:
+            config["data-path"] = str(self.data_path.expanduser().resolve())
+        if self.cache_dir is not None:
+            config["cache-dir"] = str(self.cache_dir.expanduser().resolve())
+        if self.partition_id is not None:
+            config["partition-id"] = self.partition_id
+        if self.num_partitions is not None:
+            config["num-partitions"] = self.num_partitions
+        for key, value in config.items():
+            if isinstance(value, str) and ('"' in value or "\\" in value):
+                raise UserError(f"{key} {value!r}: quotes and backslashes are not supported in paths")
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+
+
+def supernode_command(s: SuperNodeSettings) -> list[str]:
+    command = [_executable("flower-supernode"), "--superlink", s.superlink, "--port", str(s.port)]
+    command += ["--insecure"] if s.ca is None else ["--root-certificates", str(s.ca)]
+    if s.key is not None:
+        command += ["--auth-supernode-private-key", str(s.key)]
+    if node_config := s.node_config():
+        command += ["--node-config", node_config]
+    return command
+
+
+def serve_supernode(s: SuperNodeSettings) -> int:
+    """Run a SuperNode in the foreground; a refusal or TLS failure ends it with an error saying what to fix."""
+    s.check()
+    process = subprocess.Popen(supernode_command(s), env=runtime_env(), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                               errors="replace")
+    seen: list[str] = []
+    forward = _forward(process, lambda line: seen.append(line) or None)
+    try:
+        code = _wait(process, forward)
+    finally:
+        _terminate(process)
+    if code != 0:
+        output = "".join(seen)
+        for pattern, hint in _supernode_hints(s):
+            if pattern in output:
+                raise UserError(hint)
+    return code
+
+
+def _supernode_hints(s: SuperNodeSettings) -> list[tuple[str, str]]:
+    public = f"{s.key}.pub" if s.key else "its .pub file"
+    return [
+        ("[code: 2004]", f"the SuperLink {s.superlink} refused this node: its public key ({public}) is not "
+                         "registered. Send that .pub file to the model owner to register "
+                         "(`fl-offsite superlink ... --node-key FILE.pub`), then start the node again"),
+        ("[code: 2001]", f"the SuperLink {s.superlink} only admits registered nodes: start with --key PRIVATE_KEY "
+                         "(`fl-offsite node-key NAME`) and have the model owner register NAME.pub"),
+        ("CERTIFICATE_VERIFY_FAILED", f"TLS check of {s.superlink} failed: the SuperLink's certificate is not "
+                                      f"signed by --ca {s.ca} or does not name host "
+                                      f"{s.superlink.rsplit(':', 1)[0]}. Use the model owner's current ca.crt, and "
+                                      "an address given to `fl-offsite certs --host`"),
+        ("WRONG_VERSION_NUMBER", f"{s.superlink} does not speak TLS (a SuperLink started with --insecure?)"),
+    ]
+
+
+# --- running the app ---------------------------------------------------------------------
+
+def run_app(app_dir: Path, connection: str, run_config: dict, env: dict[str, str] | None = None,
+            log_path: Path | None = None, stream: bool = True) -> int:
+    """``flwr run APP CONNECTION --stream`` and wait; raise RuntimeError unless the run completed."""
+    import tempfile
+
+    from fl_offsite.launch import _stream_run
+
+    env = env or runtime_env()
+    with tempfile.TemporaryDirectory(prefix="fl-offsite-run-") as tmp:
+        config_file = Path(tmp) / "run-config.toml"
+        config_file.write_text(tomli_w.dumps(run_config), encoding="utf-8")
+        command = [_executable("flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(config_file)]
+        run_id, tail = _stream_run(command, env, log_path or Path(tmp) / "run.log", stream)
+    status, details = _run_status(run_id, env, connection)
+    if status != "finished:completed":
+        raise RuntimeError(f"Flower run {run_id} ended as {status!r}: {details}\nLast log lines:\n{''.join(tail)}")
+    return run_id
+
+
+def _run_status(run_id: int, env: dict[str, str], connection: str) -> tuple[str, str]:
+    """Status (``finished:completed``, ``finished:failed``...) and details from ``flwr ls --format json``."""
+    run: dict = {}
+    for _attempt in range(10):  # the log stream ends when the run has finished; poll in case it broke off
+        result = subprocess.run([_executable("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
+                                env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        try:
+            run = json.loads(result.stdout[result.stdout.index("{"):])["runs"][0]
+        except (ValueError, KeyError, IndexError):
+            raise RuntimeError(f"`flwr ls` gave no run status (exit code {result.returncode}):\n"
+                               f"{result.stdout}{result.stderr}") from None
+        if run["status"].startswith("finished"):
+            break
+        time.sleep(1.0)
+    return run["status"], run.get("status-details", "")
+
+
+# --- processes -----------------------------------------------------------------------------
+
+def runtime_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of the Flower processes: offline, quiet, this interpreter's commands first on PATH."""
+    env = dict(os.environ)
+    env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
+    env.update(extra or {})
+    return env
+
+
+def _forward(process: subprocess.Popen, note) -> "threading.Thread":
+    """Copy the child's output to ours in a thread; ``note(line)`` may add a line of explanation."""
+    import threading
+
+    def pump() -> None:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            if extra := note(line):
+                sys.stdout.write(extra + "\n")
+                log.error(extra)
+            sys.stdout.flush()
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait(process: subprocess.Popen, forward) -> int:
+    """Wait for the child; SIGTERM and Ctrl-C stop it (and with it its SuperExec)."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        _terminate(process)
+        code = 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    forward.join(timeout=5)
+    return code
+
+
+def _terminate(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
