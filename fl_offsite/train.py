@@ -1,6 +1,7 @@
 """Local training of the trainable tensors (the adapter) with everything else frozen."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -29,6 +30,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2
     seed: int = 0
+    precision: str = "fp32"  # "bf16": forward under bf16 autocast (see half_frozen)
 
     def steps_for(self, num_examples: int) -> int:
         if self.local_steps > 0:
@@ -59,6 +61,23 @@ def freeze_except(model: nn.Module, trainable: set[str]) -> list[nn.Parameter]:
     return [params[name] for name in sorted(trainable)]
 
 
+HALF = {"bf16": torch.bfloat16}  # fp16 would need loss scaling
+
+
+def half_frozen(model: nn.Module, trainable: set[str], dtype: torch.dtype = torch.bfloat16) -> int:
+    """Store every frozen floating-point parameter in ``dtype`` (trainable ones stay as they are).
+
+    Frozen weights get no gradient and no optimizer state, so half precision halves their
+    memory and, under autocast, spares the per-step cast of each weight. Returns the bytes saved.
+    """
+    saved = 0
+    for name, param in model.named_parameters():
+        if name not in trainable and param.is_floating_point() and param.dtype != dtype:
+            saved += param.numel() * (param.element_size() - torch.finfo(dtype).bits // 8)
+            param.data = param.data.to(dtype)
+    return saved
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Allocator peak on GPU; the process's peak resident set size on CPU."""
     if device.type == "cuda":
@@ -79,6 +98,10 @@ def train_local(
         raise ValueError("no training examples in this partition")
     device = next(model.parameters()).device
     params = freeze_except(model, trainable)
+    if settings.precision not in ("fp32", *HALF):
+        raise ValueError(f"precision must be fp32 or bf16, got {settings.precision!r}")
+    autocast = (torch.autocast(device.type, dtype=HALF[settings.precision]) if settings.precision in HALF
+                else contextlib.nullcontext())
     anchors = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.steps_for(len(features))
@@ -95,7 +118,8 @@ def train_local(
             first = (step * settings.grad_accum + micro) * settings.batch_size
             batch = collate([features[i] for i in order[first:first + settings.batch_size]], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = answer_loss(model, batch) / settings.grad_accum
+            with autocast:
+                loss = answer_loss(model, batch) / settings.grad_accum
             if anchors is not None:
                 loss = loss + settings.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
             loss.backward()

@@ -1,0 +1,85 @@
+"""Helpers shared by the benchmarks: time-stamped log capture, small model folders, a fresh node cache."""
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from fl_offsite.assets import cache_dir
+
+CORPUS = [
+    "Article: Quarterly profits at the media giant jumped as advert sales rose.\nTopic: business",
+    "Article: The band released a new album and the film won an award.\nTopic: entertainment",
+    "Article: The minister told parliament the election will be held in May.\nTopic: politics",
+    "Article: The striker scored twice as the club won the cup final.\nTopic: sport",
+    "Article: The phone maker showed a faster chip and new software.\nTopic: tech",
+]
+
+
+class Stamped(io.TextIOBase):
+    """A stdout stand-in that keeps (seconds since ``start``, line) for every line written."""
+
+    def __init__(self, start: float, echo=None) -> None:
+        self.start, self.echo, self.lines, self._buf = start, echo, [], ""
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        *done, self._buf = self._buf.split("\n")
+        now = time.perf_counter() - self.start
+        for line in done:
+            self.lines.append((now, line))
+            if self.echo:
+                self.echo.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def byte_bpe_tokenizer(vocab_size: int = 400):
+    """A GPT-2-style byte-level BPE (any text encodes) trained on a few sentences; EOS = BOS = pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def tiny_model_folder(folder: Path, layers: int = 6, hidden: int = 64, tokenizer: str = "smollm2") -> Path:
+    """A small random Llama saved with a real tokenizer (the smollm2 one, or a 400-token byte BPE)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if tokenizer == "smollm2":
+        from fl_offsite.models import load_tokenizer, resolve_model_path
+
+        tok = load_tokenizer(resolve_model_path("smollm2-135m"))
+    else:
+        tok = byte_bpe_tokenizer()
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=1024, tie_word_embeddings=True,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def fresh_node_cache(folder: Path) -> None:
+    """Point FL_OFFSITE_CACHE at ``folder``: empty node stores, the shared model/task downloads linked in."""
+    shared = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("models", "pypi", "tasks", "distilled"):
+        if (shared / name).exists() and not (folder / name).exists():
+            (folder / name).symlink_to(shared / name)
+    os.environ["FL_OFFSITE_CACHE"] = str(folder)

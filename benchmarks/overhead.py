@@ -1,0 +1,193 @@
+"""Orchestration overhead: the same client training through Flower's simulation vs a plain loop.
+
+1. ``fl_offsite.launch.run_simulation_app`` (what ``fl-offsite simulate`` runs): SuperLink,
+   ``flwr run``, Ray, the ServerApp (split, one-time emulator delivery, rounds, server-side
+   evaluation) and the ClientApps. Every log line is time-stamped as it arrives, so the wall
+   time splits into phases; ``metrics.jsonl`` gives each round's time and each client's own
+   ``train_local`` seconds.
+2. A plain sequential loop in this process doing the same client work: load the delivered
+   emulator (the very folder the simulation wrote), tokenize each partition with the client
+   app's own function, and for every round and client run ``train_local`` with the settings
+   the client app uses (same seeds, steps, batch), then FedAvg the adapters.
+
+The difference is what orchestration costs (start-up, messaging, per-process model loads);
+the server-side evaluation is reported apart (the loop does none).
+
+  .venv/bin/python benchmarks/overhead.py                  # tiny model, 4 clients, 3 rounds
+  .venv/bin/python benchmarks/overhead.py --model smollm2-135m --rounds 2 --steps 4
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+import torch
+from transformers.utils import logging as hf_logging
+
+from fl_offsite.cli import app_dir
+from fl_offsite.models import resolve_model_path
+from fl_offsite.config import validate
+from fl_offsite.launch import run_simulation_app
+from fl_offsite.results import RunFolder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Stamped, fresh_node_cache, tiny_model_folder  # noqa: E402
+
+def simulate(config: dict, clients: int, echo: bool) -> tuple[float, list[tuple[float, str]]]:
+    start = time.perf_counter()
+    out = Stamped(start, sys.stdout if echo else None)
+    with contextlib.redirect_stdout(out):
+        run_simulation_app(app_dir(), config, num_supernodes=clients)
+    out.write("\n")
+    return time.perf_counter() - start, out.lines
+
+
+def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
+    """The clients' work in one process, one after the other (what the simulation distributes)."""
+    from fl_offsite.client_app import _features, _pad_id
+    from fl_offsite.models import load_model
+    from fl_offsite.payload import get_payload, payload_names, set_payload
+    from fl_offsite.split import load_adapter, read_plan
+    from fl_offsite.owner import lr_schedule
+    from fl_offsite.train import TrainSettings, train_local
+
+    t0 = time.perf_counter()
+    emulator_dir = str(split_dir / "emulator")
+    model, tokenizer = load_model(emulator_dir)
+    plan = read_plan(split_dir)
+    names = payload_names(model, plan)
+    adapter, _ = load_adapter(split_dir / "adapter.safetensors")
+    t_model = time.perf_counter()
+    data = [_features(config["task"], config["seed"], config["data.partitioner"], config["data.alpha"], clients, pid,
+                      config["train.max-length"], emulator_dir) for pid in range(clients)]
+    t_data = time.perf_counter()
+    lr_at = lr_schedule(config["train.lr"], config["train.lr-schedule"], config["num-rounds"])
+    train_s = agg_s = 0.0
+    for rnd in range(1, config["num-rounds"] + 1):
+        updates = []
+        for pid in range(clients):
+            set_payload(model, adapter, names)
+            settings = TrainSettings(
+                lr=lr_at(rnd), batch_size=config["train.batch-size"], grad_accum=config["train.grad-accum"],
+                local_steps=config["train.local-steps"], local_epochs=config["train.local-epochs"],
+                weight_decay=config["train.weight-decay"], grad_clip=config["train.grad-clip"],
+                seed=config["seed"] * 7919 + rnd * 131 + pid)
+            stats = train_local(model, set(names.values()), data[pid], settings, _pad_id(tokenizer))
+            train_s += stats.seconds
+            updates.append((get_payload(model, names), len(data[pid])))
+        a = time.perf_counter()
+        total = sum(n for _, n in updates)
+        adapter = {k: sum(u[k] * (n / total) for u, n in updates) for k in adapter}
+        agg_s += time.perf_counter() - a
+    end = time.perf_counter()
+    return {"total_s": end - t0, "model_load_s": t_model - t0, "data_s": t_data - t_model, "train_local_s": train_s,
+            "aggregate_s": agg_s, "loop_other_s": end - t_data - train_s - agg_s}
+
+
+def timeline(lines: list[tuple[float, str]], num_rounds: int, total: float) -> list[tuple[str, float]]:
+    """(phase, seconds) from the time-stamped log lines: each marker is looked for after the previous one."""
+    markers = [("start-up: SuperLink, flwr run submitted", r"Successfully started run"),
+               ("ServerApp: model owner loads the model, splits, writes the emulator", r"Split \d+-\d+-\d+ of"),
+               ("Ray start-up: nodes connect", r"Sending the model"),
+               ("one-time emulator delivery to every node", r"Starting \w+ strategy"),
+               ("round 0: server-side evaluation (zero-shot plug-in + emulator)", r"Initial global evaluation")]
+    for rnd in range(1, num_rounds + 1):
+        markers += [(f"round {rnd}: clients train (incl. messaging{', first model load' if rnd == 1 else ''})",
+                     r"aggregate_train: Received"),
+                    (f"round {rnd}: aggregation", r"Global evaluation"),
+                    (f"round {rnd}: server-side evaluation + checkpoint", r"MetricRecord: \{")]
+    markers += [("ServerApp: final adapter saved, run ends", r"Results in")]
+    points, i = [("start", 0.0)], 0
+    for label, pattern in markers:
+        j = next((k for k in range(i, len(lines)) if re.search(pattern, lines[k][1])), None)
+        if j is None:
+            continue
+        points.append((label, lines[j][0]))
+        i = j + 1
+    points.append(("launcher: run status, processes stopped", total))
+    return [(label, t - prev) for (_, prev), (label, t) in zip(points, points[1:])]
+
+
+def main(argv=None) -> int:
+    hf_logging.disable_progress_bar()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny", help="tiny (random 6-block Llama, smollm2 tokenizer), "
+                        "smollm2-135m, or a model folder")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="local steps per round")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--split", default=None, help="adapter-layers,emulator-layers e.g. 2,2:8")
+    parser.add_argument("--eval-limit", type=int, default=8, help="held-out examples evaluated per round")
+    parser.add_argument("--workdir", help="keep the results here (default: a temporary folder)")
+    parser.add_argument("--echo", action="store_true", help="show Flower's log")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="fl-offsite-overhead-") as tmp:
+        root = Path(args.workdir or tmp).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        model = str(tiny_model_folder(root / "tiny-model", 6)) if args.model == "tiny" else resolve_model_path(args.model)
+        adapter_layers, k = (args.split.split(":") if args.split else
+                             (("1,1", "2") if args.model == "tiny" else ("2,2", "8")))
+        config = validate({
+            "model": model, "task": "bbc-news", "method": "offsite", "num-rounds": args.rounds,
+            "split.adapter-layers": adapter_layers, "split.emulator-layers": int(k),
+            "train.local-steps": args.steps, "train.batch-size": args.batch, "train.max-length": args.max_length,
+            "eval.limit": args.eval_limit, "data.num-partitions": args.clients, "results.dir": str(root / "sim"),
+            "results.resume": False, "strategy.min-train-nodes": args.clients,
+            "strategy.min-available-nodes": args.clients})
+        fresh_node_cache(root / "cache")  # no node has the emulator yet: the one-time delivery really happens
+        print(f"overhead: {args.model}, {args.clients} clients, {args.rounds} rounds x {args.steps} steps x batch "
+              f"{args.batch} (max {args.max_length} tokens), bbc-news, {os.cpu_count()} CPUs", flush=True)
+        sim_total, lines = simulate(config, args.clients, args.echo)
+        if args.workdir:
+            (root / "stamped.log").write_text("".join(f"{t:8.2f} {line}\n" for t, line in lines))
+        run = RunFolder(config["results.dir"])
+        rounds = run.rounds()
+        print(f"simulation done in {sim_total:.1f} s; sequential loop...", flush=True)
+        seq = sequential(config, args.clients, Path(config["results.dir"]) / "split")
+
+    trained = [r for r in rounds if r["round"] > 0]
+    client_train = sum(c["train-seconds"] for r in trained for c in r["clients"])
+    phases = timeline(lines, args.rounds, sim_total)
+    eval_s = sum(s for label, s in phases if "evaluation" in label)
+    print("\nSimulation timeline (from time-stamped log lines):")
+    for label, seconds in phases:
+        print(f"  {seconds:7.1f} s  {label}")
+    print("\nPer round (metrics.jsonl: round time = sending the adapters to the checkpoint after evaluation):")
+    for r in trained:
+        ct = [c["train-seconds"] for c in r["clients"]]
+        print(f"  round {r['round']}: {r['seconds']:.1f} s; client train_local s: "
+              + ", ".join(f"{t:.1f}" for t in ct) + f" (sum {sum(ct):.1f}, max {max(ct):.1f})")
+    print("\n| | simulation | sequential loop |\n|---|---|---|")
+    print(f"| wall time | {sim_total:.1f} s | {seq['total_s']:.1f} s |")
+    print(f"| of which train_local (sum over clients) | {client_train:.1f} s | {seq['train_local_s']:.1f} s |")
+    print(f"| server-side evaluation (plug-in + emulator, each round + round 0) | {eval_s:.1f} s | not done |")
+    print(f"| model load + tokenization | in the clients' first round | {seq['model_load_s'] + seq['data_s']:.1f} s |")
+    ratio = sim_total / seq["total_s"]
+    ratio_noeval = (sim_total - eval_s) / seq["total_s"]
+    print(f"\nwall-time ratio simulation / loop: {ratio:.2f}x ({ratio_noeval:.2f}x without the server's evaluation); "
+          f"orchestration adds {sim_total - eval_s - seq['total_s']:.1f} s to {seq['total_s']:.1f} s of client work")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({
+            "args": vars(args), "simulation_s": sim_total, "sequential": seq, "client_train_s": client_train,
+            "eval_s": eval_s, "phases": phases, "log": lines, "rounds": [{k: r.get(k) for k in ("round", "seconds")} |
+                                                           {"train_s": [c["train-seconds"] for c in r["clients"]]}
+                                                           for r in trained]}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Scale: many data owners on one machine; memory must stay flat round after round.
+
+1. A Flower simulation (``fl_offsite.launch``) with ``--clients`` simulated nodes (one data
+   partition each, IID), ``--sampled`` of them trained per round (``strategy.fraction-train``),
+   on a tiny random model. A sampler thread reads, every ``--interval`` seconds, the memory
+   of every process of the launch (found by the launch's ``FL_OFFSITE_LAUNCH`` environment tag,
+   plus their children): RSS and PSS (proportional set size: shared pages such as torch's
+   libraries divided among the processes that map them, so the sum does not double count)
+   from ``/proc/PID/smaps_rollup``. Samples are mapped to rounds by the time-stamped
+   ``round N: sent`` log lines; the table shows each round's peak and the growth per round.
+2. Server aggregation memory vs the number of replies, in this process: FedAvg's
+   ``aggregate_train`` wrapped by the project's ``OffsiteStrategy`` (as the ServerApp runs it)
+   on N replies of an adapter-sized ArrayRecord, with ``tracemalloc`` measuring the peak
+   *extra* memory of the call (numpy and Python allocations) beyond the replies themselves.
+
+  .venv/bin/python benchmarks/scale.py                       # 100 nodes, 10 per round, 8 rounds
+  .venv/bin/python benchmarks/scale.py --clients 20 --sampled 4 --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import psutil
+
+from fl_offsite.cli import app_dir
+from fl_offsite.config import validate
+from fl_offsite.launch import TAG_VAR, _tagged_processes, run_simulation_app
+from fl_offsite.results import RunFolder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Stamped, fresh_node_cache, tiny_model_folder  # noqa: E402
+
+GROUPS = [("flwr-simulation", "ServerApp + simulation engine (flwr-simulation)"),
+          ("ClientAppActor", "Ray client actors"), ("ray::", "Ray workers (other)"),
+          ("raylet", "Ray raylet"), ("gcs_server", "Ray GCS"), ("flower-superlink", "SuperLink"),
+          ("flower-superexec", "SuperExec"), ("flwr", "flwr CLI"), ("", "other (Ray helpers, dashboards)")]
+
+
+def _rollup(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in kB from /proc/PID/smaps_rollup."""
+    rss = pss = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1])
+        elif line.startswith("Pss:"):
+            pss = int(line.split()[1])
+    return rss, pss
+
+
+def _group(process: psutil.Process) -> str:
+    try:
+        text = " ".join(process.cmdline()) or process.name()
+    except psutil.Error:
+        return "other (Ray helpers, dashboards)"
+    return next(label for key, label in GROUPS if key in text)
+
+
+class Sampler(threading.Thread):
+    """Memory of every process of this launch, every ``interval`` seconds."""
+
+    def __init__(self, start: float, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.t0, self.interval, self.samples, self.stop = start, interval, [], threading.Event()
+        self.prefix = f"{os.getpid()}:"
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t = time.perf_counter() - self.t0
+            total_rss = total_pss = 0
+            groups: dict[str, int] = {}
+            processes = _tagged_processes(lambda tag: tag.startswith(self.prefix))
+            for process in processes:
+                with contextlib.suppress(OSError, psutil.Error):
+                    rss, pss = _rollup(process.pid)
+                    total_rss += rss
+                    total_pss += pss
+                    label = _group(process)
+                    groups[label] = groups.get(label, 0) + pss
+            if processes:
+                self.samples.append({"t": t, "n": len(processes), "rss_mb": total_rss / 1024,
+                                     "pss_mb": total_pss / 1024, "groups_pss_mb": {k: v / 1024 for k, v in groups.items()}})
+            self.stop.wait(self.interval)
+
+
+def simulate(config: dict, clients: int, interval: float, echo: bool):
+    start = time.perf_counter()
+    out = Stamped(start, sys.stdout if echo else None)
+    sampler = Sampler(start, interval)
+    sampler.start()
+    try:
+        with contextlib.redirect_stdout(out):
+            run_simulation_app(app_dir(), config, num_supernodes=clients)
+    finally:
+        sampler.stop.set()
+        sampler.join()
+    return time.perf_counter() - start, out.lines, sampler.samples
+
+
+def per_round(lines, samples, num_rounds: int, total: float) -> list[dict]:
+    """Samples grouped by phase: start-up + delivery (before round 1 is sent), then each round."""
+    starts = {}
+    for t, line in lines:
+        for rnd in range(1, num_rounds + 1):
+            if f"round {rnd}: sent" in line and rnd not in starts:
+                starts[rnd] = t
+    bounds = [("start-up, delivery, round-0 eval", 0.0)] + [(f"round {r}", starts[r]) for r in sorted(starts)]
+    out = []
+    for i, (label, begin) in enumerate(bounds):
+        end = bounds[i + 1][1] if i + 1 < len(bounds) else total
+        inside = [s for s in samples if begin <= s["t"] < end]
+        if not inside:
+            continue
+        last = inside[-1]
+        out.append({"phase": label, "seconds": end - begin, "samples": len(inside),
+                    "processes": max(s["n"] for s in inside),
+                    "peak_rss_mb": max(s["rss_mb"] for s in inside), "peak_pss_mb": max(s["pss_mb"] for s in inside),
+                    "end_pss_mb": last["pss_mb"], "end_groups_pss_mb": last["groups_pss_mb"]})
+    return out
+
+
+def aggregation_memory(payload_mb: float, counts: list[int]) -> list[dict]:
+    """Peak extra memory of the ServerApp's aggregate_train (OffsiteStrategy around FedAvg) for N replies.
+
+    Each N runs in a fresh process: the replies are built, the kernel's peak-RSS counter is
+    reset (/proc/self/clear_refs), aggregate_train runs, and VmHWM - VmRSS(before) is its peak
+    extra resident memory (torch and numpy alike); tracemalloc gives the numpy/Python part.
+    """
+    import subprocess
+
+    out = []
+    for n in counts:
+        proc = subprocess.run([sys.executable, __file__, "--aggregation-child", str(n), "--aggregation-mb",
+                               str(payload_mb)], capture_output=True, text=True, check=True)
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
+    import torch
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fl_offsite.results import RunFolder as Folder
+    from strategies.offsite import OffsiteStrategy
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # as the ServerApp process has
+    n_tensors = 8
+    per = int(payload_mb * 2**20 / 4 / n_tensors)
+    reference = {f"layers.{i}.weight": torch.zeros(per) for i in range(n_tensors)}
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            strategy = OffsiteStrategy(FedAvg(), reference=reference, evaluate_payload=lambda p: {},
+                                       run=Folder(tmp), lr_at=lambda r: 1e-4, min_replies=1, seed=0, base_config={})
+            strategy._round = {"start": time.perf_counter(), "bytes_down": {}}
+            replies = []
+            for i in range(n):
+                arrays = ArrayRecord({k: torch.full((per,), float(i)) for k in reference})
+                content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10 + i})})
+                msg = Message(content, dst_node_id=i + 1, message_type="train")
+                replies.append(_as_reply(msg, content, i + 1))
+            held = sum(r.content["arrays"].count_bytes() for r in replies) / 2**20
+            Path("/proc/self/clear_refs").write_text("5")
+            rss_before = _status_kb("VmRSS")
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+            start = time.perf_counter()
+            arrays, _ = strategy.aggregate_train(1, replies)
+            seconds = time.perf_counter() - start
+            peak = tracemalloc.get_traced_memory()[1] - base
+            tracemalloc.stop()
+            rss_peak = (_status_kb("VmHWM") - rss_before) / 1024
+            expected = sum((10 + i) * i for i in range(n)) / sum(10 + i for i in range(n))
+            assert abs(float(arrays.to_torch_state_dict()[f"layers.0.weight"][0]) - expected) < 1e-3
+            out.append({"replies": n, "replies_held_mb": held, "aggregate_peak_extra_mb": peak / 2**20, "rss_peak_extra_mb": rss_peak,
+                        "seconds": seconds})
+            del replies, arrays
+    return out
+
+
+def _as_reply(msg, content, node_id):
+    """A reply Message from node ``node_id`` carrying ``content`` (what the Grid hands the strategy)."""
+    from flwr.app import Message
+
+    reply = Message(content, reply_to=msg)
+    reply.metadata.__dict__["_src_node_id"] = node_id
+    return reply
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=100, help="simulated nodes = data partitions")
+    parser.add_argument("--sampled", type=int, default=10, help="nodes trained per round")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
+    parser.add_argument("--aggregation-mb", type=float, default=16.0, help="payload size for the aggregation test")
+    parser.add_argument("--aggregation-replies", default="1,10,25,50,100")
+    parser.add_argument("--skip-simulation", action="store_true")
+    parser.add_argument("--aggregation-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--echo", action="store_true", help="show Flower's log")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    result: dict = {"args": vars(args)}
+    if args.aggregation_child:
+        print(json.dumps(aggregation_child(args.aggregation_mb, [args.aggregation_child])[0]))
+        return 0
+
+    if not args.skip_simulation:
+        with tempfile.TemporaryDirectory(prefix="fl-offsite-scale-") as tmp:
+            root = Path(tmp)
+            model = tiny_model_folder(root / "tiny-model", layers=6, hidden=32, tokenizer="byte-bpe")
+            fresh_node_cache(root / "cache")
+            config = validate({
+                "model": str(model), "task": "bbc-news", "method": "offsite", "num-rounds": args.rounds,
+                "split.adapter-layers": "1,1", "split.emulator-layers": 2, "train.local-steps": args.steps,
+                "train.batch-size": 4, "train.max-length": 64, "eval.limit": 8, "eval.batch-size": 8,
+                "data.partitioner": "iid", "data.num-partitions": args.clients,
+                "strategy.fraction-train": args.sampled / args.clients, "strategy.min-train-nodes": args.sampled,
+                "strategy.min-available-nodes": args.clients, "results.dir": str(root / "run"),
+                "results.resume": False})
+            print(f"scale: {args.clients} simulated nodes (IID partitions of bbc-news), {args.sampled} trained per "
+                  f"round, {args.rounds} rounds x {args.steps} steps, tiny random Llama; {os.cpu_count()} CPUs, "
+                  f"memory sampled every {args.interval} s", flush=True)
+            total, lines, samples = simulate(config, args.clients, args.interval, args.echo)
+            rounds = RunFolder(config["results.dir"]).rounds()
+        phases = per_round(lines, samples, args.rounds, total)
+        replies = [len(r.get("clients", [])) for r in rounds if r["round"] > 0]
+        print(f"\nsimulation: {total:.1f} s, {len(samples)} samples; replies per round {replies}")
+        print("| phase | s | processes | peak RSS sum MB | peak PSS sum MB | PSS at end MB |")
+        print("|---|---|---|---|---|---|")
+        for p in phases:
+            print(f"| {p['phase']} | {p['seconds']:.1f} | {p['processes']} | {p['peak_rss_mb']:.0f} | "
+                  f"{p['peak_pss_mb']:.0f} | {p['end_pss_mb']:.0f} |")
+        trained = [p for p in phases if p["phase"].startswith("round")]
+        if len(trained) >= 3:
+            later = trained[1:]  # round 1 includes the actors' first model load and tokenization
+            xs = list(range(len(later)))
+            ys = [p["end_pss_mb"] for p in later]
+            slope = _slope(xs, ys)
+            print(f"PSS growth from round 2 on: {slope:+.1f} MB/round (least squares over round ends; "
+                  f"{ys[0]:.0f} -> {ys[-1]:.0f} MB); peak PSS rounds 2..{len(trained)}: "
+                  f"{min(p['peak_pss_mb'] for p in later):.0f}..{max(p['peak_pss_mb'] for p in later):.0f} MB")
+            result["pss_slope_mb_per_round"] = slope
+        if trained:
+            print("PSS by process group at the end of the last round: " + ", ".join(
+                f"{k} {v:.0f}" for k, v in sorted(trained[-1]["end_groups_pss_mb"].items(), key=lambda kv: -kv[1])))
+        result.update(simulation_s=total, phases=phases, replies_per_round=replies,
+                      samples=samples)
+
+    counts = [int(x) for x in args.aggregation_replies.split(",")]
+    agg = aggregation_memory(args.aggregation_mb, counts)
+    print(f"\nServer aggregation (OffsiteStrategy checks + Flower FedAvg.aggregate_train), payload "
+          f"{args.aggregation_mb:.0f} MB per reply, one fresh process per row; extra = peak during the call "
+          "beyond the replies already held:")
+    print("| replies | replies held MB | peak extra RSS MB | peak extra numpy/Python MB (tracemalloc) | s |\n"
+          "|---|---|---|---|---|")
+    for row in agg:
+        print(f"| {row['replies']} | {row['replies_held_mb']:.0f} | {row['rss_peak_extra_mb']:.1f} | "
+              f"{row['aggregate_peak_extra_mb']:.1f} | {row['seconds']:.2f} |")
+    result["aggregation"] = agg
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _slope(xs, ys) -> float:
+    if len(xs) < 2:
+        return 0.0
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

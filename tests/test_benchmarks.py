@@ -1,0 +1,99 @@
+"""Smoke tests of the benchmark scripts on tiny settings (seconds; no timing is asserted)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_client_cost_runs_every_method_on_a_tiny_model(tmp_path, capsys):
+    client_cost = load("client_cost")
+    out = tmp_path / "cc.json"
+    assert client_cost.main(["--model", "tiny", "--rounds", "1", "--steps", "1", "--batch", "2", "--seq", "16",
+                             "--no-rss", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    methods = result["methods"]
+    assert set(methods) == set(client_cost.METHODS)
+    full, offsite = methods["full"], methods["offsite"]
+    # Full fine-tuning: backward is twice the forward (input and weight gradients everywhere).
+    assert full["flops_per_row"]["backward"] == pytest.approx(2 * full["flops_per_row"]["forward"])
+    assert offsite["flops_per_row"]["total"] < full["flops_per_row"]["total"]
+    assert methods["offsite-head"]["flops_per_row"]["total"] > offsite["flops_per_row"]["total"]
+    assert offsite["trainable"] < offsite["params"] < full["params"]
+    assert offsite["tensor_memory"]["grads_mb"] < full["tensor_memory"]["grads_mb"]
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_client_cost_bf16_keeps_trainable_weights_in_fp32(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    client_cost = load("client_cost")
+    args = client_cost.main.__globals__["argparse"].Namespace(model="tiny", split=None, lora_r=4)
+    full = AutoModelForCausalLM.from_config(client_cost.model_config("tiny"))
+    model, trainable = client_cost.build("offsite", full, args)
+    from fl_offsite.train import half_frozen
+
+    assert half_frozen(model, trainable) > 0
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert {dtypes[n] for n in trainable} == {torch.float32}
+    assert {d for n, d in dtypes.items() if n not in trainable} == {torch.bfloat16}
+
+
+def test_overhead_timeline_reads_phases_from_log_lines():
+    overhead = load("overhead")
+    lines = [(1.0, "Successfully started run 7"), (3.0, "Split 1-2-1 of x"), (9.0, "Sending the model (1 MB)"),
+             (10.0, "Starting FedAvg strategy:"), (12.0, "Initial global evaluation results: {}"),
+             (15.0, "aggregate_train: Received 2 results"), (15.5, "Global evaluation"),
+             (17.0, "└──> MetricRecord: {'a': 1}"), (18.0, "Results in /x")]
+    phases = dict(overhead.timeline(lines, 1, 20.0))
+    assert phases["Ray start-up: nodes connect"] == 6.0
+    assert phases["round 1: server-side evaluation + checkpoint"] == 1.5
+    assert sum(phases.values()) == 20.0
+
+
+def test_scale_aggregation_memory_does_not_hold_copies_per_reply():
+    scale = load("scale")
+    rows = scale.aggregation_child(1.0, [1, 4])
+    assert [r["replies"] for r in rows] == [1, 4]
+    # Running sum: the extra numpy memory is a few payloads, whatever the number of replies.
+    assert rows[1]["aggregate_peak_extra_mb"] < rows[1]["replies_held_mb"]
+
+
+def test_train_local_in_bf16_with_half_frozen_weights_moves_only_the_adapter(tiny_tokenizer):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fl_offsite.data import encode_choice_example
+    from fl_offsite.split import adapter_names, plan_split
+    from fl_offsite.tasks import ChoiceExample
+    from fl_offsite.train import TrainSettings, half_frozen, train_local
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2))
+    plan = plan_split(model, 1, 1, emulator_layers=2)
+    trainable = set(adapter_names(model, plan).values())
+    half_frozen(model, trainable)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    features = [encode_choice_example(tiny_tokenizer, ChoiceExample("Article: The striker scored.\nTopic:",
+                                                                     [" sport", " tech"], 0), 32)] * 2
+    stats = train_local(model, trainable, features, TrainSettings(lr=1e-2, batch_size=2, local_steps=2,
+                                                                  precision="bf16"), tiny_tokenizer.pad_token_id)
+    assert stats.loss == stats.loss  # finite
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]) != (name in trainable), name
