@@ -87,28 +87,42 @@ class Federation:
         _stop_processes(lambda tag: tag == self.tag)  # SuperExec and ClientApps run in sessions of their own
 
 
-@pytest.fixture
-def federation(tmp_path: Path, private_cache) -> Iterator[Federation]:
-    """Certificates, node keys for alice, bob and mallory, and a SuperLink admitting alice and bob."""
+@contextlib.contextmanager
+def loopback_federation(root: Path) -> Iterator[Federation]:
+    """Certificates, node keys for alice, bob and mallory, data files for alice and bob, and a SuperLink
+    on 127.0.0.1 admitting alice and bob; every process is stopped on exit."""
     me = psutil.Process()
     tag = f"{me.pid}:{me.create_time()!r}:{uuid.uuid4().hex}"  # the launcher's tag format: never taken for stale
-    env = runtime_env({"FLWR_HOME": str(tmp_path / "flwr-home"), TAG_VAR: tag,
+    env = runtime_env({"FLWR_HOME": str(root / "flwr-home"), TAG_VAR: tag,
                        "PYTHONPATH": os.pathsep.join(filter(None, [str(app_dir()), os.environ.get("PYTHONPATH")]))})
-    fed = Federation(tmp_path, free_port(), env, tag)
-    make_certs(tmp_path / "certs", ["127.0.0.1", "localhost"])
+    fed = Federation(root, free_port(), env, tag)
+    make_certs(root / "certs", ["127.0.0.1", "localhost"])
     for name in ("alice", "bob", "mallory"):
-        make_node_key(tmp_path / "keys", name)
+        make_node_key(root / "keys", name)
     for i, name in enumerate(("alice", "bob")):
-        write_examples(tmp_path / f"{name}.jsonl", [ChoiceExample(f"Article: {text}\nTopic:", TOPICS, label)
-                                                    for text, label in ARTICLES[i:] + ARTICLES[:i]])
+        write_examples(root / f"{name}.jsonl", [ChoiceExample(f"Article: {text}\nTopic:", TOPICS, label)
+                                                for text, label in ARTICLES[i:] + ARTICLES[:i]])
     try:
-        link = fed.start("superlink", "superlink", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1",
-                         "--port", str(fed.port), "--node-key", str(tmp_path / "keys" / "alice.pub"),
-                         "--node-key", str(tmp_path / "keys" / "bob.pub"))
+        link = fed.start("superlink", "superlink", "--certs", str(root / "certs"), "--host", "127.0.0.1",
+                         "--port", str(fed.port), "--node-key", str(root / "keys" / "alice.pub"),
+                         "--node-key", str(root / "keys" / "bob.pub"))
         fed.wait_for("superlink", "SuperLink ready", link)
         yield fed
     finally:
         fed.stop()
+
+
+def tiny_run_config(model_dir: Path, results: Path) -> dict:
+    """The tiny federated job of tests/test_federated.py, 2 rounds."""
+    return {"model": str(model_dir), "task": "bbc-news", "num-rounds": 2, "split.adapter-layers": "1,1",
+            "split.emulator-layers": 2, "train.local-steps": 2, "train.batch-size": 4, "train.max-length": 64,
+            "train.lr": 1e-3, "eval.limit": 6, "results.dir": str(results), "strategy.round-timeout": 300.0}
+
+
+@pytest.fixture
+def federation(tmp_path: Path, private_cache) -> Iterator[Federation]:
+    with loopback_federation(tmp_path) as fed:
+        yield fed
 
 
 @pytest.mark.slow
@@ -132,9 +146,7 @@ def test_two_data_owners_train_over_tls_and_an_unlisted_node_is_refused(federati
     assert "TLS check of 127.0.0.1" in fed.log("stranger")
 
     results = tmp_path / "results"
-    config = {"model": str(tiny_lm_dir), "task": "bbc-news", "num-rounds": 2, "split.adapter-layers": "1,1",
-              "split.emulator-layers": 2, "train.local-steps": 2, "train.batch-size": 4, "train.max-length": 64,
-              "train.lr": 1e-3, "eval.limit": 6, "results.dir": str(results), "strategy.round-timeout": 300.0}
+    config = tiny_run_config(tiny_lm_dir, results)
     start = time.perf_counter()
     run_app(app_dir(), "fl-offsite-deploy", config, env=fed.env, log_path=tmp_path / "run.log", stream=False)
     wall = time.perf_counter() - start
