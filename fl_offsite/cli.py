@@ -70,7 +70,12 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
     from fl_offsite.models import load_model
     from fl_offsite.split import load_adapter, plug_in
 
+    from fl_offsite.tuning import BOTTLENECK
+
     adapter, plan = load_adapter(args.adapter)
+    if any(f".{BOTTLENECK}." in name for name in adapter):
+        raise UserError(f"{args.adapter} holds bottleneck adapters, which a transformers model folder cannot "
+                        f"hold; evaluate them with `fl-offsite eval {args.model} --adapter {args.adapter}`")
     model, tokenizer = load_model(args.model)
     plug_in(model, adapter, plan)
     with atomic_dir(args.out) as tmp:
@@ -87,13 +92,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from fl_offsite.report import markdown_table
     from fl_offsite.split import load_adapter, plug_in
     from fl_offsite.tasks import load_task
+    from fl_offsite.tuning import prepare_for_adapter
 
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer; evaluation needs one")
     if args.adapter:
         adapter, plan = load_adapter(args.adapter)
-        plug_in(model, adapter, plan)
+        plug_in(prepare_for_adapter(model, adapter, plan), adapter, plan)
     task = _user_input(load_task, args.task, seed=args.seed)
     result = evaluate_task(model, tokenizer, task, split=args.split, limit=args.limit, batch_size=args.batch_size)
     result = {"model": args.model, "adapter": args.adapter, **result}
@@ -173,7 +179,7 @@ def cmd_supernode(args: argparse.Namespace) -> None:
 
     from fl_offsite.deploy import SuperNodeSettings, serve_supernode
 
-    path = lambda value: Path(value).expanduser() if value else None  # noqa: E731
+    path = lambda value: Path(value).expanduser() if value else None
     settings = SuperNodeSettings(
         superlink=args.superlink, ca=None if args.insecure else path(args.ca), key=path(args.key),
         data_path=path(args.data_path), cache_dir=path(args.cache_dir), partition_id=args.partition_id,

@@ -15,11 +15,10 @@ from fl_offsite.delivery import node_store
 from fl_offsite.errors import UserError
 from fl_offsite.local_data import data_path, load_examples
 from fl_offsite.logs import log_to_console
-from fl_offsite.lora import LoraSpec, add_lora, lora_blocks
 from fl_offsite.models import load_model, load_tokenizer
-from fl_offsite.payload import get_payload, payload_names, set_payload
 from fl_offsite.split import SplitPlan
 from fl_offsite.train import TrainSettings, train_local
+from fl_offsite.tuning import Tuning, get_payload, set_payload
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -52,9 +51,9 @@ def train(msg: Message, context: Context) -> Message:
     if not store.has(digest):
         raise UserError(f"node {context.node_id} has no model {digest}: it must be delivered before training")
     plan = SplitPlan.from_json(json.loads(round_config["split-plan"])) if round_config["split-plan"] else None
-    lora = LoraSpec.from_config(config) if config["method"].endswith("-lora") else None
-    model, tokenizer = _cached_model(str(store.folder(digest)), lora, round_config["split-plan"], config["seed"])
-    names = payload_names(model, plan)
+    tuning = Tuning.from_config(config)
+    model, tokenizer = _cached_model(str(store.folder(digest)), tuning, round_config["split-plan"], config["seed"])
+    names = tuning.names(model, plan)
     set_payload(model, msg.content["arrays"].to_torch_state_dict(), names)
 
     partition_id, num_partitions = _partition(context, config)
@@ -91,13 +90,11 @@ def _partition(context: Context, config: dict) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=1)
-def _cached_model(folder: str, lora: LoraSpec | None = None, plan_json: str = "", seed: int = 0):
-    """The delivered model (with LoRA when asked), loaded once per process (Ray actors serve many rounds)."""
+def _cached_model(folder: str, tuning: Tuning, plan_json: str = "", seed: int = 0):
+    """The delivered model ready for ``tuning``, loaded once per process (Ray actors serve many rounds)."""
     model, tokenizer = load_model(folder)
-    if lora is not None:
-        plan = SplitPlan.from_json(json.loads(plan_json)) if plan_json else None
-        model = add_lora(model, lora, lora_blocks(model, plan), seed=seed)
-    return model, tokenizer
+    plan = SplitPlan.from_json(json.loads(plan_json)) if plan_json else None
+    return tuning.apply(model, plan, seed=seed), tokenizer
 
 
 def _features(task: str, seed: int, partitioner: str, alpha: float, num_partitions: int, partition_id: int,

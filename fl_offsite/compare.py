@@ -1,51 +1,69 @@
 """Run several methods on the same task, partitions and rounds; write a report with plots."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from fl_offsite.config import load_file, validate
+from fl_offsite.config import CHOICES, load_file, validate
 from fl_offsite.errors import UserError
 from fl_offsite.io import write_atomic, write_json
 from fl_offsite.report import markdown_table
 from fl_offsite.results import RunFolder
+from fl_offsite.split import SPLIT_FILE
 
 log = logging.getLogger(__name__)
 
 BASELINE = "fedavg-full"
 
 
-def load_compare_config(path: str | Path, overrides: dict[str, Any]) -> tuple[list[str], int, Path, dict]:
-    """``[compare]`` (methods, num-clients, out) and the shared run config of a compare file."""
+def load_compare_config(path: str | Path, overrides: dict[str, Any]) -> tuple[dict[str, dict], int, Path, dict]:
+    """The runs (name -> config overrides), num-clients, out folder and shared run config of a compare file.
+
+    ``compare.methods`` lists run names: a method (``offsite``...) or a variant defined as
+    ``[compare.runs.NAME]`` with its ``method`` and any run-config keys (``"distill.steps" = 120``).
+    """
     data = {**load_file(path), **overrides}
-    methods = data.pop("compare.methods", ["offsite", BASELINE])
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    names = data.pop("compare.methods", ["offsite", BASELINE])
+    if isinstance(names, str):
+        names = [m.strip() for m in names.split(",") if m.strip()]
+    variants: dict[str, dict] = {}
+    for key in [k for k in data if k.startswith("compare.runs.")]:
+        name, _, option = key.removeprefix("compare.runs.").partition(".")
+        variants.setdefault(name, {})[option] = data.pop(key)
     num_clients = int(data.pop("compare.num-clients", 4))
     out = Path(str(data.pop("compare.out", "runs/compare"))).expanduser().resolve()
     config = validate(data)
-    for method in methods:
-        validate({**data, "method": method})
+    unused = variants.keys() - set(names)
+    if unused:
+        raise UserError(f"[compare.runs.{sorted(unused)[0]}] is not listed in compare.methods")
+    runs = {}
+    for name in names:
+        run = variants.get(name, {"method": name})
+        if "method" not in run:
+            raise UserError(f"[compare.runs.{name}] needs a method (one of {', '.join(CHOICES['method'])})")
+        validate({**data, **run})
+        runs[name] = run
     if num_clients < config["strategy.min-train-nodes"]:
         raise UserError(f"compare.num-clients={num_clients} is below strategy.min-train-nodes")
-    return methods, num_clients, out, config
+    return runs, num_clients, out, config
 
 
-def run_compare(methods: list[str], num_clients: int, out: Path, config: dict, cpus_per_client: int = 1) -> Path:
-    """Run each method (resuming, skipping finished ones), then write the report into ``out``."""
+def run_compare(runs: dict[str, dict], num_clients: int, out: Path, config: dict, cpus_per_client: int = 1) -> Path:
+    """Run each configuration (resuming, skipping finished ones), then write the report into ``out``."""
     from fl_offsite.cli import app_dir
     from fl_offsite.launch import run_simulation_app
 
-    for method in methods:
-        run_config = {**config, "method": method, "results.dir": str(out / method),
-                      "data.num-partitions": num_clients}
-        if finished(out / method, rounds_of(method, config)):
-            log.info("%s: already finished, not rerun (%s)", method, out / method)
+    for name, overrides in runs.items():
+        run_config = validate({**config, **overrides, "results.dir": str(out / name),
+                               "data.num-partitions": num_clients})
+        if finished(out / name, rounds_of(run_config["method"], config)):
+            log.info("%s: already finished, not rerun (%s)", name, out / name)
             continue
-        log.info("%s: running %d rounds with %d clients", method, config["num-rounds"], num_clients)
+        log.info("%s: running %d rounds with %d clients", name, config["num-rounds"], num_clients)
         run_simulation_app(app_dir(), run_config, num_supernodes=num_clients, cpus_per_client=cpus_per_client)
-    return write_report(out, methods)
+    return write_report(out, list(runs))
 
 
 def rounds_of(method: str, config: dict) -> int:
@@ -64,14 +82,17 @@ def summarize(run_dir: Path) -> dict:
     config = run.read_config()
     evaluations = [{"round": r["round"], **{m: r["eval"][m] for m in r["eval"]}} for r in rounds]
     clients = [c for r in rounds[1:] for c in r["clients"]]
+    split = run_dir / "split" / SPLIT_FILE
+    distillation = json.loads(split.read_text()).get("distillation") if split.is_file() else None
     if not clients:  # zero-shot: nothing trained, nothing sent
-        return {"config": config, "rounds": evaluations}
+        return {"config": config, "rounds": evaluations, "distillation": distillation}
     mean = lambda key: sum(c[key] for c in clients) / len(clients)
     one_time = run.package_bytes()  # what a new client downloads once (cached nodes were sent nothing)
     per_round = [sum(c["bytes_down"] + c["bytes_up"] for c in r["clients"]) / len(r["clients"]) for r in rounds[1:]]
     return {
         "config": config,
         "rounds": evaluations,
+        "distillation": distillation,
         "bytes_down_per_client_round": mean("bytes_down"),
         "bytes_up_per_client_round": mean("bytes_up"),
         "one_time_bytes_per_client": one_time,
@@ -102,20 +123,43 @@ def write_report(out: Path, methods: list[str]) -> Path:
     return out / "report.md"
 
 
+LABELS = {"fedavg-full": "FedAvg full fine-tuning", "fedavg-lora": "FedAvg LoRA (full model)",
+          "offsite": "Offsite", "offsite-lora": "Offsite + LoRA", "offsite-bitfit": "Offsite + BitFit",
+          "offsite-bottleneck": "Offsite + bottleneck adapters"}
+
+
 def accuracy_rows(runs: dict[str, dict]) -> list[tuple[str, dict]]:
-    """The paper's rows: zero-shot full and emulator, FedAvg baselines, offsite emulator and plug-in."""
-    zero = next((r for r in runs.values() if "emulator" in r["rounds"][0]), next(iter(runs.values())))["rounds"][0]
-    rows = [("Full zero-shot", zero.get("plugin") or zero.get("full"))]
-    if "emulator" in zero:
-        rows.append(("Emulator zero-shot", zero["emulator"]))
-    for method, label in (("fedavg-full", "FedAvg full fine-tuning"), ("fedavg-lora", "FedAvg LoRA (full model)")):
-        if method in runs:
-            rows.append((label, runs[method]["rounds"][-1]["full"]))
-    for method, label in (("offsite", "Offsite"), ("offsite-lora", "Offsite + LoRA")):
-        if method in runs:
-            final = runs[method]["rounds"][-1]
-            rows.append((f"{label} emulator (emulator + adapter)", final["emulator"]))
-            rows.append((f"{label} plug-in (full model + adapter)", final["plugin"]))
+    """The paper's rows: zero-shot full and emulator, FedAvg baselines, offsite emulator and plug-in.
+
+    Runs are labelled by method; a variant (``[compare.runs.NAME]``) by its name.
+    """
+    label = lambda name, run: LABELS.get(name, name) if name == run["config"]["method"] else name
+    first = next(iter(runs.values()))["rounds"][0]
+    rows = [("Full zero-shot", first.get("plugin") or first.get("full"))]
+    plain = next((r for r in runs.values() if "emulator" in r["rounds"][0] and not r["distillation"]), None)
+    if plain:
+        rows.append(("Emulator zero-shot", plain["rounds"][0]["emulator"]))
+    for name, run in runs.items():
+        if run["distillation"] and "emulator" in run["rounds"][0]:
+            rows.append((f"Distilled emulator zero-shot [{name}]", run["rounds"][0]["emulator"]))
+    for name, run in runs.items():
+        final = run["rounds"][-1]
+        if run["config"]["method"].startswith("fedavg"):
+            rows.append((label(name, run), final["full"]))
+        elif run["config"]["method"] != "zero-shot":
+            rows.append((f"{label(name, run)} emulator (emulator + adapter)", final["emulator"]))
+            rows.append((f"{label(name, run)} plug-in (full model + adapter)", final["plugin"]))
+    return rows
+
+
+def fidelity_rows(runs: dict[str, dict]) -> list[list[str]]:
+    """Held-out perplexity of the emulators each distilled run used, before and after distillation."""
+    rows = []
+    for name, run in runs.items():
+        record = run.get("distillation")
+        if record:
+            rows.append([name, f"{record['steps']} ({record['seconds']:.0f} s)", f"{record['full_ppl']:.1f}",
+                         f"{record['emulator_ppl_before']:.1f}", f"{record['emulator_ppl_after']:.1f}"])
     return rows
 
 
@@ -132,6 +176,12 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
              markdown_table(["setting", "acc", "acc_norm"], [
                  [name, f"{m['acc']:.3f} ± {m['acc_stderr']:.3f}", f"{m['acc_norm']:.3f}"]
                  for name, m in accuracy_rows(runs)]), ""]
+    fidelity = fidelity_rows(runs)
+    if fidelity:
+        lines += ["## Emulator fidelity", "", markdown_table(
+            ["run", "distillation steps", "full model ppl", "emulator ppl before", "emulator ppl after"], fidelity),
+            "", f"Perplexity on held-out {next(r['distillation']['corpus'] for r in runs.values() if r.get('distillation'))}"
+            " text (the corpus' validation split).", ""]
     trained = {m: r for m, r in runs.items() if "client_peak_memory_mb" in r}
     base = trained.get(BASELINE)
     ratio = lambda run, key: f"{run[key] / base[key]:.3f}" if base else "-"

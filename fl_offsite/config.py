@@ -18,7 +18,7 @@ Value = bool | int | float | str
 DEFAULTS: dict[str, Value] = {
     "model": "smollm2-135m",  # local folder, hub id, or offline alias
     "task": "bbc-news",  # see fl_offsite.tasks
-    "method": "offsite",  # offsite | offsite-lora | fedavg-full | fedavg-lora | zero-shot
+    "method": "offsite",  # see CHOICES; -lora/-bitfit/-bottleneck: what of the adapter trains (fl_offsite.tuning)
     "num-rounds": 3,
     "seed": 1234,
     "split.adapter-layers": "2,2",  # bottom,top blocks of the adapter
@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Value] = {
     "lora.r": 4,  # LoRA of the -lora methods (paper: r 4, alpha 32, dropout 0.1)
     "lora.alpha": 32,
     "lora.dropout": 0.1,
+    "bottleneck.size": 64,  # width of the bottleneck adapters of offsite-bottleneck
     "strategy.name": "fedavg",
     "strategy.fraction-train": 1.0,
     "strategy.min-train-nodes": 2,
@@ -63,7 +64,8 @@ DEFAULTS: dict[str, Value] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": ("offsite", "offsite-lora", "fedavg-full", "fedavg-lora", "zero-shot"),
+    "method": ("offsite", "offsite-lora", "offsite-bitfit", "offsite-bottleneck", "fedavg-full", "fedavg-lora",
+               "zero-shot"),
     "strategy.name": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
                       "fedtrimmedavg", "krum"),
     "train.lr-schedule": ("constant", "cosine", "linear"),

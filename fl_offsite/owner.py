@@ -16,12 +16,11 @@ from fl_offsite.config import adapter_layers
 from fl_offsite.distill import DistillSettings, distilled_split, ppl_summary
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import evaluate_task
-from fl_offsite.lora import LoraSpec, add_lora, lora_blocks
 from fl_offsite.models import load_model, resolve_model_path
-from fl_offsite.payload import get_payload, payload_names, set_payload
 from fl_offsite.split import (EMULATOR_DIR, SPLIT_FILE, SplitPlan, build_emulator, extract_adapter, plan_split,
                               write_split)
 from fl_offsite.tasks import TaskData, load_task
+from fl_offsite.tuning import Tuning, get_payload, set_payload
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +36,7 @@ class ModelOwner:
     emulator: PreTrainedModel | None
     base_folder: Path  # the model delivered once to every node
     task: TaskData
+    tuning: Tuning
 
     @classmethod
     def prepare(cls, config: dict, run_dir: Path) -> ModelOwner:
@@ -57,14 +57,16 @@ class ModelOwner:
             split_dir = write_split(run_dir / "split", emulator, extract_adapter(model, plan), plan, tokenizer,
                                     record=record)
             base_folder = split_dir / EMULATOR_DIR
-        if config["method"].endswith("-lora"):
-            spec = LoraSpec.from_config(config)
-            model = add_lora(model, spec, lora_blocks(model, plan), seed=config["seed"])
-            emulator = emulator and add_lora(emulator, spec, lora_blocks(emulator, plan), seed=config["seed"])
-        return cls(config, model, tokenizer, plan, emulator, base_folder, task)
+        tuning = Tuning.from_config(config)
+        model = tuning.apply(model, plan, seed=config["seed"])
+        emulator = emulator and tuning.apply(emulator, plan, seed=config["seed"])
+        return cls(config, model, tokenizer, plan, emulator, base_folder, task, tuning)
+
+    def payload_names(self, model: PreTrainedModel) -> dict[str, str]:
+        return self.tuning.names(model, self.plan)
 
     def initial_payload(self) -> dict[str, torch.Tensor]:
-        return get_payload(self.model, payload_names(self.model, self.plan))
+        return get_payload(self.model, self.payload_names(self.model))
 
     def evaluate(self, payload: dict[str, torch.Tensor]) -> dict[str, dict]:
         """Plug ``payload`` in and score the held-out test split: plug-in (full) and emulator models."""
@@ -74,7 +76,7 @@ class ModelOwner:
             models["emulator"] = self.emulator
         results = {}
         for name, model in models.items():
-            set_payload(model, payload, payload_names(model, self.plan))
+            set_payload(model, payload, self.payload_names(model))
             results[name] = evaluate_task(model, self.tokenizer, self.task, "test", limit=limit, batch_size=batch,
                                           progress=False)
         if self.emulator is not None:
@@ -88,7 +90,7 @@ def final_weights(owner: ModelOwner, payload: dict[str, torch.Tensor]) -> tuple[
     if owner.plan is None:
         return ("lora.safetensors" if isinstance(owner.model, PeftModel) else "model.safetensors"), payload
     model = owner.model
-    set_payload(model, payload, payload_names(model, owner.plan))
+    set_payload(model, payload, owner.payload_names(model))
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     return "adapter.safetensors", extract_adapter(model, owner.plan)

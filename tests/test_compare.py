@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -42,6 +43,28 @@ def test_report_of_offsite_and_fedavg_full(tiny_lm_dir, tmp_path):
         assert row in text
     for plot in ("accuracy.png", "client_cost.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_compares_distilled_and_plain_emulators(tiny_lm_dir, tmp_path):
+    out = tmp_path / "compare"
+    distill = {"distill.steps": 3, "distill.batch-size": 2, "distill.block-size": 32}
+    for name, overrides in (("offsite", {}), ("distilled", distill)):
+        run(tiny_config(tiny_lm_dir, out / name, **{"data.num-partitions": 2, "num-rounds": 1}, **overrides),
+            num_nodes=2)
+    report = write_report(out, ["offsite", "distilled"]).read_text()
+    data = json.loads((out / "report.json").read_text())
+
+    assert data["offsite"]["distillation"] is None
+    record = data["distilled"]["distillation"]
+    assert record["steps"] == 3 and len(record["losses"]) == 3
+    # The run's emulator is the distilled one: its zero-shot differs from the plain emulator's.
+    plain, distilled = (RunFolder(out / n).rounds()[0]["eval"]["emulator"] for n in ("offsite", "distilled"))
+    assert plain["acc"] == data["offsite"]["rounds"][0]["emulator"]["acc"]
+    assert "Distilled emulator zero-shot [distilled]" in report and "| Emulator zero-shot " in report
+    assert "| distilled emulator (emulator + adapter)" in report and "| Offsite plug-in" in report
+    assert "## Emulator fidelity" in report
+    assert f"{record['emulator_ppl_before']:.1f} | {record['emulator_ppl_after']:.1f}" in re.sub(r" +", " ", report)
+    assert distilled["n"] == plain["n"]
 
 
 @pytest.mark.slow

@@ -61,6 +61,28 @@ def test_simulate_refuses_a_bad_key_in_one_line(capsys):
 def test_shipped_configs_are_valid():
     from fl_offsite.compare import load_compare_config
 
-    methods, clients, _, config = load_compare_config(ROOT / "simulations" / "demo.toml", {})
-    assert methods == ["offsite", "fedavg-full"] and clients == 4 and config["model"] == "smollm2-135m"
+    runs, clients, _, config = load_compare_config(ROOT / "simulations" / "demo.toml", {})
+    assert runs == {"offsite": {"method": "offsite"}, "fedavg-full": {"method": "fedavg-full"}}
+    assert clients == 4 and config["model"] == "smollm2-135m"
     validate(load_file(ROOT / "simulations" / "smoke.toml"))
+
+
+def test_compare_variants_are_named_runs_with_their_own_keys(tmp_path):
+    from fl_offsite.compare import load_compare_config
+
+    path = tmp_path / "c.toml"
+    path.write_text('num-rounds = 1\n[compare]\nmethods = ["offsite", "distilled"]\n'
+                    '[compare.runs.distilled]\nmethod = "offsite"\n"distill.steps" = 50\n')
+    runs, _, _, config = load_compare_config(path, {})
+    assert runs == {"offsite": {"method": "offsite"}, "distilled": {"method": "offsite", "distill.steps": 50}}
+    assert config["distill.steps"] == 0
+
+    path.write_text('[compare]\nmethods = ["offsite"]\n[compare.runs.distilled]\nmethod = "offsite"\n')
+    with pytest.raises(UserError, match=r"\[compare.runs.distilled\] is not listed"):
+        load_compare_config(path, {})
+    path.write_text('[compare]\nmethods = ["x"]\n[compare.runs.x]\n"distill.step" = 5\n')
+    with pytest.raises(UserError, match="needs a method"):
+        load_compare_config(path, {})
+    path.write_text('[compare]\nmethods = ["x"]\n[compare.runs.x]\nmethod = "offsite"\n"distill.step" = 5\n')
+    with pytest.raises(UserError, match="did you mean 'distill.steps'"):
+        load_compare_config(path, {})

@@ -1,0 +1,121 @@
+"""How the adapter is tuned, and which of its tensors travel each round.
+
+``method`` picks it: ``offsite`` / ``fedavg-full`` train every tensor of the adapter (or the
+model); ``-lora`` trains LoRA factors (PEFT); ``offsite-bitfit`` trains the adapter blocks'
+bias terms only; ``offsite-bottleneck`` adds a bottleneck adapter (Houlsby-style
+down-projection, GELU, zero-initialised up-projection, residual) after each adapter block
+and trains only those. Everything travels keyed by full-model names, so the emulator's
+clients and the owner's full model agree on them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from fl_offsite.blocks import find_blocks
+from fl_offsite.errors import UserError
+from fl_offsite.lora import LoraSpec, add_lora, lora_blocks, lora_names
+from fl_offsite.split import SplitPlan, adapter_names, copy_by_name
+
+BOTTLENECK = "bottleneck"  # name of the module added to a block
+
+
+@dataclass(frozen=True)
+class Tuning:
+    kind: str = "all"  # all | lora | bitfit | bottleneck
+    lora: LoraSpec | None = None
+    bottleneck_size: int = 16
+
+    @classmethod
+    def from_config(cls, config: dict) -> Tuning:
+        kind = config["method"].rpartition("-")[2]
+        if kind == "lora":
+            return cls("lora", LoraSpec.from_config(config))
+        if kind in ("bitfit", "bottleneck"):
+            return cls(kind, bottleneck_size=config["bottleneck.size"])
+        return cls()
+
+    def apply(self, model: nn.Module, plan: SplitPlan | None, seed: int = 0) -> nn.Module:
+        """``model`` ready for this tuning: wrapped in LoRA, or with bottleneck adapters added."""
+        if self.kind == "lora":
+            return add_lora(model, self.lora, lora_blocks(model, plan), seed=seed)
+        if self.kind == "bottleneck":
+            add_bottlenecks(model, lora_blocks(model, plan), self.bottleneck_size, seed=seed)
+        if self.kind == "bitfit" and not self.names(model, plan):
+            raise UserError(f"{type(model).__name__}'s adapter blocks have no bias terms for BitFit: "
+                            "use method offsite-lora or offsite-bottleneck for this model")
+        return model
+
+    def names(self, model: nn.Module, plan: SplitPlan | None) -> dict[str, str]:
+        """Map travelling name -> parameter name in ``model`` for the tensors this tuning trains."""
+        if isinstance(model, PeftModel):
+            return lora_names(model, plan)
+        if plan is None:
+            return {name: name for name, _ in model.named_parameters()}  # tied weights once
+        names = adapter_names(model, plan)
+        if self.kind == "bitfit":
+            return {k: v for k, v in names.items() if k.endswith(".bias")}
+        if self.kind == "bottleneck":
+            return {k: v for k, v in names.items() if f".{BOTTLENECK}." in k}
+        return {k: v for k, v in names.items() if f".{BOTTLENECK}." not in k}
+
+
+def get_payload(model: nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Copies of the tensors named in ``names`` (travelling name -> name in ``model``)."""
+    state = model.state_dict()
+    return {name: state[local].detach().clone() for name, local in names.items()}
+
+
+def set_payload(model: nn.Module, payload: dict[str, torch.Tensor], names: dict[str, str]) -> None:
+    """Check ``payload`` against ``names`` and copy it into ``model``."""
+    copy_by_name(model, payload, names)
+
+
+class Bottleneck(nn.Module):
+    """``h + up(gelu(down(h)))``, the identity at initialisation (``up`` starts at zero)."""
+
+    def __init__(self, hidden: int, size: int):
+        super().__init__()
+        self.down = nn.Linear(hidden, size)
+        self.up = nn.Linear(size, hidden)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.up(nn.functional.gelu(self.down(hidden)))
+
+
+def add_bottlenecks(model: nn.Module, blocks: list[int], size: int, seed: int = 0) -> None:
+    """Add a :class:`Bottleneck` to the blocks at ``blocks``, applied to each block's hidden-state output."""
+    _, block_list = find_blocks(model)
+    hidden = model.config.hidden_size
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # the same initial adapters on every call
+    for pos in blocks:
+        block = block_list[pos]
+        if hasattr(block, BOTTLENECK):
+            continue
+        param = next(block.parameters())
+        block.add_module(BOTTLENECK, Bottleneck(hidden, size).to(device=param.device, dtype=param.dtype))
+        block.register_forward_hook(_apply_bottleneck)
+    torch.random.set_rng_state(generator_state)
+
+
+def _apply_bottleneck(block: nn.Module, args, output):
+    adapter = getattr(block, BOTTLENECK)
+    if isinstance(output, tuple):
+        return (adapter(output[0]), *output[1:])
+    return adapter(output)
+
+
+def prepare_for_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], plan: SplitPlan) -> nn.Module:
+    """Add to ``model`` the bottleneck adapters that ``adapter`` holds (if any), so that it plugs in."""
+    downs = {name: t for name, t in adapter.items() if name.endswith(f".{BOTTLENECK}.down.weight")}
+    if downs:
+        positions = plan.positions(model)
+        blocks = [positions[int(name.removeprefix(plan.block_prefix + ".").split(".")[0])] for name in downs]
+        add_bottlenecks(model, blocks, next(iter(downs.values())).shape[0])
+    return model
