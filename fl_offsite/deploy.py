@@ -27,15 +27,15 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
+import tomllib
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
-
-import tomllib
 
 from fl_offsite.errors import UserError
 from fl_offsite.launch import _executable
@@ -69,7 +69,7 @@ def make_certs(out: str | Path, hosts: Sequence[str], days: int = 365, overwrite
         raise UserError(f"{out / CA_KEY} exists: certificates were made already (pass --overwrite to replace them; "
                         "every SuperNode then needs the new ca.crt)")
     out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     names = [_san(h) for h in dict.fromkeys(hosts)]
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -359,7 +359,9 @@ class SuperNodeSettings:
             raise UserError(f"--ca {self.ca}: no such file; get ca.crt from the model owner "
                             "(made by `fl-offsite certs`)")
         if self.key is not None:
-            from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+            from cryptography.hazmat.primitives.serialization import (
+                load_ssh_private_key,
+            )
 
             if not self.key.is_file():
                 raise UserError(f"--key {self.key}: no such file; make one with `fl-offsite node-key NAME`")
@@ -424,19 +426,20 @@ def serve_supernode(s: SuperNodeSettings) -> int:
 
 
 def _supernode_hints(s: SuperNodeSettings) -> list[tuple[str, str]]:
+    """(text in flower-supernode's output, what to tell the data owner)."""
     public = f"{s.key}.pub" if s.key else "its .pub file"
-    return [
-        ("[code: 2004]", f"the SuperLink {s.superlink} refused this node: its public key ({public}) is not "
-                         "registered. Send that .pub file to the model owner to register "
-                         "(`fl-offsite superlink ... --node-key FILE.pub`), then start the node again"),
-        ("[code: 2001]", f"the SuperLink {s.superlink} only admits registered nodes: start with --key PRIVATE_KEY "
-                         "(`fl-offsite node-key NAME`) and have the model owner register NAME.pub"),
-        ("CERTIFICATE_VERIFY_FAILED", f"TLS check of {s.superlink} failed: the SuperLink's certificate is not "
-                                      f"signed by --ca {s.ca} or does not name host "
-                                      f"{s.superlink.rsplit(':', 1)[0]}. Use the model owner's current ca.crt, and "
-                                      "an address given to `fl-offsite certs --host`"),
-        ("WRONG_VERSION_NUMBER", f"{s.superlink} does not speak TLS (a SuperLink started with --insecure?)"),
-    ]
+    host = s.superlink.rsplit(":", 1)[0]
+    refused = (f"the SuperLink {s.superlink} refused this node: its public key ({public}) is not registered. "
+               "Send that .pub file to the model owner to register (`fl-offsite superlink ... --node-key "
+               "FILE.pub`), then start the node again")
+    anonymous = (f"the SuperLink {s.superlink} only admits registered nodes: start with --key PRIVATE_KEY "
+                 "(`fl-offsite node-key NAME`) and have the model owner register NAME.pub")
+    tls = (f"TLS check of {s.superlink} failed: the SuperLink's certificate is not signed by --ca {s.ca} or does "
+           f"not name host {host}. Use the model owner's current ca.crt, and an address given to "
+           "`fl-offsite certs --host`")
+    plain = f"{s.superlink} does not speak TLS (a SuperLink started with --insecure?)"
+    return [("[code: 2004]", refused), ("[code: 2001]", anonymous), ("CERTIFICATE_VERIFY_FAILED", tls),
+            ("WRONG_VERSION_NUMBER", plain)]
 
 
 # --- running the app ---------------------------------------------------------------------
@@ -489,10 +492,8 @@ def runtime_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _forward(process: subprocess.Popen, note) -> "threading.Thread":
+def _forward(process: subprocess.Popen, note: Callable[[str], str | None]) -> threading.Thread:
     """Copy the child's output to ours in a thread; ``note(line)`` may add a line of explanation."""
-    import threading
-
     def pump() -> None:
         for line in process.stdout:
             sys.stdout.write(line)
@@ -506,7 +507,7 @@ def _forward(process: subprocess.Popen, note) -> "threading.Thread":
     return thread
 
 
-def _wait(process: subprocess.Popen, forward) -> int:
+def _wait(process: subprocess.Popen, forward: threading.Thread) -> int:
     """Wait for the child; SIGTERM and Ctrl-C stop it (and with it its SuperExec)."""
     def stop(signum, frame):
         raise KeyboardInterrupt

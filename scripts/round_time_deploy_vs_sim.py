@@ -17,16 +17,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+from conftest import CORPUS
+from test_deploy import loopback_federation, tiny_run_config
+from tiny_models import save_tiny_lm
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
-from conftest import CORPUS  # noqa: E402
-from test_deploy import loopback_federation, tiny_run_config  # noqa: E402
-from tiny_models import save_tiny_lm  # noqa: E402
-
-from fl_offsite.cli import app_dir  # noqa: E402
-from fl_offsite.deploy import run_app  # noqa: E402
-from fl_offsite.launch import run_simulation_app  # noqa: E402
+from fl_offsite.cli import app_dir
+from fl_offsite.deploy import run_app
+from fl_offsite.launch import run_simulation_app
 
 
 def tiny_model(folder: Path) -> Path:

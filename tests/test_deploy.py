@@ -18,9 +18,16 @@ import psutil
 import pytest
 
 from fl_offsite.cli import app_dir, main
-from fl_offsite.deploy import SuperLinkSettings, SuperNodeSettings, make_certs, make_node_key, run_app, runtime_env
+from fl_offsite.deploy import (
+    SuperLinkSettings,
+    SuperNodeSettings,
+    make_certs,
+    make_node_key,
+    run_app,
+    runtime_env,
+)
 from fl_offsite.errors import UserError
-from fl_offsite.launch import TAG_VAR, _stop_processes
+from fl_offsite.launch import TAG_VAR, _stop_processes, _tagged_processes
 from fl_offsite.local_data import write_examples
 from fl_offsite.tasks import BBC_TOPICS, ChoiceExample
 
@@ -110,6 +117,8 @@ def loopback_federation(root: Path) -> Iterator[Federation]:
         yield fed
     finally:
         fed.stop()
+        left = [p.pid for p in _tagged_processes(lambda tag: tag == fed.tag)]
+        assert not left, f"processes of the federation still running: {left}"
 
 
 def tiny_run_config(model_dir: Path, results: Path) -> dict:
@@ -139,12 +148,6 @@ def test_two_data_owners_train_over_tls_and_an_unlisted_node_is_refused(federati
     stranger = fed.node("stranger", "--ca", str(tmp_path / "other-ca" / "ca.crt"), "--key", str(keys / "bob"),
                         "--data-path", str(tmp_path / "bob.jsonl"))
 
-    assert mallory.wait(timeout=120) == 2
-    assert "refused this node: its public key" in fed.log("mallory") and "mallory.pub" in fed.log("mallory")
-    assert "REFUSED a SuperNode whose public key is not registered" in fed.log("superlink")
-    assert stranger.wait(timeout=120) == 2
-    assert "TLS check of 127.0.0.1" in fed.log("stranger")
-
     results = tmp_path / "results"
     config = tiny_run_config(tiny_lm_dir, results)
     start = time.perf_counter()
@@ -163,6 +166,13 @@ def test_two_data_owners_train_over_tls_and_an_unlisted_node_is_refused(federati
     assert (results / "adapter.safetensors").is_file()
     for name in ("alice", "bob"):
         assert list((tmp_path / f"cache-{name}").glob("model-*/model.safetensors"))
+
+    # The refused nodes tried to join while the others trained.
+    assert mallory.wait(timeout=60) == 2
+    assert "refused this node: its public key" in fed.log("mallory") and "mallory.pub" in fed.log("mallory")
+    assert "REFUSED a SuperNode whose public key is not registered" in fed.log("superlink")
+    assert stranger.wait(timeout=60) == 2
+    assert "TLS check of 127.0.0.1" in fed.log("stranger")
     with capsys.disabled():
         print(f"\ndeployment (TLS + node auth, 2 SuperNodes): run {wall:.1f} s, per round "
               f"{[round(r['seconds'], 1) for r in rounds[1:]]} s")
@@ -186,7 +196,7 @@ def test_missing_or_bad_files_give_clear_errors(tmp_path: Path, capsys) -> None:
     assert "ca.crt: no such file; get ca.crt from the model owner" in capsys.readouterr().err
     make_certs(tmp_path / "certs", ["127.0.0.1"])
     (tmp_path / "key").write_text("not a key")
-    node = dict(superlink="127.0.0.1:9093", ca=tmp_path / "certs" / "ca.crt", partition_id=0)
+    node = {"superlink": "127.0.0.1:9093", "ca": tmp_path / "certs" / "ca.crt", "partition_id": 0}
     with pytest.raises(UserError, match="not an unencrypted OpenSSH private key"):
         SuperNodeSettings(key=tmp_path / "key", **node).check()
     with pytest.raises(UserError, match="--data-path FILE.jsonl"):
