@@ -257,18 +257,21 @@ def write_connection(name: str, address: str, ca: Path | None, flwr_home: Path |
     return path
 
 
-def wait_ready(port: int, ca: Path | None, process: subprocess.Popen, timeout: float = STARTUP_TIMEOUT_S) -> None:
+def wait_ready(host: str, port: int, ca: Path | None, process: subprocess.Popen,
+               timeout: float = STARTUP_TIMEOUT_S) -> None:
     """Wait until the SuperLink on this machine answers its health check."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    host = f"[{host}]" if ":" in host else host
     scheme = "http" if ca is None else "https"
     context = None
     if ca is not None:
         context = ssl.create_default_context(cafile=str(ca))
-        context.check_hostname = False  # probing 127.0.0.1; the certificate may name only the public host
+        context.check_hostname = False  # probing by address; the certificate may name only the public host
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
     deadline = time.monotonic() + timeout
     while process.poll() is None and time.monotonic() < deadline:
         try:
-            with opener.open(f"{scheme}://127.0.0.1:{port}/health", timeout=2) as response:
+            with opener.open(f"{scheme}://{host}:{port}/health", timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -308,7 +311,7 @@ def serve_superlink(s: SuperLinkSettings) -> int:
     forward = _forward(process, _superlink_note)
     try:
         ca = s.certs / CA_CERT if s.certs else None
-        wait_ready(s.port, ca, process)
+        wait_ready(s.host, s.port, ca, process)
         config_file = write_connection(s.connection, s.client_address(), ca)
         for key, node in register_nodes(s.connection, keys, env).items():
             log.info("Registered node key %s (node %s)", key, node)
