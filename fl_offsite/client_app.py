@@ -7,8 +7,10 @@ import os
 from contextvars import ContextVar
 from functools import lru_cache
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fl_offsite.config import validate
 from fl_offsite.delivery import node_store
@@ -21,7 +23,16 @@ from fl_offsite.train import TrainSettings, train_local
 from fl_offsite.tuning import Tuning, get_payload, set_payload
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+
+
+def dp_clipping(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``fixedclipping_mod`` on the training messages of a differentially private run."""
+    if msg.metadata.message_type == MessageType.TRAIN and KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[dp_clipping])
 # The node's own data file (node config `data-path`), set by _partition for _features.
 _LOCAL_DATA: ContextVar[tuple[str, int] | None] = ContextVar("local_data", default=None)
 
@@ -74,7 +85,9 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": len(features), "partition-id": partition_id, "train-loss": stats.loss,
         "train-steps": stats.steps, "train-seconds": stats.seconds, "tokens-per-s": stats.tokens_per_s,
         "peak-memory-mb": stats.peak_memory_mb, "trainable-params": stats.trainable_params})
-    return Message(RecordDict({"arrays": ArrayRecord(get_payload(model, names)), "metrics": metrics}), reply_to=msg)
+    payload = get_payload(model, names)
+    arrays = ArrayRecord({name: payload[name] for name in msg.content["arrays"]})  # in the order received
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 def _partition(context: Context, config: dict) -> tuple[int, int]:

@@ -45,6 +45,11 @@ DEFAULTS: dict[str, Value] = {
     "strategy.eta": 1e-3,  # fedadam, fedyogi, fedadagrad: server learning rate
     "strategy.trim-beta": 0.2,  # fedtrimmedavg
     "strategy.num-malicious": 0,  # krum
+    "strategy.max-update-norm": 0.0,  # reject updates whose L2 distance from the global adapter is larger (0 = off)
+    "dp.noise-multiplier": 0.0,  # > 0: client-side clipping + server Gaussian noise, epsilon accounted (fedavg)
+    "dp.clipping-norm": 1.0,  # L2 bound of each client's update
+    "dp.delta": 1e-5,  # epsilon is reported at this delta
+    "dp.max-epsilon": 0.0,  # stop before a round would exceed this epsilon (0 = no limit)
     "train.lr": 1e-4,
     "train.lr-schedule": "cosine",  # across rounds: constant | cosine | linear
     "train.batch-size": 8,
@@ -92,6 +97,14 @@ def validate(overrides: dict[str, Any]) -> dict[str, Value]:
         raise UserError("set train.local-steps or train.local-epochs to a positive number")
     if not 0.0 < config["strategy.fraction-train"] <= 1.0:
         raise UserError(f"strategy.fraction-train must be in (0, 1], got {config['strategy.fraction-train']}")
+    if config["dp.noise-multiplier"] > 0:
+        if config["strategy.name"] != "fedavg":
+            raise UserError("differential privacy (dp.noise-multiplier > 0) needs strategy.name = fedavg: "
+                            "its accountant assumes plain, equally weighted averaging")
+        if config["train.local-steps"] <= 0:
+            raise UserError("differential privacy weighs every client equally: set train.local-steps > 0")
+        if not 0 < config["dp.delta"] < 1 or config["dp.clipping-norm"] <= 0:
+            raise UserError("dp.delta must be in (0, 1) and dp.clipping-norm > 0")
     adapter_layers(config)
     return config
 

@@ -57,12 +57,12 @@ def run_federated(grid: Grid, config: dict) -> Path:
     sent = deliver(grid, package, nodes, timeout=config["strategy.round-timeout"])
     run.record_delivery(package.digest, package.nbytes, sent)
     strategy = OffsiteStrategy(
-        aggregation_strategy(config), reference=payload, evaluate_payload=owner.evaluate, run=run,
+        aggregation_strategy(config, len(nodes)), reference=payload, evaluate_payload=owner.evaluate, run=run,
         lr_at=lr_schedule(config["train.lr"], config["train.lr-schedule"], config["num-rounds"]),
         min_replies=config["strategy.min-train-nodes"], seed=config["seed"],
         base_config={"digest": package.digest, "method": config["method"],
                      "split-plan": json.dumps(owner.plan.to_json()) if owner.plan else ""},
-        rounds_done=done)
+        rounds_done=done, max_update_norm=config["strategy.max-update-norm"])
     if checkpoint:
         strategy.restore(checkpoint.strategy_state)
         log.info("Resuming %s after round %d", run.root, done)

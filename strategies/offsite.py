@@ -23,6 +23,7 @@ from fl_offsite.split import check_adapter
 
 log = logging.getLogger(__name__)
 
+ACCOUNTANT = "__privacy_accountant__"
 Evaluator = Callable[[dict[str, torch.Tensor]], dict[str, dict]]
 
 
@@ -31,7 +32,7 @@ class OffsiteStrategy(Strategy):
 
     def __init__(self, inner: Strategy, reference: dict[str, torch.Tensor], evaluate_payload: Evaluator,
                  run: RunFolder, lr_at: Callable[[int], float], min_replies: int, seed: int,
-                 base_config: dict, rounds_done: int = 0) -> None:
+                 base_config: dict, rounds_done: int = 0, max_update_norm: float = 0.0) -> None:
         self.inner = inner
         self.reference = {k: torch.empty_like(v, device="meta") for k, v in reference.items()}
         self.evaluate_payload = evaluate_payload
@@ -41,6 +42,8 @@ class OffsiteStrategy(Strategy):
         self.seed = seed
         self.base_config = base_config
         self.offset = rounds_done  # rounds finished before a resume
+        self.max_update_norm = max_update_norm
+        self._global: dict[str, torch.Tensor] = {}
         self._round: dict = {}
 
     # --- training ---------------------------------------------------------
@@ -51,6 +54,7 @@ class OffsiteStrategy(Strategy):
         config = ConfigRecord({**self.base_config, **config, "lr": self.lr_at(rnd), "round": rnd})
         messages = list(self.inner.configure_train(rnd, arrays, config, grid))
         down = arrays.count_bytes()
+        self._global = arrays.to_torch_state_dict()
         self._round = {"start": time.perf_counter(), "bytes_down": {m.metadata.dst_node_id: down for m in messages}}
         log.info("round %d: sent %.2f MB to each of %d clients", rnd, down / 1e6, len(messages))
         return messages
@@ -65,13 +69,14 @@ class OffsiteStrategy(Strategy):
             if reply.has_error():
                 problems.append({"node": node, "kind": "failed", "reason": reply.error.reason})
                 continue
-            reason = self._check(reply)
+            reason, norm = self._check(reply)
             if reason:
                 problems.append({"node": node, "kind": "rejected", "reason": reason})
                 continue
             accepted.append(reply)
             clients.append({"node": node, "bytes_down": self._round["bytes_down"].get(node, 0),
-                            "bytes_up": reply.content["arrays"].count_bytes(), **dict(reply.content["metrics"])})
+                            "bytes_up": reply.content["arrays"].count_bytes(), "update-norm": norm,
+                            **dict(reply.content["metrics"])})
         for c in clients:
             log.info("round %d: client %s loss %.4f, %d examples, %.1f s, %.0f tokens/s, peak %.0f MB", rnd,
                      int(c.get("partition-id", -1)), c.get("train-loss", float("nan")), int(c["num-examples"]),
@@ -86,18 +91,22 @@ class OffsiteStrategy(Strategy):
         self._round.update(clients=clients, problems=problems, missing=sent - len(replies))
         return self.inner.aggregate_train(rnd, accepted)
 
-    def _check(self, reply: Message) -> str | None:
-        """Why an update must not be averaged in, or None when it is fine."""
+    def _check(self, reply: Message) -> tuple[str | None, float]:
+        """Why an update must not be averaged in (None when it is fine), and its distance from the global one."""
         content = reply.content
         if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-            return "reply lacks the 'arrays' or 'metrics' record"
+            return "reply lacks the 'arrays' or 'metrics' record", float("nan")
         if "num-examples" not in content["metrics"]:
-            return "metrics lack num-examples"
+            return "metrics lack num-examples", float("nan")
+        update = content["arrays"].to_torch_state_dict()
         try:
-            check_adapter(content["arrays"].to_torch_state_dict(), self.reference)
+            check_adapter(update, self.reference)
         except (UserError, ValueError, TypeError) as err:
-            return str(err)
-        return None
+            return str(err), float("nan")
+        norm = update_norm(update, self._global)
+        if self.max_update_norm > 0 and norm > self.max_update_norm:
+            return (f"update norm {norm:.4g} exceeds strategy.max-update-norm = {self.max_update_norm:g}"), norm
+        return None, norm
 
     # --- evaluation and records -------------------------------------------
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -112,6 +121,10 @@ class OffsiteStrategy(Strategy):
             record.update(seconds=time.perf_counter() - self._round["start"], clients=self._round["clients"],
                           problems=self._round["problems"], missing=self._round["missing"],
                           lr=self.lr_at(rnd))
+            spent = self.inner.privacy_spent() if hasattr(self.inner, "privacy_spent") else None
+            if spent is not None:
+                record["privacy"] = {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
+                log.info("round %d: privacy spent epsilon %.3f at delta %g", rnd, spent.epsilon, spent.delta)
         self.run.append_round(record)
         self.run.save_checkpoint(Checkpoint(rnd, payload, self.state()))
         return MetricRecord({f"{model}.{k}": v for model, m in results.items() for k, v in m.items()
@@ -130,7 +143,7 @@ class OffsiteStrategy(Strategy):
 
     # --- resumable state ---------------------------------------------------
     def state(self) -> dict:
-        """The inner strategy's picklable attributes (e.g. FedAdam's moments)."""
+        """The inner strategy's picklable attributes (e.g. FedAdam's moments) and its privacy accountant's."""
         out = {}
         for key, value in vars(self.inner).items():
             try:
@@ -138,8 +151,21 @@ class OffsiteStrategy(Strategy):
             except Exception:  # functions, locks: configuration, rebuilt from config
                 continue
             out[key] = value
+        accountant = getattr(self.inner, "accountant", None)
+        if accountant is not None:
+            out[ACCOUNTANT] = accountant.state_dict()
         return out
 
     def restore(self, state: dict) -> None:
+        state = dict(state)
+        accountant = state.pop(ACCOUNTANT, None)
         vars(self.inner).update(state)
+        if accountant is not None:
+            self.inner.accountant.load_state_dict(accountant)
+
+
+def update_norm(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """L2 distance between a client's returned tensors and the global ones it started from."""
+    total = sum(float((update[k].double() - reference[k].double()).pow(2).sum()) for k in reference)
+    return total ** 0.5
 

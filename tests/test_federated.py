@@ -183,7 +183,7 @@ def test_every_configured_strategy_builds():
     from strategies.aggregation import aggregation_strategy
 
     for name in CHOICES["strategy.name"]:
-        strategy = aggregation_strategy(validate({"strategy.name": name}))
+        strategy = aggregation_strategy(validate({"strategy.name": name}), num_nodes=4)
         assert strategy.fraction_evaluate == 0.0  # the owner evaluates, not the clients
 
 

@@ -1,0 +1,101 @@
+"""Hostile or lost clients, differential privacy, and a server killed with SIGKILL then resumed."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from fl_offsite.split import load_adapter
+from test_federated import Crash, crash_in_round, rounds_of, run, tiny_config
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+
+
+def boosted_update(msg, node_index):
+    """Node 0 returns the global adapter moved far away (a scaled, poisoned update)."""
+    if msg.metadata.message_type != "train" or node_index != 0:
+        return None
+    bad = {k: v + 1.0 for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+    return Message(RecordDict({"arrays": ArrayRecord(bad), "metrics": MetricRecord({"num-examples": 10})}),
+                   reply_to=msg)
+
+
+def test_updates_beyond_the_norm_bound_are_rejected_and_logged(tiny_lm_dir, tmp_path):
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1, "strategy.max-update-norm": 5.0})
+    run(config, num_nodes=3, fault=boosted_update)
+    record = rounds_of(tmp_path / "run")[-1]
+    (problem,) = record["problems"]
+    assert problem["kind"] == "rejected" and "exceeds strategy.max-update-norm = 5" in problem["reason"]
+    assert len(record["clients"]) == 2 and all(0 < c["update-norm"] <= 5.0 for c in record["clients"])
+
+
+def test_a_client_that_never_replies_is_counted_missing(tiny_lm_dir, tmp_path):
+    """What a straggler cut off by the round timeout looks like to the strategy: no reply at all."""
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1})
+    run(config, num_nodes=3, fault=lambda msg, i: False if msg.metadata.message_type == "train" and i == 2 else None)
+    record = rounds_of(tmp_path / "run")[-1]
+    assert record["missing"] == 1 and len(record["clients"]) == 2 and record["problems"] == []
+
+
+def test_differential_privacy_clips_updates_and_reports_epsilon(tiny_lm_dir, tmp_path):
+    dp = {"dp.noise-multiplier": 1.0, "dp.clipping-norm": 0.5, "num-rounds": 2}
+    grid = run(tiny_config(tiny_lm_dir, tmp_path / "dp", **dp), num_nodes=2)
+    rounds = rounds_of(tmp_path / "dp")
+    epsilons = [r["privacy"]["epsilon"] for r in rounds[1:]]
+    assert 0 < epsilons[0] < epsilons[1] and rounds[-1]["privacy"]["delta"] == 1e-5
+    assert all(c["update-norm"] <= 0.5 + 1e-4 for r in rounds[1:] for c in r["clients"])  # clipped on the client
+    assert all(m.content["config"]["clipping_norm"] == 0.5 for m in grid.sent if m.metadata.message_type == "train")
+
+    # Resuming keeps the accountant: epsilon after round 2 is the same as without the interruption.
+    resumed = tiny_config(tiny_lm_dir, tmp_path / "resumed", **dp)
+    with pytest.raises(Crash):
+        run(resumed, num_nodes=2, fault=crash_in_round(2))
+    run(resumed, num_nodes=2)
+    assert rounds_of(tmp_path / "resumed")[-1]["privacy"] == rounds[-1]["privacy"]
+
+
+def test_privacy_budget_stops_the_run_before_it_is_exceeded(tiny_lm_dir, tmp_path):
+    dp = {"dp.noise-multiplier": 1.0, "dp.max-epsilon": 1.0, "num-rounds": 3}
+    with pytest.raises(Exception, match="exceed max_epsilon"):
+        run(tiny_config(tiny_lm_dir, tmp_path / "dp", **dp), num_nodes=2)
+
+
+@pytest.mark.slow
+def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_path):
+    """`fl-offsite simulate` on Ray, SIGKILLed (launcher and its whole tree) after round 1, then run again."""
+    settings = [f"model={tiny_lm_dir}", "num-rounds=3", "split.adapter-layers=1,1", "split.emulator-layers=2",
+                "train.local-steps=2", "train.batch-size=4", "train.max-length=64", "eval.limit=6"]
+
+    def simulate(results: str) -> subprocess.Popen:
+        args = [sys.executable, "-m", "fl_offsite.cli", "simulate", "--num-clients", "2"]
+        for item in [*settings, f"results.dir={results}"]:
+            args += ["--set", item]
+        return subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    straight = simulate(str(tmp_path / "straight"))
+    assert straight.wait(timeout=600) == 0
+
+    victim = simulate(str(tmp_path / "killed"))
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # rounds 0 and 1 on record
+        assert victim.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and everything in its session, without warning
+    victim.wait()
+    assert [r["round"] for r in rounds_of(tmp_path / "killed")][-1] < 3
+
+    resumed = simulate(str(tmp_path / "killed"))  # also cleans up what the killed launch left running
+    assert resumed.wait(timeout=600) == 0
+    a, _ = load_adapter(tmp_path / "straight" / "adapter.safetensors")
+    b, _ = load_adapter(tmp_path / "killed" / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rounds = lambda name: [(r["round"], r["eval"]["plugin"]["acc"], r["eval"]["emulator"]["acc"])
+                           for r in rounds_of(tmp_path / name)]
+    assert rounds("killed") == rounds("straight")
