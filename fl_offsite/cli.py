@@ -115,15 +115,22 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
     from fl_offsite.config import load_file, parse_sets, validate
     from fl_offsite.launch import run_simulation_app
+    from fl_offsite.preflight import check_runnable
     from fl_offsite.report import round_table
     from fl_offsite.results import RunFolder
 
     config = validate({**(load_file(args.config) if args.config else {}), **parse_sets(args.set)})
     config["results.dir"] = str(Path(config["results.dir"]).expanduser().resolve())
     config["data.num-partitions"] = args.num_clients
+    check_runnable(config, args.num_clients)
     run_simulation_app(app_dir(), config, num_supernodes=args.num_clients, cpus_per_client=args.cpus_per_client,
                        gpus_per_client=args.gpus_per_client)
     print(round_table(RunFolder(config["results.dir"]).rounds()))
+    split = Path(config["results.dir"]) / "split" / "split.json"
+    if split.is_file() and "distillation" in (record := json.loads(split.read_text())):
+        from fl_offsite.distill import ppl_summary
+
+        print(f"distilled emulator, {ppl_summary(record['distillation'])}")
     print(f"results: {config['results.dir']}")
 
 

@@ -17,9 +17,9 @@ from fl_offsite.delivery import node_store
 from fl_offsite.errors import UserError
 from fl_offsite.local_data import data_path, load_examples
 from fl_offsite.logs import log_to_console
-from fl_offsite.models import load_model, load_tokenizer
+from fl_offsite.models import best_device, load_model, load_tokenizer
 from fl_offsite.split import SplitPlan
-from fl_offsite.train import TrainSettings, train_local
+from fl_offsite.train import HALF, TrainSettings, half_frozen, train_local
 from fl_offsite.tuning import Tuning, get_payload, set_payload
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def train(msg: Message, context: Context) -> Message:
         raise UserError(f"node {context.node_id} has no model {digest}: it must be delivered before training")
     plan = SplitPlan.from_json(json.loads(round_config["split-plan"])) if round_config["split-plan"] else None
     tuning = Tuning.from_config(config)
-    model, tokenizer = _cached_model(str(store.folder(digest)), tuning, round_config["split-plan"], config["seed"])
+    model, tokenizer = _cached_model(str(store.folder(digest)), tuning, round_config["split-plan"], config["seed"],
+                                     config["train.precision"])
     names = tuning.names(model, plan)
     set_payload(model, msg.content["arrays"].to_torch_state_dict(), names)
 
@@ -76,7 +77,8 @@ def train(msg: Message, context: Context) -> Message:
         local_steps=config["train.local-steps"], local_epochs=config["train.local-epochs"],
         weight_decay=config["train.weight-decay"], grad_clip=config["train.grad-clip"],
         proximal_mu=float(round_config.get("proximal-mu", 0.0)),
-        seed=config["seed"] * 7919 + rnd * 131 + partition_id)
+        seed=config["seed"] * 7919 + rnd * 131 + partition_id,
+        precision=config["train.precision"] if model.device.type == "cuda" else "fp32")
     stats = train_local(model, set(names.values()), features, settings, _pad_id(tokenizer),
                         desc=f"client {partition_id} round {rnd}")
     log.info("client %d round %d: loss %.4f, %d steps, %.1f s, %.0f tokens/s, peak %.0f MB", partition_id, rnd,
@@ -103,11 +105,14 @@ def _partition(context: Context, config: dict) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=1)
-def _cached_model(folder: str, tuning: Tuning, plan_json: str = "", seed: int = 0):
+def _cached_model(folder: str, tuning: Tuning, plan_json: str = "", seed: int = 0, precision: str = "fp32"):
     """The delivered model ready for ``tuning``, loaded once per process (Ray actors serve many rounds)."""
     model, tokenizer = load_model(folder)
     plan = SplitPlan.from_json(json.loads(plan_json)) if plan_json else None
-    return tuning.apply(model, plan, seed=seed), tokenizer
+    model = tuning.apply(model.to(best_device()), plan, seed=seed)
+    if precision != "fp32" and model.device.type == "cuda":  # frozen weights in half precision
+        half_frozen(model, set(tuning.names(model, plan).values()), HALF[precision])
+    return model, tokenizer
 
 
 def _features(task: str, seed: int, partitioner: str, alpha: float, num_partitions: int, partition_id: int,

@@ -54,13 +54,18 @@ def run_compare(runs: dict[str, dict], num_clients: int, out: Path, config: dict
     """Run each configuration (resuming, skipping finished ones), then write the report into ``out``."""
     from fl_offsite.cli import app_dir
     from fl_offsite.launch import run_simulation_app
+    from fl_offsite.preflight import check_runnable
 
+    pending = {}
     for name, overrides in runs.items():
         run_config = validate({**config, **overrides, "results.dir": str(out / name),
                                "data.num-partitions": num_clients})
         if finished(out / name, rounds_of(run_config["method"], config)):
             log.info("%s: already finished, not rerun (%s)", name, out / name)
-            continue
+        else:
+            check_runnable(run_config, num_clients)  # all of them before the first starts
+            pending[name] = run_config
+    for name, run_config in pending.items():
         log.info("%s: running %d rounds with %d clients", name, config["num-rounds"], num_clients)
         run_simulation_app(app_dir(), run_config, num_supernodes=num_clients, cpus_per_client=cpus_per_client)
     return write_report(out, list(runs))

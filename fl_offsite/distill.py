@@ -193,7 +193,7 @@ def distilled_split(model_name: str, model: PreTrainedModel, tokenizer: PreTrain
     if (folder / SPLIT_FILE).is_file():
         log.info("distilled emulator found in the cache: %s", folder)
         return folder
-    emulator = build_emulator(model, plan)
+    emulator = build_emulator(model, plan).to(model.device)
     record = distill(model, emulator, plan, tokenizer, settings, progress=progress)
     write_split(folder, emulator, extract_adapter(model, plan), plan, tokenizer,
                 record={"source_model": model_name, "distillation": record})

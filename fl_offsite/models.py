@@ -59,6 +59,11 @@ def load_model(
     return model, (load_tokenizer(path) if with_tokenizer else None)
 
 
+def best_device() -> torch.device:
+    """The GPU when this process has one (Ray gives clients theirs via client-resources), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
     """The tokenizer stored with a model, or None when it has none."""

@@ -16,7 +16,7 @@ from fl_offsite.config import adapter_layers
 from fl_offsite.distill import DistillSettings, distilled_split, ppl_summary
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import evaluate_task
-from fl_offsite.models import load_model, resolve_model_path
+from fl_offsite.models import best_device, load_model, resolve_model_path
 from fl_offsite.split import (EMULATOR_DIR, SPLIT_FILE, SplitPlan, build_emulator, extract_adapter, plan_split,
                               write_split)
 from fl_offsite.tasks import TaskData, load_task
@@ -41,6 +41,7 @@ class ModelOwner:
     @classmethod
     def prepare(cls, config: dict, run_dir: Path) -> ModelOwner:
         model, tokenizer = load_model(config["model"])
+        model.to(best_device())
         if tokenizer is None:
             raise UserError(f"{config['model']} has no tokenizer; clients need one to read their data")
         task = load_task(config["task"], seed=config["seed"])
@@ -100,9 +101,10 @@ def _emulator(config: dict, model: PreTrainedModel, tokenizer, plan: SplitPlan) 
     """The emulator (distilled when ``distill.steps`` > 0, from the cache when done before) and its record."""
     record = {"source_model": config["model"]}
     if config["distill.steps"] <= 0:
-        return build_emulator(model, plan), record
+        return build_emulator(model, plan).to(model.device), record
     folder = distilled_split(config["model"], model, tokenizer, plan, DistillSettings.from_config(config))
     emulator, _ = load_model(str(folder / EMULATOR_DIR), with_tokenizer=False)
+    emulator.to(model.device)
     distillation = json.loads((folder / SPLIT_FILE).read_text())["distillation"]
     log.info("Distilled emulator: %s", ppl_summary(distillation))
     return emulator, {**record, "distillation": distillation}

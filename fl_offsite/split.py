@@ -157,7 +157,7 @@ def adapter_names(model: torch.nn.Module, plan: SplitPlan) -> dict[str, str]:
 def extract_adapter(model: torch.nn.Module, plan: SplitPlan) -> dict[str, torch.Tensor]:
     """The adapter blocks' tensors of ``model`` (full or emulator), keyed by full-model names."""
     state = model.state_dict()
-    return {full: state[local].detach().clone() for full, local in adapter_names(model, plan).items()}
+    return {full: state[local].detach().to("cpu", copy=True) for full, local in adapter_names(model, plan).items()}
 
 
 def check_adapter(adapter: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:

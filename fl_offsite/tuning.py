@@ -66,7 +66,7 @@ class Tuning:
 def get_payload(model: nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
     """Copies of the tensors named in ``names`` (travelling name -> name in ``model``)."""
     state = model.state_dict()
-    return {name: state[local].detach().clone() for name, local in names.items()}
+    return {name: state[local].detach().to("cpu", copy=True) for name, local in names.items()}
 
 
 def set_payload(model: nn.Module, payload: dict[str, torch.Tensor], names: dict[str, str]) -> None:

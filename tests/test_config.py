@@ -86,3 +86,25 @@ def test_compare_variants_are_named_runs_with_their_own_keys(tmp_path):
     path.write_text('[compare]\nmethods = ["x"]\n[compare.runs.x]\nmethod = "offsite"\n"distill.step" = 5\n')
     with pytest.raises(UserError, match="did you mean 'distill.steps'"):
         load_compare_config(path, {})
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("task=bbc-newz", "unknown task 'bbc-newz'"),
+    (f"model={ROOT / 'no-such-model'}", "not a loadable hub id"),
+    ("split.emulator-layers=5", "needs 7 blocks but"),
+])
+def test_simulate_refuses_configs_that_cannot_run_before_starting_anything(setting, message, tmp_path, capsys,
+                                                                          tiny_lm_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    results = tmp_path / "run"
+    tiny = ["--set", f"model={tiny_lm_dir}", "--set", "split.adapter-layers=1,1", "--set", "split.emulator-layers=2"]
+    assert main(["simulate", *tiny, "--set", setting, "--set", f"results.dir={results}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not results.exists()
+
+
+def test_simulate_refuses_more_clients_than_the_task_can_fill(tmp_path, capsys, tiny_lm_dir):
+    assert main(["simulate", "--num-clients", "1600", "--set", f"model={tiny_lm_dir}", "--set", "method=fedavg-full",
+                 "--set", f"results.dir={tmp_path / 'run'}"]) == 2
+    assert "cannot fill 1600 partitions" in capsys.readouterr().err

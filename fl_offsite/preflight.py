@@ -1,0 +1,35 @@
+"""Checks run before a simulation starts, so that a config that cannot work fails in one line, not in Ray."""
+from __future__ import annotations
+
+import os
+
+from fl_offsite.config import adapter_layers
+from fl_offsite.errors import UserError
+
+
+def check_runnable(config: dict, num_clients: int) -> None:
+    """The model resolves, the split fits it, the task loads and every client's partition is non-empty."""
+    from transformers import AutoConfig
+
+    from fl_offsite.models import resolve_model_path
+    from fl_offsite.partition import partition_indices
+    from fl_offsite.tasks import load_task
+
+    path = resolve_model_path(config["model"])
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        where = "folder" if os.path.isdir(path) else "hub id (or the hub is unreachable)"
+        raise UserError(f"model {config['model']!r}: not a loadable {where}: {str(err).splitlines()[0]}") from err
+    layers = getattr(model_config, "num_hidden_layers", None)
+    if config["method"].startswith("offsite") and layers is not None:
+        bottom, top = adapter_layers(config)
+        k = config["split.emulator-layers"] if config["split.drop-ratio"] <= 0 else 0
+        if bottom + top + k > layers:
+            raise UserError(f"split {bottom},{k},{top} needs {bottom + top + k} blocks but {config['model']} has "
+                            f"{layers}: lower split.adapter-layers or split.emulator-layers")
+    labels = load_task(config["task"], seed=config["seed"]).labels("train")
+    for partition in range(num_clients):
+        if not partition_indices(labels, num_clients, partition, config["data.partitioner"], config["data.alpha"],
+                                 config["seed"]):
+            raise UserError(f"partition {partition} of {num_clients} is empty: use fewer clients")
