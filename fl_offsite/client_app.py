@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextvars import ContextVar
 from functools import lru_cache
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -34,7 +33,6 @@ def dp_clipping(msg: Message, context: Context, call_next) -> Message:
 
 app = ClientApp(mods=[dp_clipping])
 # The node's own data file (node config `data-path`), set by _partition for _features.
-_LOCAL_DATA: ContextVar[tuple[str, int] | None] = ContextVar("local_data", default=None)
 
 
 @app.query("model_status")
@@ -69,8 +67,9 @@ def train(msg: Message, context: Context) -> Message:
     set_payload(model, msg.content["arrays"].to_torch_state_dict(), names)
 
     partition_id, num_partitions = _partition(context, config)
-    features = _features(config["task"], config["seed"], config["data.partitioner"], config["data.alpha"],
-                         num_partitions, partition_id, config["train.max-length"], str(store.folder(digest)))
+    features = _features(_local_data(context), config["task"], config["seed"], config["data.partitioner"],
+                         config["data.alpha"], num_partitions, partition_id, config["train.max-length"],
+                         str(store.folder(digest)))
     rnd = int(round_config["round"])
     settings = TrainSettings(
         lr=float(round_config["lr"]), batch_size=config["train.batch-size"], grad_accum=config["train.grad-accum"],
@@ -94,9 +93,7 @@ def train(msg: Message, context: Context) -> Message:
 
 def _partition(context: Context, config: dict) -> tuple[int, int]:
     node = context.node_config
-    path = data_path(node)
-    _LOCAL_DATA.set((path, os.stat(path).st_mtime_ns) if path else None)
-    if path:  # a data owner with its own data: partition-id only names it in the records
+    if data_path(node):  # a data owner with its own data: partition-id only names it in the records
         return int(node.get("partition-id", 0)), 1
     if "partition-id" not in node:
         raise UserError(f"node {context.node_id} has no partition-id: start it with "
@@ -115,17 +112,18 @@ def _cached_model(folder: str, tuning: Tuning, plan_json: str = "", seed: int = 
     return model, tokenizer
 
 
-def _features(task: str, seed: int, partitioner: str, alpha: float, num_partitions: int, partition_id: int,
-              max_length: int, tokenizer_folder: str) -> list[dict[str, list[int]]]:
-    """This data owner's tokenized training examples (loss on the answer tokens only): its own
-    file when the node config names a data-path, else its partition of the task."""
-    return _encoded(task, seed, partitioner, alpha, num_partitions, partition_id, max_length, tokenizer_folder,
-                    _LOCAL_DATA.get())
+def _local_data(context: Context) -> tuple[str, int] | None:
+    """The node's own data file and its modification time (a changed file is read again), if it has one."""
+    path = data_path(context.node_config)
+    return (path, os.stat(path).st_mtime_ns) if path else None
 
 
 @lru_cache(maxsize=8)
-def _encoded(task: str, seed: int, partitioner: str, alpha: float, num_partitions: int, partition_id: int,
-             max_length: int, tokenizer_folder: str, local: tuple[str, int] | None) -> list[dict[str, list[int]]]:
+def _features(local: tuple[str, int] | None, task: str, seed: int, partitioner: str, alpha: float,
+              num_partitions: int, partition_id: int, max_length: int,
+              tokenizer_folder: str) -> list[dict[str, list[int]]]:
+    """This data owner's tokenized training examples (loss on the answer tokens only): its own
+    file when the node config names a data-path, else its partition of the task."""
     from fl_offsite.data import encode_choice_example
     from fl_offsite.partition import partition_indices
     from fl_offsite.tasks import load_task

@@ -44,10 +44,11 @@ def test_client_trains_on_the_nodes_own_file(tmp_path, tiny_lm_dir):
     context = Context(run_id=1, node_id=7, node_config={"data-path": str(path), "partition-id": 3},
                       state=RecordDict(), run_config={})
     assert client_app._partition(context, {"data.num-partitions": 4}) == (3, 1)
-    features = client_app._features("bbc-news", 1, "iid", 1.0, 1, 3, 64, str(tiny_lm_dir))
+    local = client_app._local_data(context)
+    features = client_app._features(local, "bbc-news", 1, "iid", 1.0, 1, 3, 64, str(tiny_lm_dir))
     assert len(features) == 2
     assert all(len(f["input_ids"]) == len(f["labels"]) for f in features)
 
     plain = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     assert client_app._partition(plain, {"data.num-partitions": 4}) == (0, 4)
-    assert client_app._LOCAL_DATA.get() is None  # the next node in the same process uses the task again
+    assert client_app._local_data(plain) is None  # another node in the same process uses the task
