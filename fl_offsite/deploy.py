@@ -452,7 +452,7 @@ def run_app(app_dir: Path, connection: str, run_config: dict, env: dict[str, str
     """``flwr run APP CONNECTION --stream`` and wait; raise RuntimeError unless the run completed."""
     import tempfile
 
-    from fl_offsite.launch import _stream_run
+    from fl_offsite.launch import _stream_run, run_status
 
     env = env or runtime_env()
     with tempfile.TemporaryDirectory(prefix="fl-offsite-run-") as tmp:
@@ -460,27 +460,10 @@ def run_app(app_dir: Path, connection: str, run_config: dict, env: dict[str, str
         config_file.write_text(tomli_w.dumps(run_config), encoding="utf-8")
         command = [_executable("flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(config_file)]
         run_id, tail = _stream_run(command, env, log_path or Path(tmp) / "run.log", stream)
-    status, details = _run_status(run_id, env, connection)
+    status, details = run_status(run_id, env, connection)
     if status != "finished:completed":
         raise RuntimeError(f"Flower run {run_id} ended as {status!r}: {details}\nLast log lines:\n{''.join(tail)}")
     return run_id
-
-
-def _run_status(run_id: int, env: dict[str, str], connection: str) -> tuple[str, str]:
-    """Status (``finished:completed``, ``finished:failed``...) and details from ``flwr ls --format json``."""
-    run: dict = {}
-    for _attempt in range(10):  # the log stream ends when the run has finished; poll in case it broke off
-        result = subprocess.run([_executable("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
-                                env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
-        try:
-            run = json.loads(result.stdout[result.stdout.index("{"):])["runs"][0]
-        except (ValueError, KeyError, IndexError):
-            raise RuntimeError(f"`flwr ls` gave no run status (exit code {result.returncode}):\n"
-                               f"{result.stdout}{result.stderr}") from None
-        if run["status"].startswith("finished"):
-            break
-        time.sleep(1.0)
-    return run["status"], run.get("status-details", "")
 
 
 # --- processes -----------------------------------------------------------------------------

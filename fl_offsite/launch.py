@@ -101,7 +101,7 @@ def run_simulation_app(app_dir: Path, run_config: dict[str, ConfigValue], num_su
         superlink = _start_superlink(home, env)
         run_id, tail = _stream_run(command, env, home / "run.log", stream)
         log.debug("Run %s streamed after %.1f s", run_id, time.perf_counter() - start)
-        status, details = _run_status(run_id, env)
+        status, details = run_status(run_id, env)
         log.debug("Run status %r after %.1f s", status, time.perf_counter() - start)
         if status != "finished:completed":
             raise RuntimeError(f"Flower run {run_id} of {app_dir} ended as {status!r}: {details}\n"
@@ -245,10 +245,11 @@ def _stream_run(command: list[str], env: dict[str, str], log_path: Path, stream:
     return run_id, list(tail)
 
 
-def _run_status(run_id: int, env: dict[str, str]) -> tuple[str, str]:
+def run_status(run_id: int, env: dict[str, str], connection: str = CONNECTION) -> tuple[str, str]:
     """Status (e.g. ``finished:failed``) and its details, from ``flwr ls --format json``."""
+    run: dict = {}
     for _attempt in range(10):  # the log stream ends when the run is finished; poll in case it broke off
-        result = subprocess.run([_executable("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        result = subprocess.run([_executable("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
                                 env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
         try:
             run = json.loads(result.stdout[result.stdout.index("{"):])["runs"][0]
