@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.set_defaults(func=cmd_split)
 
     distill = _split_parser(sub, "distill", "split, then distill the emulator's middle blocks (cached)")
-    distill.add_argument("--corpus", default=DEFAULTS["distill.corpus"], help="public text corpus: bbc-news | hf:wikitext")
+    distill.add_argument("--corpus", default=DEFAULTS["distill.corpus"], help="public text corpus: bbc-news | hf:<datasets path>[:<config>] (text column)")
     distill.add_argument("--steps", type=int, default=100)
     distill.add_argument("--lr", type=float, default=DEFAULTS["distill.lr"])
     distill.add_argument("--kd-weight", type=float, default=DEFAULTS["distill.kd-weight"],

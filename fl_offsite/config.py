@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Value] = {
     "split.emulator-layers": 8,  # middle blocks the emulator keeps (k)
     "split.drop-ratio": 0.0,  # when > 0, replaces emulator-layers
     "distill.steps": 0,  # emulator distillation steps on the owner's side (0 = plain layer drop)
-    "distill.corpus": "bbc-news",  # public text corpus: bbc-news | hf:wikitext
+    "distill.corpus": "bbc-news",  # public text corpus: bbc-news | hf:<datasets path>[:<config>]
     "distill.lr": 1e-4,
     "distill.kd-weight": 30.0,  # weight of the hidden-state loss (paper: 30)
     "distill.batch-size": 8,

@@ -8,6 +8,7 @@ import pytest
 
 from fl_offsite import tasks
 from fl_offsite.assets import cache_dir
+from fl_offsite.errors import UserError
 from fl_offsite.tasks import ChoiceExample, bigbench_examples, load_task, load_text_corpus
 
 BIGBENCH_FIXTURE = {
@@ -182,6 +183,17 @@ def test_wikitext_corpus_is_one_text_per_split(monkeypatch: pytest.MonkeyPatch) 
     fake = {"test": {"text": [" = Title = \n", "", " Some words .\n"]}}
     monkeypatch.setattr("datasets.load_dataset", lambda path, config: fake)
     assert load_text_corpus("hf:wikitext", "test") == [" = Title = \n Some words .\n"]
+
+
+def test_any_hub_text_corpus_gets_held_out_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = {"train": {"text": [f"doc {i}" for i in range(300)] + [" "]}}
+    monkeypatch.setattr("datasets.load_dataset", lambda path, config: fake)
+    parts = [load_text_corpus("hf:someone/corpus:en", split) for split in ("train", "validation", "test")]
+    assert [len(p) for p in parts] == [294, 3, 3]
+    assert len({t for p in parts for t in p}) == 300  # disjoint, blank rows dropped
+    monkeypatch.setattr("datasets.load_dataset", lambda path, config: {"train": {"content": ["x"]}})
+    with pytest.raises(UserError, match="no 'text' column"):
+        load_text_corpus("hf:someone/other", "train")
 
 
 def test_hub_unreachable_suggests_offline_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
