@@ -32,6 +32,7 @@ to when every FLOP costs the same.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import warnings
 import copy
 import ctypes
@@ -157,6 +158,34 @@ def run_round(method: str, model, trainable, rows, args, device) -> train_mod.Tr
         train_mod.answer_loss = original
 
 
+def optimizer_seconds(model, trainable, device, reps: int = 3) -> float:
+    """Median seconds of what train_local does per step besides forward/backward: grad clipping + AdamW step."""
+    params = freeze_except(model, trainable)
+    if device.type == "cuda":
+        model.to(device)
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer.step()  # allocates the state
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    for p in params:
+        p.grad = None
+        p.requires_grad_(False)
+    if device.type == "cuda":
+        model.to("cpu")
+        torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
 # ---------------------------------------------------------------- memory ----------------------------------------
 def tensor_memory(model, trainable, rows, args, method) -> dict[str, float]:
     """Bytes held at the start of backward: params, grads, AdamW state, saved activations."""
@@ -227,6 +256,7 @@ def measure_rss(method: str, args) -> dict[str, float] | None:
     if not Path("/proc/self/clear_refs").exists():
         return None
     cmd = [sys.executable, __file__, "--rss-child", method, "--model", args.model, "--batch", str(args.batch),
+           "--threads", str(torch.get_num_threads()),
            "--seq", str(args.seq), "--answer", str(args.answer), "--steps", str(args.steps),
            "--precision", args.precision, "--lora-r", str(args.lora_r)]
     if args.split:
@@ -329,17 +359,19 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    full = AutoModelForCausalLM.from_config(model_config(args.model), dtype=torch.float32)
-    models = {}
-    for method in methods:
-        model, trainable = build(method, full, args)
-        if args.precision == "bf16":
-            half_frozen(model, trainable)
-        models[method] = (model, trainable)
+    # --flops-only needs the structure only: build on the meta device (no memory, any model size)
+    with torch.device("meta") if args.flops_only else contextlib.nullcontext():
+        full = AutoModelForCausalLM.from_config(model_config(args.model), dtype=torch.float32)
+        models = {}
+        for method in methods:
+            model, trainable = build(method, full, args)
+            if args.precision == "bf16" and not args.flops_only:
+                half_frozen(model, trainable)
+            models[method] = (model, trainable)
     del full
     gc.collect()
     vocab = next(iter(models.values()))[0].config.get_text_config().vocab_size
-    rows = features(vocab, args.batch * args.steps, args.seq, args.answer)
+    rows = [] if args.flops_only else features(vocab, args.batch * args.steps, args.seq, args.answer)
     split = "-".join(str(x) for x in _split_name(models, args))
 
     flops = {m: flops_per_row(model, trainable, args.seq, args.answer, head_all=(m == "offsite-head"))
@@ -353,7 +385,7 @@ def main(argv=None) -> int:
           f"{'' if device.type == 'cuda' else f' ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads)'}; "
           f"built in {time.perf_counter() - t0:.0f} s")
     if args.flops_only:
-        _print_table(methods, params, flops, None, None, None, None)
+        _print_table(methods, params, flops, None, None, None, None, None)
         return 0
 
     mem = {m: tensor_memory(model, trainable, rows, args, m) for m, (model, trainable) in models.items()}
@@ -373,10 +405,11 @@ def main(argv=None) -> int:
             last[method] = stats.seconds / stats.steps
         print(f"  round {rnd}{' (warm-up, not counted)' if rnd == 0 else ''}: " +
               ", ".join(f"{m} {last[m]:.2f}" for m in methods) + " s/step", flush=True)
+    optim = {m: optimizer_seconds(*models[m], device) for m in methods}
     rss = None
     if device.type == "cpu" and not args.no_rss:
         rss = {m: measure_rss(m, args) for m in methods}
-    _print_table(methods, params, flops, times, tps, mem, gpu_peak or rss)
+    _print_table(methods, params, flops, times, tps, mem, gpu_peak or rss, optim)
     note = ("Timings interleaved round by round (alternating order) on a machine shared with other jobs; "
             "medians over rounds. Absolute numbers are noisy, the ratios much less so.")
     print(note)
@@ -387,7 +420,8 @@ def main(argv=None) -> int:
                   "threads": torch.get_num_threads(), "machine": platform.platform(), "note": note,
                   "methods": {m: {"params": params[m][0], "trainable": params[m][1], "flops_per_row": flops[m],
                                   "seconds_per_step": times[m], "tokens_per_s": tps[m],
-                                  "tensor_memory": mem[m], "peak": (gpu_peak or rss or {}).get(m)}
+                                  "tensor_memory": mem[m], "peak": (gpu_peak or rss or {}).get(m),
+                                  "clip_adamw_s": optim[m]}
                               for m in methods}}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -403,11 +437,12 @@ def _split_name(models, args):
     return bottom, (k if k is not None else f"drop{drop}"), top
 
 
-def _print_table(methods, params, flops, times, tps, mem, peak) -> None:
+def _print_table(methods, params, flops, times, tps, mem, peak, optim) -> None:
     base = "full" if "full" in methods else methods[0]
     head = ["method", "params", "trainable", "GFLOP/row", "FLOP speed-up limit"]
     if times:
-        head += ["s/step", "tokens/s", "speed-up", "% of limit", "tensor MB", "mem vs full"]
+        head += ["s/step", "tokens/s", "speed-up", "% of limit", "clip+AdamW s", "speed-up w/o it",
+                 "tensor MB", "mem vs full"]
         if peak:
             head += ["peak MB", "peak vs full"]
     rows = []
@@ -418,8 +453,9 @@ def _print_table(methods, params, flops, times, tps, mem, peak) -> None:
         if times:
             step = statistics.median(times[m])
             speed = statistics.median(times[base]) / step
+            compute = (statistics.median(times[base]) - optim[base]) / max(step - optim[m], 1e-9)
             row += [f"{step:.3f}", f"{statistics.median(tps[m]):.0f}", f"{speed:.2f}x", f"{100 * speed / limit:.0f}%",
-                    f"{mem[m]['total_mb']:.0f}", f"{mem[m]['total_mb'] / mem[base]['total_mb']:.3f}"]
+                    f"{optim[m]:.3f}", f"{compute:.2f}x", f"{mem[m]['total_mb']:.0f}", f"{mem[m]['total_mb'] / mem[base]['total_mb']:.3f}"]
             if peak:
                 p = peak[m] if isinstance(peak[m], float) else peak[m]["peak_rss_mb"]
                 b = peak[base] if isinstance(peak[base], float) else peak[base]["peak_rss_mb"]

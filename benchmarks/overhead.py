@@ -128,6 +128,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--split", default=None, help="adapter-layers,emulator-layers e.g. 2,2:8")
     parser.add_argument("--eval-limit", type=int, default=8, help="held-out examples evaluated per round")
+    parser.add_argument("--loop-threads", type=int, default=1,
+                        help="torch threads of the loop (default 1, as each simulated client: Ray gives a 1-CPU "
+                             "actor OMP_NUM_THREADS=1)")
     parser.add_argument("--workdir", help="keep the results here (default: a temporary folder)")
     parser.add_argument("--echo", action="store_true", help="show Flower's log")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -154,7 +157,9 @@ def main(argv=None) -> int:
             (root / "stamped.log").write_text("".join(f"{t:8.2f} {line}\n" for t, line in lines))
         run = RunFolder(config["results.dir"])
         rounds = run.rounds()
-        print(f"simulation done in {sim_total:.1f} s; sequential loop...", flush=True)
+        print(f"simulation done in {sim_total:.1f} s; sequential loop ({args.loop_threads} torch thread(s))...",
+              flush=True)
+        torch.set_num_threads(args.loop_threads)
         seq = sequential(config, args.clients, Path(config["results.dir"]) / "split")
 
     trained = [r for r in rounds if r["round"] > 0]
@@ -174,6 +179,14 @@ def main(argv=None) -> int:
     print(f"| of which train_local (sum over clients) | {client_train:.1f} s | {seq['train_local_s']:.1f} s |")
     print(f"| server-side evaluation (plug-in + emulator, each round + round 0) | {eval_s:.1f} s | not done |")
     print(f"| model load + tokenization | in the clients' first round | {seq['model_load_s'] + seq['data_s']:.1f} s |")
+    slots = max(1, min(args.clients, os.cpu_count() or 1))  # Ray runs one 1-CPU client actor per CPU
+    train_phase = sum(s for label, s in phases if "clients train" in label)
+    ideal = sum(sum(c["train-seconds"] for c in r["clients"]) / slots for r in trained)
+    fixed = sum(s for label, s in phases if not label.startswith("round"))
+    print(f"\nWhere the simulation's time goes: fixed {fixed:.1f} s (start-up, owner split, Ray, one-time delivery, "
+          f"shutdown); client phases {train_phase:.1f} s for {ideal:.1f} s of train_local spread over {slots} "
+          f"parallel actors, i.e. {train_phase - ideal:.1f} s of per-round overhead (messaging, the actors' model "
+          f"loads and tokenization); server-side evaluation {eval_s:.1f} s")
     ratio = sim_total / seq["total_s"]
     ratio_noeval = (sim_total - eval_s) / seq["total_s"]
     print(f"\nwall-time ratio simulation / loop: {ratio:.2f}x ({ratio_noeval:.2f}x without the server's evaluation); "
@@ -182,7 +195,8 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
             "args": vars(args), "simulation_s": sim_total, "sequential": seq, "client_train_s": client_train,
-            "eval_s": eval_s, "phases": phases, "log": lines, "rounds": [{k: r.get(k) for k in ("round", "seconds")} |
+            "eval_s": eval_s, "fixed_s": fixed, "client_phase_s": train_phase,
+            "client_phase_ideal_s": ideal, "phases": phases, "log": lines, "rounds": [{k: r.get(k) for k in ("round", "seconds")} |
                                                            {"train_s": [c["train-seconds"] for c in r["clients"]]}
                                                            for r in trained]}, indent=2))
         print(f"wrote {args.out}")

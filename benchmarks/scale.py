@@ -13,7 +13,7 @@
    on N replies of an adapter-sized ArrayRecord, with ``tracemalloc`` measuring the peak
    *extra* memory of the call (numpy and Python allocations) beyond the replies themselves.
 
-  .venv/bin/python benchmarks/scale.py                       # 100 nodes, 10 per round, 8 rounds
+  .venv/bin/python benchmarks/scale.py                       # 100 nodes, 10 per round, 12 rounds
   .venv/bin/python benchmarks/scale.py --clients 20 --sampled 4 --rounds 3
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Sampler(threading.Thread):
         while not self.stop.is_set():
             t = time.perf_counter() - self.t0
             total_rss = total_pss = 0
-            groups: dict[str, int] = {}
+            groups: dict[str, list[int]] = {}
             processes = _tagged_processes(lambda tag: tag.startswith(self.prefix))
             for process in processes:
                 with contextlib.suppress(OSError, psutil.Error):
@@ -85,10 +85,13 @@ class Sampler(threading.Thread):
                     total_rss += rss
                     total_pss += pss
                     label = _group(process)
-                    groups[label] = groups.get(label, 0) + pss
+                    entry = groups.setdefault(label, [0, 0])
+                    entry[0] += rss
+                    entry[1] += pss
             if processes:
                 self.samples.append({"t": t, "n": len(processes), "rss_mb": total_rss / 1024,
-                                     "pss_mb": total_pss / 1024, "groups_pss_mb": {k: v / 1024 for k, v in groups.items()}})
+                                     "pss_mb": total_pss / 1024,
+                                     "groups_mb": {k: (v[0] / 1024, v[1] / 1024) for k, v in groups.items()}})
             self.stop.wait(self.interval)
 
 
@@ -108,23 +111,28 @@ def simulate(config: dict, clients: int, interval: float, echo: bool):
 
 def per_round(lines, samples, num_rounds: int, total: float) -> list[dict]:
     """Samples grouped by phase: start-up + delivery (before round 1 is sent), then each round."""
-    starts = {}
+    starts, finished = {}, total
     for t, line in lines:
+        if "Strategy execution finished" in line:
+            finished = t
         for rnd in range(1, num_rounds + 1):
             if f"round {rnd}: sent" in line and rnd not in starts:
                 starts[rnd] = t
     bounds = [("start-up, delivery, round-0 eval", 0.0)] + [(f"round {r}", starts[r]) for r in sorted(starts)]
     out = []
     for i, (label, begin) in enumerate(bounds):
-        end = bounds[i + 1][1] if i + 1 < len(bounds) else total
+        end = bounds[i + 1][1] if i + 1 < len(bounds) else finished
         inside = [s for s in samples if begin <= s["t"] < end]
         if not inside:
             continue
-        last = inside[-1]
+        groups = {g for s in inside for g in s["groups_mb"]}
         out.append({"phase": label, "seconds": end - begin, "samples": len(inside),
                     "processes": max(s["n"] for s in inside),
                     "peak_rss_mb": max(s["rss_mb"] for s in inside), "peak_pss_mb": max(s["pss_mb"] for s in inside),
-                    "end_pss_mb": last["pss_mb"], "end_groups_pss_mb": last["groups_pss_mb"]})
+                    "median_rss_mb": statistics.median(s["rss_mb"] for s in inside),
+                    "median_pss_mb": statistics.median(s["pss_mb"] for s in inside),
+                    "groups_median_mb": {g: [statistics.median(s["groups_mb"].get(g, (0, 0))[j] for s in inside)
+                                             for j in (0, 1)] for g in groups}})
     return out
 
 
@@ -209,7 +217,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=100, help="simulated nodes = data partitions")
     parser.add_argument("--sampled", type=int, default=10, help="nodes trained per round")
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
     parser.add_argument("--aggregation-mb", type=float, default=16.0, help="payload size for the aggregation test")
@@ -245,24 +253,29 @@ def main(argv=None) -> int:
         phases = per_round(lines, samples, args.rounds, total)
         replies = [len(r.get("clients", [])) for r in rounds if r["round"] > 0]
         print(f"\nsimulation: {total:.1f} s, {len(samples)} samples; replies per round {replies}")
-        print("| phase | s | processes | peak RSS sum MB | peak PSS sum MB | PSS at end MB |")
-        print("|---|---|---|---|---|---|")
+        print("| phase | s | processes | peak RSS sum MB | median RSS sum MB | peak PSS sum MB | median PSS sum MB |")
+        print("|---|---|---|---|---|---|---|")
         for p in phases:
             print(f"| {p['phase']} | {p['seconds']:.1f} | {p['processes']} | {p['peak_rss_mb']:.0f} | "
-                  f"{p['peak_pss_mb']:.0f} | {p['end_pss_mb']:.0f} |")
+                  f"{p['median_rss_mb']:.0f} | {p['peak_pss_mb']:.0f} | {p['median_pss_mb']:.0f} |")
         trained = [p for p in phases if p["phase"].startswith("round")]
         if len(trained) >= 3:
             later = trained[1:]  # round 1 includes the actors' first model load and tokenization
             xs = list(range(len(later)))
-            ys = [p["end_pss_mb"] for p in later]
-            slope = _slope(xs, ys)
-            print(f"PSS growth from round 2 on: {slope:+.1f} MB/round (least squares over round ends; "
-                  f"{ys[0]:.0f} -> {ys[-1]:.0f} MB); peak PSS rounds 2..{len(trained)}: "
-                  f"{min(p['peak_pss_mb'] for p in later):.0f}..{max(p['peak_pss_mb'] for p in later):.0f} MB")
-            result["pss_slope_mb_per_round"] = slope
-        if trained:
-            print("PSS by process group at the end of the last round: " + ", ".join(
-                f"{k} {v:.0f}" for k, v in sorted(trained[-1]["end_groups_pss_mb"].items(), key=lambda kv: -kv[1])))
+            slopes = {kind: _slope(xs, [p[f"median_{kind}_mb"] for p in later]) for kind in ("rss", "pss")}
+            print(f"growth per round from round 2 on (least squares over the rounds' medians): RSS sum "
+                  f"{slopes['rss']:+.2f} MB/round, PSS sum {slopes['pss']:+.2f} MB/round; peak PSS rounds "
+                  f"2..{len(trained)}: {min(p['peak_pss_mb'] for p in later):.0f}.."
+                  f"{max(p['peak_pss_mb'] for p in later):.0f} MB")
+            groups = sorted({g for p in later for g in p["groups_median_mb"]})
+            print("| process group | RSS MB round 2 | RSS MB last round | RSS MB/round | PSS MB last round | "
+                  "PSS MB/round |\n|---|---|---|---|---|---|")
+            for g in groups:
+                rss = [p["groups_median_mb"].get(g, [0, 0])[0] for p in later]
+                pss = [p["groups_median_mb"].get(g, [0, 0])[1] for p in later]
+                print(f"| {g} | {rss[0]:.0f} | {rss[-1]:.0f} | {_slope(xs, rss):+.2f} | {pss[-1]:.0f} | "
+                      f"{_slope(xs, pss):+.2f} |")
+            result["slope_mb_per_round"] = slopes
         result.update(simulation_s=total, phases=phases, replies_per_round=replies,
                       samples=samples)
 
