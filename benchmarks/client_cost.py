@@ -96,8 +96,14 @@ def split_args(args) -> tuple[int, int, int | None, float | None]:
     return SPLITS.get(args.model, (2, 2, None, 0.5))
 
 
+def precision_of(method: str, args) -> str:
+    """``offsite@bf16`` runs offsite in bf16 whatever --precision says."""
+    return method.partition("@")[2] or args.precision
+
+
 def build(method: str, full: torch.nn.Module, args) -> tuple[torch.nn.Module, set[str]]:
     """The model a client of ``method`` trains, and the names of its trainable parameters."""
+    method = method.partition("@")[0]
     spec = LoraSpec(r=args.lora_r)
     if method.startswith("full"):
         model = copy.deepcopy(full)
@@ -139,9 +145,10 @@ def full_logits_loss(model, batch):
 
 
 def run_round(method: str, model, trainable, rows, args, device) -> train_mod.TrainStats:
-    settings = TrainSettings(lr=1e-5, batch_size=args.batch, local_steps=args.steps, precision=args.precision)
+    settings = TrainSettings(lr=1e-5, batch_size=args.batch, local_steps=args.steps,
+                             precision=precision_of(method, args))
     original = train_mod.answer_loss
-    if method == "offsite-head":
+    if method.startswith("offsite-head"):
         train_mod.answer_loss = full_logits_loss
     try:
         if device.type == "cuda":
@@ -209,9 +216,9 @@ def tensor_memory(model, trainable, rows, args, method) -> dict[str, float]:
     batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
     freeze_except(model, trainable)
     model.train()
-    loss_fn = full_logits_loss if method == "offsite-head" else train_mod.answer_loss
+    loss_fn = full_logits_loss if method.startswith("offsite-head") else train_mod.answer_loss
     autocast = torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16) \
-        if args.precision == "bf16" else torch.autocast("cpu", enabled=False)
+        if precision_of(method, args) == "bf16" else torch.autocast("cpu", enabled=False)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         loss = loss_fn(model, batch)
     act_bytes = sum(saved.values())
@@ -229,7 +236,7 @@ def rss_child(args) -> None:
     method = args.rss_child
     full = AutoModelForCausalLM.from_config(model_config(args.model), dtype=torch.float32)
     model, trainable = build(method, full, args)
-    if args.precision == "bf16":
+    if precision_of(method, args) == "bf16":
         half_frozen(model, trainable)
     del full
     gc.collect()
@@ -345,14 +352,15 @@ def main(argv=None) -> int:
             setattr(args, key, value)
     if args.device == "cpu" and args.precision == "bf16" and args.protocol == "paper" and "--precision" not in \
             (argv or sys.argv):
-        args.precision = "fp32"  # the paper's bf16 is a GPU setting; CPU bf16 matmuls are slow on most CPUs
+        args.precision = "fp32"  # bf16 on CPU is fast only with AVX512-BF16 or AMX: ask for it with --precision
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_child:
         rss_child(args)
         return 0
     methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
+    unknown = {m.partition("@")[0] for m in methods} - set(METHODS) | \
+        {m for m in methods if m.partition("@")[2] not in ("", "fp32", "bf16")}
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     device = torch.device(args.device)
@@ -365,7 +373,7 @@ def main(argv=None) -> int:
         models = {}
         for method in methods:
             model, trainable = build(method, full, args)
-            if args.precision == "bf16" and not args.flops_only:
+            if precision_of(method, args) == "bf16" and not args.flops_only:
                 half_frozen(model, trainable)
             models[method] = (model, trainable)
     del full
@@ -374,7 +382,7 @@ def main(argv=None) -> int:
     rows = [] if args.flops_only else features(vocab, args.batch * args.steps, args.seq, args.answer)
     split = "-".join(str(x) for x in _split_name(models, args))
 
-    flops = {m: flops_per_row(model, trainable, args.seq, args.answer, head_all=(m == "offsite-head"))
+    flops = {m: flops_per_row(model, trainable, args.seq, args.answer, head_all=m.startswith("offsite-head"))
              for m, (model, trainable) in models.items()}
     params = {m: (sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
                   sum(p.numel() for n, p in model.named_parameters() if n in trainable))
