@@ -52,9 +52,14 @@ def simulate(config: dict, clients: int, echo: bool) -> tuple[float, list[tuple[
 
 def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
     """The clients' work in one process, one after the other (what the simulation distributes)."""
+    import inspect
+
     from fl_offsite.client_app import _features, _pad_id
     from fl_offsite.models import load_model
-    from fl_offsite.payload import get_payload, payload_names, set_payload
+    try:  # fl_offsite.tuning holds them since the payload module was folded into it
+        from fl_offsite.tuning import get_payload, set_payload
+    except ImportError:
+        from fl_offsite.payload import get_payload, set_payload
     from fl_offsite.split import load_adapter, read_plan
     from fl_offsite.owner import lr_schedule
     from fl_offsite.train import TrainSettings, train_local
@@ -63,11 +68,18 @@ def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
     emulator_dir = str(split_dir / "emulator")
     model, tokenizer = load_model(emulator_dir)
     plan = read_plan(split_dir)
-    names = payload_names(model, plan)
+    try:  # what the client app trains and sends (the adapter here)
+        from fl_offsite.tuning import Tuning
+        names = Tuning.from_config(config).names(model, plan)
+    except ImportError:
+        from fl_offsite.payload import payload_names
+        names = payload_names(model, plan)
     adapter, _ = load_adapter(split_dir / "adapter.safetensors")
     t_model = time.perf_counter()
-    data = [_features(config["task"], config["seed"], config["data.partitioner"], config["data.alpha"], clients, pid,
-                      config["train.max-length"], emulator_dir) for pid in range(clients)]
+    local = ("local",) if next(iter(inspect.signature(_features).parameters)) == "local" else ()
+    data = [_features(*(None,) * len(local), config["task"], config["seed"], config["data.partitioner"],
+                      config["data.alpha"], clients, pid, config["train.max-length"], emulator_dir)
+            for pid in range(clients)]
     t_data = time.perf_counter()
     lr_at = lr_schedule(config["train.lr"], config["train.lr-schedule"], config["num-rounds"])
     train_s = agg_s = 0.0
