@@ -61,8 +61,8 @@ def train(msg: Message, context: Context) -> Message:
         raise UserError(f"node {context.node_id} has no model {digest}: it must be delivered before training")
     plan = SplitPlan.from_json(json.loads(round_config["split-plan"])) if round_config["split-plan"] else None
     tuning = Tuning.from_config(config)
-    model, tokenizer = _cached_model(str(store.folder(digest)), tuning, round_config["split-plan"], config["seed"],
-                                     config["train.precision"])
+    model, tokenizer = _cached_model(digest, tuning, round_config["split-plan"], config["seed"],
+                                     config["train.precision"], folder=str(store.folder(digest)))
     names = tuning.names(model, plan)
     set_payload(model, msg.content["arrays"].to_torch_state_dict(), names)
 
@@ -77,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=config["train.weight-decay"], grad_clip=config["train.grad-clip"],
         proximal_mu=float(round_config.get("proximal-mu", 0.0)),
         seed=config["seed"] * 7919 + rnd * 131 + partition_id,
-        precision=config["train.precision"] if model.device.type == "cuda" else "fp32")
+        precision=config["train.precision"])
     stats = train_local(model, set(names.values()), features, settings, _pad_id(tokenizer),
                         desc=f"client {partition_id} round {rnd}")
     log.info("client %d round %d: loss %.4f, %d steps, %.1f s, %.0f tokens/s, peak %.0f MB", partition_id, rnd,
@@ -101,15 +101,22 @@ def _partition(context: Context, config: dict) -> tuple[int, int]:
     return int(node["partition-id"]), int(node.get("num-partitions", config["data.num-partitions"]))
 
 
-@lru_cache(maxsize=1)
-def _cached_model(folder: str, tuning: Tuning, plan_json: str = "", seed: int = 0, precision: str = "fp32"):
-    """The delivered model ready for ``tuning``, loaded once per process (Ray actors serve many rounds)."""
-    model, tokenizer = load_model(folder)
-    plan = SplitPlan.from_json(json.loads(plan_json)) if plan_json else None
-    model = tuning.apply(model.to(best_device()), plan, seed=seed)
-    if precision != "fp32" and model.device.type == "cuda":  # frozen weights in half precision
-        half_frozen(model, set(tuning.names(model, plan).values()), HALF[precision])
-    return model, tokenizer
+_MODEL: dict[tuple, tuple] = {}
+
+
+def _cached_model(digest: str, tuning: Tuning, plan_json: str, seed: int, precision: str, folder: str):
+    """The delivered model ready for ``tuning``, loaded once per process: a Ray actor serves many rounds and
+    many simulated nodes, whose stores hold the same model under the same digest."""
+    key = (digest, tuning, plan_json, seed, precision)
+    if key not in _MODEL:
+        _MODEL.clear()
+        model, tokenizer = load_model(folder)
+        plan = SplitPlan.from_json(json.loads(plan_json)) if plan_json else None
+        model = tuning.apply(model.to(best_device()), plan, seed=seed)
+        if precision != "fp32":  # frozen weights in half precision (trainable ones stay fp32)
+            half_frozen(model, set(tuning.names(model, plan).values()), HALF[precision])
+        _MODEL[key] = model, tokenizer
+    return _MODEL[key]
 
 
 def _local_data(context: Context) -> tuple[str, int] | None:

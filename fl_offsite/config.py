@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Value] = {
     "train.max-length": 256,
     "train.weight-decay": 0.0,
     "train.grad-clip": 1.0,
-    "train.precision": "fp32",  # bf16: on a GPU client, autocast and frozen weights in bf16 (CPU stays fp32)
+    "train.precision": "fp32",  # bf16: clients train under bf16 autocast with frozen weights in bf16
     "data.partitioner": "dirichlet",  # iid | dirichlet (over labels)
     "data.alpha": 1.0,
     "data.num-partitions": 4,  # used when the node does not give num-partitions

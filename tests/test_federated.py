@@ -192,3 +192,13 @@ def test_a_stateful_strategy_runs_and_sends_its_settings(tiny_lm_dir, tmp_path):
     grid = run(config, num_nodes=2)
     assert {m.content["config"]["proximal-mu"] for m in of_type(grid, "train")} == {0.01}
     assert rounds_of(tmp_path / "prox")[-1]["problems"] == []
+
+
+def test_bf16_clients_train_and_return_fp32_adapters(tiny_lm_dir, tmp_path):
+    config = tiny_config(tiny_lm_dir, tmp_path / "bf16", **{"num-rounds": 1, "train.precision": "bf16"})
+    grid = run(config, num_nodes=2)
+    record = rounds_of(tmp_path / "bf16")[-1]
+    assert record["problems"] == [] and len(record["clients"]) == 2
+    assert all(c["train-loss"] > 0 for c in record["clients"])
+    for msg in of_type(grid, "train"):
+        assert {a.dtype for a in msg.content["arrays"].values()} == {"float32"}
