@@ -62,7 +62,8 @@ def test_shipped_configs_are_valid():
     from fl_offsite.compare import load_compare_config
 
     runs, clients, _, config = load_compare_config(ROOT / "simulations" / "demo.toml", {})
-    assert runs == {"offsite": {"method": "offsite"}, "fedavg-full": {"method": "fedavg-full"}}
+    assert runs == {"offsite": {"method": "offsite"}, "offsite-distilled": {"method": "offsite", "distill.steps": 120},
+                    "fedavg-full": {"method": "fedavg-full"}}
     assert clients == 4 and config["model"] == "smollm2-135m"
     validate(load_file(ROOT / "simulations" / "smoke.toml"))
 

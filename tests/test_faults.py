@@ -99,3 +99,17 @@ def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_
     rounds = lambda name: [(r["round"], r["eval"]["plugin"]["acc"], r["eval"]["emulator"]["acc"])
                            for r in rounds_of(tmp_path / name)]
     assert rounds("killed") == rounds("straight")
+
+
+@pytest.mark.parametrize("damaged", ["payload.safetensors", "strategy.pkl", "round.json"])
+def test_a_corrupt_checkpoint_is_reported_not_loaded(tiny_lm_dir, tmp_path, damaged):
+    from fl_offsite.errors import UserError
+
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1})
+    run(config, num_nodes=2)
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    path = tmp_path / "run" / "checkpoint" / damaged
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(UserError, match="corrupt|cannot be read|truncated"):
+        run({**config, "num-rounds": 2}, num_nodes=2)
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before  # nothing finished is lost
