@@ -119,3 +119,33 @@ def test_federated_run_trains_and_sends_only_the_peft_tensors(tiny_gpt2_dir, tmp
         assert changed
     else:  # the adapters started as the identity (up-projection zero) and training moved them
         assert all(adapter[k].abs().sum() > 0 for k in sent[0] if k.endswith("up.weight"))
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_lora_factors_are_averaged_separately_weighted_by_examples(tiny_lm_dir, tmp_path):
+    """FedAvg-LoRA's rule: A and B each averaged (weighted by examples), not their product."""
+    from fl_offsite.client_app import app as client_app
+    from fl_offsite.io import load_tensors
+    from fl_offsite.server_app import run_federated
+    from flower_harness import InProcessGrid
+    from test_federated import tiny_config
+
+    config = tiny_config(tiny_lm_dir, tmp_path / "lora", method="fedavg-lora", **{"num-rounds": 1})
+    replies = []
+
+    def capture(msg, node_index):
+        if msg.metadata.message_type != "train":
+            return None
+        reply = client_app(msg, grid.contexts[grid.node_ids[node_index]])
+        replies.append((reply.content["metrics"]["num-examples"], reply.content["arrays"].to_torch_state_dict()))
+        return reply
+
+    grid = InProcessGrid(client_app, 2, config, fault=capture)
+    run_federated(grid, config)
+    total = sum(n for n, _ in replies)
+    final = load_tensors(tmp_path / "lora" / "lora.safetensors")
+    assert final.keys() == replies[0][1].keys()
+    for name, tensor in final.items():
+        expected = sum(n * arrays[name] for n, arrays in replies) / total
+        torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-7)
+    assert any(".lora_A." in n for n in final) and any(".lora_B." in n for n in final)
