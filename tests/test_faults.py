@@ -35,6 +35,37 @@ def test_updates_beyond_the_norm_bound_are_rejected_and_logged(tiny_lm_dir, tmp_
     assert len(record["clients"]) == 2 and all(0 < c["update-norm"] <= 5.0 for c in record["clients"])
 
 
+def _corrupt(kind: str, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    first = sorted(arrays)[0]
+    if kind == "wrong-shape":
+        return {**arrays, first: arrays[first][..., :-1]}
+    if kind == "missing-key":
+        return {k: v for k, v in arrays.items() if k != first}
+    if kind == "extra-key":
+        return {**arrays, "model.layers.99.mlp.weight": arrays[first]}
+    if kind == "wrong-dtype":
+        return {**arrays, first: arrays[first].double()}
+    return {**arrays, first: torch.full_like(arrays[first], float("inf"))}
+
+
+@pytest.mark.parametrize("kind, reason", [("wrong-shape", "has shape"), ("missing-key", "lacks 1 tensor"),
+                                          ("extra-key", "unexpected tensor"), ("wrong-dtype", "has dtype"),
+                                          ("inf", "NaN or Inf")])
+def test_malformed_updates_are_rejected_with_the_reason(tiny_lm_dir, tmp_path, kind, reason):
+    def fault(msg, node_index):
+        if msg.metadata.message_type != "train" or node_index != 0:
+            return None
+        bad = _corrupt(kind, msg.content["arrays"].to_torch_state_dict())
+        return Message(RecordDict({"arrays": ArrayRecord(bad), "metrics": MetricRecord({"num-examples": 10})}),
+                       reply_to=msg)
+
+    run(tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1}), num_nodes=3, fault=fault)
+    record = rounds_of(tmp_path / "run")[-1]
+    (problem,) = record["problems"]
+    assert problem["kind"] == "rejected" and reason in problem["reason"]
+    assert len(record["clients"]) == 2
+
+
 def test_a_client_that_never_replies_is_counted_missing(tiny_lm_dir, tmp_path):
     """What a straggler cut off by the round timeout looks like to the strategy: no reply at all."""
     config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1})
