@@ -166,6 +166,6 @@ class OffsiteStrategy(Strategy):
 
 def update_norm(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
     """L2 distance between a client's returned tensors and the global ones it started from."""
-    total = sum(float((update[k].double() - reference[k].double()).pow(2).sum()) for k in reference)
-    return total ** 0.5
+    norms = [torch.linalg.vector_norm(update[k].float() - reference[k].float()) for k in reference]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
