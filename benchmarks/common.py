@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -10,13 +11,8 @@ import torch
 
 from fl_offsite.assets import cache_dir
 
-CORPUS = [
-    "Article: Quarterly profits at the media giant jumped as advert sales rose.\nTopic: business",
-    "Article: The band released a new album and the film won an award.\nTopic: entertainment",
-    "Article: The minister told parliament the election will be held in May.\nTopic: politics",
-    "Article: The striker scored twice as the club won the cup final.\nTopic: sport",
-    "Article: The phone maker showed a faster chip and new software.\nTopic: tech",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_models import byte_bpe_tokenizer  # noqa: E402  (the tests' tiny tokenizer)
 
 
 class Stamped(io.TextIOBase):
@@ -37,21 +33,6 @@ class Stamped(io.TextIOBase):
 
     def flush(self) -> None:
         pass
-
-
-def byte_bpe_tokenizer(vocab_size: int = 400):
-    """A GPT-2-style byte-level BPE (any text encodes) trained on a few sentences; EOS = BOS = pad."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 def tiny_model_folder(folder: Path, layers: int = 6, hidden: int = 64, tokenizer: str = "smollm2") -> Path:

@@ -34,7 +34,7 @@ import psutil
 
 from fl_offsite.cli import app_dir
 from fl_offsite.config import validate
-from fl_offsite.launch import TAG_VAR, _tagged_processes, run_simulation_app
+from fl_offsite.launch import _tagged_processes, run_simulation_app
 from fl_offsite.results import RunFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -197,7 +197,7 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
             tracemalloc.stop()
             rss_peak = (_status_kb("VmHWM") - rss_before) / 1024
             expected = sum((10 + i) * i for i in range(n)) / sum(10 + i for i in range(n))
-            assert abs(float(arrays.to_torch_state_dict()[f"layers.0.weight"][0]) - expected) < 1e-3
+            assert abs(float(arrays.to_torch_state_dict()["layers.0.weight"][0]) - expected) < 1e-3
             out.append({"replies": n, "replies_held_mb": held, "aggregate_peak_extra_mb": peak / 2**20, "rss_peak_extra_mb": rss_peak,
                         "seconds": seconds})
             del replies, arrays

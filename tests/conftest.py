@@ -4,31 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
-
-CORPUS = [
-    "Article: Quarterly profits at the media giant jumped as advert sales rose.\nTopic: business",
-    "Article: The band released a new album and the film won an award.\nTopic: entertainment",
-    "Article: The minister told parliament the election will be held in May.\nTopic: politics",
-    "Article: The striker scored twice as the club won the cup final.\nTopic: sport",
-    "Article: The phone maker showed a faster chip and new software.\nTopic: tech",
-    "Question: What do plants need to grow?\nAnswer: water and light",
-    "Q: Where would you keep milk cold?\nA: in the fridge",
-]
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """GPT-2-style byte-level BPE (any text encodes) trained on a few sentences; EOS = BOS = pad."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    from tiny_models import byte_bpe_tokenizer
+
+    return byte_bpe_tokenizer()
 
 
 def _seeded(config_class: type[transformers.PretrainedConfig], **kwargs: float) -> transformers.PreTrainedModel:

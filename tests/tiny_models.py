@@ -6,6 +6,16 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+CORPUS = [
+    "Article: Quarterly profits at the media giant jumped as advert sales rose.\nTopic: business",
+    "Article: The band released a new album and the film won an award.\nTopic: entertainment",
+    "Article: The minister told parliament the election will be held in May.\nTopic: politics",
+    "Article: The striker scored twice as the club won the cup final.\nTopic: sport",
+    "Article: The phone maker showed a faster chip and new software.\nTopic: tech",
+    "Question: What do plants need to grow?\nAnswer: water and light",
+    "Q: Where would you keep milk cold?\nA: in the fridge",
+]
+
 VOCAB = 96
 LAYERS = 8
 
@@ -50,3 +60,18 @@ def save_tiny_lm(folder: Path, tokenizer, family: str = "llama", layers: int = 6
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def byte_bpe_tokenizer(vocab_size: int = 400):
+    """A GPT-2-style byte-level BPE (any text encodes) trained on ``CORPUS``; EOS = BOS = pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
