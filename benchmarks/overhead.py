@@ -54,7 +54,8 @@ def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
     """The clients' work in one process, one after the other (what the simulation distributes)."""
     import inspect
 
-    from fl_offsite.client_app import _features, _pad_id
+    from fl_offsite.client_app import _features
+    from fl_offsite.data import pad_id
     from fl_offsite.models import load_model
     try:  # fl_offsite.tuning holds them since the payload module was folded into it
         from fl_offsite.tuning import get_payload, set_payload
@@ -92,7 +93,7 @@ def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
                 local_steps=config["train.local-steps"], local_epochs=config["train.local-epochs"],
                 weight_decay=config["train.weight-decay"], grad_clip=config["train.grad-clip"],
                 seed=config["seed"] * 7919 + rnd * 131 + pid)
-            stats = train_local(model, set(names.values()), data[pid], settings, _pad_id(tokenizer))
+            stats = train_local(model, set(names.values()), data[pid], settings, pad_id(tokenizer))
             train_s += stats.seconds
             updates.append((get_payload(model, names), len(data[pid])))
         a = time.perf_counter()

@@ -125,12 +125,12 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     check_runnable(config, args.num_clients)
     run_simulation_app(app_dir(), config, num_supernodes=args.num_clients, cpus_per_client=args.cpus_per_client,
                        gpus_per_client=args.gpus_per_client)
-    print(round_table(RunFolder(config["results.dir"]).rounds()))
-    split = Path(config["results.dir"]) / "split" / "split.json"
-    if split.is_file() and "distillation" in (record := json.loads(split.read_text())):
+    run = RunFolder(config["results.dir"])
+    print(round_table(run.rounds()))
+    if distillation := run.distillation():
         from fl_offsite.distill import ppl_summary
 
-        print(f"distilled emulator, {ppl_summary(record['distillation'])}")
+        print(f"distilled emulator, {ppl_summary(distillation)}")
     print(f"results: {config['results.dir']}")
 
 

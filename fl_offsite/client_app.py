@@ -12,6 +12,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fl_offsite.config import validate
+from fl_offsite.data import pad_id
 from fl_offsite.delivery import node_store
 from fl_offsite.errors import UserError
 from fl_offsite.local_data import data_path, load_examples
@@ -32,7 +33,6 @@ def dp_clipping(msg: Message, context: Context, call_next) -> Message:
 
 
 app = ClientApp(mods=[dp_clipping])
-# The node's own data file (node config `data-path`), set by _partition for _features.
 
 
 @app.query("model_status")
@@ -78,7 +78,7 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(round_config.get("proximal-mu", 0.0)),
         seed=config["seed"] * 7919 + rnd * 131 + partition_id,
         precision=config["train.precision"])
-    stats = train_local(model, set(names.values()), features, settings, _pad_id(tokenizer),
+    stats = train_local(model, set(names.values()), features, settings, pad_id(tokenizer),
                         desc=f"client {partition_id} round {rnd}")
     log.info("client %d round %d: loss %.4f, %d steps, %.1f s, %.0f tokens/s, peak %.0f MB", partition_id, rnd,
              stats.loss, stats.steps, stats.seconds, stats.tokens_per_s, stats.peak_memory_mb)
@@ -147,6 +147,3 @@ def _features(local: tuple[str, int] | None, task: str, seed: int, partitioner: 
     tokenizer = load_tokenizer(tokenizer_folder)
     return [encode_choice_example(tokenizer, ex, max_length) for ex in examples]
 
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

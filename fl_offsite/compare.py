@@ -1,7 +1,6 @@
 """Run several methods on the same task, partitions and rounds; write a report with plots."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,6 @@ from fl_offsite.errors import UserError
 from fl_offsite.io import write_atomic, write_json
 from fl_offsite.report import markdown_table
 from fl_offsite.results import RunFolder
-from fl_offsite.split import SPLIT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +85,7 @@ def summarize(run_dir: Path) -> dict:
     config = run.read_config()
     evaluations = [{"round": r["round"], **{m: r["eval"][m] for m in r["eval"]}} for r in rounds]
     clients = [c for r in rounds[1:] for c in r["clients"]]
-    split = run_dir / "split" / SPLIT_FILE
-    distillation = json.loads(split.read_text()).get("distillation") if split.is_file() else None
+    distillation = run.distillation()
     if not clients:  # zero-shot: nothing trained, nothing sent
         return {"config": config, "rounds": evaluations, "distillation": distillation}
     mean = lambda key: sum(c[key] for c in clients) / len(clients)

@@ -81,6 +81,14 @@ def lm_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], block_si
     return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) > 1]
 
 
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Any id works under the attention mask; prefer the tokenizer's pad, then EOS."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
 def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100; add ``attention_mask``."""
     width = max(len(row["input_ids"]) for row in batch)

@@ -25,11 +25,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 
 from fl_offsite.assets import cache_dir
 from fl_offsite.blocks import find_blocks
-from fl_offsite.data import collate, lm_blocks
+from fl_offsite.data import collate, lm_blocks, pad_id
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import perplexity
 from fl_offsite.split import SPLIT_FILE, SplitPlan, build_emulator, extract_adapter, write_split
 from fl_offsite.tasks import load_text_corpus
+from fl_offsite.train import freeze_except
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,6 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan,
     if settings.steps < 1:
         raise UserError(f"distillation needs at least one step (got {settings.steps})")
     device = next(emulator.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train = [b for b in lm_blocks(tokenizer, load_text_corpus(settings.corpus, "train", settings.seed),
                                   settings.block_size) if len(b["input_ids"]) == settings.block_size]
     held_out = load_text_corpus(settings.corpus, "validation", settings.seed)[:settings.eval_texts]
@@ -106,11 +106,8 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan,
     _, student_blocks = find_blocks(emulator)
     teacher_out = teacher_blocks[plan.num_layers - plan.adapter_top - 1]
     student_out = student_blocks[len(plan.kept_layers) - plan.adapter_top - 1]
-    for param in emulator.parameters():
-        param.requires_grad_(False)
-    params = [p for pos in middle for p in student_blocks[pos].parameters()]
-    for param in params:
-        param.requires_grad_(True)
+    prefixes = tuple(f"{plan.block_prefix}.{pos}." for pos in middle)
+    params = freeze_except(emulator, {name for name, _ in emulator.named_parameters() if name.startswith(prefixes)})
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(settings.warmup_steps, settings.steps // 10),
                                                settings.steps)
@@ -131,7 +128,7 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan,
     for step in bar:
         if len(order) < settings.batch_size:
             order += torch.randperm(len(train), generator=generator).tolist()
-        batch = collate([train[i] for i in order[:settings.batch_size]], pad_id)
+        batch = collate([train[i] for i in order[:settings.batch_size]], pad_id(tokenizer))
         del order[:settings.batch_size]
         batch = {k: v.to(device) for k, v in batch.items()}
         teacher, student = {}, {}

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from fl_offsite.data import IGNORE_INDEX, collate, encode_pair, lm_blocks, truncate_context
+from fl_offsite.data import IGNORE_INDEX, collate, encode_pair, lm_blocks, pad_id, truncate_context
 from fl_offsite.tasks import ChoiceExample, TaskData, load_task
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,6 @@ def _inference(model: nn.Module) -> Iterator[None]:
 
 def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
     return torch.device(device) if device is not None else next(model.parameters()).device
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Any id works under the attention mask; prefer the tokenizer's pad, then EOS."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    return 0
 
 
 @dataclass(frozen=True)
@@ -140,7 +132,7 @@ def choice_logliks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, example
     logliks: list[list[float]] = [[] for _ in examples]
     with _inference(model):
         for group in tqdm(groups, desc="scoring", unit="batch", disable=not progress):
-            for item, scores in zip(group, _score_group(model, group, _pad_id(tokenizer), device, keep_logits)):
+            for item, scores in zip(group, _score_group(model, group, pad_id(tokenizer), device, keep_logits)):
                 logliks[item.example] = scores
     return logliks
 
@@ -199,7 +191,7 @@ def perplexity(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequ
     total, count = 0.0, 0
     with _inference(model):
         for b in tqdm(range(0, len(blocks), batch_size), desc="perplexity", unit="batch", disable=not progress):
-            tensors = {k: v.to(device) for k, v in collate(blocks[b:b + batch_size], _pad_id(tokenizer)).items()}
+            tensors = {k: v.to(device) for k, v in collate(blocks[b:b + batch_size], pad_id(tokenizer)).items()}
             logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
             labels = tensors["labels"][:, 1:]
             total += nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,

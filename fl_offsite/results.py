@@ -17,6 +17,7 @@ import torch
 
 from fl_offsite.errors import UserError
 from fl_offsite.io import atomic_dir, load_tensors, save_tensors, write_atomic, write_json
+from fl_offsite.split import SPLIT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ class RunFolder:
         record["deliveries"].append({"time": time.time(), "bytes_per_node": {str(k): v for k, v in
                                                                              bytes_per_node.items()}})
         write_json(path, record)
+
+    def distillation(self) -> dict | None:
+        """The record of the distilled emulator this run used (``split/split.json``), or None."""
+        path = self.root / "split" / SPLIT_FILE
+        return json.loads(path.read_text()).get("distillation") if path.is_file() else None
 
     def package_bytes(self) -> int:
         """Size of the model delivered once to each new node."""

@@ -11,13 +11,13 @@ def aggregation_strategy(config: dict, num_nodes: int) -> fl.Strategy:
     client-side fixed-clipping DP wrapper, with Flower's RDP accountant over ``num_nodes``
     data owners; the clients clip with ``fixedclipping_mod``.
     """
-    if config["dp.noise-multiplier"] > 0:
-        return _private(config, num_nodes)
     common = dict(
         fraction_train=config["strategy.fraction-train"], fraction_evaluate=0.0,
         min_train_nodes=config["strategy.min-train-nodes"],
         min_available_nodes=config["strategy.min-available-nodes"],
     )
+    if config["dp.noise-multiplier"] > 0:
+        return _private(fl.FedAvg(**common, weighted_by_key="train-steps"), config, num_nodes)
     name = config["strategy.name"]
     eta = config["strategy.eta"]
     builders = {
@@ -35,13 +35,10 @@ def aggregation_strategy(config: dict, num_nodes: int) -> fl.Strategy:
     return builders[name]()
 
 
-def _private(config: dict, num_nodes: int) -> fl.Strategy:
+def _private(inner: fl.FedAvg, config: dict, num_nodes: int) -> fl.Strategy:
     from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
     from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-    inner = fl.FedAvg(fraction_train=config["strategy.fraction-train"], fraction_evaluate=0.0,
-                      min_train_nodes=config["strategy.min-train-nodes"],
-                      min_available_nodes=config["strategy.min-available-nodes"], weighted_by_key="train-steps")
     sampled = max(int(num_nodes * config["strategy.fraction-train"]), config["strategy.min-train-nodes"])
     accountant = RdpAccountant(PrivacyConfig(
         target_delta=config["dp.delta"], population_size=num_nodes,
