@@ -359,8 +359,9 @@ def _hf_load(path: str, config: str | None) -> Any:
     try:
         return datasets.load_dataset(path, config)
     except Exception as exc:  # the hub raises many types (ConnectionError, OSError, HfHubHTTPError)
-        raise RuntimeError(f"could not load {path!r} from the Hugging Face hub ({exc}); the hub is "
-                           f"probably unreachable: {OFFLINE_HINT}") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"could not load {path!r} from the Hugging Face hub ({reason}); the hub is "
+                        f"probably unreachable: {OFFLINE_HINT}") from exc
 
 
 def _hf_splits(task: str, seed: int) -> tuple[list[ChoiceExample], list[ChoiceExample], list[ChoiceExample]]:

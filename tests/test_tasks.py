@@ -201,7 +201,7 @@ def test_hub_unreachable_suggests_offline_tasks(monkeypatch: pytest.MonkeyPatch)
         raise ConnectionError("Couldn't reach the Hub")
 
     monkeypatch.setattr("datasets.load_dataset", offline)
-    with pytest.raises(RuntimeError, match="unreachable.*bbc-news"):
+    with pytest.raises(UserError, match="unreachable.*bbc-news"):
         load_task("hf:sciq")
     with pytest.raises(ValueError, match="known"):
         load_task("hf:nope")
