@@ -1,4 +1,4 @@
-"""Task registry: multiple-choice tasks and plain-text corpora behind one name format.
+"""Task registry: multiple-choice tasks behind one name format (plain-text corpora: fl_offsite.corpora).
 
 Names:
 
@@ -83,36 +83,6 @@ def load_task(name: str, seed: int = 1234) -> TaskData:
         raise UserError(f"unknown task {name!r}; task names look like {NAME_FORMATS}")
     log.info("Task %s: %d train / %d validation / %d test", name, len(train), len(validation), len(test))
     return TaskData(name, train, validation, test)
-
-
-def load_text_corpus(name: str, split: str = "train", seed: int = 1234) -> list[str]:
-    """Plain texts for language modelling, perplexity and emulator distillation.
-
-    ``bbc-news`` gives whole articles, split exactly like the ``bbc-news`` task with the same
-    seed, so held-out ("validation"/"test") text never overlaps the training articles.
-    ``hf:PATH`` or ``hf:PATH:CONFIG`` gives the ``text`` column of any ``datasets`` corpus
-    (needs the hub), e.g. ``hf:wikitext`` (WikiText-2 raw) or ``hf:Salesforce/wikitext:wikitext-103-raw-v1``;
-    a corpus without a validation or test split gets 1% of train held out for each.
-    """
-    _check_split(split)
-    if name == "bbc-news":
-        parts = dict(zip(SPLITS, _split(_bbc_articles(), seed, BBC_TRAIN, BBC_VALIDATION)))
-        return [text for text, _ in parts[split]]
-    if name.startswith("hf:"):
-        path, _, config = name.removeprefix("hf:").partition(":")
-        if path == "wikitext":  # lines of articles: one text per split, as perplexity is usually measured
-            rows = _hf_load("Salesforce/wikitext", config or "wikitext-2-raw-v1")[split]
-            return ["".join(rows["text"])]
-        corpus = _hf_load(path, config or None)
-        if "text" not in (getattr(corpus["train"], "column_names", None) or list(corpus["train"])):
-            raise UserError(f"{name} has no 'text' column; give a corpus of plain texts")
-        texts = lambda part: [t for t in corpus[part]["text"] if t.strip()]
-        if split in corpus and ("validation" in corpus or split == "test"):
-            return texts(split)
-        train = texts("train")  # no validation split: 1% of train held out for it (and for test if missing)
-        held_out = max(1, len(train) // 100)
-        return dict(zip(SPLITS, _split(train, seed, len(train) - 2 * held_out, held_out)))[split]
-    raise UserError(f"unknown text corpus {name!r}; use 'bbc-news' or 'hf:<datasets path>[:<config>]'")
 
 
 def _check_split(split: str) -> str:

@@ -12,7 +12,7 @@ from fl_offsite.distill import middle_positions, normalized_mse
 from fl_offsite.evaluate import perplexity
 from fl_offsite.models import load_model
 from fl_offsite.split import SPLIT_FILE, build_emulator, read_plan
-from fl_offsite.tasks import load_text_corpus
+from fl_offsite.corpora import load_text_corpus
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

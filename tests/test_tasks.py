@@ -9,7 +9,8 @@ import pytest
 from fl_offsite import tasks
 from fl_offsite.assets import cache_dir
 from fl_offsite.errors import UserError
-from fl_offsite.tasks import ChoiceExample, bigbench_examples, load_task, load_text_corpus
+from fl_offsite.corpora import load_text_corpus
+from fl_offsite.tasks import ChoiceExample, bigbench_examples, load_task
 
 BIGBENCH_FIXTURE = {
     "name": "toy_task",
