@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from collections.abc import Callable
 
-from fl_offsite.config import DEFAULTS
+from fl_offsite.config import CHOICES, DEFAULTS, DistillSettings
 from fl_offsite.errors import UserError
 
 log = logging.getLogger("fl_offsite")
@@ -29,40 +28,33 @@ def _megabytes(tensors) -> float:
 
 
 def cmd_split(args: argparse.Namespace) -> None:
+    """``split`` and ``distill``: the model owner's emulator recipe, written as a split folder."""
+    from fl_offsite.distill import ppl_summary
+    from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
     from fl_offsite.models import load_model
-    from fl_offsite.split import build_emulator, extract_adapter, plan_split, write_split
+    from fl_offsite.split import extract_adapter, write_split
 
     start = time.perf_counter()
+    distill = None
+    if args.command == "distill":
+        distill = DistillSettings(steps=args.steps, corpus=args.corpus, lr=args.lr, kd_weight=args.kd_weight,
+                                  targets=args.targets, kl_weight=args.kl_weight, batch_size=args.batch_size,
+                                  block_size=args.block_size, precision=args.precision, eval_every=args.eval_every,
+                                  seed=args.seed)
+    recipe = EmulatorRecipe(*args.adapter_layers, emulator_layers=args.emulator_layers, drop_ratio=args.drop_ratio,
+                            layers=args.layers, distill=distill, corpus=args.corpus,
+                            public_in_domain=args.public_in_domain)
     model, tokenizer = load_model(args.model)
-    plan = plan_split(model, *args.adapter_layers, emulator_layers=args.emulator_layers, drop_ratio=args.drop_ratio)
-    emulator = build_emulator(model, plan)
+    plan, emulator, record = _user_input(prepare_emulator, args.model, model, tokenizer, recipe, args.task,
+                                         seed=args.seed)
     adapter = extract_adapter(model, plan)
-    write_split(args.out, emulator, adapter, plan, tokenizer, record={"source_model": args.model})
-    print(f"split {plan.name} of {args.model} ({plan.num_layers} blocks) -> {args.out}")
+    write_split(args.out, emulator, adapter, plan, tokenizer, record=record)
+    print(f"split {plan.name} of {args.model} ({plan.num_layers} blocks, {recipe.describe()}) -> {args.out}")
     print(f"  adapter blocks   {list(plan.adapter_layers)}  {_megabytes(adapter.values()):.1f} MB")
     print(f"  emulator blocks  {list(plan.kept_layers)}  {_megabytes(emulator.state_dict().values()):.1f} MB")
     print(f"  full model       {_megabytes(model.state_dict().values()):.1f} MB  ({time.perf_counter() - start:.1f} s)")
-
-
-def cmd_distill(args: argparse.Namespace) -> None:
-    import shutil
-
-    from fl_offsite.distill import DistillSettings, distilled_split, ppl_summary
-    from fl_offsite.io import atomic_dir
-    from fl_offsite.models import load_model
-    from fl_offsite.split import SPLIT_FILE, plan_split
-
-    model, tokenizer = load_model(args.model)
-    plan = plan_split(model, *args.adapter_layers, emulator_layers=args.emulator_layers, drop_ratio=args.drop_ratio)
-    settings = DistillSettings(steps=args.steps, corpus=args.corpus, lr=args.lr, kd_weight=args.kd_weight,
-                               batch_size=args.batch_size, block_size=args.block_size, eval_every=args.eval_every,
-                               seed=args.seed)
-    cached = _user_input(distilled_split, args.model, model, tokenizer, plan, settings)
-    with atomic_dir(args.out) as tmp:
-        shutil.copytree(cached, tmp, dirs_exist_ok=True)
-    record = json.loads((cached / SPLIT_FILE).read_text())["distillation"]
-    print(f"distilled split {plan.name} of {args.model} -> {args.out} (cached in {cached})")
-    print(f"  {ppl_summary(record)}")
+    if distill:
+        print(f"  {ppl_summary(record['distillation'])}; cached in {record['distilled_cache']}")
 
 
 def cmd_plug_in(args: argparse.Namespace) -> None:
@@ -235,20 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    split = _split_parser(sub, "split", "split a model into adapter + emulator (uniform layer drop)")
+    split = _split_parser(sub, "split", "split a model into adapter + emulator (layer drop by a rule)")
     split.set_defaults(func=cmd_split)
 
-    distill = _split_parser(sub, "distill", "split, then distill the emulator's middle blocks (cached)")
-    distill.add_argument("--corpus", default=DEFAULTS["distill.corpus"], help="public text corpus: bbc-news | hf:<datasets path>[:<config>] (text column)")
-    distill.add_argument("--steps", type=int, default=100)
-    distill.add_argument("--lr", type=float, default=DEFAULTS["distill.lr"])
-    distill.add_argument("--kd-weight", type=float, default=DEFAULTS["distill.kd-weight"],
+    distill = _split_parser(sub, "distill", "split, then distill the emulator's middle blocks on public text (cached)")
+    distill.add_argument("--steps", type=int, default=DistillSettings.steps)
+    distill.add_argument("--lr", type=float, default=DistillSettings.lr)
+    distill.add_argument("--kd-weight", type=float, default=DistillSettings.kd_weight,
                          help="weight of the hidden-state loss (paper: 30)")
-    distill.add_argument("--batch-size", type=int, default=DEFAULTS["distill.batch-size"])
-    distill.add_argument("--block-size", type=int, default=DEFAULTS["distill.block-size"], help="tokens per sequence")
-    distill.add_argument("--eval-every", type=int, default=25, help="steps between held-out perplexities")
-    distill.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    distill.set_defaults(func=cmd_distill)
+    distill.add_argument("--targets", choices=CHOICES["distill.targets"], default=DistillSettings.targets,
+                         help="hidden states matched: the middle's output, or every kept middle block")
+    distill.add_argument("--kl-weight", type=float, default=DistillSettings.kl_weight,
+                         help="weight of KL(full || emulator) on the logits")
+    distill.add_argument("--batch-size", type=int, default=DistillSettings.batch_size)
+    distill.add_argument("--block-size", type=int, default=DistillSettings.block_size, help="tokens per sequence")
+    distill.add_argument("--precision", choices=CHOICES["distill.precision"], default=DistillSettings.precision)
+    distill.add_argument("--eval-every", type=int, default=DistillSettings.eval_every,
+                         help="steps between held-out perplexities")
+    distill.set_defaults(func=cmd_split)
 
     plug = sub.add_parser("plug-in", help="plug an adapter into the full model")
     plug.add_argument("model", help="the full model: folder, hub id, or offline alias")
@@ -345,6 +341,15 @@ def _split_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     size.add_argument("--emulator-layers", type=int, metavar="K", help="middle blocks the emulator keeps")
     size.add_argument("--drop-ratio", type=float, help="fraction of the middle blocks to drop")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--layers", choices=CHOICES["emulator.layers"], default=DEFAULTS["emulator.layers"],
+                        help="which middle blocks the emulator keeps (fl_offsite.layer_choice)")
+    parser.add_argument("--corpus", default=DEFAULTS["distill.corpus"],
+                        help="the owner's public text: bigbench | model-samples | hf:<datasets path>[:<config>]")
+    parser.add_argument("--task", default=DEFAULTS["task"],
+                        help="the task the data owners tune on: its text is refused as the corpus")
+    parser.add_argument("--public-in-domain", action="store_true",
+                        help="the owner holds public text of the task's domain (allows the task's corpus)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     return parser
 
 

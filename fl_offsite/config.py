@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,18 @@ DEFAULTS: dict[str, Value] = {
     "split.adapter-layers": "2,2",  # bottom,top blocks of the adapter
     "split.emulator-layers": 8,  # middle blocks the emulator keeps (k)
     "split.drop-ratio": 0.0,  # when > 0, replaces emulator-layers
+    "emulator.layers": "uniform",  # which middle blocks the emulator keeps: see fl_offsite.layer_choice
     "distill.steps": 0,  # emulator distillation steps on the owner's side (0 = plain layer drop)
-    "distill.corpus": "bbc-news",  # public text corpus: bbc-news | hf:<datasets path>[:<config>]
+    "distill.corpus": "bigbench",  # the owner's public text (layer rules too): see fl_offsite.corpora
+    "distill.public-in-domain": False,  # the owner holds public text of the task's own domain (else refused)
     "distill.lr": 1e-4,
     "distill.kd-weight": 30.0,  # weight of the hidden-state loss (paper: 30)
+    "distill.targets": "output",  # output (the middle's output, the paper) | per-block (every kept middle block)
+    "distill.kl-weight": 0.0,  # weight of KL(full || emulator) on the logits
     "distill.batch-size": 8,
     "distill.block-size": 160,  # tokens per distillation sequence
+    "distill.precision": "fp32",  # bf16: autocast (faster on GPUs and on CPUs with AMX / AVX512-BF16)
+    "distill.eval-every": 25,  # steps between held-out perplexities (the best emulator is kept)
     "lora.r": 4,  # LoRA of the -lora methods (paper: r 4, alpha 32, dropout 0.1)
     "lora.alpha": 32,
     "lora.dropout": 0.1,
@@ -76,6 +83,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
                       "fedtrimmedavg", "krum"),
     "train.lr-schedule": ("constant", "cosine", "linear"),
     "train.precision": ("fp32", "bf16"),
+    "emulator.layers": ("uniform", "similarity", "greedy"),
+    "distill.targets": ("output", "per-block"),
+    "distill.precision": ("fp32", "bf16"),
     "data.partitioner": ("iid", "dirichlet"),
 }
 
@@ -92,7 +102,7 @@ def validate(overrides: dict[str, Any]) -> dict[str, Value]:
     for key, allowed in CHOICES.items():
         if config[key] not in allowed:
             raise UserError(f"{key} = {config[key]!r} is not one of {', '.join(allowed)}")
-    for key in ("num-rounds", "train.batch-size", "train.grad-accum", "train.max-length"):
+    for key in ("num-rounds", "train.batch-size", "train.grad-accum", "train.max-length", "distill.eval-every"):
         if config[key] < 1:
             raise UserError(f"{key} must be >= 1, got {config[key]}")
     if config["train.local-steps"] <= 0 and config["train.local-epochs"] <= 0:
@@ -172,3 +182,30 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """The model owner's emulator distillation (``distill.*`` keys; see fl_offsite.distill)."""
+
+    steps: int = 100
+    corpus: str = "bigbench"  # the owner's public text: see fl_offsite.corpora
+    lr: float = 1e-4
+    kd_weight: float = 30.0  # the paper's weight of the hidden-state loss
+    targets: str = "output"  # "output": the middle's output (the paper); "per-block": every kept middle block
+    kl_weight: float = 0.0  # weight of KL(full model || emulator) on the next-token distributions
+    batch_size: int = 8
+    block_size: int = 160  # tokens per training sequence
+    precision: str = "fp32"  # "bf16": autocast (CPUs with AMX/AVX512-BF16 and GPUs run it faster)
+    warmup_steps: int = 10
+    eval_every: int = 25
+    eval_texts: int = 16  # held-out ("validation") texts of the corpus for the perplexity
+    seed: int = 1234
+
+    @classmethod
+    def from_config(cls, config: dict) -> DistillSettings:
+        return cls(steps=config["distill.steps"], corpus=config["distill.corpus"], lr=config["distill.lr"],
+                   kd_weight=config["distill.kd-weight"], targets=config["distill.targets"],
+                   kl_weight=config["distill.kl-weight"], batch_size=config["distill.batch-size"],
+                   block_size=config["distill.block-size"], precision=config["distill.precision"],
+                   eval_every=config["distill.eval-every"], seed=config["seed"])

@@ -2,8 +2,8 @@
 
 Names:
 
-- ``bigbench``: the text of BIG-bench's JSON tasks (inputs and gold answers, grouped per task
-  into documents), from the same cached PyPI sdist as the ``bigbench:`` tasks. Public text of
+- ``bigbench``: the text of BIG-bench's JSON tasks (inputs and gold answers of the mostly-ASCII
+  examples, grouped per task into documents), from the same cached PyPI sdist as the ``bigbench:`` tasks. Public text of
   general kind; the task being tuned, and its sibling subtasks, are left out.
 - ``model-samples``: text sampled from the full model itself (data-free distillation); built by
   :func:`sample_texts`, which needs the model, so ``fl_offsite.distill`` resolves it.
@@ -142,8 +142,8 @@ def _example_texts(examples: list) -> list[str]:
         if answer is None and isinstance(scores, dict) and scores:
             answer = max(scores, key=lambda c: scores[c] if isinstance(scores[c], (int, float)) else 0)
         text = " ".join(f"{example['input']} {answer if isinstance(answer, str) else ''}".split())
-        if len(text) < 20:
-            continue
+        if len(text) < 20 or sum(c.isascii() for c in text) < 0.95 * len(text):
+            continue  # too short, or not English (the offline model's language)
         texts.append(text)
         total += len(text)
         if total >= _TASK_CHARS:

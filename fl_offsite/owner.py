@@ -1,7 +1,6 @@
 """The model owner's side: the split, the package delivered once, and evaluation."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -12,13 +11,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peft import PeftModel
 
-from fl_offsite.config import adapter_layers
-from fl_offsite.distill import DistillSettings, distilled_split, ppl_summary
+from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import evaluate_task
 from fl_offsite.models import best_device, load_model, resolve_model_path
-from fl_offsite.split import (EMULATOR_DIR, SPLIT_FILE, SplitPlan, build_emulator, extract_adapter, plan_split,
-                              write_split)
+from fl_offsite.split import EMULATOR_DIR, SplitPlan, extract_adapter, write_split
 from fl_offsite.tasks import TaskData, load_task
 from fl_offsite.tuning import Tuning, get_payload, set_payload
 
@@ -49,12 +46,9 @@ class ModelOwner:
             plan, emulator = None, None
             base_folder = _model_folder(config["model"], model, tokenizer, run_dir)
         else:
-            drop = config["split.drop-ratio"]
-            plan = plan_split(model, *adapter_layers(config), emulator_layers=None if drop > 0 else
-                              config["split.emulator-layers"], drop_ratio=drop if drop > 0 else None)
-            log.info("Split %s of %s: adapter blocks %s, emulator keeps %s", plan.name, config["model"],
-                     list(plan.adapter_layers), list(plan.kept_layers))
-            emulator, record = _emulator(config, model, tokenizer, plan)
+            plan, emulator, record = prepare_emulator(config["model"], model, tokenizer,
+                                                      EmulatorRecipe.from_config(config), config["task"],
+                                                      seed=config["seed"])
             split_dir = write_split(run_dir / "split", emulator, extract_adapter(model, plan), plan, tokenizer,
                                     record=record)
             base_folder = split_dir / EMULATOR_DIR
@@ -95,19 +89,6 @@ def final_weights(owner: ModelOwner, payload: dict[str, torch.Tensor]) -> tuple[
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     return "adapter.safetensors", extract_adapter(model, owner.plan)
-
-
-def _emulator(config: dict, model: PreTrainedModel, tokenizer, plan: SplitPlan) -> tuple[PreTrainedModel, dict]:
-    """The emulator (distilled when ``distill.steps`` > 0, from the cache when done before) and its record."""
-    record = {"source_model": config["model"]}
-    if config["distill.steps"] <= 0:
-        return build_emulator(model, plan).to(model.device), record
-    folder = distilled_split(config["model"], model, tokenizer, plan, DistillSettings.from_config(config))
-    emulator, _ = load_model(str(folder / EMULATOR_DIR), with_tokenizer=False)
-    emulator.to(model.device)
-    distillation = json.loads((folder / SPLIT_FILE).read_text())["distillation"]
-    log.info("Distilled emulator: %s", ppl_summary(distillation))
-    return emulator, {**record, "distillation": distillation}
 
 
 def _model_folder(name: str, model: PreTrainedModel, tokenizer, run_dir: Path) -> Path:

@@ -1,5 +1,5 @@
-"""The offsite split: adapter (bottom + top blocks) and emulator (a uniform subset of
-the middle), and the exact inverse pair ``extract_adapter`` / ``plug_in``.
+"""The offsite split: adapter (bottom + top blocks) and emulator (a subset of the middle,
+chosen by ``fl_offsite.layer_choice``), and the exact inverse pair ``extract_adapter`` / ``plug_in``.
 
 An adapter is always keyed by the **full model's** parameter names, whichever model
 (full or emulator) it came from or goes into; the block index in a name is mapped
@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from transformers import PreTrainedModel
 from fl_offsite.blocks import find_blocks, resize_config
 from fl_offsite.errors import UserError
 from fl_offsite.io import atomic_dir, load_tensors, save_tensors, write_json
+from fl_offsite.layer_choice import uniform_drop
 
 ADAPTER_FILE = "adapter.safetensors"
 SPLIT_FILE = "split.json"
@@ -73,26 +75,19 @@ class SplitPlan:
                    block_prefix=data["block_prefix"])
 
 
-def uniform_drop(n: int, k: int) -> list[int]:
-    """The paper's uniform layer drop: ``k`` of ``n`` indices, first and last kept."""
-    if not 0 <= k <= n:
-        raise UserError(f"cannot keep {k} of {n} middle blocks: choose 0 <= k <= {n}")
-    if k == 0:
-        return []
-    if k == 1:
-        return [0]
-    stride = (n - 1) / (k - 1)
-    return [round(i * stride) for i in range(k)]
-
-
 def plan_split(
     model: torch.nn.Module,
     adapter_bottom: int,
     adapter_top: int,
     emulator_layers: int | None = None,
     drop_ratio: float | None = None,
+    choose_middle: Callable[[int, int], list[int]] = uniform_drop,
 ) -> SplitPlan:
-    """Plan an ``l-k-r`` split of ``model``; give ``emulator_layers`` (k) or ``drop_ratio``."""
+    """Plan an ``l-k-r`` split of ``model``; give ``emulator_layers`` (k) or ``drop_ratio``.
+
+    ``choose_middle(n, k)`` picks the ``k`` kept of the ``n`` middle blocks (indices into the
+    middle, ascending): the paper's uniform drop, or a rule of ``fl_offsite.layer_choice``.
+    """
     prefix, blocks = find_blocks(model)
     n = len(blocks)
     middle = n - adapter_bottom - adapter_top
@@ -108,7 +103,11 @@ def plan_split(
         if not 0.0 <= drop_ratio < 1.0:
             raise UserError(f"drop ratio must be in [0, 1), got {drop_ratio}")
         emulator_layers = max(1, round(middle * (1.0 - drop_ratio))) if middle else 0
-    kept_middle = [adapter_bottom + i for i in uniform_drop(middle, emulator_layers)]
+    chosen = list(choose_middle(middle, emulator_layers))
+    if len(chosen) != emulator_layers or chosen != sorted(set(chosen)) or not all(0 <= i < middle for i in chosen):
+        raise ValueError(f"choose_middle({middle}, {emulator_layers}) gave {chosen}: not {emulator_layers} "
+                         f"ascending distinct indices below {middle}")
+    kept_middle = [adapter_bottom + i for i in chosen]
     kept = (*range(adapter_bottom), *kept_middle, *range(n - adapter_top, n))
     return SplitPlan(n, adapter_bottom, adapter_top, kept, prefix)
 
@@ -127,7 +126,8 @@ def build_emulator(model: PreTrainedModel, plan: SplitPlan) -> PreTrainedModel:
     """
     plan.positions(model)  # checks that ``model`` is the full model of this plan
     config = resize_config(model.config, plan.num_layers, list(plan.kept_layers))
-    emulator = type(model)(config).to(model.dtype)
+    with torch.device(model.device):  # on the model's device: a GPU model gets a GPU emulator, built there
+        emulator = type(model)(config).to(model.dtype)
     position = {orig: pos for pos, orig in enumerate(plan.kept_layers)}
     state = {}
     for key, tensor in model.state_dict().items():

@@ -47,7 +47,7 @@ def test_report_of_offsite_and_fedavg_full(tiny_lm_dir, tmp_path):
 
 def test_report_compares_distilled_and_plain_emulators(tiny_lm_dir, tmp_path):
     out = tmp_path / "compare"
-    distill = {"distill.steps": 3, "distill.batch-size": 2, "distill.block-size": 32}
+    distill = {"distill.steps": 3, "distill.batch-size": 2, "distill.block-size": 32, "distill.corpus": "model-samples"}
     for name, overrides in (("offsite", {}), ("distilled", distill)):
         run(tiny_config(tiny_lm_dir, out / name, **{"data.num-partitions": 2, "num-rounds": 1}, **overrides),
             num_nodes=2)

@@ -12,12 +12,12 @@ from fl_offsite.distill import middle_positions, normalized_mse
 from fl_offsite.evaluate import perplexity
 from fl_offsite.models import load_model
 from fl_offsite.split import SPLIT_FILE, build_emulator, read_plan
-from fl_offsite.corpora import load_text_corpus
+from fl_offsite.emulator import public_texts
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 ARGS = ["--adapter-layers", "1,1", "--emulator-layers", "2", "--steps", "24", "--eval-every", "8",
-        "--batch-size", "4", "--block-size", "64", "--lr", "3e-3"]
+        "--batch-size", "4", "--block-size", "64", "--corpus", "model-samples", "--lr", "3e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_distillation_lowers_the_kd_loss_and_trains_only_the_middle(distilled, t
         assert changed == any(name.startswith(m) for m in middle), name
 
     # The saved emulator is the best one seen, with the recorded held-out perplexity.
-    held_out = load_text_corpus("bbc-news", "validation", seed=1234)[:40]
+    held_out = public_texts("model-samples", "validation", full, tokenizer, "bbc-news", 1234, count=16, length=256)
     ppl = perplexity(after, tokenizer, held_out, block_size=256, progress=False)["ppl"]
     assert ppl == pytest.approx(record["emulator_ppl_after"], rel=1e-4)
     assert ppl == pytest.approx(min(p["ppl"] for p in record["perplexity"]), rel=1e-4)
@@ -72,6 +72,7 @@ def test_other_settings_are_not_served_from_the_cache(distilled, tiny_lm_dir, tm
     calls = []
     monkeypatch.setattr(distill_module, "distill", lambda *a, **k: calls.append(a[4]) or {"steps": 0})
     monkeypatch.setattr(distill_module, "ppl_summary", lambda record: "")
+    monkeypatch.setattr("fl_offsite.emulator.ppl_summary", lambda record: "")
     main(["distill", str(tiny_lm_dir), *ARGS[:-2], "--lr", "1e-3", "--out", str(tmp_path / "other")])
     assert len(calls) == 1 and calls[0].lr == 1e-3
 

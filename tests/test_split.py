@@ -12,9 +12,10 @@ from fl_offsite.blocks import find_blocks
 from fl_offsite.errors import UserError
 from fl_offsite.models import load_model
 from fl_offsite.split import (
-    build_emulator, extract_adapter, load_adapter, plan_split, plug_in, read_plan, save_adapter, uniform_drop,
+    build_emulator, extract_adapter, load_adapter, plan_split, plug_in, read_plan, save_adapter,
     write_split,
 )
+from fl_offsite.layer_choice import uniform_drop
 from tiny_models import FAMILIES, LAYERS, VOCAB, save_tiny_model, tiny_model
 
 BLOCK_PATHS = {"gpt2": "transformer.h", "opt": "model.decoder.layers", "bloom": "transformer.h",

@@ -1,0 +1,286 @@
+"""Emulator fidelity: the paper's five settings, federated, on the whole test split, over seeds.
+
+For a model, a task and one or more emulator recipes (all on the model owner's public text):
+
+- full zero-shot and, per recipe, emulator zero-shot;
+- FedAvg full fine-tuning;
+- per recipe, offsite-tuning: the adapter trained federated on the emulator, scored as
+  emulator + adapter and as plug-in (full model + adapter);
+
+with the same Dirichlet partitions, rounds and local budget (steps x batch) for FedAvg and
+offsite, the test split fixed (task seed 1234) and the federated seed (partitions, example
+order) varied. The federated loop runs in this process with the library's own pieces (the
+client app's partitioning and encoding, ``train_local``, FedAvg weighted by examples, the
+owner's cosine schedule across rounds), the same work Flower's simulation distributes.
+Every finished unit (a zero-shot score, one seed of one method) is kept in the output JSON at
+once, so a rerun resumes. Prints means, standard errors over seeds, the privacy gap (plug-in
+minus emulator + adapter) and the emulator's standalone gap (full minus emulator zero-shot).
+
+  python benchmarks/fidelity.py --task bbc-news --seeds 1 --recipe uniform=emulator.layers=uniform
+  python benchmarks/fidelity.py --task bbc-news --seeds 1,2,3 \\
+      --recipe uniform=emulator.layers=uniform \\
+      --recipe greedy-distilled=emulator.layers=greedy,distill.steps=200,distill.precision=bf16 \\
+      --out benchmarks/measurements/fidelity_bbc.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from fl_offsite.config import validate
+from fl_offsite.data import encode_choice_example, pad_id
+from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
+from fl_offsite.evaluate import evaluate_task
+from fl_offsite.io import write_json
+from fl_offsite.models import load_model
+from fl_offsite.owner import lr_schedule
+from fl_offsite.partition import partition_indices
+from fl_offsite.split import adapter_names, plug_in
+from fl_offsite.tasks import load_task
+from fl_offsite.train import HALF, TrainSettings, half_frozen, train_local
+
+log = logging.getLogger("fidelity")
+TASK_SEED = 1234  # the test split is the same for every federated seed
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", default="bbc-news")
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=KEY=VALUE,...",
+                        help="an emulator recipe: a name, then run-config keys (split.*, emulator.*, distill.*)")
+    parser.add_argument("--seeds", default="1", help="federated seeds, comma-separated")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet alpha over labels (non-IID)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4, help="offsite client learning rate (the paper's)")
+    parser.add_argument("--ft-lr", type=float, default=2e-5, help="full fine-tuning client learning rate")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="client training precision")
+    parser.add_argument("--eval-precision", choices=["fp32", "bf16"], default="bf16",
+                        help="scoring under bf16 autocast (the same for every setting)")
+    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest when other processes share the cores)")
+    parser.add_argument("--limit", type=int, default=0, help="score only this many test examples (0: whole split)")
+    parser.add_argument("--centralised", action="store_true", help="one data owner with all the data, same budget")
+    parser.add_argument("--no-ft", action="store_true", help="skip FedAvg full fine-tuning")
+    parser.add_argument("--out", default="benchmarks/measurements/fidelity.json")
+    return parser.parse_args(argv)
+
+
+def recipes_of(specs: list[str]) -> dict[str, tuple[dict, EmulatorRecipe]]:
+    """``NAME=key=value,key=value`` -> (overrides, recipe), validated as run config."""
+    recipes = {}
+    for spec in specs or ["uniform=emulator.layers=uniform"]:
+        name, _, rest = spec.partition("=")
+        overrides = dict(item.split("=", 1) for item in rest.split(",") if item)
+        recipes[name] = overrides, EmulatorRecipe.from_config(validate(overrides))
+    return recipes
+
+
+class Results:
+    """The output JSON, written after every finished unit; units already there are not rerun."""
+
+    def __init__(self, path: Path, settings: dict) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+        if self.data.get("settings", settings) != settings:
+            raise SystemExit(f"{path} holds results of other settings; choose another --out")
+        self.data.update(settings=settings)
+        self.data.setdefault("units", {})
+
+    def get(self, key: str) -> dict | None:
+        return self.data["units"].get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        self.data["units"][key] = value
+        write_json(self.path, self.data)
+
+
+def partitions(task, clients: int, alpha: float, seed: int, centralised: bool) -> list[list]:
+    labels = [ex.label for ex in task.train]
+    if centralised:
+        return [list(task.train)]
+    return [[task.train[i] for i in partition_indices(labels, clients, pid, "dirichlet", alpha, seed)]
+            for pid in range(clients)]
+
+
+def fedavg(model: torch.nn.Module, trainable: dict[str, str], data: list[list[dict]], args, lr: float,
+           seed: int, label: str) -> dict:
+    """Federated rounds on ``model`` (in place): each client trains ``trainable`` from the global state, FedAvg."""
+    params = dict(model.named_parameters())
+    lr_at = lr_schedule(lr, "cosine", args.rounds)
+    steps = args.local_steps * (args.clients if args.centralised else 1)
+    train_seconds, losses = 0.0, []
+    for rnd in range(1, args.rounds + 1):
+        start_state = {local: params[local].detach().clone() for local in trainable.values()}
+        total = {local: torch.zeros_like(t, dtype=torch.float32) for local, t in start_state.items()}
+        weight = sum(len(d) for d in data)
+        for pid, features in enumerate(data):
+            with torch.no_grad():
+                for local, tensor in start_state.items():
+                    params[local].copy_(tensor)
+            settings = TrainSettings(lr=lr_at(rnd), batch_size=args.batch_size, local_steps=steps,
+                                     seed=seed * 7919 + rnd * 131 + pid, precision=args.precision)
+            stats = train_local(model, set(trainable.values()), features, settings, args.pad_id,
+                                desc=f"{label} round {rnd} client {pid}")
+            train_seconds += stats.seconds
+            losses.append(stats.loss)
+            with torch.no_grad():
+                for local in total:
+                    total[local] += params[local].detach().float() * (len(features) / weight)
+        with torch.no_grad():
+            for local, tensor in total.items():
+                params[local].copy_(tensor.to(params[local].dtype))
+        log.info("%s round %d: mean client loss %.4f", label, rnd, statistics.fmean(losses[-len(data):]))
+    return {"train_seconds": round(train_seconds, 1), "final_loss": statistics.fmean(losses[-len(data):])}
+
+
+def score(model, tokenizer, task, args) -> dict:
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.eval_precision == "bf16")
+    with autocast:
+        result = evaluate_task(model, tokenizer, task, "test", limit=args.limit or None,
+                               batch_size=args.eval_batch_size, progress=True)
+    return {"acc": result["acc"], "acc_stderr": result["acc_stderr"], "acc_norm": result["acc_norm"],
+            "n": result["n"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    recipes = recipes_of(args.recipe)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    torch.set_num_threads(args.threads)
+    budget = {k: getattr(args, k) for k in ("model", "task", "clients", "alpha", "rounds", "local_steps",
+                                             "batch_size", "lr", "ft_lr", "max_length", "precision",
+                                             "eval_precision", "limit", "centralised")}
+    results = Results(Path(args.out), budget)
+    results.data["recipes"] = {name: {"overrides": o, "recipe": asdict(r)} for name, (o, r) in recipes.items()}
+    model, tokenizer = load_model(args.model)
+    args.pad_id = pad_id(tokenizer)
+    task = load_task(args.task, seed=TASK_SEED)
+    encode = lambda examples: [encode_choice_example(tokenizer, ex, args.max_length) for ex in examples]
+
+    if not results.get("full-zero-shot"):
+        results.put("full-zero-shot", score(model, tokenizer, task, args))
+    for seed in seeds if not args.no_ft else []:
+        key = f"fedavg-full/{seed}"
+        if results.get(key):
+            continue
+        full, _ = load_model(args.model)
+        data = [encode(p) for p in partitions(task, args.clients, args.alpha, seed, args.centralised)]
+        run = fedavg(full, {n: n for n, _ in full.named_parameters()}, data, args, args.ft_lr, seed,
+                     f"fedavg-full s{seed}")
+        results.put(key, {**score(full, tokenizer, task, args), **run})
+        del full
+
+    for name, (_, recipe) in recipes.items():
+        started = time.perf_counter()
+        plan, emulator, record = prepare_emulator(args.model, model, tokenizer, recipe, args.task)
+        if not results.get(f"{name}/emulator-zero-shot"):
+            results.put(f"{name}/emulator-zero-shot", {
+                **score(emulator, tokenizer, task, args), "kept_layers": list(plan.kept_layers),
+                "prepare_seconds": round(time.perf_counter() - started, 1),
+                "distillation": {k: v for k, v in (record.get("distillation") or {}).items() if k != "losses"}})
+        names = adapter_names(emulator, plan)  # full-model name -> name in the emulator
+        for seed in seeds:
+            key = f"{name}/{seed}"
+            if results.get(key):
+                continue
+            client = copy.deepcopy(emulator)
+            if args.precision in HALF:
+                half_frozen(client, set(names.values()), HALF[args.precision])
+            data = [encode(p) for p in partitions(task, args.clients, args.alpha, seed, args.centralised)]
+            run = fedavg(client, names, data, args, args.lr, seed, f"{name} s{seed}")
+            state = client.state_dict()
+            adapter = {full: state[local].detach().float() for full, local in names.items()}
+            scored = copy.deepcopy(emulator)
+            emulator_acc = score(plug_in(scored, adapter, plan), tokenizer, task, args)
+            plugged = plug_in(copy.deepcopy(model), adapter, plan)
+            results.put(key, {"emulator": emulator_acc, "plugin": score(plugged, tokenizer, task, args), **run})
+            del client, scored, plugged
+    summary = summarise(results.data, list(recipes), seeds, not args.no_ft)
+    results.data["summary"] = summary
+    write_json(results.path, results.data)
+    print_table(summary, results.data["units"]["full-zero-shot"]["n"], seeds)
+    plot(summary, results.path.with_suffix(".png"), args)
+    return 0
+
+
+def mean_se(values: list[float]) -> dict:
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return {"mean": mean, "se": se, "values": values}
+
+
+def summarise(data: dict, recipes: list[str], seeds: list[int], with_ft: bool) -> dict:
+    units = data["units"]
+    full_zs = units["full-zero-shot"]["acc"]
+    out: dict = {"full zero-shot": {"mean": full_zs, "se": units["full-zero-shot"]["acc_stderr"], "values": [full_zs]}}
+    if with_ft:
+        out["FedAvg full fine-tuning"] = mean_se([units[f"fedavg-full/{s}"]["acc"] for s in seeds])
+    for name in recipes:
+        zs = units[f"{name}/emulator-zero-shot"]
+        runs = [units[f"{name}/{s}"] for s in seeds]
+        out[f"{name}: emulator zero-shot"] = {"mean": zs["acc"], "se": zs["acc_stderr"], "values": [zs["acc"]]}
+        out[f"{name}: emulator + adapter"] = mean_se([r["emulator"]["acc"] for r in runs])
+        out[f"{name}: plug-in"] = mean_se([r["plugin"]["acc"] for r in runs])
+        out[f"{name}: privacy gap (plug-in - emulator + adapter)"] = mean_se(
+            [r["plugin"]["acc"] - r["emulator"]["acc"] for r in runs])
+        out[f"{name}: standalone gap (full - emulator zero-shot)"] = {"mean": full_zs - zs["acc"], "se": float("nan"),
+                                                                      "values": [full_zs - zs["acc"]]}
+        if with_ft:
+            out[f"{name}: FT - plug-in"] = mean_se([units[f"fedavg-full/{s}"]["acc"] - r["plugin"]["acc"]
+                                                    for s, r in zip(seeds, runs)])
+    return out
+
+
+def print_table(summary: dict, n_test: int, seeds: list[int]) -> None:
+    print(f"\naccuracy on the whole test split ({n_test} examples), mean ± standard error over seeds {seeds} "
+          "(zero-shot rows: ± the binomial standard error)")
+    width = max(map(len, summary))
+    for name, row in summary.items():
+        se = "" if math.isnan(row["se"]) else f" ± {row['se']:.3f}"
+        print(f"  {name:<{width}}  {row['mean']:+.3f}{se}" if "gap" in name or "FT -" in name
+              else f"  {name:<{width}}  {row['mean']:.3f}{se}")
+
+
+def plot(summary: dict, path: Path, args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(k, v) for k, v in summary.items() if "gap" not in k and "FT -" not in k]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    names = [k for k, _ in rows][::-1]
+    means = [v["mean"] for _, v in rows][::-1]
+    errors = [0 if math.isnan(v["se"]) else v["se"] for _, v in rows][::-1]
+    colors = ["#999999" if "zero-shot" in n else "#d62728" if "FedAvg" in n else
+              "#1f77b4" if "plug-in" in n else "#ff7f0e" for n in names]
+    ax.barh(names, means, xerr=errors, color=colors, capsize=3)
+    for y, m in enumerate(means):
+        ax.text(m + 0.01, y, f"{m:.3f}", va="center", fontsize=8)
+    ax.set_xlim(0, 1.08)
+    ax.set_xlabel("accuracy (whole test split)")
+    ax.set_title(f"{args.model} on {args.task}: {args.clients} clients, {args.rounds} rounds x "
+                 f"{args.local_steps} steps", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
