@@ -178,13 +178,15 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
         for n in counts:
             strategy = OffsiteStrategy(FedAvg(), reference=reference, evaluate_payload=lambda p: {},
                                        run=Folder(tmp), lr_at=lambda r: 1e-4, min_replies=1, seed=0, base_config={})
-            strategy._round = {"start": time.perf_counter(), "bytes_down": {}}
-            replies = []
+            replies, sent = [], []
             for i in range(n):
                 arrays = ArrayRecord({k: torch.full((per,), float(i)) for k in reference})
                 content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10 + i})})
                 msg = Message(content, dst_node_id=i + 1, message_type="train")
+                msg.metadata.__dict__["_message_id"] = f"train-{i}"  # as the grid's push sets it
+                sent.append(msg.metadata)
                 replies.append(_as_reply(msg, content, i + 1))
+            strategy._round = {"start": time.perf_counter(), "bytes_down": {}, "sent": sent}
             held = sum(r.content["arrays"].count_bytes() for r in replies) / 2**20
             Path("/proc/self/clear_refs").write_text("5")
             rss_before = _status_kb("VmRSS")

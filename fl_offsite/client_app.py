@@ -15,7 +15,7 @@ from fl_offsite.config import validate
 from fl_offsite.data import pad_id
 from fl_offsite.delivery import node_store
 from fl_offsite.errors import UserError
-from fl_offsite.local_data import data_path, load_examples
+from fl_offsite.local_data import BadDataFile, data_path, load_examples
 from fl_offsite.logs import log_to_console
 from fl_offsite.models import best_device, load_model, load_tokenizer
 from fl_offsite.split import SplitPlan
@@ -67,9 +67,15 @@ def train(msg: Message, context: Context) -> Message:
     set_payload(model, msg.content["arrays"].to_torch_state_dict(), names)
 
     partition_id, num_partitions = _partition(context, config)
-    features = _features(_local_data(context), config["task"], config["seed"], config["data.partitioner"],
-                         config["data.alpha"], num_partitions, partition_id, config["train.max-length"],
-                         str(store.folder(digest)))
+    answers = tuple(json.loads(round_config["task-answers"])) if round_config.get("task-answers") else None
+    try:
+        features = _features(_local_data(context), config["task"], config["seed"], config["data.partitioner"],
+                             config["data.alpha"], num_partitions, partition_id, config["train.max-length"],
+                             str(store.folder(digest)), answers)
+    except BadDataFile as err:  # the rows stay on this node: the model owner learns only how many
+        log.error("%s", err)
+        raise UserError(f"the data owner's file was refused ({err.summary}); the rows and what to fix are in "
+                        "the node's log") from None
     rnd = int(round_config["round"])
     settings = TrainSettings(
         lr=float(round_config["lr"]), batch_size=config["train.batch-size"], grad_accum=config["train.grad-accum"],
@@ -83,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     log.info("client %d round %d: loss %.4f, %d steps, %.1f s, %.0f tokens/s, peak %.0f MB", partition_id, rnd,
              stats.loss, stats.steps, stats.seconds, stats.tokens_per_s, stats.peak_memory_mb)
     metrics = MetricRecord({
-        "num-examples": len(features), "partition-id": partition_id, "train-loss": stats.loss,
+        "num-examples": len(features), "partition-id": partition_id, "round": rnd, "train-loss": stats.loss,
         "train-steps": stats.steps, "train-seconds": stats.seconds, "tokens-per-s": stats.tokens_per_s,
         "peak-memory-mb": stats.peak_memory_mb, "trainable-params": stats.trainable_params})
     payload = get_payload(model, names)
@@ -127,16 +133,17 @@ def _local_data(context: Context) -> tuple[str, int] | None:
 
 @lru_cache(maxsize=8)
 def _features(local: tuple[str, int] | None, task: str, seed: int, partitioner: str, alpha: float,
-              num_partitions: int, partition_id: int, max_length: int,
-              tokenizer_folder: str) -> list[dict[str, list[int]]]:
+              num_partitions: int, partition_id: int, max_length: int, tokenizer_folder: str,
+              answers: tuple[str, ...] | None = None) -> list[dict[str, list[int]]]:
     """This data owner's tokenized training examples (loss on the answer tokens only): its own
-    file when the node config names a data-path, else its partition of the task."""
+    file when the node config names a data-path (checked against the task's ``answers``), else its
+    partition of the task."""
     from fl_offsite.data import encode_choice_example
     from fl_offsite.partition import partition_indices
     from fl_offsite.tasks import load_task
 
     if local is not None:
-        examples = load_examples(local[0])
+        examples = load_examples(local[0], answers)
     else:
         train = load_task(task, seed=seed).train
         indices = partition_indices([ex.label for ex in train], num_partitions, partition_id, partitioner, alpha,

@@ -6,20 +6,23 @@ One example per line, in the format of the run's task (see :class:`fl_offsite.ta
 
 ``choices`` are the candidate answers with their leading space, ``label`` the index of the
 correct one; training puts the loss on the correct answer's tokens. The model owner
-evaluates on the task's own held-out split, so the choices should match the task's.
+evaluates on the task's own held-out split: for a task with fixed answers (bbc-news's
+topics) a row whose labelled answer is not one of them is refused. Every bad row is
+reported, by line number, before any training; the model owner only learns how many.
 """
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from fl_offsite.errors import UserError
-from fl_offsite.tasks import ChoiceExample
+from fl_offsite.tasks import ChoiceExample, TaskData
 
 NODE_KEY = "data-path"
 FORMAT_HINT = 'one JSON object per line: {"context": "...", "choices": [" a", " b"], "label": 0}'
+MAX_LISTED = 20  # bad rows named in the error; the rest are counted
 
 
 def data_path(node_config: Mapping[str, object]) -> str | None:
@@ -35,17 +38,52 @@ def data_path(node_config: Mapping[str, object]) -> str | None:
     return str(path)
 
 
-def load_examples(path: str | Path) -> list[ChoiceExample]:
-    """Read and check a JSONL file of examples; errors name the file and line."""
+class BadDataFile(UserError):
+    """A data file failed its checks. The message lists every bad row (for the data owner);
+    ``summary`` says only how many, for a model owner who must not see the rows."""
+
+    def __init__(self, message: str, summary: str) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def load_examples(path: str | Path, answers: Sequence[str] | None = None) -> list[ChoiceExample]:
+    """Read and check a JSONL file of examples; every bad row is reported by its line number in one error.
+
+    ``answers`` are the task's fixed answers (:func:`task_answers`): a row whose labelled answer is
+    not one of them is refused. Messages say what is wrong, never what a row holds (it is private).
+    """
     path = Path(path)
-    examples = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                examples.append(_example(line, f"{path}:{number}"))
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except OSError as err:
+        raise BadDataFile(f"{path} cannot be read ({err.strerror or err})", "unreadable") from None
+    except UnicodeDecodeError as err:
+        raise BadDataFile(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8 JSON Lines",
+                          "not UTF-8") from None
+    examples, problems = [], []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            parsed = _example(line, answers)
+            if isinstance(parsed, str):
+                problems.append(f"line {number}: {parsed}")
+            else:
+                examples.append(parsed)
+    if problems:
+        listed = "; ".join(problems[:MAX_LISTED]) + (f"; and {len(problems) - MAX_LISTED} more"
+                                                     if len(problems) > MAX_LISTED else "")
+        raise BadDataFile(f"{path}: {len(problems)} of {len(problems) + len(examples)} rows are bad ({listed}); "
+                          f"fix or remove them: {FORMAT_HINT}", f"{len(problems)} bad row" + "s" * (len(problems) > 1))
     if not examples:
-        raise UserError(f"{path} holds no examples; expected {FORMAT_HINT}")
+        raise BadDataFile(f"{path} holds no examples; expected {FORMAT_HINT}", "no examples")
     return examples
+
+
+def task_answers(task: TaskData) -> list[str] | None:
+    """The answers every example of ``task`` chooses from (bbc-news: the five topics), or None when
+    each example has its own (as in most multiple-choice tasks)."""
+    choices = {tuple(ex.choices) for split in (task.train, task.validation, task.test) for ex in split}
+    return list(choices.pop()) if len(choices) == 1 else None
 
 
 def write_examples(path: str | Path, examples: Iterable[ChoiceExample]) -> Path:
@@ -57,18 +95,23 @@ def write_examples(path: str | Path, examples: Iterable[ChoiceExample]) -> Path:
     return path
 
 
-def _example(line: str, where: str) -> ChoiceExample:
+def _example(line: str, answers: Sequence[str] | None) -> ChoiceExample | str:
+    """The row as an example, or what is wrong with it."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
-        raise UserError(f"{where}: not valid JSON ({err.msg}); expected {FORMAT_HINT}") from None
-    if not isinstance(row, dict) or not {"context", "choices", "label"} <= row.keys():
-        raise UserError(f"{where}: missing keys; expected {FORMAT_HINT}")
+        return f"not valid JSON ({err.msg}, column {err.colno})"
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    if missing := [key for key in ("context", "choices", "label") if key not in row]:
+        return f"missing {', '.join(missing)}"
     context, choices, label = row["context"], row["choices"], row["label"]
-    if not isinstance(context, str):
-        raise UserError(f"{where}: context must be a string")
-    if not isinstance(choices, list) or len(choices) < 1 or not all(isinstance(c, str) and c for c in choices):
-        raise UserError(f"{where}: choices must be a list of non-empty strings")
+    if not isinstance(context, str) or not context.strip():
+        return "context must be a non-empty string"
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+        return "choices must be a list of non-empty strings"
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
-        raise UserError(f"{where}: label must be an index into choices (0..{len(choices) - 1}), got {label!r}")
+        return f"label must be an index into choices (0..{len(choices) - 1})"
+    if answers is not None and choices[label] not in answers:
+        return f"the labelled answer is not one of the task's answers {list(answers)}"
     return ChoiceExample(context, choices, label)

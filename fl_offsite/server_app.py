@@ -14,6 +14,7 @@ from fl_offsite.config import validate
 from fl_offsite.delivery import ModelPackage, deliver
 from fl_offsite.errors import UserError
 from fl_offsite.io import save_tensors
+from fl_offsite.local_data import task_answers
 from fl_offsite.logs import log_to_console
 from fl_offsite.owner import ModelOwner, final_weights, lr_schedule
 from fl_offsite.results import CHECKPOINT, DELIVERY, RunFolder
@@ -61,8 +62,10 @@ def run_federated(grid: Grid, config: dict) -> Path:
         lr_at=lr_schedule(config["train.lr"], config["train.lr-schedule"], config["num-rounds"]),
         min_replies=config["strategy.min-train-nodes"], seed=config["seed"],
         base_config={"digest": package.digest, "method": config["method"],
-                     "split-plan": json.dumps(owner.plan.to_json()) if owner.plan else ""},
-        rounds_done=done, max_update_norm=config["strategy.max-update-norm"])
+                     "split-plan": json.dumps(owner.plan.to_json()) if owner.plan else "",
+                     "task-answers": json.dumps(answers) if (answers := task_answers(owner.task)) else ""},
+        rounds_done=done, max_update_norm=config["strategy.max-update-norm"],
+        round_timeout=config["strategy.round-timeout"])
     if checkpoint:
         strategy.restore(checkpoint.strategy_state)
         log.info("Resuming %s after round %d", run.root, done)

@@ -32,7 +32,8 @@ class OffsiteStrategy(Strategy):
 
     def __init__(self, inner: Strategy, reference: dict[str, torch.Tensor], evaluate_payload: Evaluator,
                  run: RunFolder, lr_at: Callable[[int], float], min_replies: int, seed: int,
-                 base_config: dict, rounds_done: int = 0, max_update_norm: float = 0.0) -> None:
+                 base_config: dict, rounds_done: int = 0, max_update_norm: float = 0.0,
+                 round_timeout: float | None = None) -> None:
         self.inner = inner
         self.reference = {k: torch.empty_like(v, device="meta") for k, v in reference.items()}
         self.evaluate_payload = evaluate_payload
@@ -43,6 +44,7 @@ class OffsiteStrategy(Strategy):
         self.base_config = base_config
         self.offset = rounds_done  # rounds finished before a resume
         self.max_update_norm = max_update_norm
+        self.round_timeout = round_timeout
         self._global: dict[str, torch.Tensor] = {}
         self._round: dict = {}
 
@@ -55,7 +57,8 @@ class OffsiteStrategy(Strategy):
         messages = list(self.inner.configure_train(rnd, arrays, config, grid))
         down = arrays.count_bytes()
         self._global = arrays.to_torch_state_dict()
-        self._round = {"start": time.perf_counter(), "bytes_down": {m.metadata.dst_node_id: down for m in messages}}
+        self._round = {"start": time.perf_counter(), "bytes_down": {m.metadata.dst_node_id: down for m in messages},
+                       "sent": [m.metadata for m in messages]}  # the grid sets their ids when it pushes them
         log.info("round %d: sent %.2f MB to each of %d clients", rnd, down / 1e6, len(messages))
         return messages
 
@@ -64,8 +67,15 @@ class OffsiteStrategy(Strategy):
         rnd = server_round + self.offset
         replies = list(replies)
         accepted, clients, problems = [], [], []
+        asked = {m.message_id: m.dst_node_id for m in self._round["sent"]}
+        answered = set()
         for reply in replies:
             node = reply.metadata.src_node_id
+            if asked.get(reply.metadata.reply_to_message_id) != node:
+                problems.append({"node": node, "kind": "rejected",
+                                 "reason": "a reply to no message of this round (a late reply to an earlier one?)"})
+                continue
+            answered.add(node)
             if reply.has_error():
                 problems.append({"node": node, "kind": "failed", "reason": reply.error.reason})
                 continue
@@ -77,6 +87,10 @@ class OffsiteStrategy(Strategy):
             clients.append({"node": node, "bytes_down": self._round["bytes_down"].get(node, 0),
                             "bytes_up": reply.content["arrays"].count_bytes(), "update-norm": norm,
                             **dict(reply.content["metrics"])})
+        waited = f"no reply within strategy.round-timeout = {self.round_timeout:g} s" if self.round_timeout else \
+            "no reply"
+        problems += [{"node": node, "kind": "missing", "reason": waited} for node in asked.values()
+                     if node not in answered]
         for c in clients:
             log.info("round %d: client %s loss %.4f, %d examples, %.1f s, %.0f tokens/s, peak %.0f MB", rnd,
                      int(c.get("partition-id", -1)), c.get("train-loss", float("nan")), int(c["num-examples"]),
@@ -88,7 +102,8 @@ class OffsiteStrategy(Strategy):
             details = "; ".join(f"node {p['node']} {p['kind']}: {p['reason']}" for p in problems)
             raise RuntimeError(f"round {rnd}: only {len(accepted)} of {sent} clients returned a usable update "
                                f"(need {self.min_replies}); {details or 'the others timed out'}")
-        self._round.update(clients=clients, problems=problems, missing=sent - len(replies))
+        self._round.update(clients=clients, problems=problems,
+                           missing=sum(p["kind"] == "missing" for p in problems))
         return self.inner.aggregate_train(rnd, accepted)
 
     def _check(self, reply: Message) -> tuple[str | None, float]:

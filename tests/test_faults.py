@@ -11,7 +11,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from fl_offsite.client_app import app as client_app
+from fl_offsite.server_app import run_federated
 from fl_offsite.split import load_adapter
+from flower_harness import InProcessGrid
 from test_federated import Crash, crash_in_round, rounds_of, run, tiny_config
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -68,10 +71,36 @@ def test_malformed_updates_are_rejected_with_the_reason(tiny_lm_dir, tmp_path, k
 
 def test_a_client_that_never_replies_is_counted_missing(tiny_lm_dir, tmp_path):
     """What a straggler cut off by the round timeout looks like to the strategy: no reply at all."""
-    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1})
-    run(config, num_nodes=3, fault=lambda msg, i: False if msg.metadata.message_type == "train" and i == 2 else None)
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1, "strategy.round-timeout": 7.0})
+    grid = run(config, num_nodes=3,
+               fault=lambda msg, i: False if msg.metadata.message_type == "train" and i == 2 else None)
     record = rounds_of(tmp_path / "run")[-1]
-    assert record["missing"] == 1 and len(record["clients"]) == 2 and record["problems"] == []
+    assert record["missing"] == 1 and len(record["clients"]) == 2
+    assert record["problems"] == [{"node": grid.node_ids[2], "kind": "missing",
+                                   "reason": "no reply within strategy.round-timeout = 7 s"}]
+
+
+def test_a_late_reply_to_an_earlier_round_is_never_aggregated(tiny_lm_dir, tmp_path):
+    """Node 0 misses round 1; in round 2 its round-1 reply turns up instead of a round-2 one."""
+    held = {}
+
+    def late(msg, node_index):
+        if msg.metadata.message_type != "train" or node_index != 0:
+            return None
+        if msg.content["config"]["round"] == 1:
+            held["reply"] = client_app(msg, grid.contexts[msg.metadata.dst_node_id])  # computed, not delivered
+            return False
+        return held["reply"]
+
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 2, "strategy.min-train-nodes": 1})
+    grid = InProcessGrid(client_app, 2, config, fault=late)
+    run_federated(grid, config)
+    first, second = rounds_of(tmp_path / "run")[1:]
+    assert [p["kind"] for p in first["problems"]] == ["missing"]
+    assert [(p["node"], p["kind"]) for p in second["problems"]] == [(grid.node_ids[0], "rejected"),
+                                                                     (grid.node_ids[0], "missing")]
+    assert "a reply to no message of this round" in second["problems"][0]["reason"]
+    assert [(c["node"], c["round"]) for c in second["clients"]] == [(grid.node_ids[1], 2)]
 
 
 def test_differential_privacy_clips_updates_and_reports_epsilon(tiny_lm_dir, tmp_path):

@@ -1,13 +1,18 @@
 """A data owner's own JSONL data (node config ``data-path``) instead of a partition of the public task."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 from flwr.app import Context, RecordDict
 
 from fl_offsite import client_app
 from fl_offsite.errors import UserError
-from fl_offsite.local_data import data_path, load_examples, write_examples
-from fl_offsite.tasks import ChoiceExample
+from fl_offsite.local_data import BadDataFile, data_path, load_examples, task_answers, write_examples
+from fl_offsite.server_app import run_federated
+from fl_offsite.tasks import BBC_TOPICS, ChoiceExample, TaskData, load_task
+from flower_harness import InProcessGrid
+from test_federated import rounds_of, tiny_config
 
 EXAMPLES = [ChoiceExample("Article: The striker scored twice.\nTopic:", [" business", " sport"], 1),
             ChoiceExample('Article: Shares "rose" 5%.\nTopic:', [" business", " sport"], 0)]
@@ -18,17 +23,63 @@ def test_round_trip(tmp_path):
     assert load_examples(path) == EXAMPLES
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", "mine.jsonl:2: not valid JSON"),
-    ('{"context": "x", "choices": [" a"]}', "mine.jsonl:2: missing keys"),
-    ('{"context": "x", "choices": [" a", " b"], "label": 2}', r"label must be an index into choices \(0..1\)"),
-    ('{"context": "x", "choices": [], "label": 0}', "choices must be a list of non-empty strings"),
-])
-def test_bad_lines_name_file_and_line(tmp_path, line, message):
+def test_every_bad_row_is_reported_by_line_in_one_error(tmp_path):
+    good = '{"context": "Article: SECRET-A\\nTopic:", "choices": [" business", " sport"], "label": 0}'
+    rows = [good, "{not json", '{"context": "SECRET-B", "choices": [" a"]}', "", '["a list"]', good,
+            '{"context": "SECRET-C", "choices": [" a", " b"], "label": 2}', '{"context": "", "choices": [" a"], "label": 0}',
+            '{"context": "SECRET-D", "choices": [], "label": 0}', '{"context": "SECRET-E", "choices": [" a"], "label": true}']
     path = tmp_path / "mine.jsonl"
-    path.write_text('{"context": "x", "choices": [" a"], "label": 0}\n' + line + "\n")
-    with pytest.raises(UserError, match=message):
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(BadDataFile) as caught:
         load_examples(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: 7 of 9 rows are bad (line 2: not valid JSON")
+    for expected in ["line 3: missing label", "line 5: not a JSON object", "line 7: label must be an index into "
+                     "choices (0..1)", "line 8: context must be a non-empty string",
+                     "line 9: choices must be a list of non-empty strings", "line 10: label must be an index"]:
+        assert expected in message
+    assert "line 1:" not in message and "line 6:" not in message and "SECRET" not in message
+    assert "fix or remove them" in message and "\n" not in message
+    assert caught.value.summary == "7 bad rows"  # all the model owner learns
+
+
+def test_many_bad_rows_are_counted_after_the_first_twenty(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("x\n" * 25)
+    with pytest.raises(BadDataFile, match=r"25 of 25 rows are bad \(line 1: .*line 20: [^;]*; and 5 more\)"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "holds no examples"), (b"\n  \n", "holds no examples"),
+    (b'{"context": "caf\xe9"}', r"is not UTF-8 text \(byte 16\): save it as UTF-8"),
+])
+def test_an_empty_or_undecodable_file_is_refused(tmp_path, content, message):
+    path = tmp_path / "mine.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(BadDataFile, match=message):
+        load_examples(path)
+
+
+def test_an_unreadable_file_is_refused(tmp_path):
+    with pytest.raises(BadDataFile, match=r"missing.jsonl cannot be read \(No such file or directory\)"):
+        load_examples(tmp_path / "missing.jsonl")
+    with pytest.raises(BadDataFile, match=r"cannot be read \(Is a directory\)"):
+        load_examples(tmp_path)
+
+
+def test_labels_outside_the_tasks_answers_are_refused(tmp_path):
+    answers = task_answers(load_task("bbc-news"))
+    assert answers == [f" {t}" for t in BBC_TOPICS]
+    path = write_examples(tmp_path / "mine.jsonl", [
+        ChoiceExample("Article: a\nTopic:", [" business", " weather"], 0),
+        ChoiceExample("Article: b\nTopic:", [" business", " weather"], 1)])
+    assert len(load_examples(path)) == 2  # any labels when the task has no fixed answers
+    with pytest.raises(BadDataFile, match=r"1 of 2 rows are bad \(line 2: the labelled answer is not one of the "
+                                          r"task's answers \[' business'"):
+        load_examples(path, answers)
+    varied = TaskData("mc", [ChoiceExample("q", [" a", " b"], 0)], [ChoiceExample("q", [" c", " d"], 1)], [])
+    assert task_answers(varied) is None
 
 
 def test_data_path_must_be_an_absolute_existing_file(tmp_path):
@@ -52,3 +103,32 @@ def test_client_trains_on_the_nodes_own_file(tmp_path, tiny_lm_dir):
     plain = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     assert client_app._partition(plain, {"data.num-partitions": 4}) == (0, 4)
     assert client_app._local_data(plain) is None  # another node in the same process uses the task
+
+
+def test_a_node_with_a_bad_file_is_refused_before_training_and_its_rows_stay_on_the_node(
+        tiny_lm_dir, tmp_path, private_cache, caplog):
+    """Three nodes; node 0's own file labels an answer bbc-news does not have. The round goes on with the
+    other two; the model owner's records say only that node 0's file was refused, and how many rows."""
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1})
+    grid = InProcessGrid(client_app.app, 3, config)
+    bad = write_examples(tmp_path / "bad.jsonl", [ChoiceExample("Article: SECRET\nTopic:", [" sport", " weather"], 1),
+                                                  ChoiceExample("Article: fine\nTopic:", [" sport"], 0)])
+    grid.contexts[grid.node_ids[0]].node_config["data-path"] = str(bad)
+    node_log = logging.getLogger("fl_offsite")  # log_to_console() stops it propagating to caplog's root handler
+    node_log.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="fl_offsite")
+    try:
+        run_federated(grid, config)
+    finally:
+        node_log.removeHandler(caplog.handler)
+
+    record = rounds_of(tmp_path / "run")[-1]
+    (problem,) = record["problems"]
+    assert problem["node"] == grid.node_ids[0] and problem["kind"] == "failed"
+    assert "the data owner's file was refused (1 bad row); the rows and what to fix are in the node's log" \
+        in problem["reason"]
+    assert sorted(c["partition-id"] for c in record["clients"]) == [1, 2]
+    on_record = "".join(p.read_text(errors="replace") for p in (tmp_path / "run").rglob("*") if p.is_file())
+    assert "SECRET" not in on_record and "line 1:" not in on_record
+    assert "bad.jsonl: 1 of 2 rows are bad (line 1: the labelled answer is not one of the task's answers" in caplog.text
+    assert "client 1 round 1: loss" in caplog.text and "client 0 round 1" not in caplog.text  # no training
