@@ -32,7 +32,6 @@ to when every FLOP costs the same.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import warnings
 import copy
 import ctypes
@@ -144,25 +143,88 @@ def full_logits_loss(model, batch):
                                              ignore_index=IGNORE_INDEX)
 
 
-def run_round(method: str, model, trainable, rows, args, device) -> train_mod.TrainStats:
+def run_round(method: str, model, trainable, rows, args, device, move: bool = True) -> train_mod.TrainStats:
+    """One round of ``args.steps`` steps; on a GPU the model goes there for the round and back (``move``)."""
     settings = TrainSettings(lr=1e-5, batch_size=args.batch, local_steps=args.steps,
                              precision=precision_of(method, args))
     original = train_mod.answer_loss
     if method.startswith("offsite-head"):
         train_mod.answer_loss = full_logits_loss
     try:
-        if device.type == "cuda":
+        if device.type == "cuda" and move:
             model.to(device)
             torch.cuda.empty_cache()
+        if device.type == "cuda":
             torch.cuda.synchronize()
         stats = train_local(model, trainable, rows, settings, pad_id=0, desc=method)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        if device.type == "cuda" and move:
             model.to("cpu")
             torch.cuda.empty_cache()
         return stats
     finally:
         train_mod.answer_loss = original
+
+
+def on_device(fn, model, device, *args):
+    """``fn(*args)`` with ``model`` moved to ``device`` for the call (a CUDA device; the CPU: as is)."""
+    if device.type != "cuda":
+        return fn(*args)
+    model.to(device)
+    try:
+        return fn(*args)
+    finally:
+        model.to("cpu")
+        torch.cuda.empty_cache()
+
+
+def profile_step(method: str, model, trainable, rows, args, device, top: int = 15) -> dict:
+    """One round of 2 steps under torch.profiler: the top ops by device time and a time breakdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    saved = args.steps
+    args.steps = 2
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+    def profiled():
+        with profile(activities=activities) as prof:
+            stats = run_round(method, model, trainable, rows, args, device, move=False)
+        return prof, stats
+
+    try:
+        prof, stats = on_device(profiled, model, device)
+    finally:
+        args.steps = saved
+    events = prof.key_averages()
+    cuda = device.type == "cuda"
+    self_time = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = events.table(sort_by=self_time, row_limit=top)
+    # GPU: the kernels themselves (each once; the aten ops that launch them are not counted again).
+    # CPU: every op's self time.
+    kinds = {"matmul": ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "aten::mm", "aten::addmm", "aten::bmm"),
+             "attention": ("flash", "fmha", "attention", "sdpa"),
+             "optimizer (AdamW, clip)": ("multi_tensor", "adam", "_foreach"),
+             "copies / casts": ("memcpy", "memset", "copy", "aten::to", "aten::cat"),
+             }
+    breakdown: dict[str, float] = {}
+    ops = []
+    for e in events:
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = getattr(e, self_time, 0.0) or 0.0
+        if t <= 0 or e.key.startswith("ProfilerStep"):
+            continue
+        ops.append((e.key, t))
+        name = e.key.lower()
+        kind = next((k for k, keys in kinds.items() if any(x in name for x in keys)), "other (elementwise, norms, ...)")
+        breakdown[kind] = breakdown.get(kind, 0.0) + t
+    ops.sort(key=lambda x: -x[1])
+    total = sum(breakdown.values())
+    return {"wall_s_per_step": stats.seconds / stats.steps, "device_ms_per_step": total / 1e3 / stats.steps,
+            "breakdown_ms_per_step": {k: v / 1e3 / stats.steps for k, v in sorted(breakdown.items(), key=lambda x: -x[1])},
+            "top_ops_ms_per_step": [(k[:120], t / 1e3 / stats.steps) for k, t in ops[:top]], "table": table,
+            "peak_mb": stats.peak_memory_mb}
 
 
 def optimizer_seconds(model, trainable, device, reps: int = 3) -> float:
@@ -344,6 +406,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-method subprocesses (CPU peak RSS)")
     parser.add_argument("--flops-only", action="store_true", help="print the FLOP model only (no training)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed rounds, profile 2 steps of each method (torch.profiler top ops)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -367,17 +431,24 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    # --flops-only needs the structure only: build on the meta device (no memory, any model size)
-    with torch.device("meta") if args.flops_only else contextlib.nullcontext():
+    # --flops-only needs the structure only: build on the meta device (no memory, any model size).
+    # On a GPU the models are built there (random init of 1.5B parameters takes a while on CPUs) and
+    # then parked on the CPU: each method's round moves only its own model to the GPU.
+    build_device = "meta" if args.flops_only else device
+    with torch.device(build_device):
         full = AutoModelForCausalLM.from_config(model_config(args.model), dtype=torch.float32)
         models = {}
         for method in methods:
             model, trainable = build(method, full, args)
             if precision_of(method, args) == "bf16" and not args.flops_only:
                 half_frozen(model, trainable)
+            if device.type == "cuda" and not args.flops_only:
+                model.to("cpu")
             models[method] = (model, trainable)
     del full
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     vocab = next(iter(models.values()))[0].config.get_text_config().vocab_size
     rows = [] if args.flops_only else features(vocab, args.batch * args.steps, args.seq, args.answer)
     split = "-".join(str(x) for x in _split_name(models, args))
@@ -396,7 +467,8 @@ def main(argv=None) -> int:
         _print_table(methods, params, flops, None, None, None, None, None)
         return 0
 
-    mem = {m: tensor_memory(model, trainable, rows, args, m) for m, (model, trainable) in models.items()}
+    mem = {m: on_device(tensor_memory, model, device, model, trainable, rows, args, m)
+           for m, (model, trainable) in models.items()}
     times: dict[str, list[float]] = {m: [] for m in methods}
     tps: dict[str, list[float]] = {m: [] for m in methods}
     gpu_peak: dict[str, float] = {}
@@ -418,22 +490,44 @@ def main(argv=None) -> int:
     if device.type == "cpu" and not args.no_rss:
         rss = {m: measure_rss(m, args) for m in methods}
     _print_table(methods, params, flops, times, tps, mem, gpu_peak or rss, optim)
-    note = ("Timings interleaved round by round (alternating order) on a machine shared with other jobs; "
-            "medians over rounds. Absolute numbers are noisy, the ratios much less so.")
+    if device.type == "cuda":
+        note = (f"Timings interleaved round by round (alternating order) on {torch.cuda.get_device_name(device)}, "
+                "medians over rounds; each method's model alone on the GPU during its round.")
+    else:
+        note = ("Timings interleaved round by round (alternating order) on a machine shared with other jobs; "
+                "medians over rounds. Absolute numbers are noisy, the ratios much less so.")
     print(note)
-    if args.out:
+    profiles: dict[str, dict] = {}
+
+    def write() -> None:
+        if not args.out:
+            return
         result = {"model": args.model, "split": split, "protocol": args.protocol, "batch": args.batch,
                   "seq": args.seq, "answer": args.answer, "precision": args.precision, "steps": args.steps,
                   "rounds": args.rounds, "device": str(device), "cpus": os.cpu_count(),
                   "threads": torch.get_num_threads(), "machine": platform.platform(), "note": note,
+                  "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                  "torch": torch.__version__,
                   "methods": {m: {"params": params[m][0], "trainable": params[m][1], "flops_per_row": flops[m],
                                   "seconds_per_step": times[m], "tokens_per_s": tps[m],
                                   "tensor_memory": mem[m], "peak": (gpu_peak or rss or {}).get(m),
                                   "clip_adamw_s": optim[m]}
-                              for m in methods}}
+                              for m in methods},
+                  "profiles": {m: {k: v for k, v in p.items() if k != "table"} for m, p in profiles.items()}}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}", flush=True)
+
+    write()  # before the profile, so that the measurements survive a timeout there
+    if args.profile:
+        for m in methods:
+            profiles[m] = profile_step(m, *models[m], rows, args, device)
+            p = profiles[m]
+            print(f"profile {m}: {p['wall_s_per_step'] * 1e3:.1f} ms/step wall, {p['device_ms_per_step']:.1f} ms/step "
+                  f"of {'GPU kernels' if device.type == 'cuda' else 'CPU ops'}: " +
+                  ", ".join(f"{k} {v:.1f}" for k, v in p["breakdown_ms_per_step"].items()), flush=True)
+            print(p["table"], flush=True)
+        write()
     return 0
 
 

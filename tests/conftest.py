@@ -1,6 +1,8 @@
 """Shared offline fixtures: a tiny byte-level BPE tokenizer and tiny random causal LMs."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import transformers
@@ -61,3 +63,17 @@ def tiny_lm_dir(tmp_path_factory, tiny_tokenizer):
 def private_cache(tmp_path, monkeypatch):
     """A cache of its own (node stores, downloads) for a test that writes to it."""
     monkeypatch.setenv("FL_OFFSITE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def cuda_device() -> torch.device:
+    """The GPU, for tests of the CUDA code paths (tests/test_gpu.py).
+
+    Skipped without one, unless ``FL_OFFSITE_TEST_DEVICE=cuda`` asks for the GPU: then a
+    missing CUDA device fails the tests (a GPU check must not pass by skipping).
+    """
+    if not torch.cuda.is_available():
+        if os.environ.get("FL_OFFSITE_TEST_DEVICE", "") == "cuda":
+            pytest.fail("FL_OFFSITE_TEST_DEVICE=cuda but torch sees no CUDA device")
+        pytest.skip("no CUDA device (on a GPU machine: FL_OFFSITE_TEST_DEVICE=cuda pytest tests/test_gpu.py)")
+    return torch.device("cuda")

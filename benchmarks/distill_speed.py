@@ -1,0 +1,116 @@
+"""What emulator distillation costs the model owner: fl_offsite.distill.distill at its default settings.
+
+The model is built from a config with random weights (speed does not depend on the values):
+a folder holding config.json and the tokenizer files is enough (no weights needed), e.g. the
+smollm2-135m offline model's folder. The split is the project's default (2-8-2), the text
+bbc-news (speed depends on the block count and size only). Reported: the whole call (steps +
+the held-out perplexity evaluations it does) and, timing one held-out evaluation apart, the
+training steps alone; when the settings have a ``precision``, the default and then bf16.
+
+  .venv/bin/python benchmarks/distill_speed.py --model ~/.cache/fl-offsite/models/smollm2-135m
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from fl_offsite.distill import DistillSettings, distill
+from fl_offsite.evaluate import perplexity
+from fl_offsite.split import build_emulator, plan_split
+
+try:
+    from fl_offsite.corpora import load_text_corpus
+except ImportError:  # before the corpora module
+    from fl_offsite.tasks import load_text_corpus
+
+
+def run(model, tokenizer, plan, settings, device) -> dict:
+    """One call of distill() on a fresh emulator, timed; the held-out evaluation timed apart."""
+    emulator = build_emulator(model, plan).to(device)
+    held_out = load_text_corpus(settings.corpus, "validation", settings.seed)[:settings.eval_texts]
+    texts = {}
+    if "train_texts" in inspect.signature(distill).parameters:  # the owner passes the text in
+        texts = {"train_texts": load_text_corpus(settings.corpus, "train", settings.seed), "held_out": held_out}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync()
+    start = time.perf_counter()
+    record = distill(model, emulator, plan, tokenizer, settings, **texts, progress=False)
+    sync()
+    total = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    t0 = time.perf_counter()
+    perplexity(emulator, tokenizer, held_out, block_size=256, progress=False)
+    sync()
+    eval_emulator = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    perplexity(model, tokenizer, held_out, block_size=256, progress=False)
+    sync()
+    eval_full = time.perf_counter() - t0
+    evals = len(record.get("perplexity", [])) or 1 + math.ceil(settings.steps / settings.eval_every)
+    steps_s = max(total - eval_full - evals * eval_emulator, 1e-9)
+    result = {"settings": dataclasses.asdict(settings), "seconds_total": total,
+              "held_out_eval_s": {"emulator": eval_emulator, "full": eval_full, "emulator_evals": evals},
+              "seconds_steps": steps_s, "steps_per_s": settings.steps / steps_s,
+              "tokens_per_s": settings.steps * settings.batch_size * settings.block_size / steps_s,
+              "peak_memory_mb": peak, "record": {k: record.get(k) for k in
+                                                 ("seconds", "train_steps_per_s", "eval_seconds")}}
+    print(f"{getattr(settings, 'precision', 'fp32')}: {settings.steps} steps of batch {settings.batch_size} x "
+          f"{settings.block_size}: {total:.1f} s in all ({evals} held-out evaluations of the emulator, "
+          f"{eval_emulator:.2f} s each, full model {eval_full:.2f} s); steps alone {steps_s:.1f} s = "
+          f"{result['steps_per_s']:.2f} steps/s, {result['tokens_per_s']:.0f} tokens/s"
+          + (f"; peak GPU memory {peak:.0f} MB" if peak else "") + f"; distill's own record {result['record']}",
+          flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="folder with config.json and a tokenizer (weights unused)")
+    parser.add_argument("--split", default="2-8-2", help="l-k-r")
+    parser.add_argument("--corpus", default="bbc-news", help="text corpus (speed depends on its length only)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, help="override DistillSettings.steps (default: the default)")
+    parser.add_argument("--batch-size", type=int, help="override DistillSettings.batch_size")
+    parser.add_argument("--block-size", type=int, help="override DistillSettings.block_size")
+    parser.add_argument("--out", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                   ("block_size", args.block_size)) if v is not None}
+    settings = dataclasses.replace(DistillSettings(), corpus=args.corpus, **overrides)
+    device = torch.device(args.device)
+    bottom, k, top = (int(x) for x in args.split.split("-"))
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32).eval()
+    plan = plan_split(model, bottom, top, emulator_layers=k)
+    print(f"distilling {args.model} (random weights), split {plan.name}, on {device}: {settings}", flush=True)
+    result = {"model": args.model, "split": plan.name, "device": str(device),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "torch": torch.__version__, "machine": platform.platform(), "runs": {}}
+    variants = {"default": settings}
+    if "precision" in {f.name for f in dataclasses.fields(settings)} and settings.precision != "bf16":
+        variants["bf16"] = dataclasses.replace(settings, precision="bf16")
+    for name, variant in variants.items():
+        result["runs"][name] = run(model, tokenizer, plan, variant, device)
+        if args.out:  # after each run: a timeout in the next keeps this one
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
