@@ -19,7 +19,7 @@ minus emulator + adapter) and the emulator's standalone gap (full minus emulator
   python benchmarks/fidelity.py --task bbc-news --seeds 1 --recipe uniform=emulator.layers=uniform
   python benchmarks/fidelity.py --task bbc-news --seeds 1,2,3 \\
       --recipe uniform=emulator.layers=uniform \\
-      --recipe greedy-distilled=emulator.layers=greedy,distill.steps=200,distill.precision=bf16 \\
+      --recipe 'greedy-distilled=emulator.layers=greedy;distill.steps=200;distill.precision=bf16' \\
       --out benchmarks/measurements/fidelity_bbc.json
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--task", default="bbc-news")
-    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=KEY=VALUE,...",
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=KEY=VALUE;...",
                         help="an emulator recipe: a name, then run-config keys (split.*, emulator.*, distill.*)")
     parser.add_argument("--seeds", default="1", help="federated seeds, comma-separated")
     parser.add_argument("--clients", type=int, default=4)
@@ -86,7 +86,7 @@ def recipes_of(specs: list[str]) -> dict[str, tuple[dict, EmulatorRecipe]]:
     recipes = {}
     for spec in specs or ["uniform=emulator.layers=uniform"]:
         name, _, rest = spec.partition("=")
-        overrides = dict(item.split("=", 1) for item in rest.split(",") if item)
+        overrides = dict(item.split("=", 1) for item in rest.split(";") if item)
         recipes[name] = overrides, EmulatorRecipe.from_config(validate(overrides))
     return recipes
 

@@ -1,0 +1,50 @@
+"""benchmarks/fidelity.py end to end on a tiny model: the five settings, seeds, resume, plot."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def fidelity():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_fidelity", BENCH / "fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fidelity_scores_every_setting_over_seeds_and_resumes(fidelity, tiny_lm_dir, tmp_path, private_cache,
+                                                             monkeypatch, capsys):
+    out = tmp_path / "fid.json"
+    args = ["--model", str(tiny_lm_dir), "--task", "bbc-news", "--seeds", "1,2", "--clients", "2", "--rounds", "1",
+            "--local-steps", "1", "--batch-size", "2", "--max-length", "64", "--limit", "6",
+            "--recipe", "plain=split.adapter-layers=1,1;split.emulator-layers=2", "--out", str(out)]
+    assert fidelity.main(args) == 0
+    data = json.loads(out.read_text())
+    units = data["units"]
+    assert set(units) == {"full-zero-shot", "fedavg-full/1", "fedavg-full/2", "plain/emulator-zero-shot",
+                          "plain/1", "plain/2"}
+    assert units["plain/emulator-zero-shot"]["kept_layers"] == [0, 1, 4, 5]
+    assert all(units[k]["n"] == 6 for k in ("full-zero-shot", "fedavg-full/1"))
+    summary = data["summary"]
+    plugin = [units[f"plain/{s}"]["plugin"]["acc"] for s in (1, 2)]
+    assert summary["plain: plug-in"]["mean"] == pytest.approx(statistics.fmean(plugin))
+    gap = [units[f"plain/{s}"]["plugin"]["acc"] - units[f"plain/{s}"]["emulator"]["acc"] for s in (1, 2)]
+    assert summary["plain: privacy gap (plug-in - emulator + adapter)"]["values"] == pytest.approx(gap)
+    assert "FedAvg full fine-tuning" in capsys.readouterr().out
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    # A rerun resumes: nothing is trained or scored again.
+    monkeypatch.setattr(fidelity, "fedavg", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(fidelity, "score", lambda *a, **k: pytest.fail("scored again"))
+    assert fidelity.main(args) == 0
+    with pytest.raises(SystemExit, match="other settings"):
+        fidelity.main([*args[:-2], "--rounds", "2", "--out", str(out)])
