@@ -65,11 +65,13 @@ def encode_choice_example(tokenizer: PreTrainedTokenizerBase, ex: ChoiceExample,
             "labels": [IGNORE_INDEX] * len(context_ids) + answer_ids}
 
 
-def lm_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], block_size: int) -> list[dict[str, list[int]]]:
+def lm_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], block_size: int,
+              max_blocks: int | None = None) -> list[dict[str, list[int]]]:
     """Plain language-modelling blocks: texts joined with EOS, cut into ``block_size`` tokens.
 
     Each text starts with BOS when the tokenizer adds one by default (:func:`bos_prefix`). The
     last block keeps the remainder (shorter; ``collate`` pads it) unless it has a single token.
+    ``max_blocks``: stop reading texts once that many full blocks are made.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token to separate texts")
@@ -77,6 +79,9 @@ def lm_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], block_si
     ids: list[int] = []
     for text in texts:
         ids += bos + tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        if max_blocks is not None and len(ids) >= max_blocks * block_size:
+            ids = ids[:max_blocks * block_size]
+            break
     blocks = [ids[i:i + block_size] for i in range(0, len(ids), block_size)]
     return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) > 1]
 

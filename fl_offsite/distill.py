@@ -34,6 +34,7 @@ from fl_offsite.split import SPLIT_FILE, SplitPlan, build_emulator, extract_adap
 from fl_offsite.train import freeze_except
 
 log = logging.getLogger(__name__)
+EVAL_CHARS = 16_000  # held-out text per perplexity check (about 4k tokens): checks must not dominate short runs
 
 
 def middle_positions(emulator: nn.Module, plan: SplitPlan) -> list[int]:
@@ -60,9 +61,10 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, 
     if settings.targets not in CHOICES["distill.targets"]:
         raise UserError(f"distill.targets = {settings.targets!r} is not one of {', '.join(CHOICES['distill.targets'])}")
     device = next(emulator.parameters()).device
-    train = [b for b in lm_blocks(tokenizer, train_texts, settings.block_size)
+    train = [b for b in lm_blocks(tokenizer, train_texts, settings.block_size,  # one block per draw: no repeats
+                                  max_blocks=settings.steps * settings.batch_size)
              if len(b["input_ids"]) == settings.block_size]
-    held_out = held_out[:settings.eval_texts]
+    held_out = held_out_texts(held_out, settings)
     if not train or not held_out:
         raise UserError(f"corpus {settings.corpus!r} gives no training blocks or no held-out text")
 
@@ -148,6 +150,17 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, ma
     student = student_logits.float().log_softmax(-1)
     per_token = (teacher.exp() * (teacher - student)).sum(-1)
     return (per_token * mask).sum() / mask.sum().clamp_min(1)
+
+
+def held_out_texts(texts: list[str], settings: DistillSettings) -> list[str]:
+    """What the held-out perplexity reads: the first ``eval_texts`` texts, at most EVAL_CHARS characters in all."""
+    out, left = [], EVAL_CHARS
+    for text in texts[:settings.eval_texts]:
+        if left <= 0:
+            break
+        out.append(text[:left])
+        left -= len(out[-1])
+    return out
 
 
 def _middle_state(blocks: nn.ModuleList, middle: list[int]) -> dict[int, dict[str, torch.Tensor]]:

@@ -126,8 +126,8 @@ def _cached_choice(model_name: str, model: PreTrainedModel, tokenizer: PreTraine
     """``recipe.layers``' chooser, its answers cached by model, split sizes, rule and calibration text."""
     texts = public_texts(recipe.corpus, "train", model, tokenizer, task, seed, count=CALIBRATION_SEQUENCES,
                          length=CALIBRATION_TOKENS)
-    blocks = [b for b in lm_blocks(tokenizer, texts[:64], CALIBRATION_TOKENS)
-              if len(b["input_ids"]) == CALIBRATION_TOKENS][:CALIBRATION_SEQUENCES]
+    blocks = [b for b in lm_blocks(tokenizer, texts, CALIBRATION_TOKENS, max_blocks=CALIBRATION_SEQUENCES)
+              if len(b["input_ids"]) == CALIBRATION_TOKENS]
     device = model.device
     batches = [{k: v.to(device) for k, v in collate(blocks[i:i + 4], pad_id(tokenizer)).items()}
                for i in range(0, len(blocks), 4)]

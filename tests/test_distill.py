@@ -8,7 +8,8 @@ import torch
 
 import fl_offsite.distill as distill_module
 from fl_offsite.cli import main
-from fl_offsite.distill import middle_positions, normalized_mse
+from fl_offsite.config import DistillSettings
+from fl_offsite.distill import held_out_texts, middle_positions, normalized_mse
 from fl_offsite.evaluate import perplexity
 from fl_offsite.models import load_model
 from fl_offsite.split import SPLIT_FILE, build_emulator, read_plan
@@ -50,7 +51,8 @@ def test_distillation_lowers_the_kd_loss_and_trains_only_the_middle(distilled, t
         assert changed == any(name.startswith(m) for m in middle), name
 
     # The saved emulator is the best one seen, with the recorded held-out perplexity.
-    held_out = public_texts("model-samples", "validation", full, tokenizer, "bbc-news", 1234, count=16, length=256)
+    held_out = held_out_texts(public_texts("model-samples", "validation", full, tokenizer, "bbc-news", 1234, count=16,
+                                           length=256), DistillSettings())
     ppl = perplexity(after, tokenizer, held_out, block_size=256, progress=False)["ppl"]
     assert ppl == pytest.approx(record["emulator_ppl_after"], rel=1e-4)
     assert ppl == pytest.approx(min(p["ppl"] for p in record["perplexity"]), rel=1e-4)
