@@ -126,3 +126,10 @@ def forward_until_stop(model: nn.Module, batch: dict[str, torch.Tensor]) -> None
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     except StopForward:
         pass
+
+
+def normalized_mse(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over unmasked tokens of the squared error relative to the teacher's RMS per token."""
+    rms = teacher.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
+    error = ((teacher.float() - student.float()) / rms).pow(2).mean(-1)
+    return (error * mask).sum() / mask.sum().clamp_min(1)

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 
 from fl_offsite.assets import cache_dir
 from fl_offsite.config import CHOICES, DistillSettings
-from fl_offsite.blocks import BlockHook, find_blocks, forward_until_stop, hooked, record_output
+from fl_offsite.blocks import BlockHook, find_blocks, forward_until_stop, hooked, normalized_mse, record_output
 from fl_offsite.data import collate, lm_blocks, pad_id
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import perplexity
@@ -41,13 +41,6 @@ def middle_positions(emulator: nn.Module, plan: SplitPlan) -> list[int]:
     """Positions in ``emulator`` of its kept middle blocks (the ones distillation trains)."""
     positions = plan.positions(emulator)
     return [positions[i] for i in plan.kept_layers if i not in set(plan.adapter_layers)]
-
-
-def normalized_mse(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over unmasked tokens of the squared error relative to the teacher's RMS per token."""
-    rms = teacher.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
-    error = ((teacher.float() - student.float()) / rms).pow(2).mean(-1)
-    return (error * mask).sum() / mask.sum().clamp_min(1)
 
 
 def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, tokenizer: PreTrainedTokenizerBase,

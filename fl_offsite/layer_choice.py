@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fl_offsite.blocks import BlockHook, find_blocks, forward_until_stop, hooked, record_input, record_output, skip_block
+from fl_offsite.blocks import (BlockHook, find_blocks, forward_until_stop, hooked, normalized_mse, record_input,
+                               record_output, skip_block)
 from fl_offsite.errors import UserError
 
 RULES = ("uniform", "similarity", "greedy")
@@ -124,7 +125,8 @@ def greedy_choice(model: nn.Module, bottom: int, top: int, batches: Sequence[dic
         errors = {}
         for candidate in kept:
             skipped = [blocks[i] for i in dropped + [candidate]]
-            errors[candidate] = sum(_normalized_mse(t, _middle_output(model, last, batch, skipped), batch)
+            errors[candidate] = sum(float(normalized_mse(t, _middle_output(model, last, batch, skipped),
+                                                         batch["attention_mask"].float()))
                                     for t, batch in zip(targets, batches))
         kept.remove(min(errors, key=errors.get))
         bar.update()
@@ -146,10 +148,3 @@ def _middle_output(model: nn.Module, last: nn.Module, batch: dict[str, torch.Ten
     with hooked(hooks):
         forward_until_stop(model, batch)
     return store["out"]
-
-
-def _normalized_mse(teacher: torch.Tensor, student: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
-    mask = batch["attention_mask"].float()
-    rms = teacher.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
-    error = ((teacher.float() - student.float()) / rms).pow(2).mean(-1)
-    return float((error * mask).sum() / mask.sum().clamp_min(1))
