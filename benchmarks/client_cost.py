@@ -73,6 +73,10 @@ CONFIGS = {
 # Split defaults: smollm2 as the demo (2-8-2); the paper's medium models keep half the middle.
 SPLITS = {"smollm2-135m": (2, 2, 8, None), "gpt2-xl": (2, 2, None, 0.5), "opt-1.3b": (2, 2, None, 0.5),
           "tiny": (1, 1, 2, None)}
+# On a GPU each method's model is parked on the CPU between its rounds, so that the allocator's peak
+# is that method's alone; --resident keeps every model on the GPU (no transfers, much faster) and
+# subtracts the other models' resident bytes from the peak instead.
+PARK = True
 PROTOCOLS = {  # batch, seq, answer tokens (0 = every token, plain LM), steps per round, rounds
     "cpu": dict(batch=4, seq=128, answer=2, steps=2, rounds=5, precision="fp32"),
     "paper": dict(batch=1, seq=512, answer=0, steps=4, rounds=5, precision="bf16"),
@@ -139,8 +143,26 @@ def features(vocab: int, n: int, seq: int, answer: int, seed: int = 0) -> list[d
 def full_logits_loss(model, batch):
     """answer_loss without logits_to_keep: the LM head over every position (the ablation)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"][:, 1:],
-                                             ignore_index=IGNORE_INDEX)
+    return train_mod.token_cross_entropy(logits, batch["labels"][:, 1:])
+
+
+def to_gpu(model, device) -> None:
+    if device.type == "cuda" and PARK:
+        model.to(device)
+        torch.cuda.empty_cache()
+
+
+def park(model, device) -> None:
+    if device.type == "cuda" and PARK:
+        model.to("cpu")
+        torch.cuda.empty_cache()
+
+
+def resident_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers (each storage once)."""
+    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+               for t in [*model.parameters(), *model.buffers()]}
+    return sum(tensors.values())
 
 
 def run_round(method: str, model, trainable, rows, args, device, move: bool = True) -> train_mod.TrainStats:
@@ -151,17 +173,17 @@ def run_round(method: str, model, trainable, rows, args, device, move: bool = Tr
     if method.startswith("offsite-head"):
         train_mod.answer_loss = full_logits_loss
     try:
-        if device.type == "cuda" and move:
-            model.to(device)
-            torch.cuda.empty_cache()
+        if move:
+            to_gpu(model, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         stats = train_local(model, trainable, rows, settings, pad_id=0, desc=method)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if device.type == "cuda" and move:
-            model.to("cpu")
-            torch.cuda.empty_cache()
+        for param in model.parameters():
+            param.grad = None  # train_local leaves the last step's gradients
+        if move:
+            park(model, device)
         return stats
     finally:
         train_mod.answer_loss = original
@@ -169,14 +191,11 @@ def run_round(method: str, model, trainable, rows, args, device, move: bool = Tr
 
 def on_device(fn, model, device, *args):
     """``fn(*args)`` with ``model`` moved to ``device`` for the call (a CUDA device; the CPU: as is)."""
-    if device.type != "cuda":
-        return fn(*args)
-    model.to(device)
+    to_gpu(model, device)
     try:
         return fn(*args)
     finally:
-        model.to("cpu")
-        torch.cuda.empty_cache()
+        park(model, device)
 
 
 def profile_step(method: str, model, trainable, rows, args, device, top: int = 15) -> dict:
@@ -202,7 +221,8 @@ def profile_step(method: str, model, trainable, rows, args, device, top: int = 1
     table = events.table(sort_by=self_time, row_limit=top)
     # GPU: the kernels themselves (each once; the aten ops that launch them are not counted again).
     # CPU: every op's self time.
-    kinds = {"matmul": ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "aten::mm", "aten::addmm", "aten::bmm"),
+    kinds = {"log-softmax / cross-entropy": ("softmax", "nll_loss", "cunn_spatial"),
+             "matmul": ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "aten::mm", "aten::addmm", "aten::bmm"),
              "attention": ("flash", "fmha", "attention", "sdpa"),
              "optimizer (AdamW, clip)": ("multi_tensor", "adam", "_foreach"),
              "copies / casts": ("memcpy", "memset", "copy", "aten::to", "aten::cat"),
@@ -210,8 +230,8 @@ def profile_step(method: str, model, trainable, rows, args, device, top: int = 1
     breakdown: dict[str, float] = {}
     ops = []
     for e in events:
-        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+        if cuda and (e.device_type != torch.autograd.DeviceType.CUDA or e.key.startswith("Optimizer.")):
+            continue  # kernels only; "Optimizer.step#AdamW.step" is an annotation spanning its kernels
         t = getattr(e, self_time, 0.0) or 0.0
         if t <= 0 or e.key.startswith("ProfilerStep"):
             continue
@@ -230,8 +250,7 @@ def profile_step(method: str, model, trainable, rows, args, device, top: int = 1
 def optimizer_seconds(model, trainable, device, reps: int = 3) -> float:
     """Median seconds of what train_local does per step besides forward/backward: grad clipping + AdamW step."""
     params = freeze_except(model, trainable)
-    if device.type == "cuda":
-        model.to(device)
+    to_gpu(model, device)
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -249,9 +268,7 @@ def optimizer_seconds(model, trainable, device, reps: int = 3) -> float:
     for p in params:
         p.grad = None
         p.requires_grad_(False)
-    if device.type == "cuda":
-        model.to("cpu")
-        torch.cuda.empty_cache()
+    park(model, device)
     return statistics.median(times)
 
 
@@ -406,8 +423,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-method subprocesses (CPU peak RSS)")
     parser.add_argument("--flops-only", action="store_true", help="print the FLOP model only (no training)")
-    parser.add_argument("--profile", action="store_true",
-                        help="after the timed rounds, profile 2 steps of each method (torch.profiler top ops)")
+    parser.add_argument("--profile", nargs="?", const="all", default="",
+                        help="after the timed rounds, profile 2 steps of these methods (default: all; torch.profiler)")
+    parser.add_argument("--resident", action="store_true",
+                        help="GPU: keep every model on the GPU (no transfers between rounds; peaks net of the others)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -419,6 +438,8 @@ def main(argv=None) -> int:
         args.precision = "fp32"  # bf16 on CPU is fast only with AVX512-BF16 or AMX: ask for it with --precision
     if args.threads:
         torch.set_num_threads(args.threads)
+    global PARK
+    PARK = not args.resident
     if args.rss_child:
         rss_child(args)
         return 0
@@ -443,7 +464,7 @@ def main(argv=None) -> int:
             if precision_of(method, args) == "bf16" and not args.flops_only:
                 half_frozen(model, trainable)
             if device.type == "cuda" and not args.flops_only:
-                model.to("cpu")
+                park(model, device)
             models[method] = (model, trainable)
     del full
     gc.collect()
@@ -476,12 +497,16 @@ def main(argv=None) -> int:
     for rnd in range(args.rounds + 1):  # round 0 warms up (allocator, kernels) and is not counted
         for method in (methods if rnd % 2 else methods[::-1]):  # A B C D, D C B A, ...: drift falls on all
             model, trainable = models[method]
+            # the other models' bytes on the GPU (none unless --resident): not this method's memory
+            others = torch.cuda.memory_allocated(device) - resident_bytes(model) * (not PARK) \
+                if device.type == "cuda" else 0
             stats = run_round(method, model, trainable, rows, args, device)
             if rnd:
                 times[method].append(stats.seconds / stats.steps)
                 tps[method].append(stats.tokens_per_s)
                 if device.type == "cuda":
-                    gpu_peak[method] = max(gpu_peak.get(method, 0.0), stats.peak_memory_mb)
+                    peak = stats.peak_memory_mb - others / 2**20
+                    gpu_peak[method] = max(gpu_peak.get(method, 0.0), peak)
             last[method] = stats.seconds / stats.steps
         print(f"  round {rnd}{' (warm-up, not counted)' if rnd == 0 else ''}: " +
               ", ".join(f"{m} {last[m]:.2f}" for m in methods) + " s/step", flush=True)
@@ -492,7 +517,8 @@ def main(argv=None) -> int:
     _print_table(methods, params, flops, times, tps, mem, gpu_peak or rss, optim)
     if device.type == "cuda":
         note = (f"Timings interleaved round by round (alternating order) on {torch.cuda.get_device_name(device)}, "
-                "medians over rounds; each method's model alone on the GPU during its round.")
+                "medians over rounds; " + ("each method's model alone on the GPU during its round." if PARK else
+                                           "every model resident on the GPU, peaks net of the other models' bytes."))
     else:
         note = ("Timings interleaved round by round (alternating order) on a machine shared with other jobs; "
                 "medians over rounds. Absolute numbers are noisy, the ratios much less so.")
@@ -504,7 +530,7 @@ def main(argv=None) -> int:
             return
         result = {"model": args.model, "split": split, "protocol": args.protocol, "batch": args.batch,
                   "seq": args.seq, "answer": args.answer, "precision": args.precision, "steps": args.steps,
-                  "rounds": args.rounds, "device": str(device), "cpus": os.cpu_count(),
+                  "rounds": args.rounds, "device": str(device), "resident": not PARK, "cpus": os.cpu_count(),
                   "threads": torch.get_num_threads(), "machine": platform.platform(), "note": note,
                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                   "torch": torch.__version__,
@@ -520,9 +546,11 @@ def main(argv=None) -> int:
 
     write()  # before the profile, so that the measurements survive a timeout there
     if args.profile:
-        for m in methods:
+        for m in [m for m in methods if args.profile == "all" or m in args.profile.split(",")]:
             profiles[m] = profile_step(m, *models[m], rows, args, device)
             p = profiles[m]
+            p["peak_mb"] -= (torch.cuda.memory_allocated(device) - resident_bytes(models[m][0]) * (not PARK)) / 2**20 \
+                if device.type == "cuda" else 0
             print(f"profile {m}: {p['wall_s_per_step'] * 1e3:.1f} ms/step wall, {p['device_ms_per_step']:.1f} ms/step "
                   f"of {'GPU kernels' if device.type == 'cuda' else 'CPU ops'}: " +
                   ", ".join(f"{k} {v:.1f}" for k, v in p["breakdown_ms_per_step"].items()), flush=True)
