@@ -194,7 +194,8 @@ def perplexity(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequ
             tensors = {k: v.to(device) for k, v in collate(blocks[b:b + batch_size], pad_id(tokenizer)).items()}
             logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
             labels = tensors["labels"][:, 1:]
-            total += nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+            # (tokens, vocab) rows: a (batch, vocab, positions) transpose takes CUDA's slow strided log-softmax
+            total += nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
                                                  ignore_index=IGNORE_INDEX, reduction="sum").item()
             count += int((labels != IGNORE_INDEX).sum())
     nll = total / count
