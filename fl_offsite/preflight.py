@@ -8,9 +8,11 @@ from fl_offsite.errors import UserError
 
 
 def check_runnable(config: dict, num_clients: int) -> None:
-    """The model resolves, the split fits it, the task loads and every client's partition is non-empty."""
+    """The model resolves, the split fits it, the owner's corpus is not the task's own text, the task loads and
+    every client's partition is non-empty."""
     from transformers import AutoConfig
 
+    from fl_offsite.corpora import check_public
     from fl_offsite.models import resolve_model_path
     from fl_offsite.partition import partition_indices
     from fl_offsite.tasks import load_task
@@ -28,6 +30,8 @@ def check_runnable(config: dict, num_clients: int) -> None:
         if bottom + top + k > layers:
             raise UserError(f"split {bottom},{k},{top} needs {bottom + top + k} blocks but {config['model']} has "
                             f"{layers}: lower split.adapter-layers or split.emulator-layers")
+    if config["method"].startswith("offsite") and (config["distill.steps"] > 0 or config["emulator.layers"] != "uniform"):
+        check_public(config["distill.corpus"], config["task"], config["distill.public-in-domain"])
     labels = load_task(config["task"], seed=config["seed"]).labels("train")
     for partition in range(num_clients):
         if not partition_indices(labels, num_clients, partition, config["data.partitioner"], config["data.alpha"],

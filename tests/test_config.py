@@ -61,10 +61,14 @@ def test_simulate_refuses_a_bad_key_in_one_line(capsys):
 def test_shipped_configs_are_valid():
     from fl_offsite.compare import load_compare_config
 
+    from fl_offsite.corpora import check_public
+
     runs, clients, _, config = load_compare_config(ROOT / "simulations" / "demo.toml", {})
-    assert runs == {"offsite": {"method": "offsite"}, "offsite-distilled": {"method": "offsite", "distill.steps": 120},
+    distilled = {"method": "offsite", "distill.steps": 200, "distill.corpus": "bigbench", "distill.precision": "bf16"}
+    assert runs == {"offsite": {"method": "offsite"}, "offsite-distilled": distilled,
                     "fedavg-full": {"method": "fedavg-full"}}
     assert clients == 4 and config["model"] == "smollm2-135m"
+    check_public(distilled["distill.corpus"], config["task"])  # the demo never distils on the data owners' text
     validate(load_file(ROOT / "simulations" / "smoke.toml"))
 
 
@@ -109,3 +113,13 @@ def test_simulate_refuses_more_clients_than_the_task_can_fill(tmp_path, capsys, 
     assert main(["simulate", "--num-clients", "1600", "--set", f"model={tiny_lm_dir}", "--set", "method=fedavg-full",
                  "--set", f"results.dir={tmp_path / 'run'}"]) == 2
     assert "cannot fill 1600 partitions" in capsys.readouterr().err
+
+
+def test_simulate_refuses_distilling_on_the_tasks_own_text(tmp_path, capsys, tiny_lm_dir):
+    results = tmp_path / "run"
+    sets = [f"model={tiny_lm_dir}", "split.adapter-layers=1,1", "split.emulator-layers=2", "distill.steps=5",
+            "distill.corpus=bbc-news", "task=bbc-news", f"results.dir={results}"]
+    assert main(["simulate", *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert "must not distill on their data" in err and len(err.strip().splitlines()) == 1
+    assert not results.exists()
