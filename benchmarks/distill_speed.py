@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
-import math
 import platform
 import sys
 import time
@@ -24,23 +22,19 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from fl_offsite.distill import DistillSettings, distill
+from fl_offsite.config import DistillSettings
+from fl_offsite.distill import distill, held_out_texts
 from fl_offsite.evaluate import perplexity
 from fl_offsite.split import build_emulator, plan_split
 
-try:
-    from fl_offsite.corpora import load_text_corpus
-except ImportError:  # before the corpora module
-    from fl_offsite.tasks import load_text_corpus
+from fl_offsite.corpora import load_text_corpus
 
 
 def run(model, tokenizer, plan, settings, device) -> dict:
     """One call of distill() on a fresh emulator, timed; the held-out evaluation timed apart."""
     emulator = build_emulator(model, plan).to(device)
-    held_out = load_text_corpus(settings.corpus, "validation", settings.seed)[:settings.eval_texts]
-    texts = {}
-    if "train_texts" in inspect.signature(distill).parameters:  # the owner passes the text in
-        texts = {"train_texts": load_text_corpus(settings.corpus, "train", settings.seed), "held_out": held_out}
+    held_out = held_out_texts(load_text_corpus(settings.corpus, "validation", settings.seed), settings)
+    texts = {"train_texts": load_text_corpus(settings.corpus, "train", settings.seed), "held_out": held_out}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -58,7 +52,7 @@ def run(model, tokenizer, plan, settings, device) -> dict:
     perplexity(model, tokenizer, held_out, block_size=256, progress=False)
     sync()
     eval_full = time.perf_counter() - t0
-    evals = len(record.get("perplexity", [])) or 1 + math.ceil(settings.steps / settings.eval_every)
+    evals = len(record["perplexity"])
     steps_s = max(total - eval_full - evals * eval_emulator, 1e-9)
     result = {"settings": dataclasses.asdict(settings), "seconds_total": total,
               "held_out_eval_s": {"emulator": eval_emulator, "full": eval_full, "emulator_evals": evals},
@@ -66,7 +60,7 @@ def run(model, tokenizer, plan, settings, device) -> dict:
               "tokens_per_s": settings.steps * settings.batch_size * settings.block_size / steps_s,
               "peak_memory_mb": peak, "record": {k: record.get(k) for k in
                                                  ("seconds", "train_steps_per_s", "eval_seconds")}}
-    print(f"{getattr(settings, 'precision', 'fp32')}: {settings.steps} steps of batch {settings.batch_size} x "
+    print(f"{settings.precision}: {settings.steps} steps of batch {settings.batch_size} x "
           f"{settings.block_size}: {total:.1f} s in all ({evals} held-out evaluations of the emulator, "
           f"{eval_emulator:.2f} s each, full model {eval_full:.2f} s); steps alone {steps_s:.1f} s = "
           f"{result['steps_per_s']:.2f} steps/s, {result['tokens_per_s']:.0f} tokens/s"
@@ -102,7 +96,7 @@ def main(argv=None) -> int:
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "torch": torch.__version__, "machine": platform.platform(), "runs": {}}
     variants = {"default": settings}
-    if "precision" in {f.name for f in dataclasses.fields(settings)} and settings.precision != "bf16":
+    if settings.precision != "bf16":
         variants["bf16"] = dataclasses.replace(settings, precision="bf16")
     for name, variant in variants.items():
         result["runs"][name] = run(model, tokenizer, plan, variant, device)
