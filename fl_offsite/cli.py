@@ -58,10 +58,11 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 
 def cmd_plug_in(args: argparse.Namespace) -> None:
-    from fl_offsite.io import atomic_dir
+    """Plug an adapter file (fl-offsite's, or any file keyed by full-model names) into the full model."""
+    from fl_offsite.card import model_card, usage
+    from fl_offsite.io import atomic_dir, write_atomic
     from fl_offsite.models import load_model
-    from fl_offsite.split import load_adapter, plug_in
-
+    from fl_offsite.split import adapter_run, load_adapter, plan_from_names, plug_in
     from fl_offsite.tuning import BOTTLENECK
 
     adapter, plan = load_adapter(args.adapter)
@@ -69,11 +70,14 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
         raise UserError(f"{args.adapter} holds bottleneck adapters, which a transformers model folder cannot "
                         f"hold; evaluate them with `fl-offsite eval {args.model} --adapter {args.adapter}`")
     model, tokenizer = load_model(args.model)
+    plan = plan or plan_from_names(model, adapter)
     plug_in(model, adapter, plan)
     with atomic_dir(args.out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        card = model_card(args.model, plan, adapter_run(args.adapter), usage("model", args.model, args.out))
+        write_atomic(tmp / "README.md", card)
     print(f"plugged {len(adapter)} adapter tensors (blocks {list(plan.adapter_layers)}) into {args.model} -> {args.out}")
 
 
@@ -82,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from fl_offsite.io import write_json
     from fl_offsite.models import load_model
     from fl_offsite.report import markdown_table
-    from fl_offsite.split import load_adapter, plug_in
+    from fl_offsite.split import emulator_plan, load_adapter, plan_from_names, plug_in
     from fl_offsite.tasks import load_task
     from fl_offsite.tuning import prepare_for_adapter
 
@@ -91,6 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UserError(f"{args.model} has no tokenizer; evaluation needs one")
     if args.adapter:
         adapter, plan = load_adapter(args.adapter)
+        plan = plan or emulator_plan(args.model) or plan_from_names(model, adapter)
         plug_in(prepare_for_adapter(model, adapter, plan), adapter, plan)
     task = _user_input(load_task, args.task, seed=args.seed)
     result = evaluate_task(model, tokenizer, task, split=args.split, limit=args.limit, batch_size=args.batch_size)
@@ -248,14 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     plug = sub.add_parser("plug-in", help="plug an adapter into the full model")
     plug.add_argument("model", help="the full model: folder, hub id, or offline alias")
-    plug.add_argument("adapter", help="adapter.safetensors written by fl-offsite")
+    plug.add_argument("adapter", help="adapter.safetensors: fl-offsite's, or any keyed by full-model names")
     plug.add_argument("--out", required=True, help="output model folder")
     plug.set_defaults(func=cmd_plug_in)
 
     evaluate = sub.add_parser("eval", help="score a model (optionally with an adapter) on a task")
     evaluate.add_argument("model", help="folder (also an emulator folder), hub id, or offline alias")
     evaluate.add_argument("--task", required=True, help="bbc-news, bigbench:<task>, hf:<name>")
-    evaluate.add_argument("--adapter", help="adapter.safetensors to plug in first")
+    evaluate.add_argument("--adapter", help="adapter.safetensors to plug in first (keyed by full-model names)")
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
     evaluate.add_argument("--limit", type=int, help="evaluate the first N examples")
     evaluate.add_argument("--batch-size", type=int, default=16)

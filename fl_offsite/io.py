@@ -58,13 +58,14 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save a state dict as safetensors, atomically."""
+    """Save a state dict as safetensors, atomically, with ``{"format": "pt"}`` in its metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={"format": "pt", **(metadata or {})})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,14 +3,16 @@ chosen by ``fl_offsite.layer_choice``), and the exact inverse pair ``extract_ada
 
 An adapter is always keyed by the **full model's** parameter names, whichever model
 (full or emulator) it came from or goes into; the block index in a name is mapped
-through ``SplitPlan.kept_layers``.
+through ``SplitPlan.kept_layers``. The names alone say where every tensor goes in the
+full model (:func:`plan_from_names`); the plan in an fl-offsite file's metadata adds the
+emulator's blocks.
 """
 from __future__ import annotations
 
 import copy
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from fl_offsite.layer_choice import uniform_drop
 ADAPTER_FILE = "adapter.safetensors"
 SPLIT_FILE = "split.json"
 EMULATOR_DIR = "emulator"
+RUN_METADATA = "fl_offsite_run"  # metadata key of a trained adapter: the run that trained it
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,47 @@ def plan_split(
     return SplitPlan(n, adapter_bottom, adapter_top, kept, prefix)
 
 
-def _block_key(plan: SplitPlan, key: str) -> tuple[int, str] | None:
-    """``(block index, rest of the name)`` when ``key`` belongs to a block, else None."""
-    match = re.match(rf"{re.escape(plan.block_prefix)}\.(\d+)\.(.+)$", key)
+def _block_key(plan: SplitPlan | str, key: str) -> tuple[int, str] | None:
+    """``(block index, rest of the name)`` when ``key`` belongs to a block (of a plan or a prefix), else None."""
+    prefix = plan.block_prefix if isinstance(plan, SplitPlan) else plan
+    match = re.match(rf"{re.escape(prefix)}\.(\d+)\.(.+)$", key)
     return (int(match.group(1)), match.group(2)) if match else None
+
+
+def plan_from_names(model: torch.nn.Module, names: Iterable[str]) -> SplitPlan:
+    """The split that tensor names of ``model`` (the full model) imply: their blocks, bottom and top.
+
+    Names outside the blocks, block indices past the model's, and blocks that are not a
+    bottom and a top run are UserErrors; the tensors themselves are checked at plug-in.
+    """
+    prefix, blocks = find_blocks(model)
+    n, used = len(blocks), set()
+    for name in names:
+        block = _block_key(prefix, name)
+        if block is None:
+            hint = ("a PEFT LoRA adapter: load its folder with PeftModel.from_pretrained" if ".lora_" in name
+                    else f"adapter tensors are named {prefix}.<block>.<parameter>")
+            raise UserError(f"adapter tensor {name!r} is not in a block of {type(model).__name__} ({hint})")
+        used.add(block[0])
+    if not used:
+        raise UserError("the adapter file holds no tensors")
+    if max(used) >= n:
+        raise UserError(f"the adapter names block {max(used)}, but the model has {n} blocks: "
+                        "plug it into the full model it was trained for")
+    bottom = next(i for i in range(n + 1) if i not in used)
+    top = next(t for t in range(n + 1) if n - 1 - t not in used or n - 1 - t < bottom)
+    if bottom + top != len(used):
+        raise UserError(f"the adapter holds blocks {sorted(used)} of {n}: not a bottom and a top run of blocks, "
+                        "as an offsite adapter is")
+    return SplitPlan(n, bottom, top, tuple(range(n)), prefix)
+
+
+def emulator_plan(model_dir: str | Path) -> SplitPlan | None:
+    """The plan of an emulator folder inside a split folder (``<split>/emulator``), else None."""
+    folder = Path(model_dir)
+    if folder.name != EMULATOR_DIR or not (folder.parent / SPLIT_FILE).is_file():
+        return None
+    return read_plan(folder.parent)
 
 
 def build_emulator(model: PreTrainedModel, plan: SplitPlan) -> PreTrainedModel:
@@ -193,21 +233,39 @@ def copy_by_name(model: torch.nn.Module, tensors: dict[str, torch.Tensor], names
     return model
 
 
-def save_adapter(path: str | Path, adapter: dict[str, torch.Tensor], plan: SplitPlan) -> None:
-    """Save an adapter as safetensors with its split plan in the file's metadata."""
-    save_tensors(path, adapter, metadata={"format": "pt", "split_plan": json.dumps(plan.to_json())})
+def save_adapter(path: str | Path, adapter: dict[str, torch.Tensor], plan: SplitPlan,
+                 run: dict | None = None) -> None:
+    """Save an adapter as safetensors with its split plan (and the run that trained it) in the metadata."""
+    metadata = {"split_plan": json.dumps(plan.to_json())}
+    if run is not None:
+        metadata[RUN_METADATA] = json.dumps(run)
+    save_tensors(path, adapter, metadata=metadata)
 
 
-def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], SplitPlan]:
-    """Load an adapter written by :func:`save_adapter` and its split plan."""
+def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], SplitPlan | None]:
+    """An adapter file's tensors and its split plan (None in a file without fl-offsite's metadata)."""
+    tensors = load_tensors(path)  # a missing or corrupt file: a UserError naming it
+    plan = _metadata(path).get("split_plan")
+    if plan is None:
+        return tensors, None
+    try:
+        return tensors, SplitPlan.from_json(json.loads(plan))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise UserError(f"{path} carries a broken split plan ({err}); re-create it or save it without metadata") \
+            from err
+
+
+def adapter_run(path: str | Path) -> dict | None:
+    """The record of the run that trained the adapter in ``path`` (read by :func:`load_adapter` first), if any."""
+    text = _metadata(path).get(RUN_METADATA)
+    return json.loads(text) if text else None
+
+
+def _metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
-    tensors = load_tensors(path)
     with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if "split_plan" not in metadata:
-        raise UserError(f"{path} carries no split plan: it was not written by fl-offsite")
-    return tensors, SplitPlan.from_json(json.loads(metadata["split_plan"]))
+        return f.metadata() or {}
 
 
 def write_split(

@@ -90,3 +90,56 @@ def test_eval_command_writes_json(tmp_path, tiny_tokenizer, capsys):
     assert "acc_norm" in capsys.readouterr().out
     assert main(["eval", str(folder), "--task", "nope"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox"])
+def test_a_plain_safetensors_adapter_plugs_in_where_its_names_say(family, tmp_path, capsys):
+    """The Hugging Face workflow: load_file, edit, save_file (no metadata), then plug-in."""
+    from safetensors.torch import load_file, save_file
+
+    from fl_offsite.split import extract_adapter, plan_split
+
+    folder = str(save_tiny_model(family, tmp_path / family))
+    model, _ = load_model(folder, with_tokenizer=False)
+    plan = plan_split(model, 2, 1, emulator_layers=3)
+    saved = tmp_path / "ours.safetensors"
+    save_adapter(saved, extract_adapter(model, plan), plan)
+    edited = {k: v + 0.25 for k, v in load_file(saved).items()}
+    save_file(edited, tmp_path / "plain.safetensors")
+    assert main(["plug-in", folder, str(tmp_path / "plain.safetensors"), "--out", str(tmp_path / "out")]) == 0
+    assert "blocks [0, 1, 7]" in capsys.readouterr().out
+    plugged = load_model(str(tmp_path / "out"), with_tokenizer=False)[0].state_dict()
+    before = model.state_dict()
+    assert all(torch.equal(plugged[k], v) for k, v in edited.items())
+    assert all(torch.equal(plugged[k], before[k]) for k in before if k not in edited)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("---\n") and f"base_model: {folder}" in card and "adapter blocks [0, 1, 7]" in card
+
+
+def test_plain_adapters_with_bad_names_or_values_are_refused_in_one_line(tiny_folder, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model, _ = load_model(tiny_folder, with_tokenizer=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    block = lambda i: {k: v for k, v in state.items() if k.startswith(f"model.layers.{i}.")}
+    cases = {
+        "not in a block": {**block(0), "model.embed_tokens.weight": state["model.embed_tokens.weight"]},
+        "a PEFT LoRA adapter": {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 32)},
+        "not a bottom and a top run": {**block(0), **block(3)},
+        "unexpected tensor": {**block(0), "model.layers.0.mlp.extra.weight": torch.zeros(2)},
+        "lacks 1 tensor": {k: v for k, v in block(0).items() if not k.endswith("up_proj.weight")},
+        "shape": {**block(0), "model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)},
+        "dtype": {**block(7), "model.layers.7.mlp.up_proj.weight": state["model.layers.7.mlp.up_proj.weight"].half()},
+        "NaN": {**block(7), "model.layers.7.mlp.up_proj.weight": torch.full_like(
+            state["model.layers.7.mlp.up_proj.weight"], float("nan"))},
+    }
+    for message, tensors in cases.items():
+        save_file(tensors, tmp_path / "a.safetensors")
+        assert main(["plug-in", tiny_folder, str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err  # progress bars, then the error
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("fl-offsite plug-in: error:") and message in last and "Traceback" not in err, last
+        assert not (tmp_path / "o").exists()
+    save_file({k.replace("layers.7.", "layers.8."): v for k, v in block(7).items()}, tmp_path / "a.safetensors")
+    assert main(["plug-in", tiny_folder, str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert "names block 8, but the model has 8 blocks" in capsys.readouterr().err

@@ -162,3 +162,23 @@ def test_adapter_file_round_trip_and_corruption(tmp_path):
     with pytest.raises(UserError, match="no such"):
         load_adapter(tmp_path / "missing.safetensors")
     assert json.loads(json.dumps(plan.to_json()))["split"] == "1-2-1"
+
+
+def test_a_file_without_metadata_is_placed_by_its_names(tmp_path):
+    from safetensors.torch import save_file
+
+    from fl_offsite.split import SplitPlan, plan_from_names
+
+    model = tiny_model("llama")
+    plan = plan_split(model, 2, 1, emulator_layers=3)
+    adapter = extract_adapter(model, plan)
+    save_adapter(tmp_path / "ours.safetensors", adapter, plan)
+    with safe_open(str(tmp_path / "ours.safetensors"), framework="pt") as f:
+        assert f.metadata()["format"] == "pt"  # what transformers and accelerate expect
+    save_file(adapter, tmp_path / "plain.safetensors")
+    loaded, no_plan = load_adapter(tmp_path / "plain.safetensors")
+    assert no_plan is None
+    by_names = plan_from_names(model, loaded)
+    assert by_names == SplitPlan(8, 2, 1, tuple(range(8)), "model.layers")
+    assert by_names.adapter_layers == plan.adapter_layers
+    plug_in(model, loaded, by_names)
