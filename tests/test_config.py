@@ -18,6 +18,25 @@ def test_pyproject_run_config_equals_the_defaults():
     assert flwr == DEFAULTS
 
 
+def test_the_app_builds_a_fab_with_flower_142_metadata_and_its_license():
+    """Flower's own FAB builder validates fab-format-version 1: license file, flwr-version-target in range."""
+    import io
+    import zipfile
+    from importlib.metadata import version
+
+    from flwr.cli.build import build_fab_from_files
+    from packaging.requirements import Requirement
+
+    files = {name: ROOT / name for name in ("pyproject.toml", "LICENSE", "fl_offsite/server_app.py")}
+    fab, metadata = build_fab_from_files(files)
+    assert (metadata.fab_format_version, metadata.flwr_version_target) == (1, "1.42.0")
+    assert "LICENSE" in zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (flwr,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "flwr"]
+    assert version("flwr") in flwr.specifier  # the version installed here, the one this app ran on
+    assert "1.43.0" not in flwr.specifier and "2.0.0" not in flwr.specifier
+
+
 def test_unknown_key_suggests_the_right_one():
     with pytest.raises(UserError, match="did you mean 'train.lr'"):
         validate({"train.lrr": 0.1})
