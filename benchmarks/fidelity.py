@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "batch_size", "lr", "ft_lr", "max_length", "precision",
                                              "eval_precision", "limit", "centralised")}
     results = Results(Path(args.out), budget)
-    results.data["recipes"] = {name: {"overrides": o, "recipe": asdict(r)} for name, (o, r) in recipes.items()}
+    results.data.setdefault("recipes", {}).update(
+        {name: {"overrides": o, "recipe": asdict(r)} for name, (o, r) in recipes.items()})
     model, tokenizer = load_model(args.model)
     args.pad_id = pad_id(tokenizer)
     task = load_task(args.task, seed=TASK_SEED)
@@ -249,13 +250,15 @@ def summarise(data: dict, recipes: list[str], seeds: list[int], with_ft: bool) -
 
 
 def print_table(summary: dict, n_test: int, seeds: list[int]) -> None:
+    """The summary as a Markdown table (gaps signed)."""
     print(f"\naccuracy on the whole test split ({n_test} examples), mean ± standard error over seeds {seeds} "
-          "(zero-shot rows: ± the binomial standard error)")
+          "(zero-shot rows: ± the binomial standard error)\n")
     width = max(map(len, summary))
+    print(f"| {'setting':<{width}} | accuracy |\n|{'-' * (width + 2)}|----------|")
     for name, row in summary.items():
+        value = f"{row['mean']:+.3f}" if "gap" in name or "FT -" in name else f"{row['mean']:.3f}"
         se = "" if math.isnan(row["se"]) else f" ± {row['se']:.3f}"
-        print(f"  {name:<{width}}  {row['mean']:+.3f}{se}" if "gap" in name or "FT -" in name
-              else f"  {name:<{width}}  {row['mean']:.3f}{se}")
+        print(f"| {name:<{width}} | {value}{se} |")
 
 
 def plot(summary: dict, path: Path, args) -> None:
