@@ -105,7 +105,17 @@ def summarize(run_dir: Path) -> dict:
         "client_tokens_per_s": mean("tokens-per-s"),
         "trainable_params": int(max(c["trainable-params"] for c in clients)),
         "round_seconds": sum(r["seconds"] for r in rounds[1:]) / len(rounds[1:]),
+        "communication": _communication(rounds, run.delivered_bytes()),
     }
+
+
+def _communication(rounds: list[dict], one_time: int) -> dict:
+    """The run's communication budget: adapter bytes of every round (all clients), running totals, and the
+    one-time model deliveries apart."""
+    traffic = [{"round": r["round"], **r["communication"]} for r in rounds if "communication" in r]
+    last = traffic[-1] if traffic else {}
+    return {"adapter_bytes_down": last.get("cumulative_bytes_down", 0),
+            "adapter_bytes_up": last.get("cumulative_bytes_up", 0), "one_time_bytes": one_time, "rounds": traffic}
 
 
 def _cumulative(one_time: float, per_round: list[float]) -> list[float]:
@@ -188,17 +198,20 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
     base = trained.get(BASELINE)
     ratio = lambda run, key: f"{run[key] / base[key]:.3f}" if base else "-"
     lines += ["## Cost per client", "", markdown_table(
-        ["method", "MB down/round", "MB up/round", "one-time MB", "peak MB", "train s/round", "tokens/s",
-         "trainable params", f"bytes vs {BASELINE}", f"memory vs {BASELINE}", f"time vs {BASELINE}"],
+        ["method", "MB down/round", "MB up/round", "one-time MB", "adapter MB, run", "peak MB", "train s/round",
+         "tokens/s", "trainable params", f"bytes vs {BASELINE}", f"memory vs {BASELINE}", f"time vs {BASELINE}"],
         [[m, f"{r['bytes_down_per_client_round'] / 1e6:.1f}", f"{r['bytes_up_per_client_round'] / 1e6:.1f}",
-          f"{r['one_time_bytes_per_client'] / 1e6:.1f}", f"{r['client_peak_memory_mb']:.0f}",
+          f"{r['one_time_bytes_per_client'] / 1e6:.1f}",
+          f"{(r['communication']['adapter_bytes_down'] + r['communication']['adapter_bytes_up']) / 1e6:.1f}",
+          f"{r['client_peak_memory_mb']:.0f}",
           f"{r['client_train_seconds_per_round']:.1f}", f"{r['client_tokens_per_s']:.0f}",
           f"{r['trainable_params']:,}", ratio(r, "bytes_down_per_client_round"),
           ratio(r, "client_peak_memory_mb"), ratio(r, "client_train_seconds_per_round")]
          for m, r in trained.items()]), "",
         "Peak memory is the client process's peak RSS on CPU (the allocator's peak on GPU); "
         "bytes are the Flower records' own byte counts; one-time MB is the model each new client downloads "
-        "once (the emulator for offsite), counted apart from the rounds.", ""]
+        "once (the emulator for offsite), counted apart from the rounds; adapter MB, run: everything the rounds "
+        "sent down and up, all clients together (report.json: communication).", ""]
     lines += [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 

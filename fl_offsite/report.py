@@ -6,7 +6,7 @@ def round_table(rounds: list[dict]) -> str:
     """One line per round: accuracy of every evaluated model, train loss, bytes, time, memory."""
     models = list(rounds[0]["eval"]) if rounds else []
     head = ["round", *(f"{m} acc" for m in models), "train loss", "MB down/client", "MB up/client",
-            "round s", "client peak MB"]
+            "MB so far (all)", "round s", "client peak MB"]
     rows = []
     for record in rounds:
         clients = record.get("clients", [])
@@ -16,6 +16,8 @@ def round_table(rounds: list[dict]) -> str:
             f"{mean('train-loss'):.4f}" if clients else "-",
             f"{mean('bytes_down') / 1e6:.1f}" if clients else "-",
             f"{mean('bytes_up') / 1e6:.1f}" if clients else "-",
+            f"{(traffic['cumulative_bytes_down'] + traffic['cumulative_bytes_up']) / 1e6:.1f}"
+            if (traffic := record.get("communication")) else "-",
             f"{record['seconds']:.0f}" if "seconds" in record else "-",
             f"{max(c['peak-memory-mb'] for c in clients):.0f}" if clients else "-",
         ])

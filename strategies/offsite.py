@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 ACCOUNTANT = "__privacy_accountant__"
 Evaluator = Callable[[dict[str, torch.Tensor]], dict[str, dict]]
+AfterRound = Callable[[dict, dict[str, torch.Tensor]], None]  # (the round's record, its global payload)
 
 
 class OffsiteStrategy(Strategy):
@@ -33,7 +34,7 @@ class OffsiteStrategy(Strategy):
     def __init__(self, inner: Strategy, reference: dict[str, torch.Tensor], evaluate_payload: Evaluator,
                  run: RunFolder, lr_at: Callable[[int], float], min_replies: int, seed: int,
                  base_config: dict, rounds_done: int = 0, max_update_norm: float = 0.0,
-                 round_timeout: float | None = None) -> None:
+                 round_timeout: float | None = None, after_round: AfterRound | None = None) -> None:
         self.inner = inner
         self.reference = {k: torch.empty_like(v, device="meta") for k, v in reference.items()}
         self.evaluate_payload = evaluate_payload
@@ -45,6 +46,7 @@ class OffsiteStrategy(Strategy):
         self.offset = rounds_done  # rounds finished before a resume
         self.max_update_norm = max_update_norm
         self.round_timeout = round_timeout
+        self.after_round = after_round
         self._global: dict[str, torch.Tensor] = {}
         self._round: dict = {}
 
@@ -68,7 +70,7 @@ class OffsiteStrategy(Strategy):
         replies = list(replies)
         accepted, clients, problems = [], [], []
         asked = {m.message_id: m.dst_node_id for m in self._round["sent"]}
-        answered = set()
+        answered, up = set(), 0
         for reply in replies:
             node = reply.metadata.src_node_id
             if asked.get(reply.metadata.reply_to_message_id) != node:
@@ -76,6 +78,8 @@ class OffsiteStrategy(Strategy):
                                  "reason": "a reply to no message of this round (a late reply to an earlier one?)"})
                 continue
             answered.add(node)
+            if not reply.has_error() and "arrays" in reply.content.array_records:
+                up += reply.content["arrays"].count_bytes()  # it travelled, whether accepted or not
             if reply.has_error():
                 problems.append({"node": node, "kind": "failed", "reason": reply.error.reason})
                 continue
@@ -102,7 +106,7 @@ class OffsiteStrategy(Strategy):
             details = "; ".join(f"node {p['node']} {p['kind']}: {p['reason']}" for p in problems)
             raise RuntimeError(f"round {rnd}: only {len(accepted)} of {sent} clients returned a usable update "
                                f"(need {self.min_replies}); {details or 'the others timed out'}")
-        self._round.update(clients=clients, problems=problems,
+        self._round.update(clients=clients, problems=problems, bytes_up=up,
                            missing=sum(p["kind"] == "missing" for p in problems))
         return self.inner.aggregate_train(rnd, accepted)
 
@@ -135,15 +139,30 @@ class OffsiteStrategy(Strategy):
         if rnd > 0:
             record.update(seconds=time.perf_counter() - self._round["start"], clients=self._round["clients"],
                           problems=self._round["problems"], missing=self._round["missing"],
-                          lr=self.lr_at(rnd))
+                          lr=self.lr_at(rnd), communication=self._communication(rnd))
             spent = self.inner.privacy_spent() if hasattr(self.inner, "privacy_spent") else None
             if spent is not None:
                 record["privacy"] = {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
                 log.info("round %d: privacy spent epsilon %.3f at delta %g", rnd, spent.epsilon, spent.delta)
         self.run.append_round(record)
         self.run.save_checkpoint(Checkpoint(rnd, payload, self.state()))
+        if self.after_round is not None:
+            self.after_round(record, payload)
         return MetricRecord({f"{model}.{k}": v for model, m in results.items() for k, v in m.items()
                              if isinstance(v, (int, float))})
+
+    def _communication(self, rnd: int) -> dict[str, float]:
+        """The round's adapter traffic, its running total over the run, and the one-time model deliveries apart."""
+        earlier = [r["communication"] for r in self.run.rounds() if 0 < r["round"] < rnd and "communication" in r]
+        down, up = sum(self._round["bytes_down"].values()), self._round["bytes_up"]
+        total_down = (earlier[-1]["cumulative_bytes_down"] if earlier else 0) + down
+        total_up = (earlier[-1]["cumulative_bytes_up"] if earlier else 0) + up
+        one_time = self.run.delivered_bytes()
+        log.info("round %d: adapters %.2f MB down, %.2f MB up this round; %.2f MB down, %.2f MB up so far "
+                 "(one-time model deliveries apart: %.1f MB)", rnd, down / 1e6, up / 1e6, total_down / 1e6,
+                 total_up / 1e6, one_time / 1e6)
+        return {"bytes_down": down, "bytes_up": up, "cumulative_bytes_down": total_down,
+                "cumulative_bytes_up": total_up, "one_time_bytes": one_time}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

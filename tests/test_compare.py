@@ -28,6 +28,11 @@ def test_report_of_offsite_and_fedavg_full(tiny_lm_dir, tmp_path):
         assert summary["client_peak_memory_mb"] == max(c["peak-memory-mb"] for c in clients)
         assert summary["bytes_up_per_client_round"] == sum(c["bytes_up"] for c in clients) / len(clients)
         assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+        budget = summary["communication"]  # every round's adapter bytes, all clients; deliveries apart
+        assert [r["round"] for r in budget["rounds"]] == [1, 2]
+        assert budget["adapter_bytes_up"] == sum(c["bytes_up"] for c in clients)
+        assert budget["adapter_bytes_down"] == sum(c["bytes_down"] for c in clients)
+        assert budget["one_time_bytes"] == RunFolder(out / method).delivered_bytes() > 0
     assert [r["round"] for r in data["zero-shot"]["rounds"]] == [0]  # evaluated, never trained
     zero_shot, offsite_round0 = data["zero-shot"]["rounds"][0], RunFolder(out / "offsite").rounds()[0]["eval"]
     assert [zero_shot[m]["acc"] for m in ("plugin", "emulator")] == [offsite_round0[m]["acc"] for m in
@@ -35,6 +40,7 @@ def test_report_of_offsite_and_fedavg_full(tiny_lm_dir, tmp_path):
     offsite, full = data["offsite"], data["fedavg-full"]
     assert offsite["bytes_up_per_client_round"] < full["bytes_up_per_client_round"]
     assert offsite["trainable_params"] < full["trainable_params"]
+    assert offsite["communication"]["adapter_bytes_up"] < full["communication"]["adapter_bytes_up"]
 
     text = report.read_text()
     final = RunFolder(out / "offsite").rounds()[-1]["eval"]
