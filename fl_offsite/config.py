@@ -74,6 +74,7 @@ DEFAULTS: dict[str, Value] = {
     "eval.batch-size": 16,
     "results.dir": "runs/default",
     "results.resume": True,
+    "results.tensorboard": False,  # also write each round's metrics as TensorBoard scalars (<results.dir>/tensorboard)
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {

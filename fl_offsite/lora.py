@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 from fl_offsite.blocks import find_blocks
+from fl_offsite.io import atomic_dir, write_atomic
 from fl_offsite.split import SplitPlan
 
 PEFT_PREFIX = "base_model.model."
+PEFT_DIR = "peft"  # a run's PEFT adapter folder (LoRA methods)
 
 
 @dataclass(frozen=True)
@@ -69,3 +72,15 @@ def lora_names(model: PeftModel, plan: SplitPlan | None) -> dict[str, str]:
             name = f"{match.group(1)}.{original[int(match.group(2))]}.{match.group(3)}"
         names[name] = local
     return names
+
+
+def save_peft_folder(model: PeftModel, folder: str | Path, card: str) -> Path:
+    """PEFT's own adapter folder of ``model`` (``adapter_config.json``, ``adapter_model.safetensors``) and a card.
+
+    ``PeftModel.from_pretrained(base, folder)`` loads it onto the full base model: the LoRA
+    factors sit on the full model's module names (for offsite-lora, the adapter blocks').
+    """
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        write_atomic(tmp / "README.md", card)
+    return Path(folder)

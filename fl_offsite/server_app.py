@@ -13,12 +13,13 @@ from flwr.serverapp import Grid, ServerApp
 from fl_offsite.config import validate
 from fl_offsite.delivery import ModelPackage, deliver
 from fl_offsite.errors import UserError
-from fl_offsite.io import save_tensors
 from fl_offsite.local_data import task_answers
 from fl_offsite.logs import log_to_console
-from fl_offsite.owner import ModelOwner, final_weights, lr_schedule
+from fl_offsite.lora import PEFT_DIR
+from fl_offsite.outputs import CARD, after_round, save_final
+from fl_offsite.owner import ModelOwner, lr_schedule
 from fl_offsite.results import CHECKPOINT, DELIVERY, RunFolder
-from fl_offsite.split import save_adapter
+from fl_offsite.tracking import TENSORBOARD_DIR, TensorBoardLog
 from strategies.aggregation import aggregation_strategy
 from strategies.offsite import OffsiteStrategy
 
@@ -47,7 +48,12 @@ def run_federated(grid: Grid, config: dict) -> Path:
     payload = checkpoint.payload if checkpoint else owner.initial_payload()
     done = checkpoint.round if checkpoint else 0
     if config["method"] == "zero-shot":  # no training: the full model and the emulator, evaluated
-        run.append_round({"round": 0, "eval": owner.evaluate(payload)})
+        record = {"round": 0, "eval": owner.evaluate(payload)}
+        run.append_round(record)
+        if config["results.tensorboard"]:
+            tracker = TensorBoardLog(run.root / TENSORBOARD_DIR)
+            tracker.write(record)
+            tracker.close()
         return run.root
     if done >= config["num-rounds"]:
         log.info("%s already finished %d rounds", run.root, done)
@@ -57,6 +63,8 @@ def run_federated(grid: Grid, config: dict) -> Path:
     package = ModelPackage.from_folder(owner.base_folder)
     sent = deliver(grid, package, nodes, timeout=config["strategy.round-timeout"])
     run.record_delivery(package.digest, package.nbytes, sent)
+    tracker = TensorBoardLog(run.root / TENSORBOARD_DIR, first_round=done + 1 if done else 0) \
+        if config["results.tensorboard"] else None
     strategy = OffsiteStrategy(
         aggregation_strategy(config, len(nodes)), reference=payload, evaluate_payload=owner.evaluate, run=run,
         lr_at=lr_schedule(config["train.lr"], config["train.lr-schedule"], config["num-rounds"]),
@@ -65,17 +73,18 @@ def run_federated(grid: Grid, config: dict) -> Path:
                      "split-plan": json.dumps(owner.plan.to_json()) if owner.plan else "",
                      "task-answers": json.dumps(answers) if (answers := task_answers(owner.task)) else ""},
         rounds_done=done, max_update_norm=config["strategy.max-update-norm"],
-        round_timeout=config["strategy.round-timeout"])
+        round_timeout=config["strategy.round-timeout"], after_round=after_round(owner, run, len(nodes), tracker))
     if checkpoint:
         strategy.restore(checkpoint.strategy_state)
         log.info("Resuming %s after round %d", run.root, done)
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(payload), num_rounds=config["num-rounds"] - done,
-                            timeout=config["strategy.round-timeout"], evaluate_fn=strategy.evaluate)
-    name, final = final_weights(owner, result.arrays.to_torch_state_dict())
-    if owner.plan:
-        save_adapter(run.root / name, final, owner.plan)
-    else:
-        save_tensors(run.root / name, final)
+    try:
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(payload),
+                                num_rounds=config["num-rounds"] - done, timeout=config["strategy.round-timeout"],
+                                evaluate_fn=strategy.evaluate)
+    finally:
+        if tracker is not None:
+            tracker.close()
+    save_final(owner, run, result.arrays.to_torch_state_dict(), len(nodes))
     log.info("Results in %s", run.root)
     return run.root
 
@@ -87,9 +96,10 @@ def _essential(config: dict) -> dict:
 
 def _fresh(run: RunFolder) -> RunFolder:
     """Clear the records of an earlier run in the same folder."""
-    for name in ("metrics.jsonl", "adapter.safetensors", "model.safetensors", "lora.safetensors", DELIVERY):
+    for name in ("metrics.jsonl", "adapter.safetensors", "model.safetensors", "lora.safetensors", DELIVERY, CARD):
         (run.root / name).unlink(missing_ok=True)
-    shutil.rmtree(run.root / CHECKPOINT, ignore_errors=True)
+    for name in (CHECKPOINT, PEFT_DIR, TENSORBOARD_DIR):
+        shutil.rmtree(run.root / name, ignore_errors=True)
     return run
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from fl_offsite.client_app import app as client_app
 from fl_offsite.config import validate
+from fl_offsite.results import RunFolder
 from fl_offsite.server_app import run_federated
 from fl_offsite.split import load_adapter
 from flower_harness import InProcessGrid
@@ -34,7 +36,7 @@ def of_type(grid: InProcessGrid, kind: str) -> list:
 
 
 def test_offsite_run_sends_the_emulator_once_and_only_the_adapter_each_round(tiny_lm_dir, tmp_path):
-    config = tiny_config(tiny_lm_dir, tmp_path / "run")
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"results.tensorboard": True})
     grid = run(config)
 
     deliveries = of_type(grid, "query.model")
@@ -65,6 +67,31 @@ def test_offsite_run_sends_the_emulator_once_and_only_the_adapter_each_round(tin
     # Round 0 is the zero-shot full model and emulator; training moved the adapter.
     assert not torch.equal(adapter[sorted(adapter)[0]], _initial(tmp_path / "run")[sorted(adapter)[0]])
 
+    # The communication budget: each round's adapter bytes (all clients), running totals, deliveries apart.
+    down = [sum(c["bytes_down"] for c in r["clients"]) for r in rounds[1:]]
+    up = [sum(c["bytes_up"] for c in r["clients"]) for r in rounds[1:]]
+    budget = [r["communication"] for r in rounds[1:]]
+    assert [b["bytes_down"] for b in budget] == down and [b["bytes_up"] for b in budget] == up
+    assert budget[1]["cumulative_bytes_down"] == sum(down) and budget[1]["cumulative_bytes_up"] == sum(up)
+    assert {b["one_time_bytes"] for b in budget} == {3 * delivery["package_bytes"]}
+
+    # TensorBoard holds every round's scalars, as in metrics.jsonl.
+    scalars = tensorboard_scalars(tmp_path / "run")
+    for model in ("plugin", "emulator"):
+        assert scalars[f"eval/{model}/acc"] == pytest.approx([r["eval"][model]["acc"] for r in rounds])
+    assert scalars["train/loss"] == pytest.approx(
+        [sum(c["train-loss"] for c in r["clients"]) / 3 for r in rounds[1:]], rel=1e-6)
+    assert scalars["communication/MB_up_cumulative"] == pytest.approx([sum(up[:1]) / 1e6, sum(up) / 1e6])
+    assert len(scalars["time/round_seconds"]) == 2
+
+
+def tensorboard_scalars(run_dir) -> dict[str, list[float]]:
+    """Every scalar series under ``run_dir/tensorboard``, read back with TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
 
 def _initial(run_dir):
     return load_adapter(run_dir / "split" / "adapter.safetensors")[0]
@@ -86,7 +113,7 @@ def test_resume_continues_from_the_last_round_and_matches_an_uninterrupted_run(t
     straight = tiny_config(tiny_lm_dir, tmp_path / "straight", **{"num-rounds": 3})
     run(straight, num_nodes=2)
 
-    resumed = {**straight, "results.dir": str(tmp_path / "resumed")}
+    resumed = {**straight, "results.dir": str(tmp_path / "resumed"), "results.tensorboard": True}
     with pytest.raises(Crash):
         run(resumed, num_nodes=2, fault=crash_in_round(3))
     grid = run(resumed, num_nodes=2)
@@ -102,6 +129,12 @@ def test_resume_continues_from_the_last_round_and_matches_an_uninterrupted_run(t
     assert [r["round"] for r in resumed_rounds] == [0, 1, 2, 3]
     accuracy = lambda rounds: [r["eval"][m]["acc"] for r in rounds for m in ("plugin", "emulator")]
     assert accuracy(straight_rounds) == accuracy(resumed_rounds)
+    # The adapter traffic's running totals go on across the restart; deliveries are counted apart.
+    traffic = lambda rounds: [{k: v for k, v in r["communication"].items() if k != "one_time_bytes"} for r in rounds]
+    assert traffic(straight_rounds[1:]) == traffic(resumed_rounds[1:])
+    assert resumed_rounds[-1]["communication"]["one_time_bytes"] == RunFolder(tmp_path / "resumed").delivered_bytes()
+    assert tensorboard_scalars(tmp_path / "resumed")["eval/plugin/acc"] == \
+        pytest.approx([r["eval"]["plugin"]["acc"] for r in resumed_rounds])  # each round once, across both starts
 
 
 def rounds_of(run_dir) -> list[dict]:
@@ -176,6 +209,54 @@ def test_lora_methods_send_only_lora_factors(tiny_lm_dir, tmp_path, method):
         assert any(not torch.equal(adapter[k], base[k]) for k in adapter)
     else:
         assert (tmp_path / method / "lora.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["offsite-lora", "fedavg-lora"])
+def test_lora_runs_write_a_peft_folder_that_peft_loads_and_model_cards(tiny_lm_dir, tmp_path, method):
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    from fl_offsite.cli import main
+    from fl_offsite.io import load_tensors
+    from fl_offsite.lora import LoraSpec, add_lora, lora_names
+    from fl_offsite.models import load_model
+    from fl_offsite.split import plug_in
+    from fl_offsite.tuning import set_payload
+
+    out = tmp_path / method
+    config = tiny_config(tiny_lm_dir, out, method=method, **{"num-rounds": 1, "train.lr": 2e-2})
+    run(config, num_nodes=2)
+    fresh = lambda: load_model(str(tiny_lm_dir), with_tokenizer=False)[0]
+    peft_model = PeftModel.from_pretrained(fresh(), out / "peft").eval()
+    if method == "offsite-lora":  # ours: the merged adapter, plugged into the full model
+        adapter, plan = load_adapter(out / "adapter.safetensors")
+        ours = plug_in(fresh(), adapter, plan)
+    else:  # ours: the averaged LoRA factors on a LoRA-wrapped full model
+        ours = add_lora(fresh(), LoraSpec.from_config(config), list(range(6)))
+        set_payload(ours, load_tensors(out / "lora.safetensors"), lora_names(ours, None))
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, base = ours.eval()(input_ids=ids).logits, fresh()(input_ids=ids).logits
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+    assert (expected - base).abs().max() > 1e-3  # the LoRA factors trained: not the base model's logits
+
+    for path in (out / "peft" / "adapter_model.safetensors", out / "checkpoint" / "payload.safetensors",
+                 out / ("adapter.safetensors" if method == "offsite-lora" else "lora.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata()["format"] == "pt", path
+    cells = lambda path: re.sub(r" +", " ", path.read_text())  # table cells without their padding
+    for card in (out / "peft" / "README.md", out / "README.md"):
+        text = cells(card)
+        assert f"base_model: {tiny_lm_dir}" in text and f"| method | {method} |" in text
+        assert "| rounds | 1 of 1 |" in text and "| clients (data owners) | 2 |" in text and "| LoRA | r 4" in text
+        assert ("| plugin |" if method == "offsite-lora" else "| full |") in text
+    assert "library_name: peft" in (out / "peft" / "README.md").read_text()
+    if method == "offsite-lora":  # plug-in's card tells the run that trained the adapter
+        assert main(["plug-in", str(tiny_lm_dir), str(out / "adapter.safetensors"), "--out", str(tmp_path / "p")]) == 0
+        card = cells(tmp_path / "p" / "README.md")
+        assert "| split | 1-2-1 of 6 blocks: adapter blocks [0, 5], emulator keeps [0, 1, 4, 5] |" in card
+        for row in ("| emulator | layers uniform |", "| task | bbc-news |", "| method | offsite-lora |"):
+            assert row in card
 
 
 def test_every_configured_strategy_builds():

@@ -1,0 +1,52 @@
+"""A run's outputs in the forms Hugging Face users load: final weights with the run in their metadata,
+a model card, the PEFT folder of LoRA runs (after every round), and TensorBoard scalars."""
+from __future__ import annotations
+
+import json
+
+import torch
+from peft import PeftModel
+
+from fl_offsite.card import model_card, run_record, usage
+from fl_offsite.io import save_tensors, write_atomic
+from fl_offsite.lora import PEFT_DIR, save_peft_folder
+from fl_offsite.models import resolve_model_path
+from fl_offsite.owner import ModelOwner, final_weights
+from fl_offsite.results import RunFolder
+from fl_offsite.split import RUN_METADATA, save_adapter
+from fl_offsite.tracking import TensorBoardLog
+from fl_offsite.tuning import set_payload
+from strategies.offsite import AfterRound
+
+CARD = "README.md"  # the run's model card
+
+
+def after_round(owner: ModelOwner, run: RunFolder, num_clients: int,
+                tracker: TensorBoardLog | None) -> AfterRound:
+    """After each round's record: its TensorBoard scalars, and for LoRA the PEFT folder of this round."""
+    def after(record: dict, payload: dict[str, torch.Tensor]) -> None:
+        if tracker is not None:
+            tracker.write(record)
+        if record["round"] > 0 and isinstance(owner.model, PeftModel):
+            set_payload(owner.model, payload, owner.payload_names(owner.model))
+            summary = run_record(owner.config, owner.plan, record, num_clients, run.distillation())
+            base = resolve_model_path(owner.config["model"])
+            card = model_card(owner.config["model"], owner.plan, summary,
+                              usage("peft", base, str(run.root / PEFT_DIR)), peft=True)
+            save_peft_folder(owner.model, run.root / PEFT_DIR, card)
+    return after
+
+
+def save_final(owner: ModelOwner, run: RunFolder, payload: dict[str, torch.Tensor], num_clients: int) -> None:
+    """The final weights, with the run's record in their metadata, and the run's model card (README.md)."""
+    summary = run_record(owner.config, owner.plan, run.rounds()[-1], num_clients, run.distillation())
+    name, final = final_weights(owner, payload)  # merges LoRA into the model: after the last PEFT folder
+    if owner.plan:
+        save_adapter(run.root / name, final, owner.plan, run=summary)
+    else:
+        save_tensors(run.root / name, final, metadata={RUN_METADATA: json.dumps(summary)})
+    weights = "peft" if name == "lora.safetensors" else name
+    path = str(run.root / (PEFT_DIR if weights == "peft" else name))
+    card = model_card(owner.config["model"], owner.plan, summary,
+                      usage(weights, resolve_model_path(owner.config["model"]), path), peft=weights == "peft")
+    write_atomic(run.root / CARD, card)
