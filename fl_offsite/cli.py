@@ -107,6 +107,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
         write_json(args.json, result)
 
 
+def cmd_export_task(args: argparse.Namespace) -> None:
+    """A task as an lm-evaluation-harness task folder (scored offline with ``lm_eval --include_path``)."""
+    from fl_offsite.lm_eval_task import export_lm_eval_task
+    from fl_offsite.tasks import load_task
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give a positive number")
+    task = _user_input(load_task, args.task, seed=args.seed)
+    name = export_lm_eval_task(task, args.split, args.out, limit=args.limit)
+    print(f"lm-eval task {name} in {args.out}; score a model folder (e.g. one from plug-in) with\n"
+          f"  lm_eval --model hf --model_args pretrained=MODEL_FOLDER --tasks {name} --include_path {args.out}")
+
+
 def cmd_simulate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -267,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=1234, help="seed of the task's train/validation/test split")
     evaluate.add_argument("--json", help="write the results as JSON here")
     evaluate.set_defaults(func=cmd_eval)
+
+    export = sub.add_parser("export-task", help="write a task as an lm-evaluation-harness task folder")
+    export.add_argument("task", help="bbc-news, bigbench:<task>, hf:<name>")
+    export.add_argument("--out", required=True, help="output folder (for lm_eval --include_path)")
+    export.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    export.add_argument("--limit", type=int, help="the first N examples")
+    export.add_argument("--seed", type=int, default=1234, help="seed of the task's train/validation/test split")
+    export.set_defaults(func=cmd_export_task)
 
     simulate = sub.add_parser("simulate", help="run the federated app on Flower's simulation engine (Ray)")
     simulate.add_argument("config", nargs="?", help="TOML file of run-config keys (see pyproject.toml)")

@@ -82,7 +82,11 @@ def test_eval_command_writes_json(tmp_path, tiny_tokenizer, capsys):
     folder = save_tiny_lm(tmp_path / "tiny", tiny_tokenizer)
     out = tmp_path / "split"
     assert main(["split", str(folder), "--adapter-layers", "1,1", "--emulator-layers", "2", "--out", str(out)]) == 0
-    for model, extra in ((str(folder), []), (str(out / "emulator"), ["--adapter", str(out / ADAPTER_FILE)])):
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(out / ADAPTER_FILE), tmp_path / "plain.safetensors")  # the emulator's split.json places it
+    for model, extra in ((str(folder), []), (str(out / "emulator"), ["--adapter", str(out / ADAPTER_FILE)]),
+                         (str(out / "emulator"), ["--adapter", str(tmp_path / "plain.safetensors")])):
         assert main(["eval", model, "--task", "bbc-news", "--limit", "4", "--json", str(tmp_path / "r.json"), *extra]) == 0
         result = json.loads((tmp_path / "r.json").read_text())
         assert result["task"] == "bbc-news" and result["n"] == 4
