@@ -12,7 +12,6 @@ the best emulator is kept.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from contextlib import nullcontext
@@ -30,6 +29,7 @@ from fl_offsite.blocks import BlockHook, find_blocks, forward_until_stop, hooked
 from fl_offsite.data import collate, lm_blocks, pad_id
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import perplexity
+from fl_offsite.io import json_digest
 from fl_offsite.split import SPLIT_FILE, SplitPlan, build_emulator, extract_adapter, write_split
 from fl_offsite.train import freeze_except
 
@@ -171,7 +171,7 @@ def cache_key(model_name: str, model: PreTrainedModel, plan: SplitPlan, settings
     identity = {"model": model_name, "config": model.config.to_json_string(use_diff=False),
                 "plan": plan.to_json(), "settings": asdict(settings),
                 "text": hashlib.sha256("\x00".join(texts).encode()).hexdigest()}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(identity)
 
 
 def distilled_split(model_name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,

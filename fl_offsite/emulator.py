@@ -21,7 +21,7 @@ from fl_offsite.corpora import MODEL_SAMPLES, check_public, load_text_corpus, sa
 from fl_offsite.data import collate, lm_blocks, pad_id
 from fl_offsite.distill import distilled_split, ppl_summary
 from fl_offsite.errors import UserError
-from fl_offsite.io import write_atomic
+from fl_offsite.io import json_digest, write_atomic
 from fl_offsite.layer_choice import middle_chooser, uniform_drop
 from fl_offsite.models import load_model
 from fl_offsite.split import EMULATOR_DIR, SPLIT_FILE, SplitPlan, build_emulator, plan_split
@@ -112,7 +112,7 @@ def public_texts(corpus: str, split: str, model: PreTrainedModel, tokenizer: Pre
     sample_seed = seed if split == "train" else seed + 1_000_003
     identity = {"model": model.config.to_json_string(use_diff=False), "weights": _weights_digest(model),
                 "count": count, "length": length, "seed": sample_seed}
-    path = cache_dir("corpora") / f"model-samples-{_digest(identity)}.json"
+    path = cache_dir("corpora") / f"model-samples-{json_digest(identity)}.json"
     if path.exists():
         return json.loads(path.read_text())
     log.info("Sampling %d texts of %d tokens from the full model (data-free distillation text)", count, length)
@@ -137,7 +137,7 @@ def _cached_choice(model_name: str, model: PreTrainedModel, tokenizer: PreTraine
         identity = {"model": model_name, "config": model.config.to_json_string(use_diff=False),
                     "weights": _weights_digest(model), "rule": recipe.layers, "bottom": recipe.adapter_bottom,
                     "top": recipe.adapter_top, "n": n, "k": k, "text": [b["input_ids"] for b in blocks]}
-        path = cache_dir("layer-choice") / f"{recipe.layers}-{_digest(identity)}.json"
+        path = cache_dir("layer-choice") / f"{recipe.layers}-{json_digest(identity)}.json"
         if path.exists():
             return json.loads(path.read_text())
         kept = chooser(n, k)
@@ -153,8 +153,4 @@ def _weights_digest(model: torch.nn.Module) -> str:
         flat = tensor.detach().flatten()
         h.update(name.encode() + flat[:: max(1, flat.numel() // 16)][:16].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _digest(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

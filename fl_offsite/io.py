@@ -17,6 +17,13 @@ from safetensors.torch import load_file, save_file
 from fl_offsite.errors import UserError
 
 
+def json_digest(identity: Any) -> str:
+    """A short stable digest of a JSON-able value (cache keys)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
