@@ -46,6 +46,8 @@ DEFAULT_PORT = 9093  # one port for Fleet, Control and runtime APIs (flwr defaul
 DEFAULT_CONNECTION = "fl-offsite-deploy"
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.pem", "server.key"
 STARTUP_TIMEOUT_S = 90.0
+ACTIVATION_RETRY_S = 75.0  # flwr 1.42 keeps a vanished node online for 2 missed heartbeats of 30 s
+REFUSED = "[code: 2004]"  # flower-supernode: activation refused (unknown key, or the node still online)
 
 
 # --- certificates and keys -------------------------------------------------------------
@@ -416,39 +418,57 @@ def supernode_command(s: SuperNodeSettings) -> list[str]:
 
 
 def serve_supernode(s: SuperNodeSettings) -> int:
-    """Run a SuperNode in the foreground; a refusal or TLS failure ends it with an error saying what to fix."""
+    """Run a SuperNode in the foreground; a refusal or TLS failure ends it with an error saying what to fix.
+
+    A refused activation is retried for ``ACTIVATION_RETRY_S``: flwr keeps a node that vanished (killed,
+    machine restarted) online until it misses two heartbeats, and refuses its restarted SuperNode until then.
+    """
     s.check()
-    process = subprocess.Popen(supernode_command(s), env=runtime_env(), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
-                               errors="replace")
-    seen: list[str] = []
-    forward = _forward(process, lambda line: seen.append(line) or None)
-    try:
-        code = _wait(process, forward)
-    finally:
-        _terminate(process)
+    deadline = time.monotonic() + ACTIVATION_RETRY_S
+    while True:
+        code, output = _run_supernode(s)
+        if code == 0 or REFUSED not in output or time.monotonic() > deadline:
+            break
+        log.warning("The SuperLink refused to activate this node: a previous session of it may still count as "
+                    "online, or its key is not registered yet; retrying for %.0f s more", deadline - time.monotonic())
+        try:
+            time.sleep(5)
+        except KeyboardInterrupt:
+            return 0
     if code != 0:
-        output = "".join(seen)
         for pattern, hint in _supernode_hints(s):
             if pattern in output:
                 raise UserError(hint)
     return code
 
 
+def _run_supernode(s: SuperNodeSettings) -> tuple[int, str]:
+    """One ``flower-supernode`` until it exits: its exit code and output (also copied to ours)."""
+    process = subprocess.Popen(supernode_command(s), env=runtime_env(), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                               errors="replace")
+    seen: list[str] = []
+    forward = _forward(process, lambda line: seen.append(line) or None)
+    try:
+        return _wait(process, forward), "".join(seen)
+    finally:
+        _terminate(process)
+
+
 def _supernode_hints(s: SuperNodeSettings) -> list[tuple[str, str]]:
     """(text in flower-supernode's output, what to tell the data owner)."""
     public = f"{s.key}.pub" if s.key else "its .pub file"
     host = s.superlink.rsplit(":", 1)[0]
-    refused = (f"the SuperLink {s.superlink} refused this node: its public key ({public}) is not registered. "
-               "Send that .pub file to the model owner to register (`fl-offsite superlink ... --node-key "
-               "FILE.pub`), then start the node again")
+    refused = (f"the SuperLink {s.superlink} refused this node: its public key ({public}) is not registered "
+               f"(retried for {ACTIVATION_RETRY_S:.0f} s). Send that .pub file to the model owner to register "
+               "(`fl-offsite superlink ... --node-key FILE.pub`), then start the node again")
     anonymous = (f"the SuperLink {s.superlink} only admits registered nodes: start with --key PRIVATE_KEY "
                  "(`fl-offsite node-key NAME`) and have the model owner register NAME.pub")
     tls = (f"TLS check of {s.superlink} failed: the SuperLink's certificate is not signed by --ca {s.ca} or does "
            f"not name host {host}. Use the model owner's current ca.crt, and an address given to "
            "`fl-offsite certs --host`")
     plain = f"{s.superlink} does not speak TLS (a SuperLink started with --insecure?)"
-    return [("[code: 2004]", refused), ("[code: 2001]", anonymous), ("CERTIFICATE_VERIFY_FAILED", tls),
+    return [(REFUSED, refused), ("[code: 2001]", anonymous), ("CERTIFICATE_VERIFY_FAILED", tls),
             ("WRONG_VERSION_NUMBER", plain)]
 
 

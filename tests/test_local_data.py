@@ -26,8 +26,9 @@ def test_round_trip(tmp_path):
 def test_every_bad_row_is_reported_by_line_in_one_error(tmp_path):
     good = '{"context": "Article: SECRET-A\\nTopic:", "choices": [" business", " sport"], "label": 0}'
     rows = [good, "{not json", '{"context": "SECRET-B", "choices": [" a"]}', "", '["a list"]', good,
-            '{"context": "SECRET-C", "choices": [" a", " b"], "label": 2}', '{"context": "", "choices": [" a"], "label": 0}',
-            '{"context": "SECRET-D", "choices": [], "label": 0}', '{"context": "SECRET-E", "choices": [" a"], "label": true}']
+            '{"context": "SECRET-C", "choices": [" a", " b"], "label": 2}',
+            '{"context": "", "choices": [" a"], "label": 0}', '{"context": "SECRET-D", "choices": [], "label": 0}',
+            '{"context": "SECRET-E", "choices": [" a"], "label": true}']
     path = tmp_path / "mine.jsonl"
     path.write_text("\n".join(rows) + "\n")
     with pytest.raises(BadDataFile) as caught:
