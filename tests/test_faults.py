@@ -6,12 +6,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fl_offsite.client_app import app as client_app
+from fl_offsite.launch import _tagged_processes
 from fl_offsite.server_app import run_federated
 from fl_offsite.split import load_adapter
 from flower_harness import InProcessGrid
@@ -126,32 +129,43 @@ def test_privacy_budget_stops_the_run_before_it_is_exceeded(tiny_lm_dir, tmp_pat
         run(tiny_config(tiny_lm_dir, tmp_path / "dp", **dp), num_nodes=2)
 
 
+def simulate(tiny_lm_dir, results, *settings: str) -> subprocess.Popen:
+    """`fl-offsite simulate` of the tiny job with 2 clients, in a session of its own."""
+    args = [sys.executable, "-m", "fl_offsite.cli", "simulate", "--num-clients", "2"]
+    for item in [f"model={tiny_lm_dir}", "num-rounds=3", "split.adapter-layers=1,1", "split.emulator-layers=2",
+                 "train.local-steps=2", "train.batch-size=4", "train.max-length=64", "eval.limit=6",
+                 f"results.dir={results}", *settings]:
+        args += ["--set", item]
+    with Path(f"{results}.log").open("wb") as out:
+        return subprocess.Popen(args, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_until(condition, process: subprocess.Popen, results: Path, what: str, timeout: float = 600):
+    """Poll ``condition`` until it holds; fail, with the run's log, if ``process`` ends or time runs out first."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            log = Path(f"{results}.log").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"the run ended or stalled before {what}; its log ends:\n{log}")
+        time.sleep(0.2)
+    return value
+
+
 @pytest.mark.slow
 def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_path):
     """`fl-offsite simulate` on Ray, SIGKILLed (launcher and its whole tree) after round 1, then run again."""
-    settings = [f"model={tiny_lm_dir}", "num-rounds=3", "split.adapter-layers=1,1", "split.emulator-layers=2",
-                "train.local-steps=2", "train.batch-size=4", "train.max-length=64", "eval.limit=6"]
-
-    def simulate(results: str) -> subprocess.Popen:
-        args = [sys.executable, "-m", "fl_offsite.cli", "simulate", "--num-clients", "2"]
-        for item in [*settings, f"results.dir={results}"]:
-            args += ["--set", item]
-        return subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    straight = simulate(str(tmp_path / "straight"))
+    straight = simulate(tiny_lm_dir, tmp_path / "straight")
     assert straight.wait(timeout=600) == 0
 
-    victim = simulate(str(tmp_path / "killed"))
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # rounds 0 and 1 on record
-        assert victim.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.2)
+    victim = simulate(tiny_lm_dir, tmp_path / "killed")
+    metrics = tmp_path / "killed" / "metrics.jsonl"  # rounds 0 and 1 on record
+    wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, victim, tmp_path / "killed",
+               "round 1")
     os.killpg(victim.pid, signal.SIGKILL)  # the launcher and everything in its session, without warning
     victim.wait()
     assert [r["round"] for r in rounds_of(tmp_path / "killed")][-1] < 3
 
-    resumed = simulate(str(tmp_path / "killed"))  # also cleans up what the killed launch left running
+    resumed = simulate(tiny_lm_dir, tmp_path / "killed")  # also cleans up what the killed launch left running
     assert resumed.wait(timeout=600) == 0
     a, _ = load_adapter(tmp_path / "straight" / "adapter.safetensors")
     b, _ = load_adapter(tmp_path / "killed" / "adapter.safetensors")
@@ -159,6 +173,51 @@ def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_
     rounds = lambda name: [(r["round"], r["eval"]["plugin"]["acc"], r["eval"]["emulator"]["acc"])
                            for r in rounds_of(tmp_path / name)]
     assert rounds("killed") == rounds("straight")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray's actors by /proc/PID/environ")
+def test_a_straggler_is_cut_off_at_the_round_timeout_and_its_late_reply_is_never_aggregated(tiny_lm_dir, tmp_path,
+                                                                                           capsys):
+    """`fl-offsite simulate` on Ray: 2 nodes, 2 client actors. One actor is stopped (SIGSTOP) once the emulator
+    is delivered, so it sleeps through round 1, and resumed (SIGCONT) when round 1 is on record: it then
+    finishes its round-1 training and replies, late."""
+    timeout, start = 60, time.perf_counter()
+    launcher = simulate(tiny_lm_dir, tmp_path / "run", "num-rounds=2", "strategy.min-train-nodes=1",
+                        f"strategy.round-timeout={timeout}")
+    ours = lambda tag: tag.startswith(f"{launcher.pid}:")
+    wait_until(lambda: (tmp_path / "run" / "delivery.json").is_file(), launcher, tmp_path / "run", "the delivery")
+    actors = wait_until(lambda: sorted(p.pid for p in _tagged_processes(ours) if "ClientAppActor" in _cmdline(p)),
+                        launcher, tmp_path / "run", "the actors started")
+    assert len(actors) == 2
+    os.kill(actors[0], signal.SIGSTOP)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"  # rounds 0 and 1 on record
+        wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, launcher,
+                   tmp_path / "run", "round 1")
+    finally:
+        os.kill(actors[0], signal.SIGCONT)
+    assert launcher.wait(timeout=600) == 0
+
+    first, second = rounds_of(tmp_path / "run")[1:]
+    (problem,) = first["problems"]
+    assert problem["kind"] == "missing" and problem["reason"] == f"no reply within strategy.round-timeout = {timeout} s"
+    (client,) = first["clients"]
+    assert client["node"] != problem["node"] and client["round"] == 1 and first["missing"] == 1
+    assert first["seconds"] >= timeout  # the round waited for the straggler, then closed with the other node
+    assert second["problems"] == []  # the late round-1 reply was neither pulled nor averaged in
+    assert sorted(c["node"] for c in second["clients"]) == sorted([client["node"], problem["node"]])
+    assert [c["round"] for c in second["clients"]] == [2, 2]
+    with capsys.disabled():
+        print(f"\nstraggler test: {time.perf_counter() - start:.1f} s, round 1 {first['seconds']:.1f} s, "
+              f"round 2 {second['seconds']:.1f} s")
+
+
+def _cmdline(process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 @pytest.mark.parametrize("damaged", ["payload.safetensors", "strategy.pkl", "round.json"])
