@@ -46,15 +46,18 @@ GROUPS = [("flwr-simulation", "ServerApp + simulation engine (flwr-simulation)")
           ("flower-superexec", "SuperExec"), ("flwr", "flwr CLI"), ("", "other (Ray helpers, dashboards)")]
 
 
-def _rollup(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) in kB from /proc/PID/smaps_rollup."""
-    rss = pss = 0
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Rss:"):
-            rss = int(line.split()[1])
-        elif line.startswith("Pss:"):
-            pss = int(line.split()[1])
-    return rss, pss
+KINDS = ("rss", "pss", "anon")  # resident, proportional (shared pages divided), the process's own heap
+_FIELDS = {"Rss": "rss", "Pss": "pss", "Anonymous": "anon"}
+
+
+def _rollup(pid: int) -> dict[str, int]:
+    """RSS, PSS and anonymous memory in kB from /proc/PID/smaps_rollup."""
+    out = dict.fromkeys(KINDS, 0)
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":", 1)
+        if name in _FIELDS:
+            out[_FIELDS[name]] = int(value.split()[0])
+    return out
 
 
 def _group(process: psutil.Process) -> str:
@@ -76,22 +79,19 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             t = time.perf_counter() - self.t0
-            total_rss = total_pss = 0
+            total = dict.fromkeys(KINDS, 0)
             groups: dict[str, list[int]] = {}
             processes = _tagged_processes(lambda tag: tag.startswith(self.prefix))
             for process in processes:
                 with contextlib.suppress(OSError, psutil.Error):
-                    rss, pss = _rollup(process.pid)
-                    total_rss += rss
-                    total_pss += pss
-                    label = _group(process)
-                    entry = groups.setdefault(label, [0, 0])
-                    entry[0] += rss
-                    entry[1] += pss
+                    memory = _rollup(process.pid)
+                    entry = groups.setdefault(_group(process), [0] * len(KINDS))
+                    for i, kind in enumerate(KINDS):
+                        total[kind] += memory[kind]
+                        entry[i] += memory[kind]
             if processes:
-                self.samples.append({"t": t, "n": len(processes), "rss_mb": total_rss / 1024,
-                                     "pss_mb": total_pss / 1024,
-                                     "groups_mb": {k: (v[0] / 1024, v[1] / 1024) for k, v in groups.items()}})
+                self.samples.append({"t": t, "n": len(processes), **{f"{k}_mb": v / 1024 for k, v in total.items()},
+                                     "groups_mb": {k: [x / 1024 for x in v] for k, v in groups.items()}})
             self.stop.wait(self.interval)
 
 
@@ -131,8 +131,9 @@ def per_round(lines, samples, num_rounds: int, total: float) -> list[dict]:
                     "peak_rss_mb": max(s["rss_mb"] for s in inside), "peak_pss_mb": max(s["pss_mb"] for s in inside),
                     "median_rss_mb": statistics.median(s["rss_mb"] for s in inside),
                     "median_pss_mb": statistics.median(s["pss_mb"] for s in inside),
-                    "groups_median_mb": {g: [statistics.median(s["groups_mb"].get(g, (0, 0))[j] for s in inside)
-                                             for j in (0, 1)] for g in groups}})
+                    "groups_median_mb": {g: [statistics.median(s["groups_mb"].get(g, [0] * len(KINDS))[j]
+                                                               for s in inside) for j in range(len(KINDS))]
+                                         for g in groups}})
     return out
 
 
@@ -270,13 +271,15 @@ def main(argv=None) -> int:
                   f"2..{len(trained)}: {min(p['peak_pss_mb'] for p in later):.0f}.."
                   f"{max(p['peak_pss_mb'] for p in later):.0f} MB")
             groups = sorted({g for p in later for g in p["groups_median_mb"]})
-            print("| process group | RSS MB round 2 | RSS MB last round | RSS MB/round | PSS MB last round | "
-                  "PSS MB/round |\n|---|---|---|---|---|---|")
+            print("| process group | RSS MB round 2 | RSS MB last round | RSS MB/round | PSS MB/round | "
+                  "anonymous MB round 2 -> last | anonymous MB/round |\n|---|---|---|---|---|---|---|")
             for g in groups:
-                rss = [p["groups_median_mb"].get(g, [0, 0])[0] for p in later]
-                pss = [p["groups_median_mb"].get(g, [0, 0])[1] for p in later]
-                print(f"| {g} | {rss[0]:.0f} | {rss[-1]:.0f} | {_slope(xs, rss):+.2f} | {pss[-1]:.0f} | "
-                      f"{_slope(xs, pss):+.2f} |")
+                rss, pss, anon = ([p["groups_median_mb"].get(g, [0] * len(KINDS))[j] for p in later]
+                                  for j in range(len(KINDS)))
+                print(f"| {g} | {rss[0]:.0f} | {rss[-1]:.0f} | {_slope(xs, rss):+.2f} | {_slope(xs, pss):+.2f} | "
+                      f"{anon[0]:.0f} -> {anon[-1]:.0f} | {_slope(xs, anon):+.2f} |")
+                result.setdefault("group_slopes_mb_per_round", {})[g] = {
+                    kind: _slope(xs, values) for kind, values in zip(KINDS, (rss, pss, anon))}
             result["slope_mb_per_round"] = slopes
         result.update(simulation_s=total, phases=phases, replies_per_round=replies,
                       samples=samples)
