@@ -32,9 +32,9 @@ from pathlib import Path
 
 import psutil
 
-from fl_offsite.cli import app_dir
 from fl_offsite.config import validate
-from fl_offsite.launch import _tagged_processes, run_simulation_app
+from fl_offsite.launch import run_simulation_app
+from fl_offsite.processes import app_dir, tagged_processes
 from fl_offsite.results import RunFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,7 +81,7 @@ class Sampler(threading.Thread):
             t = time.perf_counter() - self.t0
             total = dict.fromkeys(KINDS, 0)
             groups: dict[str, list[int]] = {}
-            processes = _tagged_processes(lambda tag: tag.startswith(self.prefix))
+            processes = tagged_processes(lambda tag: tag.startswith(self.prefix))
             for process in processes:
                 with contextlib.suppress(OSError, psutil.Error):
                     memory = _rollup(process.pid)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from fl_offsite.config import CHOICES, DEFAULTS, DistillSettings
 from fl_offsite.errors import UserError
+from fl_offsite.processes import app_dir
 
 log = logging.getLogger("fl_offsite")
 
@@ -165,7 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_certs(args: argparse.Namespace) -> None:
-    from fl_offsite.deploy import make_certs
+    from fl_offsite.certs import make_certs
 
     out = make_certs(args.out, args.host, days=args.days, overwrite=args.overwrite)
     print(f"CA and server certificate for {', '.join(args.host)} in {out}:\n"
@@ -175,7 +176,7 @@ def cmd_certs(args: argparse.Namespace) -> None:
 
 
 def cmd_node_key(args: argparse.Namespace) -> None:
-    from fl_offsite.deploy import make_node_key
+    from fl_offsite.certs import make_node_key
 
     private, public = make_node_key(args.out, args.name, overwrite=args.overwrite)
     print(f"private key {private} (stays on this node: fl-offsite supernode --key {private})\n"
@@ -223,17 +224,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     run_app(app_dir(), args.connection, {k: config[k] for k in overrides})
     print(round_table(RunFolder(config["results.dir"]).rounds()))
     print(f"results: {config['results.dir']} (on the SuperLink's machine)")
-
-
-def app_dir():
-    """The folder of the Flower app (this project's pyproject.toml with [tool.flwr.app])."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file() or "[tool.flwr.app]" not in (root / "pyproject.toml").read_text():
-        raise UserError(f"the Flower app's pyproject.toml is not beside the package ({root}); "
-                        "install fl-offsite from a source checkout (pip install -e .)")
-    return root
 
 
 def _user_input(func, *args, **kwargs):

@@ -50,9 +50,9 @@ def load_compare_config(path: str | Path, overrides: dict[str, Any]) -> tuple[di
 
 def run_compare(runs: dict[str, dict], num_clients: int, out: Path, config: dict, cpus_per_client: int = 1) -> Path:
     """Run each configuration (resuming, skipping finished ones), then write the report into ``out``."""
-    from fl_offsite.cli import app_dir
     from fl_offsite.launch import run_simulation_app
     from fl_offsite.preflight import check_runnable
+    from fl_offsite.processes import app_dir
 
     pending = {}
     for name, overrides in runs.items():

@@ -18,14 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import CORPUS
-from test_deploy import loopback_federation, tiny_run_config
+from test_deploy import federation, tiny_run_config
 from tiny_models import save_tiny_lm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from fl_offsite.cli import app_dir
 from fl_offsite.deploy import run_app
 from fl_offsite.launch import run_simulation_app
+from fl_offsite.processes import app_dir
 
 
 def tiny_model(folder: Path) -> Path:
@@ -54,10 +54,10 @@ def main() -> None:
                        num_supernodes=2, stream=False)
     sim_wall = time.perf_counter() - start
 
-    with loopback_federation(root / "deploy") as fed:
-        for i, name in enumerate(("alice", "bob")):
-            fed.node(name, "--ca", str(fed.root / "certs" / "ca.crt"), "--key", str(fed.root / "keys" / name),
-                     "--data-path", str(fed.root / f"{name}.jsonl"), "--partition-id", str(i))
+    (root / "deploy").mkdir()
+    with federation(root / "deploy", ["127.0.0.1", "localhost"], "--host", "127.0.0.1") as fed:
+        for name in ("alice", "bob"):
+            fed.owner(name)
         start = time.perf_counter()
         run_app(app_dir(), "fl-offsite-deploy", tiny_run_config(model, root / "deployed"), env=fed.env, stream=False)
         deploy_wall = time.perf_counter() - start

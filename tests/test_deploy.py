@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,18 +17,12 @@ import psutil
 import pytest
 import torch
 
-from fl_offsite.cli import app_dir, main
-from fl_offsite.deploy import (
-    SuperLinkSettings,
-    SuperNodeSettings,
-    make_certs,
-    make_node_key,
-    run_app,
-    runtime_env,
-)
+from fl_offsite.certs import make_certs, make_node_key, server_names
+from fl_offsite.cli import main
+from fl_offsite.deploy import SuperLinkSettings, SuperNodeSettings, run_app, runtime_env
 from fl_offsite.errors import UserError
-from fl_offsite.launch import TAG_VAR, _stop_processes, _tagged_processes
 from fl_offsite.local_data import write_examples
+from fl_offsite.processes import TAG_VAR, app_dir, new_launch_tag, stop_processes, tagged_processes
 from fl_offsite.split import load_adapter
 from fl_offsite.tasks import BBC_TOPICS, ChoiceExample
 
@@ -112,7 +105,7 @@ class Federation:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        _stop_processes(lambda tag: tag == self.tag)  # SuperExec and ClientApps run in sessions of their own
+        stop_processes(lambda tag: tag == self.tag)  # SuperExec and ClientApps run in sessions of their own
 
 
 @contextlib.contextmanager
@@ -121,8 +114,7 @@ def federation(root: Path, cert_hosts: Sequence[str], *link_args: str, netns: st
     """Certificates for ``cert_hosts``, node keys for alice, bob and mallory, data files for alice and bob,
     and a SuperLink (``fl-offsite superlink LINK_ARGS``, in ``netns``) admitting alice and bob; every
     process is stopped on exit."""
-    me = psutil.Process()
-    tag = f"{me.pid}:{me.create_time()!r}:{uuid.uuid4().hex}"  # the launcher's tag format: never taken for stale
+    tag = new_launch_tag()
     env = runtime_env({"FLWR_HOME": str(root / "flwr-home"), TAG_VAR: tag,
                        "PYTHONPATH": os.pathsep.join(filter(None, [str(app_dir()), os.environ.get("PYTHONPATH")]))})
     port = free_port()
@@ -140,7 +132,7 @@ def federation(root: Path, cert_hosts: Sequence[str], *link_args: str, netns: st
         yield fed
     finally:
         fed.stop()
-        left = [p.pid for p in _tagged_processes(lambda tag: tag == fed.tag)]
+        left = [p.pid for p in tagged_processes(lambda tag: tag == fed.tag)]
         assert not left, f"processes of the federation still running: {left}"
 
 
@@ -295,8 +287,6 @@ def test_missing_or_bad_files_give_clear_errors(tmp_path: Path, capsys) -> None:
 def test_certificates_and_keys_are_what_flower_loads(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
     from flwr.cli.supernode.register import try_load_public_key
-
-    from fl_offsite.deploy import server_names
 
     make_certs(tmp_path / "certs", ["127.0.0.1", "fl.example.org"])
     assert server_names(tmp_path / "certs") == ["127.0.0.1", "fl.example.org"]
