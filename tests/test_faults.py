@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fl_offsite.client_app import app as client_app
-from fl_offsite.launch import _tagged_processes
+from fl_offsite.processes import tagged_processes
 from fl_offsite.server_app import run_federated
 from fl_offsite.split import load_adapter
 from flower_harness import InProcessGrid
@@ -187,7 +187,7 @@ def test_a_straggler_is_cut_off_at_the_round_timeout_and_its_late_reply_is_never
                         f"strategy.round-timeout={timeout}")
     ours = lambda tag: tag.startswith(f"{launcher.pid}:")
     wait_until(lambda: (tmp_path / "run" / "delivery.json").is_file(), launcher, tmp_path / "run", "the delivery")
-    actors = wait_until(lambda: sorted(p.pid for p in _tagged_processes(ours) if "ClientAppActor" in _cmdline(p)),
+    actors = wait_until(lambda: sorted(p.pid for p in tagged_processes(ours) if "ClientAppActor" in _cmdline(p)),
                         launcher, tmp_path / "run", "the actors started")
     assert len(actors) == 2
     os.kill(actors[0], signal.SIGSTOP)
