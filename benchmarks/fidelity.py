@@ -45,7 +45,8 @@ from fl_offsite.io import write_json
 from fl_offsite.models import load_model
 from fl_offsite.owner import lr_schedule
 from fl_offsite.partition import partition_indices
-from fl_offsite.split import adapter_names, plug_in
+from fl_offsite.payload import plug_in
+from fl_offsite.split import adapter_names
 from fl_offsite.tasks import load_task
 from fl_offsite.train import HALF, TrainSettings, half_frozen, train_local
 

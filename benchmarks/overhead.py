@@ -57,10 +57,7 @@ def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
     from fl_offsite.client_app import _features
     from fl_offsite.data import pad_id
     from fl_offsite.models import load_model
-    try:  # fl_offsite.tuning holds them since the payload module was folded into it
-        from fl_offsite.tuning import get_payload, set_payload
-    except ImportError:
-        from fl_offsite.payload import get_payload, set_payload
+    from fl_offsite.payload import get_payload, set_payload
     from fl_offsite.split import load_adapter, read_plan
     from fl_offsite.owner import lr_schedule
     from fl_offsite.train import TrainSettings, train_local
@@ -69,12 +66,9 @@ def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
     emulator_dir = str(split_dir / "emulator")
     model, tokenizer = load_model(emulator_dir)
     plan = read_plan(split_dir)
-    try:  # what the client app trains and sends (the adapter here)
-        from fl_offsite.tuning import Tuning
-        names = Tuning.from_config(config).names(model, plan)
-    except ImportError:
-        from fl_offsite.payload import payload_names
-        names = payload_names(model, plan)
+    from fl_offsite.tuning import Tuning
+
+    names = Tuning.from_config(config).names(model, plan)  # what the client app trains and sends (the adapter)
     adapter, _ = load_adapter(split_dir / "adapter.safetensors")
     t_model = time.perf_counter()
     local = ("local",) if next(iter(inspect.signature(_features).parameters)) == "local" else ()

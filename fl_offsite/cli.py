@@ -33,7 +33,8 @@ def cmd_split(args: argparse.Namespace) -> None:
     from fl_offsite.distill import ppl_summary
     from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
     from fl_offsite.models import load_model
-    from fl_offsite.split import extract_adapter, write_split
+    from fl_offsite.payload import extract_adapter
+    from fl_offsite.split import write_split
 
     start = time.perf_counter()
     distill = None
@@ -63,7 +64,8 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
     from fl_offsite.card import model_card, usage
     from fl_offsite.io import atomic_dir, write_atomic
     from fl_offsite.models import load_model
-    from fl_offsite.split import adapter_run, load_adapter, plan_from_names, plug_in
+    from fl_offsite.payload import plug_in
+    from fl_offsite.split import adapter_run, load_adapter, plan_from_names
     from fl_offsite.tuning import BOTTLENECK
 
     adapter, plan = load_adapter(args.adapter)
@@ -87,7 +89,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from fl_offsite.io import write_json
     from fl_offsite.models import load_model
     from fl_offsite.report import markdown_table
-    from fl_offsite.split import emulator_plan, load_adapter, plan_from_names, plug_in
+    from fl_offsite.payload import plug_in
+    from fl_offsite.split import emulator_plan, load_adapter, plan_from_names
     from fl_offsite.tasks import load_task
     from fl_offsite.tuning import prepare_for_adapter
 

@@ -20,7 +20,8 @@ from fl_offsite.logs import log_to_console
 from fl_offsite.models import best_device, load_model, load_tokenizer
 from fl_offsite.split import SplitPlan
 from fl_offsite.train import HALF, TrainSettings, half_frozen, train_local
-from fl_offsite.tuning import Tuning, get_payload, set_payload
+from fl_offsite.payload import get_payload, set_payload
+from fl_offsite.tuning import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def train(msg: Message, context: Context) -> Message:
     model, tokenizer = _cached_model(digest, tuning, round_config["split-plan"], config["seed"],
                                      config["train.precision"], folder=str(store.folder(digest)))
     names = tuning.names(model, plan)
-    set_payload(model, msg.content["arrays"].to_torch_state_dict(), names)
+    request = msg.content["arrays"].to_torch_state_dict()
+    set_payload(model, request, names, tuning.payload_kind(plan))
 
     partition_id, num_partitions = _partition(context, config)
     answers = tuple(json.loads(round_config["task-answers"])) if round_config.get("task-answers") else None
@@ -92,8 +94,7 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": len(features), "partition-id": partition_id, "round": rnd, "train-loss": stats.loss,
         "train-steps": stats.steps, "train-seconds": stats.seconds, "tokens-per-s": stats.tokens_per_s,
         "peak-memory-mb": stats.peak_memory_mb, "trainable-params": stats.trainable_params})
-    payload = get_payload(model, names)
-    arrays = ArrayRecord({name: payload[name] for name in msg.content["arrays"]})  # in the order received
+    arrays = ArrayRecord(get_payload(model, names, order=request))
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fl_offsite.blocks import find_blocks
 from fl_offsite.io import atomic_dir, write_atomic
-from fl_offsite.split import SplitPlan
+from fl_offsite.split import SplitPlan, block_key
 
 PEFT_PREFIX = "base_model.model."
 PEFT_DIR = "peft"  # a run's PEFT adapter folder (LoRA methods)
@@ -61,15 +61,15 @@ def lora_blocks(model: torch.nn.Module, plan: SplitPlan | None) -> list[int]:
 
 def lora_names(model: PeftModel, plan: SplitPlan | None) -> dict[str, str]:
     """Map travelling name (full-model module + ``lora_A.weight``) -> parameter name in ``model``."""
-    original = {pos: orig for orig, pos in plan.positions(model.base_model.model).items()} if plan else None
+    original = plan.full_index(model.base_model.model) if plan else None
     names = {}
     for local, _ in model.named_parameters():
         if ".lora_" not in local:
             continue
         name = local.removeprefix(PEFT_PREFIX).replace(".default.", ".")
         if original is not None:
-            match = re.match(rf"({re.escape(plan.block_prefix)})\.(\d+)\.(.+)$", name)
-            name = f"{match.group(1)}.{original[int(match.group(2))]}.{match.group(3)}"
+            position, rest = block_key(plan.block_prefix, name)
+            name = f"{plan.block_prefix}.{original[position]}.{rest}"
         names[name] = local
     return names
 

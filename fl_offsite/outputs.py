@@ -15,7 +15,6 @@ from fl_offsite.owner import ModelOwner, final_weights
 from fl_offsite.results import RunFolder
 from fl_offsite.split import RUN_METADATA, save_adapter
 from fl_offsite.tracking import TensorBoardLog
-from fl_offsite.tuning import set_payload
 from strategies.offsite import AfterRound
 
 CARD = "README.md"  # the run's model card
@@ -28,7 +27,7 @@ def after_round(owner: ModelOwner, run: RunFolder, num_clients: int,
         if tracker is not None:
             tracker.write(record)
         if record["round"] > 0 and isinstance(owner.model, PeftModel):
-            set_payload(owner.model, payload, owner.payload_names(owner.model))
+            owner.load_payload(owner.model, payload)
             summary = run_record(owner.config, owner.plan, record, num_clients, run.distillation())
             base = resolve_model_path(owner.config["model"])
             card = model_card(owner.config["model"], owner.plan, summary,

@@ -15,9 +15,10 @@ from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import evaluate_task
 from fl_offsite.models import best_device, load_model, resolve_model_path
-from fl_offsite.split import EMULATOR_DIR, SplitPlan, extract_adapter, write_split
+from fl_offsite.payload import extract_adapter, get_payload, set_payload
+from fl_offsite.split import EMULATOR_DIR, SplitPlan, write_split
 from fl_offsite.tasks import TaskData, load_task
-from fl_offsite.tuning import Tuning, get_payload, set_payload
+from fl_offsite.tuning import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ class ModelOwner:
     def payload_names(self, model: PreTrainedModel) -> dict[str, str]:
         return self.tuning.names(model, self.plan)
 
+    def load_payload(self, model: PreTrainedModel, payload: dict[str, torch.Tensor]) -> None:
+        """Check ``payload`` and copy it into ``model`` (the full model or the emulator)."""
+        set_payload(model, payload, self.payload_names(model), self.tuning.payload_kind(self.plan))
+
     def initial_payload(self) -> dict[str, torch.Tensor]:
         return get_payload(self.model, self.payload_names(self.model))
 
@@ -71,7 +76,7 @@ class ModelOwner:
             models["emulator"] = self.emulator
         results = {}
         for name, model in models.items():
-            set_payload(model, payload, self.payload_names(model))
+            self.load_payload(model, payload)
             results[name] = evaluate_task(model, self.tokenizer, self.task, "test", limit=limit, batch_size=batch,
                                           progress=False)
         if self.emulator is not None:
@@ -85,7 +90,7 @@ def final_weights(owner: ModelOwner, payload: dict[str, torch.Tensor]) -> tuple[
     if owner.plan is None:
         return ("lora.safetensors" if isinstance(owner.model, PeftModel) else "model.safetensors"), payload
     model = owner.model
-    set_payload(model, payload, owner.payload_names(model))
+    owner.load_payload(model, payload)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     return "adapter.safetensors", extract_adapter(model, owner.plan)

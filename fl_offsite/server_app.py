@@ -73,7 +73,8 @@ def run_federated(grid: Grid, config: dict) -> Path:
                      "split-plan": json.dumps(owner.plan.to_json()) if owner.plan else "",
                      "task-answers": json.dumps(answers) if (answers := task_answers(owner.task)) else ""},
         rounds_done=done, max_update_norm=config["strategy.max-update-norm"],
-        round_timeout=config["strategy.round-timeout"], after_round=after_round(owner, run, len(nodes), tracker))
+        round_timeout=config["strategy.round-timeout"], after_round=after_round(owner, run, len(nodes), tracker),
+        payload_kind=owner.tuning.payload_kind(owner.plan))
     if checkpoint:
         strategy.restore(checkpoint.strategy_state)
         log.info("Resuming %s after round %d", run.root, done)

@@ -5,7 +5,7 @@ model); ``-lora`` trains LoRA factors (PEFT); ``offsite-bitfit`` trains the adap
 bias terms only; ``offsite-bottleneck`` adds a bottleneck adapter (Houlsby-style
 down-projection, GELU, zero-initialised up-projection, residual) after each adapter block
 and trains only those. Everything travels keyed by full-model names, so the emulator's
-clients and the owner's full model agree on them.
+clients and the owner's full model agree on them; ``fl_offsite.payload`` copies them in and out.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import nn
 from fl_offsite.blocks import find_blocks
 from fl_offsite.errors import UserError
 from fl_offsite.lora import LoraSpec, add_lora, lora_blocks, lora_names
-from fl_offsite.split import SplitPlan, adapter_names, copy_by_name
+from fl_offsite.split import SplitPlan, adapter_names
 
 BOTTLENECK = "bottleneck"  # name of the module added to a block
 
@@ -49,6 +49,14 @@ class Tuning:
                             "use method offsite-lora or offsite-bottleneck for this model")
         return model
 
+    def payload_kind(self, plan: SplitPlan | None) -> str:
+        """What this tuning's payload is, for error messages (``fl_offsite.payload.check_payload``)."""
+        if self.kind == "lora":
+            return "LoRA payload"
+        if plan is None:
+            return "full-model payload"
+        return {"all": "adapter", "bitfit": "BitFit payload", "bottleneck": "bottleneck payload"}[self.kind]
+
     def names(self, model: nn.Module, plan: SplitPlan | None) -> dict[str, str]:
         """Map travelling name -> parameter name in ``model`` for the tensors this tuning trains."""
         if isinstance(model, PeftModel):
@@ -61,17 +69,6 @@ class Tuning:
         if self.kind == "bottleneck":
             return {k: v for k, v in names.items() if f".{BOTTLENECK}." in k}
         return {k: v for k, v in names.items() if f".{BOTTLENECK}." not in k}
-
-
-def get_payload(model: nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Copies of the tensors named in ``names`` (travelling name -> name in ``model``)."""
-    state = model.state_dict()
-    return {name: state[local].detach().to("cpu", copy=True) for name, local in names.items()}
-
-
-def set_payload(model: nn.Module, payload: dict[str, torch.Tensor], names: dict[str, str]) -> None:
-    """Check ``payload`` against ``names`` and copy it into ``model``."""
-    copy_by_name(model, payload, names)
 
 
 class Bottleneck(nn.Module):

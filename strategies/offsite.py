@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fl_offsite.errors import UserError
 from fl_offsite.results import Checkpoint, RunFolder
-from fl_offsite.split import check_adapter
+from fl_offsite.payload import check_payload
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,11 @@ class OffsiteStrategy(Strategy):
     def __init__(self, inner: Strategy, reference: dict[str, torch.Tensor], evaluate_payload: Evaluator,
                  run: RunFolder, lr_at: Callable[[int], float], min_replies: int, seed: int,
                  base_config: dict, rounds_done: int = 0, max_update_norm: float = 0.0,
-                 round_timeout: float | None = None, after_round: AfterRound | None = None) -> None:
+                 round_timeout: float | None = None, after_round: AfterRound | None = None,
+                 payload_kind: str = "adapter") -> None:
         self.inner = inner
         self.reference = {k: torch.empty_like(v, device="meta") for k, v in reference.items()}
+        self.payload_kind = payload_kind  # what the replies carry, for the reasons of a rejection
         self.evaluate_payload = evaluate_payload
         self.run = run
         self.lr_at = lr_at
@@ -119,7 +121,7 @@ class OffsiteStrategy(Strategy):
             return "metrics lack num-examples", float("nan")
         update = content["arrays"].to_torch_state_dict()
         try:
-            check_adapter(update, self.reference)
+            check_payload(update, self.reference, self.payload_kind)
         except (UserError, ValueError, TypeError) as err:
             return str(err), float("nan")
         norm = update_norm(update, self._global)

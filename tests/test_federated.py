@@ -220,8 +220,7 @@ def test_lora_runs_write_a_peft_folder_that_peft_loads_and_model_cards(tiny_lm_d
     from fl_offsite.io import load_tensors
     from fl_offsite.lora import LoraSpec, add_lora, lora_names
     from fl_offsite.models import load_model
-    from fl_offsite.split import plug_in
-    from fl_offsite.tuning import set_payload
+    from fl_offsite.payload import plug_in, set_payload
 
     out = tmp_path / method
     config = tiny_config(tiny_lm_dir, out, method=method, **{"num-rounds": 1, "train.lr": 2e-2})

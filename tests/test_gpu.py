@@ -22,9 +22,9 @@ from fl_offsite.data import collate
 from fl_offsite.distill import DistillSettings, distill, middle_positions
 from fl_offsite.evaluate import choice_logliks, perplexity, score_choices
 from fl_offsite.lora import LoraSpec, add_lora, lora_blocks, lora_names
-from fl_offsite.split import adapter_names, build_emulator, extract_adapter, plan_split, plug_in
+from fl_offsite.payload import extract_adapter, get_payload, plug_in, set_payload
+from fl_offsite.split import adapter_names, build_emulator, plan_split
 from fl_offsite.train import TrainSettings, answer_loss, half_frozen, train_local
-from fl_offsite.tuning import get_payload, set_payload
 from test_evaluate import EXAMPLES
 from tiny_models import CORPUS, VOCAB, tiny_model
 

@@ -11,10 +11,8 @@ from transformers import AutoModelForCausalLM
 from fl_offsite.blocks import find_blocks
 from fl_offsite.errors import UserError
 from fl_offsite.models import load_model
-from fl_offsite.split import (
-    build_emulator, extract_adapter, load_adapter, plan_split, plug_in, read_plan, save_adapter,
-    write_split,
-)
+from fl_offsite.payload import extract_adapter, plug_in
+from fl_offsite.split import build_emulator, load_adapter, plan_split, read_plan, save_adapter, write_split
 from fl_offsite.layer_choice import uniform_drop
 from tiny_models import FAMILIES, LAYERS, VOCAB, save_tiny_model, tiny_model
 

@@ -9,8 +9,9 @@ from fl_offsite.config import validate
 from fl_offsite.errors import UserError
 from fl_offsite.lora import LoraSpec
 from fl_offsite.owner import ModelOwner, final_weights
-from fl_offsite.split import build_emulator, plan_split, plug_in, save_adapter
-from fl_offsite.tuning import Tuning, get_payload, prepare_for_adapter, set_payload
+from fl_offsite.payload import get_payload, plug_in, set_payload
+from fl_offsite.split import build_emulator, plan_split, save_adapter
+from fl_offsite.tuning import Tuning, prepare_for_adapter
 from tiny_models import save_tiny_model, tiny_model
 
 TUNINGS = {
@@ -62,6 +63,25 @@ def test_merged_adapter_plugged_into_the_full_model_equals_the_tuned_model(kind,
     plug_in(prepare_for_adapter(fresh, adapter, plan), adapter, plan)
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, named", [("lora", "LoRA payload"), ("bitfit", "BitFit payload"),
+                                         ("bottleneck", "bottleneck payload")])
+def test_a_refused_payload_is_named_by_its_kind(kind, named):
+    plan, tuning, full, emulator = _tuned(kind)
+    payload = get_payload(full, tuning.names(full, plan))
+    first = sorted(payload)[0]
+    del payload[first]
+    with pytest.raises(UserError, match=rf"^{named} lacks 1 tensor\(s\), first {first!r}"):
+        set_payload(emulator, payload, tuning.names(emulator, plan), tuning.payload_kind(plan))
+    assert Tuning().payload_kind(None) == "full-model payload" and Tuning().payload_kind(plan) == "adapter"
+
+
+def test_a_reply_lists_its_tensors_in_the_order_of_the_request():
+    plan, tuning, full, emulator = _tuned("lora")
+    request = dict(reversed(get_payload(full, tuning.names(full, plan)).items()))
+    set_payload(emulator, request, tuning.names(emulator, plan))
+    assert list(get_payload(emulator, tuning.names(emulator, plan), order=request)) == list(request)
 
 
 def test_bottleneck_adapters_start_as_the_identity():
