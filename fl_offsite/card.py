@@ -7,6 +7,7 @@ so ``fl-offsite plug-in`` can write the card of the model it makes.
 """
 from __future__ import annotations
 
+from fl_offsite.method import Method
 from fl_offsite.report import markdown_table
 from fl_offsite.split import SplitPlan
 
@@ -26,7 +27,7 @@ def run_record(config: dict, plan: SplitPlan | None, round_record: dict, num_cli
         record["emulator"] = EmulatorRecipe.from_config(config).describe()
         if distillation:
             record["emulator"] += f"; {ppl_summary(distillation)}"
-    if config["method"].endswith("-lora"):
+    if Method.parse(config["method"]).tuning == "lora":
         record["lora"] = {"r": config["lora.r"], "alpha": config["lora.alpha"], "dropout": config["lora.dropout"]}
     if privacy := round_record.get("privacy"):
         record["privacy"] = privacy

@@ -8,6 +8,7 @@ from typing import Any
 from fl_offsite.config import CHOICES, load_file, validate
 from fl_offsite.errors import UserError
 from fl_offsite.io import write_atomic, write_json
+from fl_offsite.method import Method
 from fl_offsite.report import markdown_table
 from fl_offsite.results import RunFolder
 
@@ -70,7 +71,7 @@ def run_compare(runs: dict[str, dict], num_clients: int, out: Path, config: dict
 
 
 def rounds_of(method: str, config: dict) -> int:
-    return 0 if method == "zero-shot" else config["num-rounds"]
+    return config["num-rounds"] if Method.parse(method).trains else 0
 
 
 def finished(run_dir: Path, num_rounds: int) -> bool:
@@ -156,9 +157,10 @@ def accuracy_rows(runs: dict[str, dict]) -> list[tuple[str, dict]]:
             rows.append((f"Distilled emulator zero-shot [{name}]", run["rounds"][0]["emulator"]))
     for name, run in runs.items():
         final = run["rounds"][-1]
-        if run["config"]["method"].startswith("fedavg"):
+        method = Method.parse(run["config"]["method"])
+        if method.trains_full_model:
             rows.append((label(name, run), final["full"]))
-        elif run["config"]["method"] != "zero-shot":
+        elif method.trains:
             rows.append((f"{label(name, run)} emulator (emulator + adapter)", final["emulator"]))
             rows.append((f"{label(name, run)} plug-in (full model + adapter)", final["plugin"]))
     return rows

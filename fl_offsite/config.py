@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from fl_offsite.errors import UserError
+from fl_offsite.method import METHODS
 
 Value = bool | int | float | str
 
 DEFAULTS: dict[str, Value] = {
     "model": "smollm2-135m",  # local folder, hub id, or offline alias
     "task": "bbc-news",  # see fl_offsite.tasks
-    "method": "offsite",  # see CHOICES; -lora/-bitfit/-bottleneck: what of the adapter trains (fl_offsite.tuning)
+    "method": "offsite",  # see fl_offsite.method; -lora/-bitfit/-bottleneck: what of the adapter trains
     "num-rounds": 3,
     "seed": 1234,
     "split.adapter-layers": "2,2",  # bottom,top blocks of the adapter
@@ -78,8 +79,7 @@ DEFAULTS: dict[str, Value] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": ("offsite", "offsite-lora", "offsite-bitfit", "offsite-bottleneck", "fedavg-full", "fedavg-lora",
-               "zero-shot"),
+    "method": tuple(METHODS),
     "strategy.name": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
                       "fedtrimmedavg", "krum"),
     "train.lr-schedule": ("constant", "cosine", "linear"),

@@ -14,6 +14,7 @@ from peft import PeftModel
 from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import evaluate_task
+from fl_offsite.method import Method
 from fl_offsite.models import best_device, load_model, resolve_model_path
 from fl_offsite.payload import extract_adapter, get_payload, set_payload
 from fl_offsite.split import EMULATOR_DIR, SplitPlan, write_split
@@ -43,7 +44,7 @@ class ModelOwner:
         if tokenizer is None:
             raise UserError(f"{config['model']} has no tokenizer; clients need one to read their data")
         task = load_task(config["task"], seed=config["seed"])
-        if config["method"].startswith("fedavg"):
+        if Method.parse(config["method"]).trains_full_model:
             plan, emulator = None, None
             base_folder = _model_folder(config["model"], model, tokenizer, run_dir)
         else:

@@ -5,6 +5,7 @@ import os
 
 from fl_offsite.config import adapter_layers
 from fl_offsite.errors import UserError
+from fl_offsite.method import OFFSITE, Method
 
 
 def check_runnable(config: dict, num_clients: int) -> None:
@@ -24,13 +25,14 @@ def check_runnable(config: dict, num_clients: int) -> None:
         where = "folder" if os.path.isdir(path) else "hub id (or the hub is unreachable)"
         raise UserError(f"model {config['model']!r}: not a loadable {where}: {str(err).splitlines()[0]}") from err
     layers = getattr(model_config, "num_hidden_layers", None)
-    if config["method"].startswith("offsite") and layers is not None:
+    offsite = Method.parse(config["method"]).kind == OFFSITE  # zero-shot's split is checked by the owner
+    if offsite and layers is not None:
         bottom, top = adapter_layers(config)
         k = config["split.emulator-layers"] if config["split.drop-ratio"] <= 0 else 0
         if bottom + top + k > layers:
             raise UserError(f"split {bottom},{k},{top} needs {bottom + top + k} blocks but {config['model']} has "
                             f"{layers}: lower split.adapter-layers or split.emulator-layers")
-    if config["method"].startswith("offsite") and (config["distill.steps"] > 0 or config["emulator.layers"] != "uniform"):
+    if offsite and (config["distill.steps"] > 0 or config["emulator.layers"] != "uniform"):
         check_public(config["distill.corpus"], config["task"], config["distill.public-in-domain"])
     labels = load_task(config["task"], seed=config["seed"]).labels("train")
     for partition in range(num_clients):

@@ -15,6 +15,7 @@ from fl_offsite.delivery import ModelPackage, deliver
 from fl_offsite.errors import UserError
 from fl_offsite.local_data import task_answers
 from fl_offsite.logs import log_to_console
+from fl_offsite.method import Method
 from fl_offsite.lora import PEFT_DIR
 from fl_offsite.outputs import CARD, after_round, save_final
 from fl_offsite.owner import ModelOwner, lr_schedule
@@ -47,7 +48,7 @@ def run_federated(grid: Grid, config: dict) -> Path:
     owner = ModelOwner.prepare(config, run.root)
     payload = checkpoint.payload if checkpoint else owner.initial_payload()
     done = checkpoint.round if checkpoint else 0
-    if config["method"] == "zero-shot":  # no training: the full model and the emulator, evaluated
+    if not Method.parse(config["method"]).trains:  # zero-shot: the full model and the emulator, evaluated
         record = {"round": 0, "eval": owner.evaluate(payload)}
         run.append_round(record)
         if config["results.tensorboard"]:

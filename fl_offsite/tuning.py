@@ -18,6 +18,7 @@ from torch import nn
 from fl_offsite.blocks import find_blocks
 from fl_offsite.errors import UserError
 from fl_offsite.lora import LoraSpec, add_lora, lora_blocks, lora_names
+from fl_offsite.method import Method
 from fl_offsite.split import SplitPlan, adapter_names
 
 BOTTLENECK = "bottleneck"  # name of the module added to a block
@@ -31,7 +32,7 @@ class Tuning:
 
     @classmethod
     def from_config(cls, config: dict) -> Tuning:
-        kind = config["method"].rpartition("-")[2]
+        kind = Method.parse(config["method"]).tuning
         if kind == "lora":
             return cls("lora", LoraSpec.from_config(config))
         if kind in ("bitfit", "bottleneck"):
