@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 from fl_offsite.blocks import find_blocks
+from fl_offsite.config import DEFAULTS
 from fl_offsite.io import atomic_dir, write_atomic
 from fl_offsite.split import SplitPlan, block_key
 
@@ -27,13 +28,9 @@ PEFT_DIR = "peft"  # a run's PEFT adapter folder (LoRA methods)
 
 @dataclass(frozen=True)
 class LoraSpec:
-    r: int = 4
-    alpha: int = 32
-    dropout: float = 0.1
-
-    @classmethod
-    def from_config(cls, config: dict) -> LoraSpec:
-        return cls(r=config["lora.r"], alpha=config["lora.alpha"], dropout=config["lora.dropout"])
+    r: int = DEFAULTS["lora.r"]
+    alpha: int = DEFAULTS["lora.alpha"]
+    dropout: float = DEFAULTS["lora.dropout"]
 
 
 def add_lora(model: torch.nn.Module, spec: LoraSpec, blocks: list[int], seed: int = 0) -> PeftModel:

@@ -8,12 +8,13 @@ import random
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fl_offsite.config import DEFAULTS
 from fl_offsite.data import IGNORE_INDEX, collate
 
 log = logging.getLogger(__name__)
@@ -22,15 +23,20 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainSettings:
     lr: float
-    batch_size: int = 8
-    grad_accum: int = 1
-    local_steps: int = 10  # optimizer steps; 0 = use local_epochs
-    local_epochs: float = 1.0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2
+    batch_size: int = DEFAULTS["train.batch-size"]
+    grad_accum: int = DEFAULTS["train.grad-accum"]
+    local_steps: int = DEFAULTS["train.local-steps"]  # optimizer steps; 0 = use local_epochs
+    local_epochs: float = DEFAULTS["train.local-epochs"]
+    weight_decay: float = DEFAULTS["train.weight-decay"]
+    grad_clip: float = DEFAULTS["train.grad-clip"]
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 (the server sends it each round)
     seed: int = 0
-    precision: str = "fp32"  # "bf16": forward under bf16 autocast (see half_frozen)
+    precision: str = DEFAULTS["train.precision"]  # "bf16": forward under bf16 autocast (see half_frozen)
+
+    def for_round(self, rnd: int, partition_id: int, lr: float, proximal_mu: float = 0.0) -> TrainSettings:
+        """Client ``partition_id``'s settings in round ``rnd`` of a run seeded ``self.seed``: the server's
+        learning rate and FedProx mu, and a seed of its own."""
+        return replace(self, lr=lr, proximal_mu=proximal_mu, seed=self.seed * 7919 + rnd * 131 + partition_id)
 
     def steps_for(self, num_examples: int) -> int:
         if self.local_steps > 0:

@@ -16,9 +16,9 @@ from peft import PeftModel
 from torch import nn
 
 from fl_offsite.blocks import find_blocks
+from fl_offsite.config import DEFAULTS
 from fl_offsite.errors import UserError
 from fl_offsite.lora import LoraSpec, add_lora, lora_blocks, lora_names
-from fl_offsite.method import Method
 from fl_offsite.split import SplitPlan, adapter_names
 
 BOTTLENECK = "bottleneck"  # name of the module added to a block
@@ -28,16 +28,7 @@ BOTTLENECK = "bottleneck"  # name of the module added to a block
 class Tuning:
     kind: str = "all"  # all | lora | bitfit | bottleneck
     lora: LoraSpec | None = None
-    bottleneck_size: int = 16
-
-    @classmethod
-    def from_config(cls, config: dict) -> Tuning:
-        kind = Method.parse(config["method"]).tuning
-        if kind == "lora":
-            return cls("lora", LoraSpec.from_config(config))
-        if kind in ("bitfit", "bottleneck"):
-            return cls(kind, bottleneck_size=config["bottleneck.size"])
-        return cls()
+    bottleneck_size: int = DEFAULTS["bottleneck.size"]
 
     def apply(self, model: nn.Module, plan: SplitPlan | None, seed: int = 0) -> nn.Module:
         """``model`` ready for this tuning: wrapped in LoRA, or with bottleneck adapters added."""

@@ -11,6 +11,7 @@ from fl_offsite.client_app import app as client_app
 from fl_offsite.config import validate
 from fl_offsite.results import RunFolder
 from fl_offsite.server_app import run_federated
+from fl_offsite.settings import Settings
 from fl_offsite.split import load_adapter
 from flower_harness import InProcessGrid
 
@@ -218,7 +219,7 @@ def test_lora_runs_write_a_peft_folder_that_peft_loads_and_model_cards(tiny_lm_d
 
     from fl_offsite.cli import main
     from fl_offsite.io import load_tensors
-    from fl_offsite.lora import LoraSpec, add_lora, lora_names
+    from fl_offsite.lora import add_lora, lora_names
     from fl_offsite.models import load_model
     from fl_offsite.payload import plug_in, set_payload
 
@@ -231,7 +232,7 @@ def test_lora_runs_write_a_peft_folder_that_peft_loads_and_model_cards(tiny_lm_d
         adapter, plan = load_adapter(out / "adapter.safetensors")
         ours = plug_in(fresh(), adapter, plan)
     else:  # ours: the averaged LoRA factors on a LoRA-wrapped full model
-        ours = add_lora(fresh(), LoraSpec.from_config(config), list(range(6)))
+        ours = add_lora(fresh(), Settings.from_config(config).tuning.lora, list(range(6)))
         set_payload(ours, load_tensors(out / "lora.safetensors"), lora_names(ours, None))
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -263,7 +264,8 @@ def test_every_configured_strategy_builds():
     from strategies.aggregation import aggregation_strategy
 
     for name in CHOICES["strategy.name"]:
-        strategy = aggregation_strategy(validate({"strategy.name": name}), num_nodes=4)
+        settings = Settings.from_config({"strategy.name": name})
+        strategy = aggregation_strategy(settings.strategy, settings.dp, num_nodes=4)
         assert strategy.fraction_evaluate == 0.0  # the owner evaluates, not the clients
 
 
