@@ -12,10 +12,9 @@ from fl_offsite.io import save_tensors, write_atomic
 from fl_offsite.lora import PEFT_DIR, save_peft_folder
 from fl_offsite.models import resolve_model_path
 from fl_offsite.owner import ModelOwner, final_weights
-from fl_offsite.results import RunFolder
+from fl_offsite.results import AfterRound, RunFolder
 from fl_offsite.split import RUN_METADATA, save_adapter
 from fl_offsite.tracking import TensorBoardLog
-from strategies.offsite import AfterRound
 
 CARD = "README.md"  # the run's model card
 

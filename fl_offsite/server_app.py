@@ -22,7 +22,7 @@ from fl_offsite.results import CHECKPOINT, DELIVERY, RunFolder
 from fl_offsite.settings import Settings
 from fl_offsite.tracking import TENSORBOARD_DIR, TensorBoardLog
 from strategies.aggregation import aggregation_strategy
-from strategies.offsite import OffsiteStrategy
+from strategies.offsite import OffsiteStrategy, evaluation_record
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -50,7 +50,7 @@ def run_federated(grid: Grid, config: dict) -> Path:
     payload = checkpoint.payload if checkpoint else owner.initial_payload()
     done = checkpoint.round if checkpoint else 0
     if not settings.method.trains:  # zero-shot: the full model and the emulator, evaluated
-        record = {"round": 0, "eval": owner.evaluate(payload)}
+        record = evaluation_record(0, owner.evaluate(payload))
         run.append_round(record)
         if settings.results.tensorboard:
             tracker = TensorBoardLog(run.root / TENSORBOARD_DIR)
@@ -73,7 +73,7 @@ def run_federated(grid: Grid, config: dict) -> Path:
         evaluate_payload=owner.evaluate, run=run,
         lr_at=lr_schedule(settings.train.lr, settings.lr_schedule, settings.num_rounds),
         min_replies=settings.strategy.min_train_nodes, seed=settings.seed,
-        base_config={"digest": package.digest, "method": settings.method.name,
+        base_config={"digest": package.digest,
                      "split-plan": json.dumps(owner.plan.to_json()) if owner.plan else "",
                      "task-answers": json.dumps(answers) if (answers := task_answers(owner.task)) else ""},
         rounds_done=done, max_update_norm=settings.strategy.max_update_norm,

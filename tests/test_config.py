@@ -157,3 +157,20 @@ def test_every_method_is_parsed_into_an_explicit_kind_and_tuning():
     assert parsed["zero-shot"].uses_emulator and not parsed["fedavg-full"].uses_emulator
     with pytest.raises(UserError, match="method = 'fedavg' is not one of offsite, "):
         Method.parse("fedavg")
+
+
+def test_strategies_are_imported_by_the_server_app_alone_and_import_no_app_module():
+    import ast
+
+    def imported(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | \
+            {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+
+    users = sorted(p.name for p in (ROOT / "fl_offsite").glob("*.py")
+                   if any(m.split(".")[0] == "strategies" for m in imported(p)))
+    assert users == ["server_app.py"]
+    app = {"fl_offsite.server_app", "fl_offsite.client_app", "fl_offsite.cli", "fl_offsite.owner",
+           "fl_offsite.outputs", "fl_offsite.compare"}
+    for path in (ROOT / "strategies").glob("*.py"):
+        assert not imported(path) & app, path
