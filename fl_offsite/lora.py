@@ -42,10 +42,11 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec, blocks: list[int], seed: in
         raise ValueError(f"{type(model).__name__}'s blocks have no linear layers for LoRA")
     pattern = (rf"{re.escape(prefix)}\.({'|'.join(str(b) for b in blocks)})\."
                rf"({'|'.join(re.escape(leaf) for leaf in leaves)})")
-    torch.manual_seed(seed)  # the same initial factors on every call
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=pattern,
                         fan_in_fan_out=any(isinstance(m, Conv1D) for m in block_list[0].modules()))
-    return get_peft_model(model, config)
+    with torch.random.fork_rng():  # the same initial factors on every call; the caller's generators untouched
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def lora_blocks(model: torch.nn.Module, plan: SplitPlan | None) -> list[int]:

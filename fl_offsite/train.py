@@ -114,28 +114,30 @@ def train_local(
     order = _example_order(len(features), steps * settings.grad_accum * settings.batch_size, settings.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model.train()
-    start, losses, tokens = time.perf_counter(), [], 0
-    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, mininterval=2.0)
-    for step in bar:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in range(settings.grad_accum):
-            first = (step * settings.grad_accum + micro) * settings.batch_size
-            batch = collate([features[i] for i in order[first:first + settings.batch_size]], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
-                loss = answer_loss(model, batch) / settings.grad_accum
-            if anchors is not None:
-                loss = loss + settings.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
-            loss.backward()
-            step_loss += loss.item()
-            tokens += int(batch["attention_mask"].sum())
-        if settings.grad_clip > 0:
-            nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        optimizer.step()
-        losses.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
+    with torch.random.fork_rng():  # dropout draws from this client-round's seed; the caller's generators untouched
+        torch.manual_seed(settings.seed)
+        model.train()
+        start, losses, tokens = time.perf_counter(), [], 0
+        bar = tqdm(range(steps), desc=desc, unit="step", leave=False, mininterval=2.0)
+        for step in bar:
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in range(settings.grad_accum):
+                first = (step * settings.grad_accum + micro) * settings.batch_size
+                batch = collate([features[i] for i in order[first:first + settings.batch_size]], pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast:
+                    loss = answer_loss(model, batch) / settings.grad_accum
+                if anchors is not None:
+                    loss = loss + settings.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+                loss.backward()
+                step_loss += loss.item()
+                tokens += int(batch["attention_mask"].sum())
+            if settings.grad_clip > 0:
+                nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
     model.eval()
     for param in params:
         param.requires_grad_(False)

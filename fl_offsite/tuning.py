@@ -81,16 +81,15 @@ def add_bottlenecks(model: nn.Module, blocks: list[int], size: int, seed: int = 
     """Add a :class:`Bottleneck` to the blocks at ``blocks``, applied to each block's hidden-state output."""
     _, block_list = find_blocks(model)
     hidden = model.config.hidden_size
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # the same initial adapters on every call
-    for pos in blocks:
-        block = block_list[pos]
-        if hasattr(block, BOTTLENECK):
-            continue
-        param = next(block.parameters())
-        block.add_module(BOTTLENECK, Bottleneck(hidden, size).to(device=param.device, dtype=param.dtype))
-        block.register_forward_hook(_apply_bottleneck)
-    torch.random.set_rng_state(generator_state)
+    with torch.random.fork_rng():  # the same initial adapters on every call; the caller's generators untouched
+        torch.manual_seed(seed)
+        for pos in blocks:
+            block = block_list[pos]
+            if hasattr(block, BOTTLENECK):
+                continue
+            param = next(block.parameters())
+            block.add_module(BOTTLENECK, Bottleneck(hidden, size).to(device=param.device, dtype=param.dtype))
+            block.register_forward_hook(_apply_bottleneck)
 
 
 def _apply_bottleneck(block: nn.Module, args, output):
