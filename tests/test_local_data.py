@@ -14,7 +14,7 @@ from fl_offsite.server_app import run_federated
 from fl_offsite.settings import Settings
 from fl_offsite.tasks import BBC_TOPICS, ChoiceExample, TaskData, load_task
 from flower_harness import InProcessGrid
-from test_federated import rounds_of, tiny_config
+from flower_harness import rounds_of, tiny_config
 
 EXAMPLES = [ChoiceExample("Article: The striker scored twice.\nTopic:", [" business", " sport"], 1),
             ChoiceExample('Article: Shares "rose" 5%.\nTopic:', [" business", " sport"], 0)]

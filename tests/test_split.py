@@ -36,7 +36,7 @@ def test_uniform_drop_matches_the_paper_rule():
     assert uniform_drop(5, 5) == [0, 1, 2, 3, 4]
     assert uniform_drop(5, 1) == [0]
     assert uniform_drop(5, 0) == []
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="cannot keep 6 of 5 middle blocks"):
         uniform_drop(5, 6)
 
 

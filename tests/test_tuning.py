@@ -120,7 +120,7 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.mark.parametrize("method", ["offsite-bitfit", "offsite-bottleneck"])
 def test_federated_run_trains_and_sends_only_the_peft_tensors(tiny_gpt2_dir, tmp_path, method):
     from fl_offsite.split import load_adapter
-    from test_federated import of_type, rounds_of, run, tiny_config
+    from flower_harness import of_type, rounds_of, run, tiny_config
 
     config = tiny_config(tiny_gpt2_dir, tmp_path / method, method=method, **{"num-rounds": 1, "train.lr": 1e-2})
     grid = run(config, num_nodes=2)
@@ -148,7 +148,7 @@ def test_lora_factors_are_averaged_separately_weighted_by_examples(tiny_lm_dir, 
     from fl_offsite.io import load_tensors
     from fl_offsite.server_app import run_federated
     from flower_harness import InProcessGrid
-    from test_federated import tiny_config
+    from flower_harness import tiny_config
 
     config = tiny_config(tiny_lm_dir, tmp_path / "lora", method="fedavg-lora", **{"num-rounds": 1})
     replies = []
