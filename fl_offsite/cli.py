@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
     evaluate.add_argument("--limit", type=int, help="evaluate the first N examples")
     evaluate.add_argument("--batch-size", type=int, default=DEFAULTS["eval.batch-size"])
-    evaluate.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the task's train/validation/test split")
+    evaluate.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the task's data split")
     evaluate.add_argument("--json", help="write the results as JSON here")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder (for lm_eval --include_path)")
     export.add_argument("--split", default="test", choices=["train", "validation", "test"])
     export.add_argument("--limit", type=int, help="the first N examples")
-    export.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the task's train/validation/test split")
+    export.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the task's data split")
     export.set_defaults(func=cmd_export_task)
 
     simulate = sub.add_parser("simulate", help="run the federated app on Flower's simulation engine (Ray)")
