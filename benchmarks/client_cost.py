@@ -55,6 +55,9 @@ from fl_offsite.split import adapter_names, build_emulator, plan_split
 import fl_offsite.train as train_mod
 from fl_offsite.train import TrainSettings, freeze_except, half_frozen, train_local
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import status_kb  # noqa: E402
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 METHODS = ("full", "full-lora", "offsite", "offsite-lora", "offsite-head")
@@ -326,16 +329,9 @@ def rss_child(args) -> None:
     rows = features(model.config.vocab_size, args.batch * args.steps, args.seq, args.answer)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     run_round(method, model, trainable, rows, args, torch.device("cpu"))
-    print(json.dumps({"rss_before_mb": base / 1024, "peak_rss_mb": _status_kb("VmHWM") / 1024}))
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+    print(json.dumps({"rss_before_mb": base / 1024, "peak_rss_mb": status_kb("VmHWM") / 1024}))
 
 
 def measure_rss(method: str, args) -> dict[str, float] | None:

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: time-stamped log capture, small model folders, a fresh node cache."""
+"""Helpers shared by the benchmarks: time-stamped log capture, small model folders, a fresh node cache, /proc
+memory fields."""
 from __future__ import annotations
 
 import io
@@ -54,6 +55,14 @@ def tiny_model_folder(folder: Path, layers: int = 6, hidden: int = 64, tokenizer
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def status_kb(field: str) -> int:
+    """A kB field of this process's /proc/self/status, e.g. VmRSS (resident now) or VmHWM (its peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
 
 
 def fresh_node_cache(folder: Path) -> None:

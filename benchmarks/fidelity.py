@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 
-from fl_offsite.config import validate
 from fl_offsite.data import encode_choice_example, pad_id
 from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
 from fl_offsite.evaluate import evaluate_task
@@ -45,7 +44,9 @@ from fl_offsite.io import write_json
 from fl_offsite.models import load_model
 from fl_offsite.owner import lr_schedule
 from fl_offsite.partition import partition_indices
-from fl_offsite.split import adapter_names, plug_in
+from fl_offsite.payload import plug_in
+from fl_offsite.settings import Settings
+from fl_offsite.split import adapter_names
 from fl_offsite.tasks import load_task
 from fl_offsite.train import HALF, TrainSettings, half_frozen, train_local
 
@@ -87,7 +88,7 @@ def recipes_of(specs: list[str]) -> dict[str, tuple[dict, EmulatorRecipe]]:
     for spec in specs or ["uniform=emulator.layers=uniform"]:
         name, _, rest = spec.partition("=")
         overrides = dict(item.split("=", 1) for item in rest.split(";") if item)
-        recipes[name] = overrides, EmulatorRecipe.from_config(validate(overrides))
+        recipes[name] = overrides, Settings.from_config(overrides).emulator
     return recipes
 
 

@@ -37,6 +37,7 @@ from fl_offsite.models import resolve_model_path
 from fl_offsite.config import validate
 from fl_offsite.launch import run_simulation_app
 from fl_offsite.results import RunFolder
+from fl_offsite.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Stamped, fresh_node_cache, tiny_model_folder  # noqa: E402
@@ -52,48 +53,34 @@ def simulate(config: dict, clients: int, echo: bool) -> tuple[float, list[tuple[
 
 def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
     """The clients' work in one process, one after the other (what the simulation distributes)."""
-    import inspect
-
-    from fl_offsite.client_app import _features
+    from fl_offsite.node_cache import ExampleSource, NodeCache
     from fl_offsite.data import pad_id
     from fl_offsite.models import load_model
-    try:  # fl_offsite.tuning holds them since the payload module was folded into it
-        from fl_offsite.tuning import get_payload, set_payload
-    except ImportError:
-        from fl_offsite.payload import get_payload, set_payload
+    from fl_offsite.payload import get_payload, set_payload
     from fl_offsite.split import load_adapter, read_plan
     from fl_offsite.owner import lr_schedule
-    from fl_offsite.train import TrainSettings, train_local
+    from fl_offsite.train import train_local
 
     t0 = time.perf_counter()
     emulator_dir = str(split_dir / "emulator")
     model, tokenizer = load_model(emulator_dir)
     plan = read_plan(split_dir)
-    try:  # what the client app trains and sends (the adapter here)
-        from fl_offsite.tuning import Tuning
-        names = Tuning.from_config(config).names(model, plan)
-    except ImportError:
-        from fl_offsite.payload import payload_names
-        names = payload_names(model, plan)
+    settings = Settings.from_config(config)
+    names = settings.tuning.names(model, plan)  # what the client app trains and sends (the adapter)
     adapter, _ = load_adapter(split_dir / "adapter.safetensors")
     t_model = time.perf_counter()
-    local = ("local",) if next(iter(inspect.signature(_features).parameters)) == "local" else ()
-    data = [_features(*(None,) * len(local), config["task"], config["seed"], config["data.partitioner"],
-                      config["data.alpha"], clients, pid, config["train.max-length"], emulator_dir)
+    cache = NodeCache()
+    data = [cache.features(ExampleSource(None, settings.task, settings.seed, settings.data, clients, pid, emulator_dir))
             for pid in range(clients)]
     t_data = time.perf_counter()
-    lr_at = lr_schedule(config["train.lr"], config["train.lr-schedule"], config["num-rounds"])
+    lr_at = lr_schedule(settings.train.lr, settings.lr_schedule, settings.num_rounds)
     train_s = agg_s = 0.0
-    for rnd in range(1, config["num-rounds"] + 1):
+    for rnd in range(1, settings.num_rounds + 1):
         updates = []
         for pid in range(clients):
             set_payload(model, adapter, names)
-            settings = TrainSettings(
-                lr=lr_at(rnd), batch_size=config["train.batch-size"], grad_accum=config["train.grad-accum"],
-                local_steps=config["train.local-steps"], local_epochs=config["train.local-epochs"],
-                weight_decay=config["train.weight-decay"], grad_clip=config["train.grad-clip"],
-                seed=config["seed"] * 7919 + rnd * 131 + pid)
-            stats = train_local(model, set(names.values()), data[pid], settings, pad_id(tokenizer))
+            stats = train_local(model, set(names.values()), data[pid], settings.train.for_round(rnd, pid, lr_at(rnd)),
+                                pad_id(tokenizer))
             train_s += stats.seconds
             updates.append((get_payload(model, names), len(data[pid])))
         a = time.perf_counter()
@@ -168,12 +155,13 @@ def main(argv=None) -> int:
         sim_total, lines = simulate(config, args.clients, args.echo)
         if args.workdir:
             (root / "stamped.log").write_text("".join(f"{t:8.2f} {line}\n" for t, line in lines))
-        run = RunFolder(config["results.dir"])
+        results = Path(Settings.from_config(config).results.dir)
+        run = RunFolder(results)
         rounds = run.rounds()
         print(f"simulation done in {sim_total:.1f} s; sequential loop ({args.loop_threads} torch thread(s))...",
               flush=True)
         torch.set_num_threads(args.loop_threads)
-        seq = sequential(config, args.clients, Path(config["results.dir"]) / "split")
+        seq = sequential(config, args.clients, results / "split")
 
     trained = [r for r in rounds if r["round"] > 0]
     client_train = sum(c["train-seconds"] for r in trained for c in r["clients"])

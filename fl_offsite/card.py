@@ -7,27 +7,31 @@ so ``fl-offsite plug-in`` can write the card of the model it makes.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fl_offsite.report import markdown_table
 from fl_offsite.split import SplitPlan
 
+if TYPE_CHECKING:
+    from fl_offsite.settings import Settings
 
-def run_record(config: dict, plan: SplitPlan | None, round_record: dict, num_clients: int,
+
+def run_record(settings: Settings, plan: SplitPlan | None, round_record: dict, num_clients: int,
                distillation: dict | None) -> dict:
     """What a card tells about a run, after the round of ``round_record`` (JSON-serialisable)."""
     from fl_offsite.distill import ppl_summary
-    from fl_offsite.emulator import EmulatorRecipe
 
-    record = {"base_model": config["model"], "task": config["task"], "method": config["method"],
-              "strategy": config["strategy.name"], "round": round_record["round"],
-              "num_rounds": config["num-rounds"], "clients": num_clients, "seed": config["seed"],
+    record = {"base_model": settings.model, "task": settings.task, "method": settings.method.name,
+              "strategy": settings.strategy.name, "round": round_record["round"],
+              "num_rounds": settings.num_rounds, "clients": num_clients, "seed": settings.seed,
               "metrics": {model: {k: m[k] for k in ("acc", "acc_stderr", "acc_norm", "n")}
                           for model, m in round_record["eval"].items()}}
     if plan is not None:
-        record["emulator"] = EmulatorRecipe.from_config(config).describe()
+        record["emulator"] = settings.emulator.describe()
         if distillation:
             record["emulator"] += f"; {ppl_summary(distillation)}"
-    if config["method"].endswith("-lora"):
-        record["lora"] = {"r": config["lora.r"], "alpha": config["lora.alpha"], "dropout": config["lora.dropout"]}
+    if (lora := settings.tuning.lora) is not None:
+        record["lora"] = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout}
     if privacy := round_record.get("privacy"):
         record["privacy"] = privacy
     return record

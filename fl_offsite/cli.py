@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from fl_offsite.config import CHOICES, DEFAULTS, DistillSettings
+from fl_offsite.config import CHOICES, DEFAULTS, DISTILL_COMMAND_STEPS, DistillSettings, adapter_layers
 from fl_offsite.errors import UserError
 from fl_offsite.processes import app_dir
 
@@ -34,7 +34,8 @@ def cmd_split(args: argparse.Namespace) -> None:
     from fl_offsite.distill import ppl_summary
     from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
     from fl_offsite.models import load_model
-    from fl_offsite.split import extract_adapter, write_split
+    from fl_offsite.payload import extract_adapter
+    from fl_offsite.split import write_split
 
     start = time.perf_counter()
     distill = None
@@ -64,7 +65,8 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
     from fl_offsite.card import model_card, usage
     from fl_offsite.io import atomic_dir, write_atomic
     from fl_offsite.models import load_model
-    from fl_offsite.split import adapter_run, load_adapter, plan_from_names, plug_in
+    from fl_offsite.payload import plug_in
+    from fl_offsite.split import adapter_run, load_adapter, plan_from_names
     from fl_offsite.tuning import BOTTLENECK
 
     adapter, plan = load_adapter(args.adapter)
@@ -88,7 +90,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from fl_offsite.io import write_json
     from fl_offsite.models import load_model
     from fl_offsite.report import markdown_table
-    from fl_offsite.split import emulator_plan, load_adapter, plan_from_names, plug_in
+    from fl_offsite.payload import plug_in
+    from fl_offsite.split import emulator_plan, load_adapter, plan_from_names
     from fl_offsite.tasks import load_task
     from fl_offsite.tuning import prepare_for_adapter
 
@@ -133,20 +136,21 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from fl_offsite.preflight import check_runnable
     from fl_offsite.report import round_table
     from fl_offsite.results import RunFolder
+    from fl_offsite.settings import Settings
 
     config = validate({**(load_file(args.config) if args.config else {}), **parse_sets(args.set)})
-    config["results.dir"] = str(Path(config["results.dir"]).expanduser().resolve())
-    config["data.num-partitions"] = args.num_clients
-    check_runnable(config, args.num_clients)
+    results = str(Path(Settings.from_config(config).results.dir).expanduser().resolve())
+    config.update({"results.dir": results, "data.num-partitions": args.num_clients})
+    check_runnable(Settings.from_config(config), args.num_clients)
     run_simulation_app(app_dir(), config, num_supernodes=args.num_clients, cpus_per_client=args.cpus_per_client,
                        gpus_per_client=args.gpus_per_client)
-    run = RunFolder(config["results.dir"])
+    run = RunFolder(results)
     print(round_table(run.rounds()))
     if distillation := run.distillation():
         from fl_offsite.distill import ppl_summary
 
         print(f"distilled emulator, {ppl_summary(distillation)}")
-    print(f"results: {config['results.dir']}")
+    print(f"results: {results}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -217,13 +221,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     from fl_offsite.deploy import run_app
     from fl_offsite.report import round_table
     from fl_offsite.results import RunFolder
+    from fl_offsite.settings import Settings
 
     overrides = {**(load_file(args.config) if args.config else {}), **parse_sets(args.set)}
     config = validate(overrides)
-    overrides["results.dir"] = config["results.dir"] = str(Path(config["results.dir"]).expanduser().resolve())
+    results = str(Path(Settings.from_config(config).results.dir).expanduser().resolve())
+    overrides["results.dir"] = config["results.dir"] = results
     run_app(app_dir(), args.connection, {k: config[k] for k in overrides})
-    print(round_table(RunFolder(config["results.dir"]).rounds()))
-    print(f"results: {config['results.dir']} (on the SuperLink's machine)")
+    print(round_table(RunFolder(results).rounds()))
+    print(f"results: {results} (on the SuperLink's machine)")
 
 
 def _user_input(func, *args, **kwargs):
@@ -243,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.set_defaults(func=cmd_split)
 
     distill = _split_parser(sub, "distill", "split, then distill the emulator's middle blocks on public text (cached)")
-    distill.add_argument("--steps", type=int, default=DistillSettings.steps)
+    distill.add_argument("--steps", type=int, default=DISTILL_COMMAND_STEPS)
     distill.add_argument("--lr", type=float, default=DistillSettings.lr)
     distill.add_argument("--kd-weight", type=float, default=DistillSettings.kd_weight,
                          help="weight of the hidden-state loss (paper: 30)")
@@ -270,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="adapter.safetensors to plug in first (keyed by full-model names)")
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
     evaluate.add_argument("--limit", type=int, help="evaluate the first N examples")
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--seed", type=int, default=1234, help="seed of the task's train/validation/test split")
+    evaluate.add_argument("--batch-size", type=int, default=DEFAULTS["eval.batch-size"])
+    evaluate.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the task's data split")
     evaluate.add_argument("--json", help="write the results as JSON here")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -280,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder (for lm_eval --include_path)")
     export.add_argument("--split", default="test", choices=["train", "validation", "test"])
     export.add_argument("--limit", type=int, help="the first N examples")
-    export.add_argument("--seed", type=int, default=1234, help="seed of the task's train/validation/test split")
+    export.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the task's data split")
     export.set_defaults(func=cmd_export_task)
 
     simulate = sub.add_parser("simulate", help="run the federated app on Flower's simulation engine (Ray)")
@@ -355,8 +361,8 @@ def _split_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     """A sub-command that splits a model: model, --adapter-layers, --emulator-layers | --drop-ratio, --out."""
     parser = sub.add_parser(name, help=help_text)
     parser.add_argument("model", help="local folder, hub id, or offline alias (smollm2-135m)")
-    parser.add_argument("--adapter-layers", type=_pair, default=(2, 2), metavar="L,R",
-                        help="bottom,top blocks forming the adapter (default 2,2)")
+    parser.add_argument("--adapter-layers", type=_pair, default=adapter_layers(DEFAULTS), metavar="L,R",
+                        help=f"bottom,top blocks forming the adapter (default {DEFAULTS['split.adapter-layers']})")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--emulator-layers", type=int, metavar="K", help="middle blocks the emulator keeps")
     size.add_argument("--drop-ratio", type=float, help="fraction of the middle blocks to drop")

@@ -10,6 +10,7 @@ from fl_offsite.errors import UserError
 from fl_offsite.io import write_atomic, write_json
 from fl_offsite.report import markdown_table
 from fl_offsite.results import RunFolder
+from fl_offsite.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def load_compare_config(path: str | Path, overrides: dict[str, Any]) -> tuple[di
             raise UserError(f"[compare.runs.{name}] needs a method (one of {', '.join(CHOICES['method'])})")
         validate({**data, **run})
         runs[name] = run
-    if num_clients < config["strategy.min-train-nodes"]:
+    if num_clients < Settings.from_config(config).strategy.min_train_nodes:
         raise UserError(f"compare.num-clients={num_clients} is below strategy.min-train-nodes")
     return runs, num_clients, out, config
 
@@ -58,19 +59,16 @@ def run_compare(runs: dict[str, dict], num_clients: int, out: Path, config: dict
     for name, overrides in runs.items():
         run_config = validate({**config, **overrides, "results.dir": str(out / name),
                                "data.num-partitions": num_clients})
-        if finished(out / name, rounds_of(run_config["method"], config)):
+        settings = Settings.from_config(run_config)
+        if finished(out / name, settings.num_rounds if settings.method.trains else 0):
             log.info("%s: already finished, not rerun (%s)", name, out / name)
         else:
-            check_runnable(run_config, num_clients)  # all of them before the first starts
-            pending[name] = run_config
-    for name, run_config in pending.items():
-        log.info("%s: running %d rounds with %d clients", name, config["num-rounds"], num_clients)
+            check_runnable(settings, num_clients)  # all of them before the first starts
+            pending[name] = run_config, settings.num_rounds
+    for name, (run_config, num_rounds) in pending.items():
+        log.info("%s: running %d rounds with %d clients", name, num_rounds, num_clients)
         run_simulation_app(app_dir(), run_config, num_supernodes=num_clients, cpus_per_client=cpus_per_client)
     return write_report(out, list(runs))
-
-
-def rounds_of(method: str, config: dict) -> int:
-    return 0 if method == "zero-shot" else config["num-rounds"]
 
 
 def finished(run_dir: Path, num_rounds: int) -> bool:
@@ -145,7 +143,8 @@ def accuracy_rows(runs: dict[str, dict]) -> list[tuple[str, dict]]:
 
     Runs are labelled by method; a variant (``[compare.runs.NAME]``) by its name.
     """
-    label = lambda name, run: LABELS.get(name, name) if name == run["config"]["method"] else name
+    label = lambda name, run: LABELS.get(name, name) if name == Settings.from_config(run["config"]).method.name \
+        else name
     first = next(iter(runs.values()))["rounds"][0]
     rows = [("Full zero-shot", first.get("plugin") or first.get("full"))]
     plain = next((r for r in runs.values() if "emulator" in r["rounds"][0] and not r["distillation"]), None)
@@ -156,9 +155,10 @@ def accuracy_rows(runs: dict[str, dict]) -> list[tuple[str, dict]]:
             rows.append((f"Distilled emulator zero-shot [{name}]", run["rounds"][0]["emulator"]))
     for name, run in runs.items():
         final = run["rounds"][-1]
-        if run["config"]["method"].startswith("fedavg"):
+        method = Settings.from_config(run["config"]).method
+        if method.trains_full_model:
             rows.append((label(name, run), final["full"]))
-        elif run["config"]["method"] != "zero-shot":
+        elif method.trains:
             rows.append((f"{label(name, run)} emulator (emulator + adapter)", final["emulator"]))
             rows.append((f"{label(name, run)} plug-in (full model + adapter)", final["plugin"]))
     return rows
@@ -177,13 +177,15 @@ def fidelity_rows(runs: dict[str, dict]) -> list[list[str]]:
 
 def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
     any_run = next(iter(runs.values()))
-    config = any_run["config"]
+    s = Settings.from_config(any_run["config"])
     n = any_run["rounds"][0][next(k for k in any_run["rounds"][0] if k != "round")]["n"]
-    lines = [f"# Comparison: {config['model']} on {config['task']}", "",
-             f"{config['num-rounds']} rounds, {config['data.num-partitions']} clients, "
-             f"{config['data.partitioner']} partitions (alpha {config['data.alpha']}), "
-             f"{config['train.local-steps']} local steps x batch {config['train.batch-size']}, "
-             f"split {config['split.adapter-layers'].replace(',', '-' + str(config['split.emulator-layers']) + '-')}; "
+    split = f"{s.emulator.adapter_bottom}-{s.emulator.emulator_layers}-{s.emulator.adapter_top}" \
+        if s.emulator.drop_ratio is None else f"{s.emulator.adapter_bottom},{s.emulator.adapter_top} (drop " \
+        f"{s.emulator.drop_ratio:g})"
+    lines = [f"# Comparison: {s.model} on {s.task}", "",
+             f"{s.num_rounds} rounds, {s.data.num_partitions} clients, "
+             f"{s.data.partitioner} partitions (alpha {s.data.alpha}), "
+             f"{s.train.local_steps} local steps x batch {s.train.batch_size}, split {split}; "
              f"accuracy on {n} held-out test examples (± one standard error).", "",
              markdown_table(["setting", "acc", "acc_norm"], [
                  [name, f"{m['acc']:.3f} ± {m['acc_stderr']:.3f}", f"{m['acc_norm']:.3f}"]

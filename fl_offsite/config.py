@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from fl_offsite.errors import UserError
+from fl_offsite.method import METHODS
 
 Value = bool | int | float | str
 
 DEFAULTS: dict[str, Value] = {
     "model": "smollm2-135m",  # local folder, hub id, or offline alias
     "task": "bbc-news",  # see fl_offsite.tasks
-    "method": "offsite",  # see CHOICES; -lora/-bitfit/-bottleneck: what of the adapter trains (fl_offsite.tuning)
+    "method": "offsite",  # see fl_offsite.method; -lora/-bitfit/-bottleneck: what of the adapter trains
     "num-rounds": 3,
     "seed": 1234,
     "split.adapter-layers": "2,2",  # bottom,top blocks of the adapter
@@ -77,9 +78,12 @@ DEFAULTS: dict[str, Value] = {
     "results.tensorboard": False,  # also write each round's metrics as TensorBoard scalars (<results.dir>/tensorboard)
 }
 
+# ``fl-offsite distill``'s --steps (and DistillSettings') default: in a run config, distill.steps = 0 means
+# "no distillation", which that command, whose job is to distil, has no use for.
+DISTILL_COMMAND_STEPS = 100
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": ("offsite", "offsite-lora", "offsite-bitfit", "offsite-bottleneck", "fedavg-full", "fedavg-lora",
-               "zero-shot"),
+    "method": tuple(METHODS),
     "strategy.name": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
                       "fedtrimmedavg", "krum"),
     "train.lr-schedule": ("constant", "cosine", "linear"),
@@ -189,24 +193,16 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class DistillSettings:
     """The model owner's emulator distillation (``distill.*`` keys; see fl_offsite.distill)."""
 
-    steps: int = 100
-    corpus: str = "bigbench"  # the owner's public text: see fl_offsite.corpora
-    lr: float = 1e-4
-    kd_weight: float = 30.0  # the paper's weight of the hidden-state loss
-    targets: str = "output"  # "output": the middle's output (the paper); "per-block": every kept middle block
-    kl_weight: float = 0.0  # weight of KL(full model || emulator) on the next-token distributions
-    batch_size: int = 8
-    block_size: int = 160  # tokens per training sequence
-    precision: str = "fp32"  # "bf16": autocast (2-3x faster on CPUs with AMX / AVX512-BF16)
+    steps: int = DISTILL_COMMAND_STEPS
+    corpus: str = DEFAULTS["distill.corpus"]  # the owner's public text: see fl_offsite.corpora
+    lr: float = DEFAULTS["distill.lr"]
+    kd_weight: float = DEFAULTS["distill.kd-weight"]  # the paper's weight of the hidden-state loss
+    targets: str = DEFAULTS["distill.targets"]  # "output": the middle's output (the paper); "per-block": every one
+    kl_weight: float = DEFAULTS["distill.kl-weight"]  # weight of KL(full model || emulator) on the next tokens
+    batch_size: int = DEFAULTS["distill.batch-size"]
+    block_size: int = DEFAULTS["distill.block-size"]  # tokens per training sequence
+    precision: str = DEFAULTS["distill.precision"]  # "bf16": autocast (2-3x faster on CPUs with AMX / AVX512-BF16)
     warmup_steps: int = 10
-    eval_every: int = 25
+    eval_every: int = DEFAULTS["distill.eval-every"]
     eval_texts: int = 16  # held-out ("validation") texts of the corpus for the perplexity
-    seed: int = 1234
-
-    @classmethod
-    def from_config(cls, config: dict) -> DistillSettings:
-        return cls(steps=config["distill.steps"], corpus=config["distill.corpus"], lr=config["distill.lr"],
-                   kd_weight=config["distill.kd-weight"], targets=config["distill.targets"],
-                   kl_weight=config["distill.kl-weight"], batch_size=config["distill.batch-size"],
-                   block_size=config["distill.block-size"], precision=config["distill.precision"],
-                   eval_every=config["distill.eval-every"], seed=config["seed"])
+    seed: int = DEFAULTS["seed"]

@@ -30,7 +30,8 @@ from fl_offsite.data import collate, lm_blocks, pad_id
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import perplexity
 from fl_offsite.io import json_digest
-from fl_offsite.split import SPLIT_FILE, SplitPlan, build_emulator, extract_adapter, write_split
+from fl_offsite.payload import extract_adapter
+from fl_offsite.split import SPLIT_FILE, SplitPlan, build_emulator, write_split
 from fl_offsite.train import freeze_except
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fl_offsite.assets import cache_dir
-from fl_offsite.config import DistillSettings, adapter_layers
+from fl_offsite.config import DEFAULTS, DistillSettings, adapter_layers
 from fl_offsite.corpora import MODEL_SAMPLES, check_public, load_text_corpus, sample_texts
 from fl_offsite.data import collate, lm_blocks, pad_id
 from fl_offsite.distill import distilled_split, ppl_summary
@@ -35,22 +35,14 @@ CALIBRATION_SEQUENCES, CALIBRATION_TOKENS = 8, 128  # public text the layer rule
 class EmulatorRecipe:
     """How the model owner builds the emulator (config keys ``split.*``, ``emulator.*``, ``distill.*``)."""
 
-    adapter_bottom: int = 2
-    adapter_top: int = 2
-    emulator_layers: int | None = 8  # k; None when drop_ratio is given
+    adapter_bottom: int = adapter_layers(DEFAULTS)[0]
+    adapter_top: int = adapter_layers(DEFAULTS)[1]
+    emulator_layers: int | None = DEFAULTS["split.emulator-layers"]  # k; None when drop_ratio is given
     drop_ratio: float | None = None
-    layers: str = "uniform"  # the layer rule: see fl_offsite.layer_choice
+    layers: str = DEFAULTS["emulator.layers"]  # the layer rule: see fl_offsite.layer_choice
     distill: DistillSettings | None = None  # None: no distillation
-    corpus: str = "bigbench"  # the owner's public text, for the layer rule and distillation
-    public_in_domain: bool = False  # the owner declares it holds public text of the task's domain
-
-    @classmethod
-    def from_config(cls, config: dict) -> EmulatorRecipe:
-        drop = config["split.drop-ratio"]
-        return cls(*adapter_layers(config), emulator_layers=None if drop > 0 else config["split.emulator-layers"],
-                   drop_ratio=drop if drop > 0 else None, layers=config["emulator.layers"],
-                   distill=DistillSettings.from_config(config) if config["distill.steps"] > 0 else None,
-                   corpus=config["distill.corpus"], public_in_domain=config["distill.public-in-domain"])
+    corpus: str = DEFAULTS["distill.corpus"]  # the owner's public text, for the layer rule and distillation
+    public_in_domain: bool = DEFAULTS["distill.public-in-domain"]  # the owner holds public text of the task's domain
 
     @property
     def uses_corpus(self) -> bool:

@@ -18,8 +18,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 from fl_offsite.blocks import find_blocks
+from fl_offsite.config import DEFAULTS
 from fl_offsite.io import atomic_dir, write_atomic
-from fl_offsite.split import SplitPlan
+from fl_offsite.split import SplitPlan, block_key
 
 PEFT_PREFIX = "base_model.model."
 PEFT_DIR = "peft"  # a run's PEFT adapter folder (LoRA methods)
@@ -27,13 +28,9 @@ PEFT_DIR = "peft"  # a run's PEFT adapter folder (LoRA methods)
 
 @dataclass(frozen=True)
 class LoraSpec:
-    r: int = 4
-    alpha: int = 32
-    dropout: float = 0.1
-
-    @classmethod
-    def from_config(cls, config: dict) -> LoraSpec:
-        return cls(r=config["lora.r"], alpha=config["lora.alpha"], dropout=config["lora.dropout"])
+    r: int = DEFAULTS["lora.r"]
+    alpha: int = DEFAULTS["lora.alpha"]
+    dropout: float = DEFAULTS["lora.dropout"]
 
 
 def add_lora(model: torch.nn.Module, spec: LoraSpec, blocks: list[int], seed: int = 0) -> PeftModel:
@@ -45,10 +42,11 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec, blocks: list[int], seed: in
         raise ValueError(f"{type(model).__name__}'s blocks have no linear layers for LoRA")
     pattern = (rf"{re.escape(prefix)}\.({'|'.join(str(b) for b in blocks)})\."
                rf"({'|'.join(re.escape(leaf) for leaf in leaves)})")
-    torch.manual_seed(seed)  # the same initial factors on every call
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=pattern,
                         fan_in_fan_out=any(isinstance(m, Conv1D) for m in block_list[0].modules()))
-    return get_peft_model(model, config)
+    with torch.random.fork_rng():  # the same initial factors on every call; the caller's generators untouched
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def lora_blocks(model: torch.nn.Module, plan: SplitPlan | None) -> list[int]:
@@ -61,15 +59,15 @@ def lora_blocks(model: torch.nn.Module, plan: SplitPlan | None) -> list[int]:
 
 def lora_names(model: PeftModel, plan: SplitPlan | None) -> dict[str, str]:
     """Map travelling name (full-model module + ``lora_A.weight``) -> parameter name in ``model``."""
-    original = {pos: orig for orig, pos in plan.positions(model.base_model.model).items()} if plan else None
+    original = plan.full_index(model.base_model.model) if plan else None
     names = {}
     for local, _ in model.named_parameters():
         if ".lora_" not in local:
             continue
         name = local.removeprefix(PEFT_PREFIX).replace(".default.", ".")
         if original is not None:
-            match = re.match(rf"({re.escape(plan.block_prefix)})\.(\d+)\.(.+)$", name)
-            name = f"{match.group(1)}.{original[int(match.group(2))]}.{match.group(3)}"
+            position, rest = block_key(plan.block_prefix, name)
+            name = f"{plan.block_prefix}.{original[position]}.{rest}"
         names[name] = local
     return names
 

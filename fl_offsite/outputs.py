@@ -12,11 +12,9 @@ from fl_offsite.io import save_tensors, write_atomic
 from fl_offsite.lora import PEFT_DIR, save_peft_folder
 from fl_offsite.models import resolve_model_path
 from fl_offsite.owner import ModelOwner, final_weights
-from fl_offsite.results import RunFolder
+from fl_offsite.results import AfterRound, RunFolder
 from fl_offsite.split import RUN_METADATA, save_adapter
 from fl_offsite.tracking import TensorBoardLog
-from fl_offsite.tuning import set_payload
-from strategies.offsite import AfterRound
 
 CARD = "README.md"  # the run's model card
 
@@ -28,10 +26,10 @@ def after_round(owner: ModelOwner, run: RunFolder, num_clients: int,
         if tracker is not None:
             tracker.write(record)
         if record["round"] > 0 and isinstance(owner.model, PeftModel):
-            set_payload(owner.model, payload, owner.payload_names(owner.model))
-            summary = run_record(owner.config, owner.plan, record, num_clients, run.distillation())
-            base = resolve_model_path(owner.config["model"])
-            card = model_card(owner.config["model"], owner.plan, summary,
+            owner.load_payload(owner.model, payload)
+            summary = run_record(owner.settings, owner.plan, record, num_clients, run.distillation())
+            base = resolve_model_path(owner.settings.model)
+            card = model_card(owner.settings.model, owner.plan, summary,
                               usage("peft", base, str(run.root / PEFT_DIR)), peft=True)
             save_peft_folder(owner.model, run.root / PEFT_DIR, card)
     return after
@@ -39,7 +37,7 @@ def after_round(owner: ModelOwner, run: RunFolder, num_clients: int,
 
 def save_final(owner: ModelOwner, run: RunFolder, payload: dict[str, torch.Tensor], num_clients: int) -> None:
     """The final weights, with the run's record in their metadata, and the run's model card (README.md)."""
-    summary = run_record(owner.config, owner.plan, run.rounds()[-1], num_clients, run.distillation())
+    summary = run_record(owner.settings, owner.plan, run.rounds()[-1], num_clients, run.distillation())
     name, final = final_weights(owner, payload)  # merges LoRA into the model: after the last PEFT folder
     if owner.plan:
         save_adapter(run.root / name, final, owner.plan, run=summary)
@@ -47,6 +45,6 @@ def save_final(owner: ModelOwner, run: RunFolder, payload: dict[str, torch.Tenso
         save_tensors(run.root / name, final, metadata={RUN_METADATA: json.dumps(summary)})
     weights = "peft" if name == "lora.safetensors" else name
     path = str(run.root / (PEFT_DIR if weights == "peft" else name))
-    card = model_card(owner.config["model"], owner.plan, summary,
-                      usage(weights, resolve_model_path(owner.config["model"]), path), peft=weights == "peft")
+    card = model_card(owner.settings.model, owner.plan, summary,
+                      usage(weights, resolve_model_path(owner.settings.model), path), peft=weights == "peft")
     write_atomic(run.root / CARD, card)

@@ -11,13 +11,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peft import PeftModel
 
-from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
+from fl_offsite.emulator import prepare_emulator
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import evaluate_task
 from fl_offsite.models import best_device, load_model, resolve_model_path
-from fl_offsite.split import EMULATOR_DIR, SplitPlan, extract_adapter, write_split
+from fl_offsite.payload import extract_adapter, get_payload, set_payload
+from fl_offsite.settings import Settings
+from fl_offsite.split import EMULATOR_DIR, SplitPlan, write_split
 from fl_offsite.tasks import TaskData, load_task
-from fl_offsite.tuning import Tuning, get_payload, set_payload
+from fl_offsite.tuning import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 class ModelOwner:
     """The full model, and for offsite-tuning its emulator; ``plan`` is None for full fine-tuning."""
 
-    config: dict
+    settings: Settings
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     plan: SplitPlan | None
@@ -36,42 +38,45 @@ class ModelOwner:
     tuning: Tuning
 
     @classmethod
-    def prepare(cls, config: dict, run_dir: Path) -> ModelOwner:
-        model, tokenizer = load_model(config["model"])
+    def prepare(cls, settings: Settings, run_dir: Path) -> ModelOwner:
+        model, tokenizer = load_model(settings.model)
         model.to(best_device())
         if tokenizer is None:
-            raise UserError(f"{config['model']} has no tokenizer; clients need one to read their data")
-        task = load_task(config["task"], seed=config["seed"])
-        if config["method"].startswith("fedavg"):
+            raise UserError(f"{settings.model} has no tokenizer; clients need one to read their data")
+        task = load_task(settings.task, seed=settings.seed)
+        if settings.method.trains_full_model:
             plan, emulator = None, None
-            base_folder = _model_folder(config["model"], model, tokenizer, run_dir)
+            base_folder = _model_folder(settings.model, model, tokenizer, run_dir)
         else:
-            plan, emulator, record = prepare_emulator(config["model"], model, tokenizer,
-                                                      EmulatorRecipe.from_config(config), config["task"],
-                                                      seed=config["seed"])
+            plan, emulator, record = prepare_emulator(settings.model, model, tokenizer, settings.emulator,
+                                                      settings.task, seed=settings.seed)
             split_dir = write_split(run_dir / "split", emulator, extract_adapter(model, plan), plan, tokenizer,
                                     record=record)
             base_folder = split_dir / EMULATOR_DIR
-        tuning = Tuning.from_config(config)
-        model = tuning.apply(model, plan, seed=config["seed"])
-        emulator = emulator and tuning.apply(emulator, plan, seed=config["seed"])
-        return cls(config, model, tokenizer, plan, emulator, base_folder, task, tuning)
+        tuning = settings.tuning
+        model = tuning.apply(model, plan, seed=settings.seed)
+        emulator = emulator and tuning.apply(emulator, plan, seed=settings.seed)
+        return cls(settings, model, tokenizer, plan, emulator, base_folder, task, tuning)
 
     def payload_names(self, model: PreTrainedModel) -> dict[str, str]:
         return self.tuning.names(model, self.plan)
+
+    def load_payload(self, model: PreTrainedModel, payload: dict[str, torch.Tensor]) -> None:
+        """Check ``payload`` and copy it into ``model`` (the full model or the emulator)."""
+        set_payload(model, payload, self.payload_names(model), self.tuning.payload_kind(self.plan))
 
     def initial_payload(self) -> dict[str, torch.Tensor]:
         return get_payload(self.model, self.payload_names(self.model))
 
     def evaluate(self, payload: dict[str, torch.Tensor]) -> dict[str, dict]:
         """Plug ``payload`` in and score the held-out test split: plug-in (full) and emulator models."""
-        limit, batch = self.config["eval.limit"], self.config["eval.batch-size"]
+        limit, batch = self.settings.eval.limit, self.settings.eval.batch_size
         models = {"plugin": self.model} if self.emulator is not None else {"full": self.model}
         if self.emulator is not None:
             models["emulator"] = self.emulator
         results = {}
         for name, model in models.items():
-            set_payload(model, payload, self.payload_names(model))
+            self.load_payload(model, payload)
             results[name] = evaluate_task(model, self.tokenizer, self.task, "test", limit=limit, batch_size=batch,
                                           progress=False)
         if self.emulator is not None:
@@ -85,7 +90,7 @@ def final_weights(owner: ModelOwner, payload: dict[str, torch.Tensor]) -> tuple[
     if owner.plan is None:
         return ("lora.safetensors" if isinstance(owner.model, PeftModel) else "model.safetensors"), payload
     model = owner.model
-    set_payload(model, payload, owner.payload_names(model))
+    owner.load_payload(model, payload)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     return "adapter.safetensors", extract_adapter(model, owner.plan)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 
-from fl_offsite.config import adapter_layers
 from fl_offsite.errors import UserError
+from fl_offsite.method import OFFSITE
+from fl_offsite.settings import Settings
 
 
-def check_runnable(config: dict, num_clients: int) -> None:
+def check_runnable(settings: Settings, num_clients: int) -> None:
     """The model resolves, the split fits it, the owner's corpus is not the task's own text, the task loads and
     every client's partition is non-empty."""
     from transformers import AutoConfig
@@ -17,23 +18,25 @@ def check_runnable(config: dict, num_clients: int) -> None:
     from fl_offsite.partition import partition_indices
     from fl_offsite.tasks import load_task
 
-    path = resolve_model_path(config["model"])
+    path = resolve_model_path(settings.model)
     try:
         model_config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         where = "folder" if os.path.isdir(path) else "hub id (or the hub is unreachable)"
-        raise UserError(f"model {config['model']!r}: not a loadable {where}: {str(err).splitlines()[0]}") from err
+        raise UserError(f"model {settings.model!r}: not a loadable {where}: {str(err).splitlines()[0]}") from err
     layers = getattr(model_config, "num_hidden_layers", None)
-    if config["method"].startswith("offsite") and layers is not None:
-        bottom, top = adapter_layers(config)
-        k = config["split.emulator-layers"] if config["split.drop-ratio"] <= 0 else 0
+    recipe = settings.emulator
+    offsite = settings.method.kind == OFFSITE  # zero-shot's split is checked by the owner
+    if offsite and layers is not None:
+        bottom, top = recipe.adapter_bottom, recipe.adapter_top
+        k = recipe.emulator_layers or 0  # None with a drop ratio
         if bottom + top + k > layers:
-            raise UserError(f"split {bottom},{k},{top} needs {bottom + top + k} blocks but {config['model']} has "
+            raise UserError(f"split {bottom},{k},{top} needs {bottom + top + k} blocks but {settings.model} has "
                             f"{layers}: lower split.adapter-layers or split.emulator-layers")
-    if config["method"].startswith("offsite") and (config["distill.steps"] > 0 or config["emulator.layers"] != "uniform"):
-        check_public(config["distill.corpus"], config["task"], config["distill.public-in-domain"])
-    labels = load_task(config["task"], seed=config["seed"]).labels("train")
+    if offsite and recipe.uses_corpus:
+        check_public(recipe.corpus, settings.task, recipe.public_in_domain)
+    labels = load_task(settings.task, seed=settings.seed).labels("train")
     for partition in range(num_clients):
-        if not partition_indices(labels, num_clients, partition, config["data.partitioner"], config["data.alpha"],
-                                 config["seed"]):
+        if not partition_indices(labels, num_clients, partition, settings.data.partitioner, settings.data.alpha,
+                                 settings.seed):
             raise UserError(f"partition {partition} of {num_clients} is empty: use fewer clients")

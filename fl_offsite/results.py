@@ -9,6 +9,7 @@ import json
 import logging
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from fl_offsite.io import atomic_dir, load_tensors, save_tensors, write_atomic, 
 from fl_offsite.split import SPLIT_FILE
 
 log = logging.getLogger(__name__)
+
+AfterRound = Callable[[dict, dict[str, torch.Tensor]], None]  # called with a kept round's record and its payload
 
 CONFIG, METRICS, CHECKPOINT, DELIVERY = "config.json", "metrics.jsonl", "checkpoint", "delivery.json"
 

@@ -19,9 +19,10 @@ from fl_offsite.lora import PEFT_DIR
 from fl_offsite.outputs import CARD, after_round, save_final
 from fl_offsite.owner import ModelOwner, lr_schedule
 from fl_offsite.results import CHECKPOINT, DELIVERY, RunFolder
+from fl_offsite.settings import Settings
 from fl_offsite.tracking import TENSORBOARD_DIR, TensorBoardLog
 from strategies.aggregation import aggregation_strategy
-from strategies.offsite import OffsiteStrategy
+from strategies.offsite import OffsiteStrategy, evaluation_record
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -35,51 +36,55 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federated(grid: Grid, config: dict) -> Path:
     """Run (or resume) one federated run described by ``config``; return its results folder."""
-    run = RunFolder(Path(config["results.dir"]).expanduser().resolve())
+    settings = Settings.from_config(config)
+    run = RunFolder(Path(settings.results.dir).expanduser().resolve())
     previous = run.read_config()
-    if previous is not None and config["results.resume"] and _essential(previous) != _essential(config):
+    if previous is not None and settings.results.resume and _essential(previous) != _essential(config):
         raise UserError(f"{run.root} holds a run with another configuration; choose another results.dir "
                          "or set results.resume=false")
-    checkpoint = run.load_checkpoint() if config["results.resume"] else None
+    checkpoint = run.load_checkpoint() if settings.results.resume else None
     if checkpoint is None:
         run = _fresh(run)
     run.write_config(config)
-    owner = ModelOwner.prepare(config, run.root)
+    owner = ModelOwner.prepare(settings, run.root)
     payload = checkpoint.payload if checkpoint else owner.initial_payload()
     done = checkpoint.round if checkpoint else 0
-    if config["method"] == "zero-shot":  # no training: the full model and the emulator, evaluated
-        record = {"round": 0, "eval": owner.evaluate(payload)}
+    if not settings.method.trains:  # zero-shot: the full model and the emulator, evaluated
+        record = evaluation_record(0, owner.evaluate(payload))
         run.append_round(record)
-        if config["results.tensorboard"]:
+        if settings.results.tensorboard:
             tracker = TensorBoardLog(run.root / TENSORBOARD_DIR)
             tracker.write(record)
             tracker.close()
         return run.root
-    if done >= config["num-rounds"]:
+    if done >= settings.num_rounds:
         log.info("%s already finished %d rounds", run.root, done)
         return run.root
 
-    nodes = _wait_for_nodes(grid, config["strategy.min-available-nodes"], config["strategy.round-timeout"])
+    timeout = settings.strategy.round_timeout
+    nodes = _wait_for_nodes(grid, settings.strategy.min_available_nodes, timeout)
     package = ModelPackage.from_folder(owner.base_folder)
-    sent = deliver(grid, package, nodes, timeout=config["strategy.round-timeout"])
+    sent = deliver(grid, package, nodes, timeout=timeout)
     run.record_delivery(package.digest, package.nbytes, sent)
     tracker = TensorBoardLog(run.root / TENSORBOARD_DIR, first_round=done + 1 if done else 0) \
-        if config["results.tensorboard"] else None
+        if settings.results.tensorboard else None
     strategy = OffsiteStrategy(
-        aggregation_strategy(config, len(nodes)), reference=payload, evaluate_payload=owner.evaluate, run=run,
-        lr_at=lr_schedule(config["train.lr"], config["train.lr-schedule"], config["num-rounds"]),
-        min_replies=config["strategy.min-train-nodes"], seed=config["seed"],
-        base_config={"digest": package.digest, "method": config["method"],
+        aggregation_strategy(settings.strategy, settings.dp, len(nodes)), reference=payload,
+        evaluate_payload=owner.evaluate, run=run,
+        lr_at=lr_schedule(settings.train.lr, settings.lr_schedule, settings.num_rounds),
+        min_replies=settings.strategy.min_train_nodes, seed=settings.seed,
+        base_config={"digest": package.digest,
                      "split-plan": json.dumps(owner.plan.to_json()) if owner.plan else "",
                      "task-answers": json.dumps(answers) if (answers := task_answers(owner.task)) else ""},
-        rounds_done=done, max_update_norm=config["strategy.max-update-norm"],
-        round_timeout=config["strategy.round-timeout"], after_round=after_round(owner, run, len(nodes), tracker))
+        rounds_done=done, max_update_norm=settings.strategy.max_update_norm,
+        round_timeout=timeout, after_round=after_round(owner, run, len(nodes), tracker),
+        payload_kind=owner.tuning.payload_kind(owner.plan))
     if checkpoint:
         strategy.restore(checkpoint.strategy_state)
         log.info("Resuming %s after round %d", run.root, done)
     try:
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(payload),
-                                num_rounds=config["num-rounds"] - done, timeout=config["strategy.round-timeout"],
+                                num_rounds=settings.num_rounds - done, timeout=timeout,
                                 evaluate_fn=strategy.evaluate)
     finally:
         if tracker is not None:

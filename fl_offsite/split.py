@@ -1,11 +1,11 @@
 """The offsite split: adapter (bottom + top blocks) and emulator (a subset of the middle,
-chosen by ``fl_offsite.layer_choice``), and the exact inverse pair ``extract_adapter`` / ``plug_in``.
+chosen by ``fl_offsite.layer_choice``), the names the adapter travels under, and its files.
 
 An adapter is always keyed by the **full model's** parameter names, whichever model
 (full or emulator) it came from or goes into; the block index in a name is mapped
 through ``SplitPlan.kept_layers``. The names alone say where every tensor goes in the
 full model (:func:`plan_from_names`); the plan in an fl-offsite file's metadata adds the
-emulator's blocks.
+emulator's blocks. Copying tensors in and out is ``fl_offsite.payload``'s.
 """
 from __future__ import annotations
 
@@ -65,6 +65,10 @@ class SplitPlan:
             f"model has {len(blocks)} blocks, but split {self.name} expects {self.num_layers} "
             f"(full model) or {len(self.kept_layers)} (emulator): wrong model for this split")
 
+    def full_index(self, model: torch.nn.Module) -> dict[int, int]:
+        """Map block position in ``model`` -> original block index (the inverse of :meth:`positions`)."""
+        return {pos: orig for orig, pos in self.positions(model).items()}
+
     def to_json(self) -> dict:
         return {**asdict(self), "kept_layers": list(self.kept_layers), "split": self.name}
 
@@ -115,9 +119,8 @@ def plan_split(
     return SplitPlan(n, adapter_bottom, adapter_top, kept, prefix)
 
 
-def _block_key(plan: SplitPlan | str, key: str) -> tuple[int, str] | None:
-    """``(block index, rest of the name)`` when ``key`` belongs to a block (of a plan or a prefix), else None."""
-    prefix = plan.block_prefix if isinstance(plan, SplitPlan) else plan
+def block_key(prefix: str, key: str) -> tuple[int, str] | None:
+    """``(block index, rest of the name)`` when ``key`` names a tensor of a block under ``prefix``, else None."""
     match = re.match(rf"{re.escape(prefix)}\.(\d+)\.(.+)$", key)
     return (int(match.group(1)), match.group(2)) if match else None
 
@@ -131,7 +134,7 @@ def plan_from_names(model: torch.nn.Module, names: Iterable[str]) -> SplitPlan:
     prefix, blocks = find_blocks(model)
     n, used = len(blocks), set()
     for name in names:
-        block = _block_key(prefix, name)
+        block = block_key(prefix, name)
         if block is None:
             hint = ("a PEFT LoRA adapter: load its folder with PeftModel.from_pretrained" if ".lora_" in name
                     else f"adapter tensors are named {prefix}.<block>.<parameter>")
@@ -171,7 +174,7 @@ def build_emulator(model: PreTrainedModel, plan: SplitPlan) -> PreTrainedModel:
     position = {orig: pos for pos, orig in enumerate(plan.kept_layers)}
     state = {}
     for key, tensor in model.state_dict().items():
-        block = _block_key(plan, key)
+        block = block_key(plan.block_prefix, key)
         if block is None:
             state[key] = tensor
         elif block[0] in position:
@@ -184,53 +187,14 @@ def build_emulator(model: PreTrainedModel, plan: SplitPlan) -> PreTrainedModel:
 
 def adapter_names(model: torch.nn.Module, plan: SplitPlan) -> dict[str, str]:
     """Map each adapter tensor's full-model name to its name in ``model`` (full or emulator)."""
-    original = {pos: orig for orig, pos in plan.positions(model).items()}
+    original = plan.full_index(model)
     adapter = set(plan.adapter_layers)
     names = {}
     for key in model.state_dict():
-        block = _block_key(plan, key)
+        block = block_key(plan.block_prefix, key)
         if block and original.get(block[0]) in adapter:
             names[f"{plan.block_prefix}.{original[block[0]]}.{block[1]}"] = key
     return names
-
-
-def extract_adapter(model: torch.nn.Module, plan: SplitPlan) -> dict[str, torch.Tensor]:
-    """The adapter blocks' tensors of ``model`` (full or emulator), keyed by full-model names."""
-    state = model.state_dict()
-    return {full: state[local].detach().to("cpu", copy=True) for full, local in adapter_names(model, plan).items()}
-
-
-def check_adapter(adapter: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
-    """Raise a UserError naming the first key that is missing, extra, misshapen or not finite."""
-    missing = sorted(set(reference) - set(adapter))
-    extra = sorted(set(adapter) - set(reference))
-    if missing:
-        raise UserError(f"adapter lacks {len(missing)} tensor(s), first {missing[0]!r}: wrong split or model")
-    if extra:
-        raise UserError(f"adapter has {len(extra)} unexpected tensor(s), first {extra[0]!r}: wrong split or model")
-    for key, ref in reference.items():
-        got = adapter[key]
-        if got.shape != ref.shape:
-            raise UserError(f"adapter tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
-        if got.dtype != ref.dtype:
-            raise UserError(f"adapter tensor {key!r} has dtype {got.dtype}, expected {ref.dtype}")
-        if got.is_floating_point() and not torch.isfinite(got).all():
-            raise UserError(f"adapter tensor {key!r} holds NaN or Inf values")
-
-
-def plug_in(model: torch.nn.Module, adapter: dict[str, torch.Tensor], plan: SplitPlan) -> torch.nn.Module:
-    """Copy ``adapter`` (full-model names) into ``model`` (full or emulator), in place, by name."""
-    return copy_by_name(model, adapter, adapter_names(model, plan))
-
-
-@torch.no_grad()
-def copy_by_name(model: torch.nn.Module, tensors: dict[str, torch.Tensor], names: dict[str, str]) -> torch.nn.Module:
-    """Check ``tensors`` against ``names`` (their name -> name in ``model``), then copy them in."""
-    state = model.state_dict()
-    check_adapter(tensors, {name: state[local] for name, local in names.items()})
-    for name, local in names.items():
-        state[local].copy_(tensors[name])
-    return model
 
 
 def save_adapter(path: str | Path, adapter: dict[str, torch.Tensor], plan: SplitPlan,

@@ -8,12 +8,13 @@ import random
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fl_offsite.config import DEFAULTS
 from fl_offsite.data import IGNORE_INDEX, collate
 
 log = logging.getLogger(__name__)
@@ -22,15 +23,20 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainSettings:
     lr: float
-    batch_size: int = 8
-    grad_accum: int = 1
-    local_steps: int = 10  # optimizer steps; 0 = use local_epochs
-    local_epochs: float = 1.0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2
+    batch_size: int = DEFAULTS["train.batch-size"]
+    grad_accum: int = DEFAULTS["train.grad-accum"]
+    local_steps: int = DEFAULTS["train.local-steps"]  # optimizer steps; 0 = use local_epochs
+    local_epochs: float = DEFAULTS["train.local-epochs"]
+    weight_decay: float = DEFAULTS["train.weight-decay"]
+    grad_clip: float = DEFAULTS["train.grad-clip"]
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 (the server sends it each round)
     seed: int = 0
-    precision: str = "fp32"  # "bf16": forward under bf16 autocast (see half_frozen)
+    precision: str = DEFAULTS["train.precision"]  # "bf16": forward under bf16 autocast (see half_frozen)
+
+    def for_round(self, rnd: int, partition_id: int, lr: float, proximal_mu: float = 0.0) -> TrainSettings:
+        """Client ``partition_id``'s settings in round ``rnd`` of a run seeded ``self.seed``: the server's
+        learning rate and FedProx mu, and a seed of its own."""
+        return replace(self, lr=lr, proximal_mu=proximal_mu, seed=self.seed * 7919 + rnd * 131 + partition_id)
 
     def steps_for(self, num_examples: int) -> int:
         if self.local_steps > 0:
@@ -108,28 +114,30 @@ def train_local(
     order = _example_order(len(features), steps * settings.grad_accum * settings.batch_size, settings.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model.train()
-    start, losses, tokens = time.perf_counter(), [], 0
-    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, mininterval=2.0)
-    for step in bar:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in range(settings.grad_accum):
-            first = (step * settings.grad_accum + micro) * settings.batch_size
-            batch = collate([features[i] for i in order[first:first + settings.batch_size]], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
-                loss = answer_loss(model, batch) / settings.grad_accum
-            if anchors is not None:
-                loss = loss + settings.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
-            loss.backward()
-            step_loss += loss.item()
-            tokens += int(batch["attention_mask"].sum())
-        if settings.grad_clip > 0:
-            nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        optimizer.step()
-        losses.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
+    with torch.random.fork_rng():  # dropout draws from this client-round's seed; the caller's generators untouched
+        torch.manual_seed(settings.seed)
+        model.train()
+        start, losses, tokens = time.perf_counter(), [], 0
+        bar = tqdm(range(steps), desc=desc, unit="step", leave=False, mininterval=2.0)
+        for step in bar:
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in range(settings.grad_accum):
+                first = (step * settings.grad_accum + micro) * settings.batch_size
+                batch = collate([features[i] for i in order[first:first + settings.batch_size]], pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast:
+                    loss = answer_loss(model, batch) / settings.grad_accum
+                if anchors is not None:
+                    loss = loss + settings.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+                loss.backward()
+                step_loss += loss.item()
+                tokens += int(batch["attention_mask"].sum())
+            if settings.grad_clip > 0:
+                nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
     model.eval()
     for param in params:
         param.requires_grad_(False)

@@ -5,7 +5,7 @@ model); ``-lora`` trains LoRA factors (PEFT); ``offsite-bitfit`` trains the adap
 bias terms only; ``offsite-bottleneck`` adds a bottleneck adapter (Houlsby-style
 down-projection, GELU, zero-initialised up-projection, residual) after each adapter block
 and trains only those. Everything travels keyed by full-model names, so the emulator's
-clients and the owner's full model agree on them.
+clients and the owner's full model agree on them; ``fl_offsite.payload`` copies them in and out.
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from peft import PeftModel
 from torch import nn
 
 from fl_offsite.blocks import find_blocks
+from fl_offsite.config import DEFAULTS
 from fl_offsite.errors import UserError
 from fl_offsite.lora import LoraSpec, add_lora, lora_blocks, lora_names
-from fl_offsite.split import SplitPlan, adapter_names, copy_by_name
+from fl_offsite.split import SplitPlan, adapter_names
 
 BOTTLENECK = "bottleneck"  # name of the module added to a block
 
@@ -27,16 +28,7 @@ BOTTLENECK = "bottleneck"  # name of the module added to a block
 class Tuning:
     kind: str = "all"  # all | lora | bitfit | bottleneck
     lora: LoraSpec | None = None
-    bottleneck_size: int = 16
-
-    @classmethod
-    def from_config(cls, config: dict) -> Tuning:
-        kind = config["method"].rpartition("-")[2]
-        if kind == "lora":
-            return cls("lora", LoraSpec.from_config(config))
-        if kind in ("bitfit", "bottleneck"):
-            return cls(kind, bottleneck_size=config["bottleneck.size"])
-        return cls()
+    bottleneck_size: int = DEFAULTS["bottleneck.size"]
 
     def apply(self, model: nn.Module, plan: SplitPlan | None, seed: int = 0) -> nn.Module:
         """``model`` ready for this tuning: wrapped in LoRA, or with bottleneck adapters added."""
@@ -48,6 +40,14 @@ class Tuning:
             raise UserError(f"{type(model).__name__}'s adapter blocks have no bias terms for BitFit: "
                             "use method offsite-lora or offsite-bottleneck for this model")
         return model
+
+    def payload_kind(self, plan: SplitPlan | None) -> str:
+        """What this tuning's payload is, for error messages (``fl_offsite.payload.check_payload``)."""
+        if self.kind == "lora":
+            return "LoRA payload"
+        if plan is None:
+            return "full-model payload"
+        return {"all": "adapter", "bitfit": "BitFit payload", "bottleneck": "bottleneck payload"}[self.kind]
 
     def names(self, model: nn.Module, plan: SplitPlan | None) -> dict[str, str]:
         """Map travelling name -> parameter name in ``model`` for the tensors this tuning trains."""
@@ -61,17 +61,6 @@ class Tuning:
         if self.kind == "bottleneck":
             return {k: v for k, v in names.items() if f".{BOTTLENECK}." in k}
         return {k: v for k, v in names.items() if f".{BOTTLENECK}." not in k}
-
-
-def get_payload(model: nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Copies of the tensors named in ``names`` (travelling name -> name in ``model``)."""
-    state = model.state_dict()
-    return {name: state[local].detach().to("cpu", copy=True) for name, local in names.items()}
-
-
-def set_payload(model: nn.Module, payload: dict[str, torch.Tensor], names: dict[str, str]) -> None:
-    """Check ``payload`` against ``names`` and copy it into ``model``."""
-    copy_by_name(model, payload, names)
 
 
 class Bottleneck(nn.Module):
@@ -92,16 +81,15 @@ def add_bottlenecks(model: nn.Module, blocks: list[int], size: int, seed: int = 
     """Add a :class:`Bottleneck` to the blocks at ``blocks``, applied to each block's hidden-state output."""
     _, block_list = find_blocks(model)
     hidden = model.config.hidden_size
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # the same initial adapters on every call
-    for pos in blocks:
-        block = block_list[pos]
-        if hasattr(block, BOTTLENECK):
-            continue
-        param = next(block.parameters())
-        block.add_module(BOTTLENECK, Bottleneck(hidden, size).to(device=param.device, dtype=param.dtype))
-        block.register_forward_hook(_apply_bottleneck)
-    torch.random.set_rng_state(generator_state)
+    with torch.random.fork_rng():  # the same initial adapters on every call; the caller's generators untouched
+        torch.manual_seed(seed)
+        for pos in blocks:
+            block = block_list[pos]
+            if hasattr(block, BOTTLENECK):
+                continue
+            param = next(block.parameters())
+            block.add_module(BOTTLENECK, Bottleneck(hidden, size).to(device=param.device, dtype=param.dtype))
+            block.register_forward_hook(_apply_bottleneck)
 
 
 def _apply_bottleneck(block: nn.Module, args, output):

@@ -1,49 +1,49 @@
 """The inner aggregation strategy, one of Flower's own, chosen by ``strategy.name``."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flwr.serverapp import strategy as fl
 
+if TYPE_CHECKING:
+    from fl_offsite.settings import PrivacySettings, StrategySettings
 
-def aggregation_strategy(config: dict, num_nodes: int) -> fl.Strategy:
-    """A Flower strategy built from the run config; clients evaluate nothing (the owner does).
+
+def aggregation_strategy(settings: StrategySettings, dp: PrivacySettings, num_nodes: int) -> fl.Strategy:
+    """A Flower strategy built from the run's settings; clients evaluate nothing (the owner does).
 
     With ``dp.noise-multiplier`` > 0 it is FedAvg (clients weighted equally) inside Flower's
     client-side fixed-clipping DP wrapper, with Flower's RDP accountant over ``num_nodes``
     data owners; the clients clip with ``fixedclipping_mod``.
     """
-    common = dict(
-        fraction_train=config["strategy.fraction-train"], fraction_evaluate=0.0,
-        min_train_nodes=config["strategy.min-train-nodes"],
-        min_available_nodes=config["strategy.min-available-nodes"],
-    )
-    if config["dp.noise-multiplier"] > 0:
-        return _private(fl.FedAvg(**common, weighted_by_key="train-steps"), config, num_nodes)
-    name = config["strategy.name"]
-    eta = config["strategy.eta"]
+    common = dict(fraction_train=settings.fraction_train, fraction_evaluate=0.0,
+                  min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes)
+    if dp.enabled:
+        return _private(fl.FedAvg(**common, weighted_by_key="train-steps"), settings, dp, num_nodes)
+    s = settings
     builders = {
         "fedavg": lambda: fl.FedAvg(**common),
-        "fedprox": lambda: fl.FedProx(**common, proximal_mu=config["strategy.proximal-mu"]),
-        "fedavgm": lambda: fl.FedAvgM(**common, server_learning_rate=config["strategy.server-lr"],
-                                      server_momentum=config["strategy.server-momentum"]),
-        "fedadam": lambda: fl.FedAdam(**common, eta=eta),
-        "fedyogi": lambda: fl.FedYogi(**common, eta=eta),
-        "fedadagrad": lambda: fl.FedAdagrad(**common, eta=eta),
+        "fedprox": lambda: fl.FedProx(**common, proximal_mu=s.proximal_mu),
+        "fedavgm": lambda: fl.FedAvgM(**common, server_learning_rate=s.server_lr, server_momentum=s.server_momentum),
+        "fedadam": lambda: fl.FedAdam(**common, eta=s.eta),
+        "fedyogi": lambda: fl.FedYogi(**common, eta=s.eta),
+        "fedadagrad": lambda: fl.FedAdagrad(**common, eta=s.eta),
         "fedmedian": lambda: fl.FedMedian(**common),
-        "fedtrimmedavg": lambda: fl.FedTrimmedAvg(**common, beta=config["strategy.trim-beta"]),
-        "krum": lambda: fl.Krum(**common, num_malicious_nodes=config["strategy.num-malicious"]),
+        "fedtrimmedavg": lambda: fl.FedTrimmedAvg(**common, beta=s.trim_beta),
+        "krum": lambda: fl.Krum(**common, num_malicious_nodes=s.num_malicious),
     }
-    return builders[name]()
+    return builders[s.name]()
 
 
-def _private(inner: fl.FedAvg, config: dict, num_nodes: int) -> fl.Strategy:
+def _private(inner: fl.FedAvg, settings: StrategySettings, dp: PrivacySettings, num_nodes: int) -> fl.Strategy:
     from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
     from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-    sampled = max(int(num_nodes * config["strategy.fraction-train"]), config["strategy.min-train-nodes"])
+    sampled = max(int(num_nodes * settings.fraction_train), settings.min_train_nodes)
     accountant = RdpAccountant(PrivacyConfig(
-        target_delta=config["dp.delta"], population_size=num_nodes,
+        target_delta=dp.delta, population_size=num_nodes,
         neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE, sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        max_epsilon=config["dp.max-epsilon"] or None))
+        max_epsilon=dp.max_epsilon or None))
     return fl.DifferentialPrivacyClientSideFixedClipping(
-        inner, noise_multiplier=config["dp.noise-multiplier"], clipping_norm=config["dp.clipping-norm"],
+        inner, noise_multiplier=dp.noise_multiplier, clipping_norm=dp.clipping_norm,
         num_sampled_clients=sampled, accountant=accountant)

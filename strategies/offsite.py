@@ -3,29 +3,52 @@ of the plug-in and emulator models, per-client accounting and checkpoints.
 
 It wraps the aggregation strategy by composition: sampling and aggregation are the
 inner strategy's; this class only filters what goes in and records what comes out.
+Imports run one way: ``strategies`` uses the method-level library (payload checks, the
+results folder) and, of the app, only ``fl_offsite.server_app`` uses ``strategies``.
 """
 from __future__ import annotations
 
 import logging
-import pickle
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TypedDict
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_offsite.errors import UserError
-from fl_offsite.results import Checkpoint, RunFolder
-from fl_offsite.split import check_adapter
+from fl_offsite.payload import check_payload
+from fl_offsite.results import AfterRound, Checkpoint, RunFolder
 
 log = logging.getLogger(__name__)
 
 ACCOUNTANT = "__privacy_accountant__"
+# Flower strategy attributes learned across rounds: FedAdam/FedYogi/FedAdagrad's moments, FedAvgM's momentum
+# and the global arrays it steps from (the others are configuration, or reset in every configure_train).
+LEARNED = ("current_arrays", "m_t", "v_t", "momentum_vector")
 Evaluator = Callable[[dict[str, torch.Tensor]], dict[str, dict]]
-AfterRound = Callable[[dict, dict[str, torch.Tensor]], None]  # (the round's record, its global payload)
+
+
+class RoundInProgress(TypedDict, total=False):
+    """What one round's callbacks hand on: ``configure_train`` sets the first three, ``aggregate_train`` the
+    others, and ``evaluate`` builds the round's record from them."""
+
+    start: float  # time.perf_counter() when the round's messages went out
+    sent: list[Metadata]  # the grid sets their message ids when it pushes them
+    bytes_down: dict[int, int]  # node -> bytes sent to it
+    clients: list[dict]  # accepted replies: node, bytes, metrics
+    problems: list[dict]  # failed, rejected and missing replies
+    bytes_up: int  # every reply's arrays, accepted or not
+
+
+def evaluation_record(rnd: int, results: dict[str, dict]) -> dict:
+    """The record of round ``rnd`` (0: before training) as evaluated; :meth:`OffsiteStrategy.round_record` adds
+    what a training round did."""
+    return {"round": rnd, "eval": results}
 
 
 class OffsiteStrategy(Strategy):
@@ -34,9 +57,11 @@ class OffsiteStrategy(Strategy):
     def __init__(self, inner: Strategy, reference: dict[str, torch.Tensor], evaluate_payload: Evaluator,
                  run: RunFolder, lr_at: Callable[[int], float], min_replies: int, seed: int,
                  base_config: dict, rounds_done: int = 0, max_update_norm: float = 0.0,
-                 round_timeout: float | None = None, after_round: AfterRound | None = None) -> None:
+                 round_timeout: float | None = None, after_round: AfterRound | None = None,
+                 payload_kind: str = "adapter") -> None:
         self.inner = inner
         self.reference = {k: torch.empty_like(v, device="meta") for k, v in reference.items()}
+        self.payload_kind = payload_kind  # what the replies carry, for the reasons of a rejection
         self.evaluate_payload = evaluate_payload
         self.run = run
         self.lr_at = lr_at
@@ -48,19 +73,19 @@ class OffsiteStrategy(Strategy):
         self.round_timeout = round_timeout
         self.after_round = after_round
         self._global: dict[str, torch.Tensor] = {}
-        self._round: dict = {}
+        self._round: RoundInProgress = {}
 
     # --- training ---------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         rnd = server_round + self.offset
-        random.seed(self.seed * 100_003 + rnd)  # the inner strategy samples with `random`
         config = ConfigRecord({**self.base_config, **config, "lr": self.lr_at(rnd), "round": rnd})
-        messages = list(self.inner.configure_train(rnd, arrays, config, grid))
+        with seeded_global_random(self.seed * 100_003 + rnd):  # the inner strategy samples the nodes
+            messages = list(self.inner.configure_train(rnd, arrays, config, grid))
         down = arrays.count_bytes()
         self._global = arrays.to_torch_state_dict()
-        self._round = {"start": time.perf_counter(), "bytes_down": {m.metadata.dst_node_id: down for m in messages},
-                       "sent": [m.metadata for m in messages]}  # the grid sets their ids when it pushes them
+        self._round = RoundInProgress(start=time.perf_counter(), sent=[m.metadata for m in messages],
+                                      bytes_down={m.metadata.dst_node_id: down for m in messages})
         log.info("round %d: sent %.2f MB to each of %d clients", rnd, down / 1e6, len(messages))
         return messages
 
@@ -106,8 +131,7 @@ class OffsiteStrategy(Strategy):
             details = "; ".join(f"node {p['node']} {p['kind']}: {p['reason']}" for p in problems)
             raise RuntimeError(f"round {rnd}: only {len(accepted)} of {sent} clients returned a usable update "
                                f"(need {self.min_replies}); {details or 'the others timed out'}")
-        self._round.update(clients=clients, problems=problems, bytes_up=up,
-                           missing=sum(p["kind"] == "missing" for p in problems))
+        self._round.update(clients=clients, problems=problems, bytes_up=up)
         return self.inner.aggregate_train(rnd, accepted)
 
     def _check(self, reply: Message) -> tuple[str | None, float]:
@@ -119,7 +143,7 @@ class OffsiteStrategy(Strategy):
             return "metrics lack num-examples", float("nan")
         update = content["arrays"].to_torch_state_dict()
         try:
-            check_adapter(update, self.reference)
+            check_payload(update, self.reference, self.payload_kind)
         except (UserError, ValueError, TypeError) as err:
             return str(err), float("nan")
         norm = update_norm(update, self._global)
@@ -129,27 +153,37 @@ class OffsiteStrategy(Strategy):
 
     # --- evaluation and records -------------------------------------------
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Server-side evaluation (Flower's ``evaluate_fn``), then the round's record and checkpoint."""
+        """Flower's ``evaluate_fn``, after each round (and before the first): evaluate, record, checkpoint."""
         rnd = server_round + self.offset
         if server_round == 0 and self.offset > 0:
             return None  # resumed: round 0 is already on record
         payload = arrays.to_torch_state_dict()
         results = self.evaluate_payload(payload)
-        record = {"round": rnd, "eval": results}
-        if rnd > 0:
-            record.update(seconds=time.perf_counter() - self._round["start"], clients=self._round["clients"],
-                          problems=self._round["problems"], missing=self._round["missing"],
-                          lr=self.lr_at(rnd), communication=self._communication(rnd))
-            spent = self.inner.privacy_spent() if hasattr(self.inner, "privacy_spent") else None
-            if spent is not None:
-                record["privacy"] = {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
-                log.info("round %d: privacy spent epsilon %.3f at delta %g", rnd, spent.epsilon, spent.delta)
-        self.run.append_round(record)
-        self.run.save_checkpoint(Checkpoint(rnd, payload, self.state()))
-        if self.after_round is not None:
-            self.after_round(record, payload)
+        self.keep(self.round_record(rnd, results), payload)
         return MetricRecord({f"{model}.{k}": v for model, m in results.items() for k, v in m.items()
                              if isinstance(v, (int, float))})
+
+    def round_record(self, rnd: int, results: dict[str, dict]) -> dict:
+        """Round ``rnd``'s line of metrics.jsonl: the evaluation and, after training, what the round did."""
+        record = evaluation_record(rnd, results)
+        if rnd == 0:
+            return record
+        problems = self._round["problems"]
+        record.update(seconds=time.perf_counter() - self._round["start"], clients=self._round["clients"],
+                      problems=problems, missing=sum(p["kind"] == "missing" for p in problems), lr=self.lr_at(rnd),
+                      communication=self._communication(rnd))
+        spent = self.inner.privacy_spent() if hasattr(self.inner, "privacy_spent") else None
+        if spent is not None:
+            record["privacy"] = {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
+            log.info("round %d: privacy spent epsilon %.3f at delta %g", rnd, spent.epsilon, spent.delta)
+        return record
+
+    def keep(self, record: dict, payload: dict[str, torch.Tensor]) -> None:
+        """Append ``record`` to the run, checkpoint the round, then the ``after_round`` hook (TensorBoard, PEFT)."""
+        self.run.append_round(record)
+        self.run.save_checkpoint(Checkpoint(record["round"], payload, self.state()))
+        if self.after_round is not None:
+            self.after_round(record, payload)
 
     def _communication(self, rnd: int) -> dict[str, float]:
         """The round's adapter traffic, its running total over the run, and the one-time model deliveries apart."""
@@ -177,25 +211,36 @@ class OffsiteStrategy(Strategy):
 
     # --- resumable state ---------------------------------------------------
     def state(self) -> dict:
-        """The inner strategy's picklable attributes (e.g. FedAdam's moments) and its privacy accountant's."""
-        out = {}
-        for key, value in vars(self.inner).items():
-            try:
-                pickle.dumps(value)
-            except Exception:  # functions, locks: configuration, rebuilt from config
-                continue
-            out[key] = value
+        """What the inner strategy carries from round to round (:data:`LEARNED`) and its privacy accountant's
+        state; everything else of it is configuration, rebuilt from the run config on resume."""
+        out = {name: value for name in LEARNED if (value := getattr(self.inner, name, None)) is not None}
         accountant = getattr(self.inner, "accountant", None)
         if accountant is not None:
             out[ACCOUNTANT] = accountant.state_dict()
         return out
 
     def restore(self, state: dict) -> None:
-        state = dict(state)
-        accountant = state.pop(ACCOUNTANT, None)
-        vars(self.inner).update(state)
-        if accountant is not None:
-            self.inner.accountant.load_state_dict(accountant)
+        """Put back what :meth:`state` saved (a checkpoint's other keys, if any, are ignored)."""
+        for name in LEARNED:
+            if name in state:
+                setattr(self.inner, name, state[name])
+        if ACCOUNTANT in state:
+            self.inner.accountant.load_state_dict(state[ACCOUNTANT])
+
+
+@contextmanager
+def seeded_global_random(seed: int) -> Iterator[None]:
+    """Seed Python's global ``random`` for the block, then put its state back.
+
+    Flower's strategies sample nodes with the global ``random`` (``strategy_utils.sample_nodes``), so a
+    ``random.Random`` instance cannot reach them; this keeps the sampling seeded without leaking the seed.
+    """
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def update_norm(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:

@@ -1,6 +1,8 @@
-"""Drive the ServerApp's logic and the ClientApp in one process, without Ray: a small Grid."""
+"""Drive the ServerApp's logic and the ClientApp in one process, without Ray: a small Grid, and the helpers
+the tests of whole runs share (a tiny run config, a run, its messages and records, a crash)."""
 from __future__ import annotations
 
+import json
 import traceback
 from collections.abc import Callable, Iterable
 from uuid import uuid4
@@ -9,6 +11,8 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from fl_offsite.config import validate
 
 
 class InProcessGrid(Grid):
@@ -70,3 +74,42 @@ class InProcessGrid(Grid):
             replies.append(reply)
         return replies
 
+
+def tiny_config(model_dir, results_dir, **overrides) -> dict:
+    """A run config small enough for a test: a 6-block tiny model, 2 rounds of 2 steps, 6 test examples."""
+    return validate({
+        "model": str(model_dir), "task": "bbc-news", "num-rounds": 2, "split.adapter-layers": "1,1",
+        "split.emulator-layers": 2, "train.local-steps": 2, "train.batch-size": 4, "train.max-length": 64,
+        "train.lr": 1e-3, "eval.limit": 6, "results.dir": str(results_dir), "data.alpha": 0.5, **overrides})
+
+
+def run(config: dict, num_nodes: int = 3, fault=None) -> InProcessGrid:
+    """Run the ServerApp's logic against ``num_nodes`` in-process ClientApps; return the grid (its messages)."""
+    from fl_offsite.client_app import app as client_app
+    from fl_offsite.server_app import run_federated
+
+    grid = InProcessGrid(client_app, num_nodes, config, fault=fault)
+    run_federated(grid, config)
+    return grid
+
+
+def of_type(grid: InProcessGrid, kind: str) -> list[Message]:
+    return [m for m in grid.sent if m.metadata.message_type == kind]
+
+
+def rounds_of(run_dir) -> list[dict]:
+    """The round records of a run folder (metrics.jsonl)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class Crash(Exception):
+    """Stands for the server process dying mid-run."""
+
+
+def crash_in_round(n: int):
+    """A fault that crashes the server when round ``n``'s training messages go out."""
+    def fault(msg, node_index):
+        if msg.metadata.message_type == "train" and msg.content["config"]["round"] == n:
+            raise Crash
+        return None
+    return fault

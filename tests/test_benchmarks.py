@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -94,6 +95,6 @@ def test_train_local_in_bf16_with_half_frozen_weights_moves_only_the_adapter(tin
                                                                      [" sport", " tech"], 0), 32)] * 2
     stats = train_local(model, trainable, features, TrainSettings(lr=1e-2, batch_size=2, local_steps=2,
                                                                   precision="bf16"), tiny_tokenizer.pad_token_id)
-    assert stats.loss == stats.loss  # finite
+    assert math.isfinite(stats.loss) and stats.loss > 0
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]) != (name in trainable), name

@@ -101,7 +101,8 @@ def test_a_plain_safetensors_adapter_plugs_in_where_its_names_say(family, tmp_pa
     """The Hugging Face workflow: load_file, edit, save_file (no metadata), then plug-in."""
     from safetensors.torch import load_file, save_file
 
-    from fl_offsite.split import extract_adapter, plan_split
+    from fl_offsite.payload import extract_adapter
+    from fl_offsite.split import plan_split
 
     folder = str(save_tiny_model(family, tmp_path / family))
     model, _ = load_model(folder, with_tokenizer=False)

@@ -9,7 +9,7 @@ import pytest
 from fl_offsite.cli import main
 from fl_offsite.compare import write_report
 from fl_offsite.results import RunFolder
-from test_federated import run, tiny_config
+from flower_harness import run, tiny_config
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

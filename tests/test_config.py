@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fl_offsite.cli import main
-from fl_offsite.config import DEFAULTS, load_file, parse_sets, validate
+from fl_offsite.config import CHOICES, DEFAULTS, load_file, parse_sets, validate
 from fl_offsite.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,3 +142,35 @@ def test_simulate_refuses_distilling_on_the_tasks_own_text(tmp_path, capsys, tin
     err = capsys.readouterr().err
     assert "must not distill on their data" in err and len(err.strip().splitlines()) == 1
     assert not results.exists()
+
+
+def test_every_method_is_parsed_into_an_explicit_kind_and_tuning():
+    from fl_offsite.method import FEDAVG, OFFSITE, ZERO_SHOT, Method
+
+    parsed = {name: Method.parse(name) for name in CHOICES["method"]}
+    assert {name: (m.kind, m.tuning) for name, m in parsed.items()} == {
+        "offsite": (OFFSITE, "all"), "offsite-lora": (OFFSITE, "lora"), "offsite-bitfit": (OFFSITE, "bitfit"),
+        "offsite-bottleneck": (OFFSITE, "bottleneck"), "fedavg-full": (FEDAVG, "all"),
+        "fedavg-lora": (FEDAVG, "lora"), "zero-shot": (ZERO_SHOT, "all")}
+    assert [n for n, m in parsed.items() if m.trains_full_model] == ["fedavg-full", "fedavg-lora"]
+    assert [n for n, m in parsed.items() if not m.trains] == ["zero-shot"]
+    assert parsed["zero-shot"].uses_emulator and not parsed["fedavg-full"].uses_emulator
+    with pytest.raises(UserError, match="method = 'fedavg' is not one of offsite, "):
+        Method.parse("fedavg")
+
+
+def test_strategies_are_imported_by_the_server_app_alone_and_import_no_app_module():
+    import ast
+
+    def imported(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | \
+            {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+
+    users = sorted(p.name for p in (ROOT / "fl_offsite").glob("*.py")
+                   if any(m.split(".")[0] == "strategies" for m in imported(p)))
+    assert users == ["server_app.py"]
+    app = {"fl_offsite.server_app", "fl_offsite.client_app", "fl_offsite.cli", "fl_offsite.owner",
+           "fl_offsite.outputs", "fl_offsite.compare"}
+    for path in (ROOT / "strategies").glob("*.py"):
+        assert not imported(path) & app, path

@@ -11,16 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from fl_offsite.data import encode_pair
 from fl_offsite.evaluate import choice_logliks, evaluate_task, perplexity, score_choices
 from fl_offsite.tasks import ChoiceExample, TaskData
-
-EXAMPLES = [
-    ChoiceExample("Article: The striker scored twice as the club won.\nTopic:",
-                  [" business", " entertainment", " politics", " sport", " tech"], 3),
-    ChoiceExample("Question: What do plants need to grow?\nAnswer:", [" water and light", " rocks"], 0),
-    ChoiceExample("Q: Where would you keep milk cold?\nA:", [" in the fridge", " oven", " x", " on a warm shelf"], 2),
-    ChoiceExample("Topic:", [" b", " t"], 1),  # single-token choices only
-    ChoiceExample("", ["The band", "A film won"], 0),  # empty context
-]
-
+from tiny_models import CHOICE_EXAMPLES
 
 def reference_logliks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
                       examples: list[ChoiceExample]) -> list[list[float]]:
@@ -42,19 +33,19 @@ def reference_logliks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast
 def test_batched_logliks_match_unbatched(arch: str, batch_size: int, tiny_tokenizer: PreTrainedTokenizerFast,
                                          request: pytest.FixtureRequest) -> None:
     model = request.getfixturevalue(arch)
-    got = choice_logliks(model, tiny_tokenizer, EXAMPLES, batch_size=batch_size, progress=False)
-    want = reference_logliks(model, tiny_tokenizer, EXAMPLES)
+    got = choice_logliks(model, tiny_tokenizer, CHOICE_EXAMPLES, batch_size=batch_size, progress=False)
+    want = reference_logliks(model, tiny_tokenizer, CHOICE_EXAMPLES)
     for got_row, want_row in zip(got, want):
         assert got_row == pytest.approx(want_row, abs=1e-4)
 
 
 def test_metrics_match_hand_computation(tiny_llama: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
-    lls = reference_logliks(tiny_llama, tiny_tokenizer, EXAMPLES)
-    acc = [float(max(range(len(r)), key=r.__getitem__) == ex.label) for r, ex in zip(lls, EXAMPLES)]
-    normed = [[ll / len(c.lstrip()) for ll, c in zip(r, ex.choices)] for r, ex in zip(lls, EXAMPLES)]
-    acc_norm = [float(max(range(len(r)), key=r.__getitem__) == ex.label) for r, ex in zip(normed, EXAMPLES)]
-    metrics = score_choices(tiny_llama, tiny_tokenizer, EXAMPLES, batch_size=4, progress=False)
-    n = len(EXAMPLES)
+    lls = reference_logliks(tiny_llama, tiny_tokenizer, CHOICE_EXAMPLES)
+    acc = [float(max(range(len(r)), key=r.__getitem__) == ex.label) for r, ex in zip(lls, CHOICE_EXAMPLES)]
+    normed = [[ll / len(c.lstrip()) for ll, c in zip(r, ex.choices)] for r, ex in zip(lls, CHOICE_EXAMPLES)]
+    acc_norm = [float(max(range(len(r)), key=r.__getitem__) == ex.label) for r, ex in zip(normed, CHOICE_EXAMPLES)]
+    metrics = score_choices(tiny_llama, tiny_tokenizer, CHOICE_EXAMPLES, batch_size=4, progress=False)
+    n = len(CHOICE_EXAMPLES)
     assert metrics["n"] == n
     assert metrics["acc"] == pytest.approx(sum(acc) / n)
     assert metrics["acc_norm"] == pytest.approx(sum(acc_norm) / n)
@@ -65,7 +56,7 @@ def test_metrics_match_hand_computation(tiny_llama: PreTrainedModel, tiny_tokeni
 
 def test_long_contexts_are_cut_on_the_left(tiny_llama: PreTrainedModel,
                                            tiny_tokenizer: PreTrainedTokenizerFast) -> None:
-    ex, max_length = EXAMPLES[1], 8
+    ex, max_length = CHOICE_EXAMPLES[1], 8
     got = choice_logliks(tiny_llama, tiny_tokenizer, [ex], progress=False, max_length=max_length)[0]
     longest = max(len(encode_pair(tiny_tokenizer, ex.context, c)[1]) for c in ex.choices)
     for choice, score in zip(ex.choices, got):
@@ -81,11 +72,11 @@ def test_long_contexts_are_cut_on_the_left(tiny_llama: PreTrainedModel,
 def test_training_mode_is_restored(tiny_gpt2: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
     tiny_gpt2.train()
     try:
-        score_choices(tiny_gpt2, tiny_tokenizer, EXAMPLES[:2], progress=False)
+        score_choices(tiny_gpt2, tiny_tokenizer, CHOICE_EXAMPLES[:2], progress=False)
         assert tiny_gpt2.training
     finally:
         tiny_gpt2.eval()
-    score_choices(tiny_gpt2, tiny_tokenizer, EXAMPLES[:2], progress=False)
+    score_choices(tiny_gpt2, tiny_tokenizer, CHOICE_EXAMPLES[:2], progress=False)
     assert not tiny_gpt2.training
 
 
@@ -113,10 +104,10 @@ def test_perplexity_matches_hand_computation(arch: str, tiny_tokenizer: PreTrain
 
 
 def test_evaluate_task_limits_a_split(tiny_llama: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
-    data = TaskData("toy", train=[], validation=EXAMPLES[:2], test=EXAMPLES)
+    data = TaskData("toy", train=[], validation=CHOICE_EXAMPLES[:2], test=CHOICE_EXAMPLES)
     result = evaluate_task(tiny_llama, tiny_tokenizer, data, split="test", limit=3, progress=False)
     assert result["task"] == "toy" and result["split"] == "test" and result["n"] == 3
-    assert result["acc"] == score_choices(tiny_llama, tiny_tokenizer, EXAMPLES[:3], progress=False)["acc"]
+    assert result["acc"] == score_choices(tiny_llama, tiny_tokenizer, CHOICE_EXAMPLES[:3], progress=False)["acc"]
     assert {"acc_norm", "acc_stderr", "acc_norm_stderr", "examples_per_s"} <= set(result)
 
 

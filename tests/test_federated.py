@@ -7,32 +7,14 @@ import re
 import pytest
 import torch
 
-from fl_offsite.client_app import app as client_app
-from fl_offsite.config import validate
+from fl_offsite.errors import UserError
 from fl_offsite.results import RunFolder
-from fl_offsite.server_app import run_federated
+from fl_offsite.settings import Settings
 from fl_offsite.split import load_adapter
-from flower_harness import InProcessGrid
+from flower_harness import Crash, crash_in_round, of_type, rounds_of, run, tiny_config
 
 
 pytestmark = pytest.mark.usefixtures("private_cache")
-
-
-def tiny_config(model_dir, results_dir, **overrides) -> dict:
-    return validate({
-        "model": str(model_dir), "task": "bbc-news", "num-rounds": 2, "split.adapter-layers": "1,1",
-        "split.emulator-layers": 2, "train.local-steps": 2, "train.batch-size": 4, "train.max-length": 64,
-        "train.lr": 1e-3, "eval.limit": 6, "results.dir": str(results_dir), "data.alpha": 0.5, **overrides})
-
-
-def run(config: dict, num_nodes: int = 3, fault=None) -> InProcessGrid:
-    grid = InProcessGrid(client_app, num_nodes, config, fault=fault)
-    run_federated(grid, config)
-    return grid
-
-
-def of_type(grid: InProcessGrid, kind: str) -> list:
-    return [m for m in grid.sent if m.metadata.message_type == kind]
 
 
 def test_offsite_run_sends_the_emulator_once_and_only_the_adapter_each_round(tiny_lm_dir, tmp_path):
@@ -97,18 +79,6 @@ def _initial(run_dir):
     return load_adapter(run_dir / "split" / "adapter.safetensors")[0]
 
 
-class Crash(Exception):
-    """Stands for the server process dying mid-run."""
-
-
-def crash_in_round(n: int):
-    def fault(msg, node_index):
-        if msg.metadata.message_type == "train" and msg.content["config"]["round"] == n:
-            raise Crash
-        return None
-    return fault
-
-
 def test_resume_continues_from_the_last_round_and_matches_an_uninterrupted_run(tiny_lm_dir, tmp_path):
     straight = tiny_config(tiny_lm_dir, tmp_path / "straight", **{"num-rounds": 3})
     run(straight, num_nodes=2)
@@ -137,8 +107,25 @@ def test_resume_continues_from_the_last_round_and_matches_an_uninterrupted_run(t
         pytest.approx([r["eval"]["plugin"]["acc"] for r in resumed_rounds])  # each round once, across both starts
 
 
-def rounds_of(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.parametrize("name", [
+    pytest.param("fedadam", marks=pytest.mark.xfail(
+        strict=True, raises=UserError, reason="known bug, also on main: FedOpt's step returns float64 arrays, "
+        "which the owner's payload check refuses (expected float32)")),
+    pytest.param("fedavgm", marks=pytest.mark.xfail(
+        strict=True, raises=ValueError, reason="known bug, also on main: on resume FedAvgM's restored "
+        "current_arrays keep the first start's order while the checkpoint's payload comes back sorted, and "
+        "FedAvgM pairs arrays by position")),
+])
+def test_a_server_optimizer_resumes_with_its_moments_to_the_same_adapter(tiny_lm_dir, tmp_path, name):
+    straight = tiny_config(tiny_lm_dir, tmp_path / "straight", **{"num-rounds": 3, "strategy.name": name})
+    run(straight, num_nodes=2)
+    resumed = {**straight, "results.dir": str(tmp_path / "resumed")}
+    with pytest.raises(Crash):
+        run(resumed, num_nodes=2, fault=crash_in_round(3))
+    run(resumed, num_nodes=2)
+    a, _ = load_adapter(tmp_path / "straight" / "adapter.safetensors")
+    b, _ = load_adapter(tmp_path / "resumed" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_fedavg_full_sends_every_parameter(tiny_lm_dir, tmp_path):
@@ -218,10 +205,9 @@ def test_lora_runs_write_a_peft_folder_that_peft_loads_and_model_cards(tiny_lm_d
 
     from fl_offsite.cli import main
     from fl_offsite.io import load_tensors
-    from fl_offsite.lora import LoraSpec, add_lora, lora_names
+    from fl_offsite.lora import add_lora, lora_names
     from fl_offsite.models import load_model
-    from fl_offsite.split import plug_in
-    from fl_offsite.tuning import set_payload
+    from fl_offsite.payload import plug_in, set_payload
 
     out = tmp_path / method
     config = tiny_config(tiny_lm_dir, out, method=method, **{"num-rounds": 1, "train.lr": 2e-2})
@@ -232,7 +218,7 @@ def test_lora_runs_write_a_peft_folder_that_peft_loads_and_model_cards(tiny_lm_d
         adapter, plan = load_adapter(out / "adapter.safetensors")
         ours = plug_in(fresh(), adapter, plan)
     else:  # ours: the averaged LoRA factors on a LoRA-wrapped full model
-        ours = add_lora(fresh(), LoraSpec.from_config(config), list(range(6)))
+        ours = add_lora(fresh(), Settings.from_config(config).tuning.lora, list(range(6)))
         set_payload(ours, load_tensors(out / "lora.safetensors"), lora_names(ours, None))
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -259,13 +245,51 @@ def test_lora_runs_write_a_peft_folder_that_peft_loads_and_model_cards(tiny_lm_d
             assert row in card
 
 
-def test_every_configured_strategy_builds():
+FLOWER_CLASS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM", "fedadam": "FedAdam",
+                "fedyogi": "FedYogi", "fedadagrad": "FedAdagrad", "fedmedian": "FedMedian",
+                "fedtrimmedavg": "FedTrimmedAvg", "krum": "Krum"}
+
+
+@pytest.mark.parametrize("name", FLOWER_CLASS)
+def test_every_configured_strategy_builds_the_flower_class_it_names_and_aggregates_two_replies(name):
+    import numpy as np
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp import strategy as fl
+    from flwr.serverapp.strategy.fedopt import FedOpt
+    from flwr.supercore.task_identity import TaskIdentity
+
     from fl_offsite.config import CHOICES
     from strategies.aggregation import aggregation_strategy
 
-    for name in CHOICES["strategy.name"]:
-        strategy = aggregation_strategy(validate({"strategy.name": name}), num_nodes=4)
-        assert strategy.fraction_evaluate == 0.0  # the owner evaluates, not the clients
+    assert set(FLOWER_CLASS) == set(CHOICES["strategy.name"])
+    settings = Settings.from_config({"strategy.name": name})
+    strategy = aggregation_strategy(settings.strategy, settings.dp, num_nodes=4)
+    assert type(strategy) is getattr(fl, FLOWER_CLASS[name])
+    assert strategy.fraction_evaluate == 0.0  # the owner evaluates, not the clients
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    start = {"w": np.zeros(3, dtype=np.float32)}
+    if isinstance(strategy, FedOpt):  # set by configure_train in a run
+        strategy.current_arrays = start
+    elif isinstance(strategy, fl.FedAvgM):
+        strategy.current_arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in start.items()})
+    replies = []
+    for node, (value, examples) in enumerate([(1.0, 10), (3.0, 30)], start=1):
+        content = RecordDict({"arrays": ArrayRecord({"w": torch.full((3,), value)}),
+                              "metrics": MetricRecord({"num-examples": examples})})
+        reply = Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type="train"))
+        reply.metadata.__dict__["_src_node_id"] = node
+        replies.append(reply)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    result = arrays.to_torch_state_dict()["w"]
+    assert result.shape == (3,) and torch.isfinite(result).all()
+    expected = {"fedavg": 2.5, "fedprox": 2.5, "fedmedian": 2.0, "fedtrimmedavg": 2.0}  # weighted, plain means
+    if name in expected:
+        assert torch.allclose(result, torch.full((3,), expected[name]))
+    elif name == "krum":  # one of the replies, as sent
+        assert float(result[0]) in (1.0, 3.0)
+    else:  # a server optimizer's step from the start, towards the replies
+        assert (result > 0).all()
 
 
 def test_a_stateful_strategy_runs_and_sends_its_settings(tiny_lm_dir, tmp_path):

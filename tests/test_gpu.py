@@ -22,11 +22,10 @@ from fl_offsite.data import collate
 from fl_offsite.distill import DistillSettings, distill, middle_positions
 from fl_offsite.evaluate import choice_logliks, perplexity, score_choices
 from fl_offsite.lora import LoraSpec, add_lora, lora_blocks, lora_names
-from fl_offsite.split import adapter_names, build_emulator, extract_adapter, plan_split, plug_in
+from fl_offsite.payload import extract_adapter, get_payload, plug_in, set_payload
+from fl_offsite.split import adapter_names, build_emulator, plan_split
 from fl_offsite.train import TrainSettings, answer_loss, half_frozen, train_local
-from fl_offsite.tuning import get_payload, set_payload
-from test_evaluate import EXAMPLES
-from tiny_models import CORPUS, VOCAB, tiny_model
+from tiny_models import CHOICE_EXAMPLES, CORPUS, VOCAB, tiny_model
 
 
 def rows(n: int = 6, seq: int = 24, answer: int = 3, seed: int = 0) -> list[dict[str, list[int]]]:
@@ -120,12 +119,12 @@ def test_evaluation_on_the_gpu_matches_the_cpu(arch, tiny_tokenizer, cuda_device
     cpu = request.getfixturevalue(arch)
     gpu = copy.deepcopy(cpu).to(cuda_device)
     for batch_size in (1, 3):
-        got = choice_logliks(gpu, tiny_tokenizer, EXAMPLES, batch_size=batch_size, progress=False)
-        want = choice_logliks(cpu, tiny_tokenizer, EXAMPLES, batch_size=batch_size, progress=False)
+        got = choice_logliks(gpu, tiny_tokenizer, CHOICE_EXAMPLES, batch_size=batch_size, progress=False)
+        want = choice_logliks(cpu, tiny_tokenizer, CHOICE_EXAMPLES, batch_size=batch_size, progress=False)
         for got_row, want_row in zip(got, want):
             assert got_row == pytest.approx(want_row, abs=1e-4)
-    metrics = score_choices(gpu, tiny_tokenizer, EXAMPLES, progress=False)
-    assert metrics["acc"] == score_choices(cpu, tiny_tokenizer, EXAMPLES, progress=False)["acc"]
+    metrics = score_choices(gpu, tiny_tokenizer, CHOICE_EXAMPLES, progress=False)
+    assert metrics["acc"] == score_choices(cpu, tiny_tokenizer, CHOICE_EXAMPLES, progress=False)["acc"]
     texts = CORPUS[:4]
     got = perplexity(gpu, tiny_tokenizer, texts, block_size=16, batch_size=3, progress=False)
     want = perplexity(cpu, tiny_tokenizer, texts, block_size=16, batch_size=3, progress=False)

@@ -9,10 +9,12 @@ from flwr.app import Context, RecordDict
 from fl_offsite import client_app
 from fl_offsite.errors import UserError
 from fl_offsite.local_data import BadDataFile, data_path, load_examples, task_answers, write_examples
+from fl_offsite.node_cache import ExampleSource, NodeCache
 from fl_offsite.server_app import run_federated
+from fl_offsite.settings import Settings
 from fl_offsite.tasks import BBC_TOPICS, ChoiceExample, TaskData, load_task
 from flower_harness import InProcessGrid
-from test_federated import rounds_of, tiny_config
+from flower_harness import rounds_of, tiny_config
 
 EXAMPLES = [ChoiceExample("Article: The striker scored twice.\nTopic:", [" business", " sport"], 1),
             ChoiceExample('Article: Shares "rose" 5%.\nTopic:', [" business", " sport"], 0)]
@@ -95,14 +97,16 @@ def test_client_trains_on_the_nodes_own_file(tmp_path, tiny_lm_dir):
     path = write_examples(tmp_path / "mine.jsonl", EXAMPLES)
     context = Context(run_id=1, node_id=7, node_config={"data-path": str(path), "partition-id": 3},
                       state=RecordDict(), run_config={})
-    assert client_app._partition(context, {"data.num-partitions": 4}) == (3, 1)
-    local = client_app._local_data(context)
-    features = client_app._features(local, "bbc-news", 1, "iid", 1.0, 1, 3, 64, str(tiny_lm_dir))
+    data = Settings.from_config({"data.num-partitions": 4, "data.partitioner": "iid", "train.max-length": 64}).data
+    assert client_app._partition(context, data) == (3, 1)
+    source = ExampleSource(local=client_app._local_data(context), task="bbc-news", seed=1, data=data, num_partitions=1,
+                           partition_id=3, tokenizer_folder=str(tiny_lm_dir))
+    features = NodeCache().features(source)
     assert len(features) == 2
     assert all(len(f["input_ids"]) == len(f["labels"]) for f in features)
 
     plain = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    assert client_app._partition(plain, {"data.num-partitions": 4}) == (0, 4)
+    assert client_app._partition(plain, data) == (0, 4)
     assert client_app._local_data(plain) is None  # another node in the same process uses the task
 
 

@@ -11,10 +11,8 @@ from transformers import AutoModelForCausalLM
 from fl_offsite.blocks import find_blocks
 from fl_offsite.errors import UserError
 from fl_offsite.models import load_model
-from fl_offsite.split import (
-    build_emulator, extract_adapter, load_adapter, plan_split, plug_in, read_plan, save_adapter,
-    write_split,
-)
+from fl_offsite.payload import extract_adapter, plug_in
+from fl_offsite.split import build_emulator, load_adapter, plan_split, read_plan, save_adapter, write_split
 from fl_offsite.layer_choice import uniform_drop
 from tiny_models import FAMILIES, LAYERS, VOCAB, save_tiny_model, tiny_model
 
@@ -38,7 +36,7 @@ def test_uniform_drop_matches_the_paper_rule():
     assert uniform_drop(5, 5) == [0, 1, 2, 3, 4]
     assert uniform_drop(5, 1) == [0]
     assert uniform_drop(5, 0) == []
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="cannot keep 6 of 5 middle blocks"):
         uniform_drop(5, 6)
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fl_offsite.data import collate, encode_choice_example
-from fl_offsite.split import adapter_names, extract_adapter, plan_split
+from fl_offsite.payload import extract_adapter
+from fl_offsite.split import adapter_names, plan_split
 from fl_offsite.tasks import ChoiceExample
 from fl_offsite.train import TrainSettings, answer_loss, train_local
 

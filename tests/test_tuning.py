@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from fl_offsite.cli import main
-from fl_offsite.config import validate
 from fl_offsite.errors import UserError
 from fl_offsite.lora import LoraSpec
 from fl_offsite.owner import ModelOwner, final_weights
-from fl_offsite.split import build_emulator, plan_split, plug_in, save_adapter
-from fl_offsite.tuning import Tuning, get_payload, prepare_for_adapter, set_payload
+from fl_offsite.payload import get_payload, plug_in, set_payload
+from fl_offsite.settings import Settings
+from fl_offsite.split import build_emulator, plan_split, save_adapter
+from fl_offsite.tuning import Tuning, prepare_for_adapter
 from tiny_models import save_tiny_model, tiny_model
 
 TUNINGS = {
@@ -54,7 +55,7 @@ def test_merged_adapter_plugged_into_the_full_model_equals_the_tuned_model(kind,
     with torch.no_grad():
         expected = full(input_ids=ids).logits
 
-    owner = ModelOwner(validate({}), full, None, plan, None, tmp_path, None, tuning)
+    owner = ModelOwner(Settings.from_config({}), full, None, plan, None, tmp_path, None, tuning)
     file_name, adapter = final_weights(owner, trained)
     assert file_name == "adapter.safetensors"
     save_adapter(tmp_path / file_name, adapter, plan)
@@ -62,6 +63,25 @@ def test_merged_adapter_plugged_into_the_full_model_equals_the_tuned_model(kind,
     plug_in(prepare_for_adapter(fresh, adapter, plan), adapter, plan)
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, named", [("lora", "LoRA payload"), ("bitfit", "BitFit payload"),
+                                         ("bottleneck", "bottleneck payload")])
+def test_a_refused_payload_is_named_by_its_kind(kind, named):
+    plan, tuning, full, emulator = _tuned(kind)
+    payload = get_payload(full, tuning.names(full, plan))
+    first = sorted(payload)[0]
+    del payload[first]
+    with pytest.raises(UserError, match=rf"^{named} lacks 1 tensor\(s\), first {first!r}"):
+        set_payload(emulator, payload, tuning.names(emulator, plan), tuning.payload_kind(plan))
+    assert Tuning().payload_kind(None) == "full-model payload" and Tuning().payload_kind(plan) == "adapter"
+
+
+def test_a_reply_lists_its_tensors_in_the_order_of_the_request():
+    plan, tuning, full, emulator = _tuned("lora")
+    request = dict(reversed(get_payload(full, tuning.names(full, plan)).items()))
+    set_payload(emulator, request, tuning.names(emulator, plan))
+    assert list(get_payload(emulator, tuning.names(emulator, plan), order=request)) == list(request)
 
 
 def test_bottleneck_adapters_start_as_the_identity():
@@ -81,7 +101,7 @@ def test_bitfit_needs_biases():
 
 def test_plug_in_command_refuses_bottleneck_adapters(tmp_path, capsys):
     plan, tuning, full, _ = _tuned("bottleneck")
-    owner = ModelOwner(validate({}), full, None, plan, None, tmp_path, None, tuning)
+    owner = ModelOwner(Settings.from_config({}), full, None, plan, None, tmp_path, None, tuning)
     _, adapter = final_weights(owner, get_payload(full, tuning.names(full, plan)))
     save_adapter(tmp_path / "adapter.safetensors", adapter, plan)
     folder = save_tiny_model("gpt2", tmp_path / "gpt2")
@@ -100,7 +120,7 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.mark.parametrize("method", ["offsite-bitfit", "offsite-bottleneck"])
 def test_federated_run_trains_and_sends_only_the_peft_tensors(tiny_gpt2_dir, tmp_path, method):
     from fl_offsite.split import load_adapter
-    from test_federated import of_type, rounds_of, run, tiny_config
+    from flower_harness import of_type, rounds_of, run, tiny_config
 
     config = tiny_config(tiny_gpt2_dir, tmp_path / method, method=method, **{"num-rounds": 1, "train.lr": 1e-2})
     grid = run(config, num_nodes=2)
@@ -128,7 +148,7 @@ def test_lora_factors_are_averaged_separately_weighted_by_examples(tiny_lm_dir, 
     from fl_offsite.io import load_tensors
     from fl_offsite.server_app import run_federated
     from flower_harness import InProcessGrid
-    from test_federated import tiny_config
+    from flower_harness import tiny_config
 
     config = tiny_config(tiny_lm_dir, tmp_path / "lora", method="fedavg-lora", **{"num-rounds": 1})
     replies = []

@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from fl_offsite.tasks import ChoiceExample
+
 CORPUS = [
     "Article: Quarterly profits at the media giant jumped as advert sales rose.\nTopic: business",
     "Article: The band released a new album and the film won an award.\nTopic: entertainment",
@@ -14,6 +16,16 @@ CORPUS = [
     "Article: The phone maker showed a faster chip and new software.\nTopic: tech",
     "Question: What do plants need to grow?\nAnswer: water and light",
     "Q: Where would you keep milk cold?\nA: in the fridge",
+]
+
+# Multiple-choice examples of every shape the scorer meets (shared by the evaluation tests, CPU and GPU).
+CHOICE_EXAMPLES = [
+    ChoiceExample("Article: The striker scored twice as the club won.\nTopic:",
+                  [" business", " entertainment", " politics", " sport", " tech"], 3),
+    ChoiceExample("Question: What do plants need to grow?\nAnswer:", [" water and light", " rocks"], 0),
+    ChoiceExample("Q: Where would you keep milk cold?\nA:", [" in the fridge", " oven", " x", " on a warm shelf"], 2),
+    ChoiceExample("Topic:", [" b", " t"], 1),  # single-token choices only
+    ChoiceExample("", ["The band", "A film won"], 0),  # empty context
 ]
 
 VOCAB = 96

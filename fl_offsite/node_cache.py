@@ -1,0 +1,105 @@
+"""What a data owner's process keeps between training messages: one explicit, bounded cache.
+
+A Flower client process (a Ray actor in simulation) serves many rounds and, in simulation,
+many nodes, whose stores hold the same delivered model under the same digest. Loading that
+model and tokenizing a partition cost seconds each, so the process keeps the last model
+(ready for its tuning) and the tokenized examples of its last few data sources.
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from fl_offsite.errors import UserError
+from fl_offsite.local_data import load_examples
+from fl_offsite.models import best_device, load_model, load_tokenizer
+from fl_offsite.settings import DataSettings
+from fl_offsite.split import SplitPlan
+from fl_offsite.train import HALF, half_frozen
+from fl_offsite.tuning import Tuning
+
+Features = list[dict[str, list[int]]]
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """Everything that determines the model a client trains: the delivered folder and how it is prepared."""
+
+    digest: str
+    folder: str = field(compare=False)  # each simulated node's store holds the same model under the digest
+    tuning: Tuning
+    plan_json: str  # "" without a split (full fine-tuning)
+    seed: int  # the initial LoRA / bottleneck weights
+    precision: str
+
+
+@dataclass(frozen=True)
+class ExampleSource:
+    """Where a data owner's training examples come from: its own file (path and modification time, so a
+    changed file is read again) checked against the task's ``answers``, else its partition of the task."""
+
+    local: tuple[str, int] | None
+    task: str
+    seed: int
+    data: DataSettings
+    num_partitions: int
+    partition_id: int
+    tokenizer_folder: str
+    answers: tuple[str, ...] | None = None
+
+
+class NodeCache:
+    """The last prepared model and the tokenized examples of the last ``max_sources`` sources."""
+
+    def __init__(self, max_sources: int = 8) -> None:
+        self.max_sources = max_sources
+        self._model: tuple[ModelKey, nn.Module, PreTrainedTokenizerBase] | None = None
+        self._features: OrderedDict[ExampleSource, Features] = OrderedDict()
+
+    def model(self, key: ModelKey) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+        """The delivered model ready for ``key.tuning`` (loaded again only when the key changes)."""
+        if self._model is None or self._model[0] != key:
+            self._model = None  # free the previous model before loading the next
+            self._model = (key, *_prepare_model(key))
+        return self._model[1], self._model[2]
+
+    def features(self, source: ExampleSource) -> Features:
+        """The tokenized training examples of ``source`` (loss on the answer tokens only)."""
+        if source in self._features:
+            self._features.move_to_end(source)
+        else:
+            self._features[source] = _tokenized(source)
+            if len(self._features) > self.max_sources:
+                self._features.popitem(last=False)
+        return self._features[source]
+
+
+def _prepare_model(key: ModelKey) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    model, tokenizer = load_model(key.folder)
+    plan = SplitPlan.from_json(json.loads(key.plan_json)) if key.plan_json else None
+    model = key.tuning.apply(model.to(best_device()), plan, seed=key.seed)
+    if key.precision != "fp32":  # frozen weights in half precision (trainable ones stay fp32)
+        half_frozen(model, set(key.tuning.names(model, plan).values()), HALF[key.precision])
+    return model, tokenizer
+
+
+def _tokenized(source: ExampleSource) -> Features:
+    from fl_offsite.data import encode_choice_example
+    from fl_offsite.partition import partition_indices
+    from fl_offsite.tasks import load_task
+
+    if source.local is not None:
+        examples = load_examples(source.local[0], source.answers)
+    else:
+        train = load_task(source.task, seed=source.seed).train
+        indices = partition_indices([ex.label for ex in train], source.num_partitions, source.partition_id,
+                                    source.data.partitioner, source.data.alpha, source.seed)
+        if not indices:
+            raise UserError(f"partition {source.partition_id} of {source.num_partitions} is empty: use fewer clients")
+        examples = [train[i] for i in indices]
+    tokenizer = load_tokenizer(source.tokenizer_folder)
+    return [encode_choice_example(tokenizer, ex, source.data.max_length) for ex in examples]
