@@ -32,10 +32,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch
 from transformers.utils import logging as hf_logging
 
-from fl_offsite.cli import app_dir
 from fl_offsite.models import resolve_model_path
 from fl_offsite.config import validate
 from fl_offsite.launch import run_simulation_app
+from fl_offsite.processes import app_dir
 from fl_offsite.results import RunFolder
 from fl_offsite.settings import Settings
 
@@ -70,8 +70,8 @@ def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
     adapter, _ = load_adapter(split_dir / "adapter.safetensors")
     t_model = time.perf_counter()
     cache = NodeCache()
-    data = [cache.features(ExampleSource(None, settings.task, settings.seed, settings.data, clients, pid, emulator_dir))
-            for pid in range(clients)]
+    data = [cache.features(ExampleSource(None, settings.task, settings.seed, settings.data, clients, pid, "emulator"),
+                           tokenizer) for pid in range(clients)]
     t_data = time.perf_counter()
     lr_at = lr_schedule(settings.train.lr, settings.lr_schedule, settings.num_rounds)
     train_s = agg_s = 0.0

@@ -38,7 +38,7 @@ from fl_offsite.processes import app_dir, tagged_processes
 from fl_offsite.results import RunFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Stamped, fresh_node_cache, tiny_model_folder  # noqa: E402
+from common import Stamped, fresh_node_cache, status_kb, tiny_model_folder  # noqa: E402
 
 GROUPS = [("flwr-simulation", "ServerApp + simulation engine (flwr-simulation)"),
           ("ClientAppActor", "Ray client actors"), ("ray::", "Ray workers (other)"),
@@ -154,13 +154,6 @@ def aggregation_memory(payload_mb: float, counts: list[int]) -> list[dict]:
     return out
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
     import torch
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -190,7 +183,7 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
             strategy._round = {"start": time.perf_counter(), "bytes_down": {}, "sent": sent}
             held = sum(r.content["arrays"].count_bytes() for r in replies) / 2**20
             Path("/proc/self/clear_refs").write_text("5")
-            rss_before = _status_kb("VmRSS")
+            rss_before = status_kb("VmRSS")
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
             start = time.perf_counter()
@@ -198,7 +191,7 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
             seconds = time.perf_counter() - start
             peak = tracemalloc.get_traced_memory()[1] - base
             tracemalloc.stop()
-            rss_peak = (_status_kb("VmHWM") - rss_before) / 1024
+            rss_peak = (status_kb("VmHWM") - rss_before) / 1024
             expected = sum((10 + i) * i for i in range(n)) / sum(10 + i for i in range(n))
             assert abs(float(arrays.to_torch_state_dict()["layers.0.weight"][0]) - expected) < 1e-3
             out.append({"replies": n, "replies_held_mb": held, "aggregate_peak_extra_mb": peak / 2**20, "rss_peak_extra_mb": rss_peak,

@@ -71,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
     answers = tuple(json.loads(round_config["task-answers"])) if round_config.get("task-answers") else None
     try:
         features = CACHE.features(ExampleSource(_local_data(context), settings.task, settings.seed, settings.data,
-                                                num_partitions, partition_id, folder, answers))
+                                                num_partitions, partition_id, digest, answers), tokenizer)
     except BadDataFile as err:  # the rows stay on this node: the model owner learns only how many
         log.error("%s", err)
         raise UserError(f"the data owner's file was refused ({err.summary}); the rows and what to fix are in "

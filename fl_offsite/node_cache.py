@@ -3,7 +3,9 @@
 A Flower client process (a Ray actor in simulation) serves many rounds and, in simulation,
 many nodes, whose stores hold the same delivered model under the same digest. Loading that
 model and tokenizing a partition cost seconds each, so the process keeps the last model
-(ready for its tuning) and the tokenized examples of its last few data sources.
+(ready for its tuning, with its tokenizer), the training split of the last task, and the
+tokenized examples of its last few data sources. Nothing is loaded twice: reading the task again
+and loading a tokenizer for each new node made a Ray actor grow by about 1.4 MB a round.
 """
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from fl_offsite.data import encode_choice_example
 from fl_offsite.errors import UserError
 from fl_offsite.local_data import load_examples
-from fl_offsite.models import best_device, load_model, load_tokenizer
+from fl_offsite.models import best_device, load_model
+from fl_offsite.partition import partition_indices
 from fl_offsite.settings import DataSettings
 from fl_offsite.split import SplitPlan
+from fl_offsite.tasks import ChoiceExample, load_task
 from fl_offsite.train import HALF, half_frozen
 from fl_offsite.tuning import Tuning
 
@@ -48,16 +53,18 @@ class ExampleSource:
     data: DataSettings
     num_partitions: int
     partition_id: int
-    tokenizer_folder: str
+    digest: str  # the delivered model, whose tokenizer encodes the examples
     answers: tuple[str, ...] | None = None
 
 
 class NodeCache:
-    """The last prepared model and the tokenized examples of the last ``max_sources`` sources."""
+    """The last prepared model, the last task's training split and the tokenized examples of the last
+    ``max_sources`` sources."""
 
     def __init__(self, max_sources: int = 8) -> None:
         self.max_sources = max_sources
         self._model: tuple[ModelKey, nn.Module, PreTrainedTokenizerBase] | None = None
+        self._task: tuple[tuple[str, int], list[ChoiceExample]] | None = None
         self._features: OrderedDict[ExampleSource, Features] = OrderedDict()
 
     def model(self, key: ModelKey) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -67,15 +74,30 @@ class NodeCache:
             self._model = (key, *_prepare_model(key))
         return self._model[1], self._model[2]
 
-    def features(self, source: ExampleSource) -> Features:
-        """The tokenized training examples of ``source`` (loss on the answer tokens only)."""
+    def features(self, source: ExampleSource, tokenizer: PreTrainedTokenizerBase) -> Features:
+        """The tokenized training examples of ``source`` (loss on the answer tokens only), encoded by
+        ``tokenizer``: the tokenizer of the model ``source.digest``."""
         if source in self._features:
             self._features.move_to_end(source)
         else:
-            self._features[source] = _tokenized(source)
+            examples = load_examples(source.local[0], source.answers) if source.local else self._partition(source)
+            self._features[source] = _tokenized(examples, tokenizer, source.data.max_length)
             if len(self._features) > self.max_sources:
                 self._features.popitem(last=False)
         return self._features[source]
+
+    def _partition(self, source: ExampleSource) -> list[ChoiceExample]:
+        """The examples of ``source``'s partition of the task (its training split read once per process)."""
+        key = (source.task, source.seed)
+        if self._task is None or self._task[0] != key:
+            self._task = None
+            self._task = (key, load_task(source.task, seed=source.seed).train)
+        train = self._task[1]
+        indices = partition_indices([ex.label for ex in train], source.num_partitions, source.partition_id,
+                                    source.data.partitioner, source.data.alpha, source.seed)
+        if not indices:
+            raise UserError(f"partition {source.partition_id} of {source.num_partitions} is empty: use fewer clients")
+        return [train[i] for i in indices]
 
 
 def _prepare_model(key: ModelKey) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -87,19 +109,5 @@ def _prepare_model(key: ModelKey) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     return model, tokenizer
 
 
-def _tokenized(source: ExampleSource) -> Features:
-    from fl_offsite.data import encode_choice_example
-    from fl_offsite.partition import partition_indices
-    from fl_offsite.tasks import load_task
-
-    if source.local is not None:
-        examples = load_examples(source.local[0], source.answers)
-    else:
-        train = load_task(source.task, seed=source.seed).train
-        indices = partition_indices([ex.label for ex in train], source.num_partitions, source.partition_id,
-                                    source.data.partitioner, source.data.alpha, source.seed)
-        if not indices:
-            raise UserError(f"partition {source.partition_id} of {source.num_partitions} is empty: use fewer clients")
-        examples = [train[i] for i in indices]
-    tokenizer = load_tokenizer(source.tokenizer_folder)
-    return [encode_choice_example(tokenizer, ex, source.data.max_length) for ex in examples]
+def _tokenized(examples: list[ChoiceExample], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Features:
+    return [encode_choice_example(tokenizer, ex, max_length) for ex in examples]

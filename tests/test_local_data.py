@@ -9,6 +9,7 @@ from flwr.app import Context, RecordDict
 from fl_offsite import client_app
 from fl_offsite.errors import UserError
 from fl_offsite.local_data import BadDataFile, data_path, load_examples, task_answers, write_examples
+from fl_offsite.models import load_tokenizer
 from fl_offsite.node_cache import ExampleSource, NodeCache
 from fl_offsite.server_app import run_federated
 from fl_offsite.settings import Settings
@@ -100,8 +101,8 @@ def test_client_trains_on_the_nodes_own_file(tmp_path, tiny_lm_dir):
     data = Settings.from_config({"data.num-partitions": 4, "data.partitioner": "iid", "train.max-length": 64}).data
     assert client_app._partition(context, data) == (3, 1)
     source = ExampleSource(local=client_app._local_data(context), task="bbc-news", seed=1, data=data, num_partitions=1,
-                           partition_id=3, tokenizer_folder=str(tiny_lm_dir))
-    features = NodeCache().features(source)
+                           partition_id=3, digest="tiny")
+    features = NodeCache().features(source, load_tokenizer(str(tiny_lm_dir)))
     assert len(features) == 2
     assert all(len(f["input_ids"]) == len(f["labels"]) for f in features)
 

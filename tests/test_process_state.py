@@ -65,10 +65,12 @@ def test_resume_state_is_what_the_strategy_learned_and_restores_exactly(name, le
 
 def test_the_node_cache_keeps_the_most_recent_example_sources_only(monkeypatch):
     calls = []
-    monkeypatch.setattr(node_cache, "_tokenized", lambda source: calls.append(source.partition_id) or [source])
+    monkeypatch.setattr(node_cache.NodeCache, "_partition", lambda self, source: calls.append(source.partition_id)
+                        or [source])
+    monkeypatch.setattr(node_cache, "_tokenized", lambda examples, tokenizer, max_length: examples)
     cache = node_cache.NodeCache(max_sources=2)
     data = Settings.from_config({}).data
-    source = lambda pid: node_cache.ExampleSource(None, "bbc-news", 1, data, 4, pid, "folder")
+    source = lambda pid: node_cache.ExampleSource(None, "bbc-news", 1, data, 4, pid, "digest")
     for pid in (0, 1, 0, 2, 1):
-        assert cache.features(source(pid)) == [source(pid)]
+        assert cache.features(source(pid), tokenizer=None) == [source(pid)]
     assert calls == [0, 1, 2, 1]  # 0 was used again before 2 came, so 1 went first
