@@ -47,7 +47,12 @@ def run_federated(grid: Grid, config: dict) -> Path:
         run = _fresh(run)
     run.write_config(config)
     owner = ModelOwner.prepare(settings, run.root)
-    payload = checkpoint.payload if checkpoint else owner.initial_payload()
+    initial = owner.initial_payload()
+    if checkpoint and checkpoint.payload.keys() != initial.keys():
+        raise UserError(f"the checkpoint in {run.root} holds other tensors than this run trains; choose another "
+                        "results.dir or set results.resume=false")
+    # in the initial payload's order: the checkpoint file's is sorted, and FedAvgM pairs arrays by position
+    payload = {name: checkpoint.payload[name] for name in initial} if checkpoint else initial
     done = checkpoint.round if checkpoint else 0
     if not settings.method.trains:  # zero-shot: the full model and the emulator, evaluated
         record = evaluation_record(0, owner.evaluate(payload))

@@ -132,7 +132,17 @@ class OffsiteStrategy(Strategy):
             raise RuntimeError(f"round {rnd}: only {len(accepted)} of {sent} clients returned a usable update "
                                f"(need {self.min_replies}); {details or 'the others timed out'}")
         self._round.update(clients=clients, problems=problems, bytes_up=up)
-        return self.inner.aggregate_train(rnd, accepted)
+        arrays, metrics = self.inner.aggregate_train(rnd, accepted)
+        return self._as_reference(arrays), metrics
+
+    def _as_reference(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """``arrays`` in the global payload's dtypes (FedAdam, FedYogi and FedAdagrad step in float64)."""
+        if arrays is None:
+            return None
+        state = arrays.to_torch_state_dict()
+        if all(tensor.dtype == self.reference[name].dtype for name, tensor in state.items()):
+            return arrays
+        return ArrayRecord({name: tensor.to(self.reference[name].dtype) for name, tensor in state.items()})
 
     def _check(self, reply: Message) -> tuple[str | None, float]:
         """Why an update must not be averaged in (None when it is fine), and its distance from the global one."""

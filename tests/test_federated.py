@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 
-from fl_offsite.errors import UserError
 from fl_offsite.results import RunFolder
 from fl_offsite.settings import Settings
 from fl_offsite.split import load_adapter
@@ -107,15 +106,7 @@ def test_resume_continues_from_the_last_round_and_matches_an_uninterrupted_run(t
         pytest.approx([r["eval"]["plugin"]["acc"] for r in resumed_rounds])  # each round once, across both starts
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("fedadam", marks=pytest.mark.xfail(
-        strict=True, raises=UserError, reason="known bug, also on main: FedOpt's step returns float64 arrays, "
-        "which the owner's payload check refuses (expected float32)")),
-    pytest.param("fedavgm", marks=pytest.mark.xfail(
-        strict=True, raises=ValueError, reason="known bug, also on main: on resume FedAvgM's restored "
-        "current_arrays keep the first start's order while the checkpoint's payload comes back sorted, and "
-        "FedAvgM pairs arrays by position")),
-])
+@pytest.mark.parametrize("name", ["fedadam", "fedavgm"])  # float64 steps; arrays paired by position
 def test_a_server_optimizer_resumes_with_its_moments_to_the_same_adapter(tiny_lm_dir, tmp_path, name):
     straight = tiny_config(tiny_lm_dir, tmp_path / "straight", **{"num-rounds": 3, "strategy.name": name})
     run(straight, num_nodes=2)
