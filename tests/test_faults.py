@@ -12,13 +12,13 @@ import psutil
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fl_offsite.client_app import app as client_app
 from fl_offsite.processes import tagged_processes
 from fl_offsite.server_app import run_federated
 from fl_offsite.split import load_adapter
-from flower_harness import InProcessGrid
-from test_federated import Crash, crash_in_round, rounds_of, run, tiny_config
+from flower_harness import Crash, InProcessGrid, crash_in_round, rounds_of, run, tiny_config
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -125,7 +125,7 @@ def test_differential_privacy_clips_updates_and_reports_epsilon(tiny_lm_dir, tmp
 
 def test_privacy_budget_stops_the_run_before_it_is_exceeded(tiny_lm_dir, tmp_path):
     dp = {"dp.noise-multiplier": 1.0, "dp.max-epsilon": 1.0, "num-rounds": 3}
-    with pytest.raises(Exception, match="exceed max_epsilon"):
+    with pytest.raises(PrivacyBudgetExhausted, match="exceed max_epsilon"):
         run(tiny_config(tiny_lm_dir, tmp_path / "dp", **dp), num_nodes=2)
 
 
