@@ -170,7 +170,7 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:
-            strategy = OffsiteStrategy(FedAvg(), reference=reference, evaluate_payload=lambda p: {},
+            strategy = OffsiteStrategy(FedAvg(), reference=reference, evaluate_payload=lambda rnd, p: {},
                                        run=Folder(tmp), lr_at=lambda r: 1e-4, min_replies=1, seed=0, base_config={})
             replies, sent = [], []
             for i in range(n):

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from fl_offsite.config import CHOICES, load_file, validate
 from fl_offsite.errors import UserError
 from fl_offsite.io import write_atomic, write_json
+from fl_offsite.logs import clock_time
 from fl_offsite.report import markdown_table
 from fl_offsite.results import RunFolder
 from fl_offsite.settings import Settings
@@ -65,9 +67,14 @@ def run_compare(runs: dict[str, dict], num_clients: int, out: Path, config: dict
         else:
             check_runnable(settings, num_clients)  # all of them before the first starts
             pending[name] = run_config, settings.num_rounds
-    for name, (run_config, num_rounds) in pending.items():
-        log.info("%s: running %d rounds with %d clients", name, num_rounds, num_clients)
+    started = time.perf_counter()
+    for i, (name, (run_config, num_rounds)) in enumerate(pending.items(), 1):
+        log.info("[%d/%d] %s: %d rounds with %d clients (elapsed %s)", i, len(pending), name, num_rounds,
+                 num_clients, clock_time(time.perf_counter() - started))
+        begun = time.perf_counter()
         run_simulation_app(app_dir(), run_config, num_supernodes=num_clients, cpus_per_client=cpus_per_client)
+        log.info("[%d/%d] %s finished in %s (elapsed %s)", i, len(pending), name,
+                 clock_time(time.perf_counter() - begun), clock_time(time.perf_counter() - started))
     return write_report(out, list(runs))
 
 
@@ -81,7 +88,7 @@ def summarize(run_dir: Path) -> dict:
     run = RunFolder(run_dir)
     rounds = run.rounds()
     config = run.read_config()
-    evaluations = [{"round": r["round"], **{m: r["eval"][m] for m in r["eval"]}} for r in rounds]
+    evaluations = [{"round": r["round"], **r["eval"]} for r in rounds if r["eval"]]  # eval.every skips some
     clients = [c for r in rounds[1:] for c in r["clients"]]
     distillation = run.distillation()
     if not clients:  # zero-shot: nothing trained, nothing sent
@@ -233,7 +240,8 @@ def _plots(out: Path, runs: dict[str, dict]) -> list[str]:
         acc = [r[model]["acc"] for r in run["rounds"]]
         left.plot(rounds, acc, marker="o", label=label)
         if "cumulative_bytes_per_client" in run:
-            right.plot([b / 1e6 for b in run["cumulative_bytes_per_client"]], acc, marker="o", label=label)
+            sent = run["cumulative_bytes_per_client"]  # one entry per round, from round 0
+            right.plot([sent[r] / 1e6 for r in rounds], acc, marker="o", label=label)
     left.set(xlabel="round", ylabel="test accuracy", title="Accuracy by round")
     left.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     right.set(xlabel="MB communicated per client (incl. one-time download)", ylabel="test accuracy",

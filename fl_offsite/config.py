@@ -71,8 +71,10 @@ DEFAULTS: dict[str, Value] = {
     "data.partitioner": "dirichlet",  # iid | dirichlet (over labels)
     "data.alpha": 1.0,
     "data.num-partitions": 4,  # used when the node does not give num-partitions
-    "eval.limit": 200,  # held-out test examples evaluated by the model owner
+    "eval.limit": 200,  # held-out test examples evaluated by the model owner (0 = the whole test split)
     "eval.batch-size": 16,
+    "eval.every": 1,  # evaluate before training, every N-th round and after the last (0 = only before and after)
+    "eval.precision": "fp32",  # bf16: the owner scores under bf16 autocast (2-3x faster on CPUs with AMX)
     "results.dir": "runs/default",
     "results.resume": True,
     "results.tensorboard": False,  # also write each round's metrics as TensorBoard scalars (<results.dir>/tensorboard)
@@ -91,6 +93,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "emulator.layers": ("uniform", "similarity", "greedy"),
     "distill.targets": ("output", "per-block"),
     "distill.precision": ("fp32", "bf16"),
+    "eval.precision": ("fp32", "bf16"),
     "data.partitioner": ("iid", "dirichlet"),
 }
 
@@ -110,6 +113,9 @@ def validate(overrides: dict[str, Any]) -> dict[str, Value]:
     for key in ("num-rounds", "train.batch-size", "train.grad-accum", "train.max-length", "distill.eval-every"):
         if config[key] < 1:
             raise UserError(f"{key} must be >= 1, got {config[key]}")
+    for key in ("eval.limit", "eval.every"):
+        if config[key] < 0:
+            raise UserError(f"{key} must be >= 0, got {config[key]}")
     if config["train.local-steps"] <= 0 and config["train.local-epochs"] <= 0:
         raise UserError("set train.local-steps or train.local-epochs to a positive number")
     if not 0.0 < config["strategy.fraction-train"] <= 1.0:

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from safetensors.torch import load_file
 
@@ -21,6 +22,7 @@ from fl_offsite.io import atomic_dir, save_tensors
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
+BF16_KEY = "bf16-tensors"  # Flower's arrays go through NumPy, which has no bfloat16: these travel as int16 bytes
 STATUS_QUERY, MODEL_QUERY = "query.model_status", "query.model"
 
 
@@ -31,9 +33,13 @@ class ModelPackage:
     digest: str
     weights: ArrayRecord
     files: ConfigRecord  # file name -> bytes (config, tokenizer, ...)
+    bf16: tuple[str, ...] = ()  # the weights sent as the int16 view of their bfloat16 bytes
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> ModelPackage:
+    def from_folder(cls, folder: str | Path, dtype: torch.dtype | None = None) -> ModelPackage:
+        """The model in ``folder``; ``dtype`` (e.g. bf16 for clients that train in bf16) casts its floating
+        weights for the trip. Exact for such clients: they hold frozen weights in that dtype, and the rounds
+        carry the trainable ones at full precision."""
         folder = Path(folder)
         names = sorted(p.name for p in folder.iterdir() if p.is_file())
         if WEIGHTS_FILE not in names:
@@ -42,9 +48,18 @@ class ModelPackage:
         for name in names:
             digest.update(name.encode())
             digest.update((folder / name).read_bytes())
+        tensors = load_file(folder / WEIGHTS_FILE)
+        if dtype is not None:
+            digest.update(str(dtype).encode())
+            tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
         files = ConfigRecord({n: (folder / n).read_bytes() for n in names if n != WEIGHTS_FILE})
-        weights = ArrayRecord(load_file(folder / WEIGHTS_FILE))
-        return cls(digest.hexdigest()[:16], weights, files)
+        bf16 = tuple(k for k, t in tensors.items() if t.dtype == torch.bfloat16)
+        weights = ArrayRecord({k: t.view(torch.int16) if k in bf16 else t for k, t in tensors.items()})
+        return cls(digest.hexdigest()[:16], weights, files, bf16)
+
+    def description(self) -> ConfigRecord:
+        """What a node needs besides the weights and files: the digest, and which weights are bf16."""
+        return ConfigRecord({"digest": self.digest, **({BF16_KEY: list(self.bf16)} if self.bf16 else {})})
 
     @property
     def nbytes(self) -> int:
@@ -60,8 +75,7 @@ def deliver(grid, package: ModelPackage, node_ids: list[int], timeout: float) ->
              if not r.content["model"]["has"]]
     sent = {n: 0 for n in node_ids}
     if needs:
-        content = RecordDict({"model": ConfigRecord({"digest": package.digest}), "weights": package.weights,
-                              "files": package.files})
+        content = RecordDict({"model": package.description(), "weights": package.weights, "files": package.files})
         log.info("Sending the model (%.1f MB) to %d node(s); %d have it cached",
                  package.nbytes / 1e6, len(needs), len(node_ids) - len(needs))
         replies = grid.send_and_receive(
@@ -96,7 +110,9 @@ class NodeStore:
         with atomic_dir(self.folder(digest)) as tmp:
             for name, data in content["files"].items():
                 (tmp / name).write_bytes(data)
-            save_tensors(tmp / WEIGHTS_FILE, content["weights"].to_torch_state_dict())
+            bf16 = set(content["model"].get(BF16_KEY, []))
+            save_tensors(tmp / WEIGHTS_FILE, {k: t.view(torch.bfloat16) if k in bf16 else t
+                                              for k, t in content["weights"].to_torch_state_dict().items()})
         return self.folder(digest)
 
 

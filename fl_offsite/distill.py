@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from fl_offsite.evaluate import perplexity
 from fl_offsite.io import json_digest
 from fl_offsite.payload import extract_adapter
 from fl_offsite.split import SPLIT_FILE, SplitPlan, build_emulator, write_split
-from fl_offsite.train import freeze_except
+from fl_offsite.train import freeze_except, precision_autocast
 
 log = logging.getLogger(__name__)
 EVAL_CHARS = 16_000  # held-out text per perplexity check (about 4k tokens): checks must not dominate short runs
@@ -72,7 +71,7 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, 
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(settings.warmup_steps, settings.steps // 10),
                                                settings.steps)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if settings.precision == "bf16" else nullcontext()
+    autocast = precision_autocast(device, settings.precision)
 
     def held_out_ppl(m: nn.Module) -> float:
         return perplexity(m, tokenizer, held_out, block_size=256, progress=False)["ppl"]

@@ -110,7 +110,7 @@ def _score_group(model: nn.Module, group: Sequence[_Item], pad_id: int, device: 
 
 def choice_logliks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[ChoiceExample],
                    batch_size: int = 16, device: torch.device | str | None = None,
-                   progress: bool = True, max_length: int | None = None) -> list[list[float]]:
+                   progress: bool = True, max_length: int | None = None, desc: str = "scoring") -> list[list[float]]:
     """Log-likelihood of each choice's tokens given its context, per example.
 
     Each context runs once: the context pass (right padded, longest first) gives the logits
@@ -131,7 +131,7 @@ def choice_logliks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, example
     keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     logliks: list[list[float]] = [[] for _ in examples]
     with _inference(model):
-        for group in tqdm(groups, desc="scoring", unit="batch", disable=not progress):
+        for group in tqdm(groups, desc=desc, unit="batch", disable=not progress, mininterval=2.0):
             for item, scores in zip(group, _score_group(model, group, pad_id(tokenizer), device, keep_logits)):
                 logliks[item.example] = scores
     return logliks
@@ -153,7 +153,7 @@ def _argmax(values: Sequence[float]) -> int:
 
 def score_choices(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[ChoiceExample],
                   batch_size: int = 16, device: torch.device | str | None = None,
-                  progress: bool = True) -> dict[str, float]:
+                  progress: bool = True, desc: str = "scoring") -> dict[str, float]:
     """lm-eval-harness multiple-choice metrics.
 
     ``acc``: the gold choice has the highest log-likelihood. ``acc_norm``: the same after
@@ -163,7 +163,8 @@ def score_choices(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples
     if not examples:
         raise ValueError("no examples to score")
     begin = time.perf_counter()
-    logliks = choice_logliks(model, tokenizer, examples, batch_size=batch_size, device=device, progress=progress)
+    logliks = choice_logliks(model, tokenizer, examples, batch_size=batch_size, device=device, progress=progress,
+                             desc=desc)
     seconds = time.perf_counter() - begin
     correct, correct_norm = [], []
     for ex, lls in zip(examples, logliks):
@@ -203,11 +204,12 @@ def perplexity(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequ
 
 
 def evaluate_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: TaskData | str, split: str = "test",
-                  limit: int | None = None, batch_size: int = 16, progress: bool = True) -> dict[str, float | str]:
+                  limit: int | None = None, batch_size: int = 16, progress: bool = True,
+                  desc: str = "scoring") -> dict[str, float | str]:
     """Score ``split`` of ``task`` (a :class:`TaskData` or a task name); ``limit``: its first N examples."""
     data = load_task(task) if isinstance(task, str) else task
     examples = data.split(split)[:limit]
-    metrics = score_choices(model, tokenizer, examples, batch_size=batch_size, progress=progress)
+    metrics = score_choices(model, tokenizer, examples, batch_size=batch_size, progress=progress, desc=desc)
     log.info("%s/%s: acc %.3f acc_norm %.3f (n=%d, %.1f examples/s)", data.name, split, metrics["acc"],
              metrics["acc_norm"], metrics["n"], metrics["examples_per_s"])
     return {"task": data.name, "split": split, **metrics}

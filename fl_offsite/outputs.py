@@ -3,12 +3,15 @@ a model card, the PEFT folder of LoRA runs (after every round), and TensorBoard 
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import torch
 from peft import PeftModel
 
 from fl_offsite.card import model_card, run_record, usage
 from fl_offsite.io import save_tensors, write_atomic
+from fl_offsite.logs import clock_time
 from fl_offsite.lora import PEFT_DIR, save_peft_folder
 from fl_offsite.models import resolve_model_path
 from fl_offsite.owner import ModelOwner, final_weights
@@ -16,13 +19,18 @@ from fl_offsite.results import AfterRound, RunFolder
 from fl_offsite.split import RUN_METADATA, save_adapter
 from fl_offsite.tracking import TensorBoardLog
 
+log = logging.getLogger(__name__)
 CARD = "README.md"  # the run's model card
 
 
 def after_round(owner: ModelOwner, run: RunFolder, num_clients: int,
                 tracker: TensorBoardLog | None) -> AfterRound:
-    """After each round's record: its TensorBoard scalars, and for LoRA the PEFT folder of this round."""
+    """After each round's record: a progress line, its TensorBoard scalars, and for LoRA the PEFT folder of
+    this round."""
+    clock = RoundClock(owner.settings.num_rounds)
+
     def after(record: dict, payload: dict[str, torch.Tensor]) -> None:
+        clock.tick(record["round"])
         if tracker is not None:
             tracker.write(record)
         if record["round"] > 0 and isinstance(owner.model, PeftModel):
@@ -33,6 +41,24 @@ def after_round(owner: ModelOwner, run: RunFolder, num_clients: int,
                               usage("peft", base, str(run.root / PEFT_DIR)), peft=True)
             save_peft_folder(owner.model, run.root / PEFT_DIR, card)
     return after
+
+
+class RoundClock:
+    """Logs, after each round, the run's elapsed time and what is left at the mean pace so far."""
+
+    def __init__(self, num_rounds: int) -> None:
+        self.num_rounds = num_rounds
+        self.start: tuple[int, float] | None = None  # the first round seen (0, or the last one before a resume)
+
+    def tick(self, rnd: int) -> None:
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = rnd, now
+            return
+        first, began = self.start
+        per_round = (now - began) / max(1, rnd - first)
+        log.info("round %d/%d done: %s since round %d, about %s left", rnd, self.num_rounds,
+                 clock_time(now - began), first, clock_time(per_round * (self.num_rounds - rnd)))
 
 
 def save_final(owner: ModelOwner, run: RunFolder, payload: dict[str, torch.Tensor], num_clients: int) -> None:

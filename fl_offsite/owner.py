@@ -1,8 +1,11 @@
 """The model owner's side: the split, the package delivered once, and evaluation."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,14 +14,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peft import PeftModel
 
+from fl_offsite.assets import cache_dir
 from fl_offsite.emulator import prepare_emulator
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import evaluate_task
+from fl_offsite.io import json_digest, write_json
+from fl_offsite.logs import clock_time
 from fl_offsite.models import best_device, load_model, resolve_model_path
 from fl_offsite.payload import extract_adapter, get_payload, set_payload
 from fl_offsite.settings import Settings
 from fl_offsite.split import EMULATOR_DIR, SplitPlan, write_split
 from fl_offsite.tasks import TaskData, load_task
+from fl_offsite.train import precision_autocast
 from fl_offsite.tuning import Tuning
 
 log = logging.getLogger(__name__)
@@ -39,11 +46,14 @@ class ModelOwner:
 
     @classmethod
     def prepare(cls, settings: Settings, run_dir: Path) -> ModelOwner:
+        began = time.perf_counter()
         model, tokenizer = load_model(settings.model)
         model.to(best_device())
         if tokenizer is None:
             raise UserError(f"{settings.model} has no tokenizer; clients need one to read their data")
         task = load_task(settings.task, seed=settings.seed)
+        log.info("model owner: %s and task %s ready in %s", settings.model, settings.task,
+                 clock_time(time.perf_counter() - began))
         if settings.method.trains_full_model:
             plan, emulator = None, None
             base_folder = _model_folder(settings.model, model, tokenizer, run_dir)
@@ -53,6 +63,8 @@ class ModelOwner:
             split_dir = write_split(run_dir / "split", emulator, extract_adapter(model, plan), plan, tokenizer,
                                     record=record)
             base_folder = split_dir / EMULATOR_DIR
+            log.info("model owner: emulator (%s) ready after %s", settings.emulator.describe(),
+                     clock_time(time.perf_counter() - began))
         tuning = settings.tuning
         model = tuning.apply(model, plan, seed=settings.seed)
         emulator = emulator and tuning.apply(emulator, plan, seed=settings.seed)
@@ -68,21 +80,53 @@ class ModelOwner:
     def initial_payload(self) -> dict[str, torch.Tensor]:
         return get_payload(self.model, self.payload_names(self.model))
 
-    def evaluate(self, payload: dict[str, torch.Tensor]) -> dict[str, dict]:
-        """Plug ``payload`` in and score the held-out test split: plug-in (full) and emulator models."""
-        limit, batch = self.settings.eval.limit, self.settings.eval.batch_size
+    def evaluate(self, rnd: int, payload: dict[str, torch.Tensor]) -> dict[str, dict]:
+        """Plug ``payload`` in and score the held-out test split: plug-in (full) and emulator models.
+
+        Only the rounds ``eval.every`` names are scored (``{}`` for the others). Round 0 scores the
+        untrained models, which every method run on the same model and task shares: those scores are
+        cached by the exact weights, so a comparison scores the full model zero-shot once.
+        """
+        if not self.settings.eval.due(rnd, self.settings.num_rounds):
+            return {}
         models = {"plugin": self.model} if self.emulator is not None else {"full": self.model}
         if self.emulator is not None:
             models["emulator"] = self.emulator
         results = {}
         for name, model in models.items():
             self.load_payload(model, payload)
-            results[name] = evaluate_task(model, self.tokenizer, self.task, "test", limit=limit, batch_size=batch,
-                                          progress=False)
+            results[name] = self._score_cached(model, name) if rnd == 0 else self._score(model, name)
         if self.emulator is not None:
-            log.info("plug-in acc %.3f | emulator acc %.3f | gap %+.3f", results["plugin"]["acc"],
+            log.info("round %d: plug-in acc %.3f | emulator acc %.3f | gap %+.3f", rnd, results["plugin"]["acc"],
                      results["emulator"]["acc"], results["emulator"]["acc"] - results["plugin"]["acc"])
         return results
+
+    def _score(self, model: PreTrainedModel, name: str) -> dict:
+        e = self.settings.eval
+        with precision_autocast(next(model.parameters()).device, e.precision):
+            return evaluate_task(model, self.tokenizer, self.task, "test", limit=e.limit or None,
+                                 batch_size=e.batch_size, desc=f"scoring {name}")
+
+    def _score_cached(self, model: PreTrainedModel, name: str) -> dict:
+        e = self.settings.eval
+        key = json_digest({"weights": state_digest(model), "task": self.task.name, "seed": self.settings.seed,
+                           "limit": e.limit, "batch": e.batch_size, "precision": e.precision})
+        path = cache_dir("scores") / f"{key}.json"
+        if path.is_file():
+            log.info("zero-shot score of these exact weights on %s: cached (%s)", self.task.name, path)
+            return json.loads(path.read_text())
+        result = self._score(model, name)
+        write_json(path, result)
+        return result
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor of ``model``'s state (name, dtype, bytes): equal digests, equal weights."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def final_weights(owner: ModelOwner, payload: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:

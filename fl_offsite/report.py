@@ -12,7 +12,8 @@ def round_table(rounds: list[dict]) -> str:
         clients = record.get("clients", [])
         mean = lambda key: sum(c[key] for c in clients) / len(clients) if clients else float("nan")
         rows.append([
-            str(record["round"]), *(f"{record['eval'][m]['acc']:.3f}" for m in models),
+            str(record["round"]),
+            *(f"{record['eval'][m]['acc']:.3f}" if record["eval"] else "-" for m in models),  # eval.every skips some
             f"{mean('train-loss'):.4f}" if clients else "-",
             f"{mean('bytes_down') / 1e6:.1f}" if clients else "-",
             f"{mean('bytes_up') / 1e6:.1f}" if clients else "-",

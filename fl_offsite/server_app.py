@@ -20,6 +20,7 @@ from fl_offsite.outputs import CARD, after_round, save_final
 from fl_offsite.owner import ModelOwner, lr_schedule
 from fl_offsite.results import CHECKPOINT, DELIVERY, RunFolder
 from fl_offsite.settings import Settings
+from fl_offsite.train import HALF
 from fl_offsite.tracking import TENSORBOARD_DIR, TensorBoardLog
 from strategies.aggregation import aggregation_strategy
 from strategies.offsite import OffsiteStrategy, evaluation_record
@@ -55,7 +56,7 @@ def run_federated(grid: Grid, config: dict) -> Path:
     payload = {name: checkpoint.payload[name] for name in initial} if checkpoint else initial
     done = checkpoint.round if checkpoint else 0
     if not settings.method.trains:  # zero-shot: the full model and the emulator, evaluated
-        record = evaluation_record(0, owner.evaluate(payload))
+        record = evaluation_record(0, owner.evaluate(0, payload))
         run.append_round(record)
         if settings.results.tensorboard:
             tracker = TensorBoardLog(run.root / TENSORBOARD_DIR)
@@ -68,7 +69,7 @@ def run_federated(grid: Grid, config: dict) -> Path:
 
     timeout = settings.strategy.round_timeout
     nodes = _wait_for_nodes(grid, settings.strategy.min_available_nodes, timeout)
-    package = ModelPackage.from_folder(owner.base_folder)
+    package = ModelPackage.from_folder(owner.base_folder, dtype=HALF.get(settings.train.precision))
     sent = deliver(grid, package, nodes, timeout=timeout)
     run.record_delivery(package.digest, package.nbytes, sent)
     tracker = TensorBoardLog(run.root / TENSORBOARD_DIR, first_round=done + 1 if done else 0) \

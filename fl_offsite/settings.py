@@ -59,8 +59,16 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    limit: int  # held-out test examples the model owner evaluates
+    """What the model owner scores (``eval.*``): how many test examples, in which rounds, at which precision."""
+
+    limit: int  # held-out test examples the model owner evaluates; 0 = the whole test split
     batch_size: int
+    every: int  # rounds between evaluations; 0 = only before the first round and after the last
+    precision: str
+
+    def due(self, rnd: int, num_rounds: int) -> bool:
+        """Whether round ``rnd`` (0: before training) is evaluated."""
+        return rnd in (0, num_rounds) or (self.every > 0 and rnd % self.every == 0)
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,7 @@ class Settings:
             lr_schedule=c["train.lr-schedule"],
             data=DataSettings(partitioner=c["data.partitioner"], alpha=c["data.alpha"],
                               num_partitions=c["data.num-partitions"], max_length=c["train.max-length"]),
-            eval=EvalSettings(limit=c["eval.limit"], batch_size=c["eval.batch-size"]),
+            eval=EvalSettings(limit=c["eval.limit"], batch_size=c["eval.batch-size"], every=c["eval.every"],
+                              precision=c["eval.precision"]),
             results=ResultsSettings(dir=c["results.dir"], resume=c["results.resume"],
                                     tensorboard=c["results.tensorboard"]))

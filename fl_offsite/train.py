@@ -70,6 +70,13 @@ def freeze_except(model: nn.Module, trainable: set[str]) -> list[nn.Parameter]:
 HALF = {"bf16": torch.bfloat16}  # fp16 would need loss scaling
 
 
+def precision_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision`` on ``device`` for "bf16"; nothing for "fp32"."""
+    if precision not in ("fp32", *HALF):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    return torch.autocast(device.type, dtype=HALF[precision]) if precision in HALF else contextlib.nullcontext()
+
+
 def half_frozen(model: nn.Module, trainable: set[str], dtype: torch.dtype = torch.bfloat16) -> int:
     """Store every frozen floating-point parameter in ``dtype`` (trainable ones stay as they are).
 
@@ -104,10 +111,7 @@ def train_local(
         raise ValueError("no training examples in this partition")
     device = next(model.parameters()).device
     params = freeze_except(model, trainable)
-    if settings.precision not in ("fp32", *HALF):
-        raise ValueError(f"precision must be fp32 or bf16, got {settings.precision!r}")
-    autocast = (torch.autocast(device.type, dtype=HALF[settings.precision]) if settings.precision in HALF
-                else contextlib.nullcontext())
+    autocast = precision_autocast(device, settings.precision)
     anchors = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.steps_for(len(features))

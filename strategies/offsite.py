@@ -30,7 +30,7 @@ ACCOUNTANT = "__privacy_accountant__"
 # Flower strategy attributes learned across rounds: FedAdam/FedYogi/FedAdagrad's moments, FedAvgM's momentum
 # and the global arrays it steps from (the others are configuration, or reset in every configure_train).
 LEARNED = ("current_arrays", "m_t", "v_t", "momentum_vector")
-Evaluator = Callable[[dict[str, torch.Tensor]], dict[str, dict]]
+Evaluator = Callable[[int, dict[str, torch.Tensor]], dict[str, dict]]  # (round, payload) -> scores
 
 
 class RoundInProgress(TypedDict, total=False):
@@ -168,7 +168,7 @@ class OffsiteStrategy(Strategy):
         if server_round == 0 and self.offset > 0:
             return None  # resumed: round 0 is already on record
         payload = arrays.to_torch_state_dict()
-        results = self.evaluate_payload(payload)
+        results = self.evaluate_payload(rnd, payload)
         self.keep(self.round_record(rnd, results), payload)
         return MetricRecord({f"{model}.{k}": v for model, m in results.items() for k, v in m.items()
                              if isinstance(v, (int, float))})

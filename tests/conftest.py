@@ -9,6 +9,13 @@ import transformers
 from transformers import PreTrainedTokenizerFast
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow end-to-end tests first, whole runs (minutes, mostly waiting on processes and timeouts) before
+    parametrized walks (seconds each): with ``pytest -n`` (as ``make test`` runs) the long ones start at once
+    and the other workers take the rest."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, hasattr(item, "callspec")))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """GPT-2-style byte-level BPE (any text encodes) trained on a few sentences; EOS = BOS = pad."""

@@ -10,6 +10,7 @@ import torch
 from fl_offsite.results import RunFolder
 from fl_offsite.settings import Settings
 from fl_offsite.split import load_adapter
+from fl_offsite.tasks import load_task
 from flower_harness import Crash, crash_in_round, of_type, rounds_of, run, tiny_config
 
 
@@ -298,3 +299,59 @@ def test_bf16_clients_train_and_return_fp32_adapters(tiny_lm_dir, tmp_path):
     assert all(c["train-loss"] > 0 for c in record["clients"])
     for msg in of_type(grid, "train"):
         assert {a.dtype for a in msg.content["arrays"].values()} == {"float32"}
+
+
+def test_bf16_clients_get_the_emulator_in_bf16_and_train_exactly_as_with_an_fp32_download(tiny_lm_dir, tmp_path,
+                                                                                          monkeypatch):
+    config = lambda name: tiny_config(tiny_lm_dir, tmp_path / name, **{"num-rounds": 1, "train.precision": "bf16"})
+    grid = run(config("half"), num_nodes=2)
+    (delivery,) = of_type(grid, "query.model")[:1]
+    assert set(delivery.content["model"]["bf16-tensors"]) == set(delivery.content["weights"])  # every weight
+    half = json.loads((tmp_path / "half" / "delivery.json").read_text())["package_bytes"]
+
+    monkeypatch.setattr("fl_offsite.server_app.HALF", {})  # the same run, the emulator sent in fp32
+    run(config("full"), num_nodes=2)
+    full = json.loads((tmp_path / "full" / "delivery.json").read_text())["package_bytes"]
+    assert half < 0.6 * full
+    trained = [load_adapter(tmp_path / name / "adapter.safetensors")[0] for name in ("half", "full")]
+    assert trained[0].keys() == trained[1].keys()
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+
+
+def test_eval_every_scores_the_named_rounds_and_the_report_skips_the_others(tiny_lm_dir, tmp_path):
+    from fl_offsite.compare import write_report
+    from fl_offsite.report import round_table
+
+    run(tiny_config(tiny_lm_dir, tmp_path / "out" / "offsite", **{"num-rounds": 3, "eval.every": 2}), num_nodes=2)
+    rounds = rounds_of(tmp_path / "out" / "offsite")
+    assert [sorted(r["eval"]) for r in rounds] == [["emulator", "plugin"], [], ["emulator", "plugin"],
+                                                   ["emulator", "plugin"]]
+    assert round_table(rounds).splitlines()[3].startswith("| 1     | -")
+    report = json.loads((write_report(tmp_path / "out", ["offsite"]).parent / "report.json").read_text())
+    assert [r["round"] for r in report["offsite"]["rounds"]] == [0, 2, 3]
+
+    run(tiny_config(tiny_lm_dir, tmp_path / "ends", **{"num-rounds": 3, "eval.every": 0}), num_nodes=2)
+    assert [bool(r["eval"]) for r in rounds_of(tmp_path / "ends")] == [True, False, False, True]
+
+
+def test_zero_shot_scores_are_shared_by_methods_on_the_same_weights(tiny_lm_dir, tmp_path, monkeypatch):
+    import fl_offsite.owner
+
+    scored = []
+    score = fl_offsite.owner.evaluate_task
+    monkeypatch.setattr(fl_offsite.owner, "evaluate_task", lambda model, *a, **k: scored.append(k["desc"]) or
+                        score(model, *a, **k))
+    config = lambda method, **keys: tiny_config(tiny_lm_dir, tmp_path / method, method=method,
+                                                **{"num-rounds": 1, "eval.limit": 0, **keys})
+    run(config("offsite"), num_nodes=2)
+    assert scored == ["scoring plugin", "scoring emulator"] * 2
+    scored.clear()
+    run(config("fedavg-full"), num_nodes=2)  # round 0: the full model, already scored as offsite's plug-in
+    assert scored == ["scoring full"]
+    zero_shot = [rounds_of(tmp_path / m)[0]["eval"][k] for m, k in (("offsite", "plugin"), ("fedavg-full", "full"))]
+    assert zero_shot[0] == zero_shot[1]
+    assert zero_shot[0]["n"] == len(load_task("bbc-news", seed=1234).test)  # eval.limit = 0: the whole split
+
+    scored.clear()
+    run(config("fedavg-full", **{"eval.precision": "bf16", "results.dir": str(tmp_path / "bf16")}), num_nodes=2)
+    assert scored == ["scoring full", "scoring full"]  # another precision: scored again

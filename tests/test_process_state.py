@@ -44,7 +44,7 @@ def test_node_sampling_is_seeded_without_touching_the_global_random_stream():
 def _strategy(name: str) -> OffsiteStrategy:
     settings = Settings.from_config({"strategy.name": name})
     return OffsiteStrategy(aggregation_strategy(settings.strategy, settings.dp, 4), reference={},
-                           evaluate_payload=lambda payload: {}, run=None, lr_at=lambda rnd: 1.0, min_replies=1,
+                           evaluate_payload=lambda rnd, payload: {}, run=None, lr_at=lambda rnd: 1.0, min_replies=1,
                            seed=0, base_config={})
 
 
