@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 # keep 2 cores busy.
 TEST_WORKERS ?= 3
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

@@ -150,6 +150,9 @@ def _simulation_env(home: Path, tag: str) -> dict[str, str]:
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "RAY_DEDUP_LOGS": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # client actors at the run's own priority: at Ray's default (nice 15) any other busy process on the
+        # machine, e.g. a second simulation or test worker, starves them (measured: minutes per round)
+        "RAY_worker_niceness": "0",
         "RAY_ADDRESS": "local",
         "NO_PROXY": ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1,localhost"])),
         "no_proxy": ",".join(filter(None, [os.environ.get("no_proxy"), "127.0.0.1,localhost"])),

@@ -190,6 +190,7 @@ def test_a_straggler_is_cut_off_at_the_round_timeout_and_its_late_reply_is_never
     actors = wait_until(lambda: sorted(p.pid for p in tagged_processes(ours) if "ClientAppActor" in _cmdline(p)),
                         launcher, tmp_path / "run", "the actors started")
     assert len(actors) == 2
+    assert {psutil.Process(pid).nice() for pid in actors} == {0}  # not Ray's default 15: RAY_worker_niceness
     os.kill(actors[0], signal.SIGSTOP)
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"  # rounds 0 and 1 on record
