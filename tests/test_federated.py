@@ -342,7 +342,7 @@ def test_zero_shot_scores_are_shared_by_methods_on_the_same_weights(tiny_lm_dir,
     monkeypatch.setattr(fl_offsite.owner, "evaluate_task", lambda model, *a, **k: scored.append(k["desc"]) or
                         score(model, *a, **k))
     config = lambda method, **keys: tiny_config(tiny_lm_dir, tmp_path / method, method=method,
-                                                **{"num-rounds": 1, "eval.limit": 0, **keys})
+                                                **{"num-rounds": 1, **keys})
     run(config("offsite"), num_nodes=2)
     assert scored == ["scoring plugin", "scoring emulator"] * 2
     scored.clear()
@@ -350,8 +350,13 @@ def test_zero_shot_scores_are_shared_by_methods_on_the_same_weights(tiny_lm_dir,
     assert scored == ["scoring full"]
     zero_shot = [rounds_of(tmp_path / m)[0]["eval"][k] for m, k in (("offsite", "plugin"), ("fedavg-full", "full"))]
     assert zero_shot[0] == zero_shot[1]
-    assert zero_shot[0]["n"] == len(load_task("bbc-news", seed=1234).test)  # eval.limit = 0: the whole split
 
     scored.clear()
     run(config("fedavg-full", **{"eval.precision": "bf16", "results.dir": str(tmp_path / "bf16")}), num_nodes=2)
     assert scored == ["scoring full", "scoring full"]  # another precision: scored again
+
+
+def test_eval_limit_zero_scores_the_whole_test_split(tiny_lm_dir, tmp_path):
+    run(tiny_config(tiny_lm_dir, tmp_path / "zs", method="zero-shot", **{"eval.limit": 0}), num_nodes=2)
+    (record,) = rounds_of(tmp_path / "zs")
+    assert {m["n"] for m in record["eval"].values()} == {len(load_task("bbc-news", seed=1234).test)}
