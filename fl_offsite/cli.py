@@ -153,14 +153,18 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     print(f"results: {results}")
 
 
+CPUS_HELP = ("CPUs of each simulated client (default: the file's compare.cpus-per-client, else 1); "
+             "clients with 2 CPUs on a 2-core machine train one at a time on 2 threads")
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from fl_offsite.compare import load_compare_config, run_compare
     from fl_offsite.config import parse_sets
 
-    methods, num_clients, out, config = load_compare_config(args.config, parse_sets(args.set))
-    report = run_compare(methods, num_clients, out, config, cpus_per_client=args.cpus_per_client)
+    plan = load_compare_config(args.config, parse_sets(args.set), cpus_per_client=args.cpus_per_client)
+    report = run_compare(plan)
     print(report.read_text().split("![")[0].rstrip())
-    print(f"\nreport: {report}\nplots:  {out / 'accuracy.png'}, {out / 'client_cost.png'}")
+    print(f"\nreport: {report}\nplots:  {plan.out / 'accuracy.png'}, {plan.out / 'client_cost.png'}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -301,12 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("config", help="TOML file: run-config keys plus compare.methods, compare.num-clients, "
                                         "compare.out")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
-    compare.add_argument("--cpus-per-client", type=int, default=1)
+    compare.add_argument("--cpus-per-client", type=int, help=CPUS_HELP)
     compare.set_defaults(func=cmd_compare)
 
     demo = sub.add_parser("demo", help="the main job: offsite-tuning vs FedAvg full fine-tuning on smollm2-135m")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
-    demo.add_argument("--cpus-per-client", type=int, default=1)
+    demo.add_argument("--cpus-per-client", type=int, help=CPUS_HELP)
     demo.set_defaults(func=cmd_demo)
 
     # Deployment: a SuperLink (model owner) and SuperNodes (data owners); see docs/deployment.md.

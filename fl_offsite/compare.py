@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,24 @@ log = logging.getLogger(__name__)
 BASELINE = "fedavg-full"
 
 
-def load_compare_config(path: str | Path, overrides: dict[str, Any]) -> tuple[dict[str, dict], int, Path, dict]:
-    """The runs (name -> config overrides), num-clients, out folder and shared run config of a compare file.
+@dataclass(frozen=True)
+class ComparePlan:
+    """What a compare file asks for: named runs on one shared run config, one client count, one folder."""
+
+    runs: dict[str, dict]  # run name -> its run-config overrides (``method`` and any keys)
+    num_clients: int
+    out: Path
+    config: dict  # the run config every run shares
+    cpus_per_client: dict[str, int]  # run name -> CPUs of each simulated client
+
+
+def load_compare_config(path: str | Path, overrides: dict[str, Any], cpus_per_client: int | None = None) -> ComparePlan:
+    """The plan of a compare file (``overrides`` from ``--set``).
 
     ``compare.methods`` lists run names: a method (``offsite``...) or a variant defined as
     ``[compare.runs.NAME]`` with its ``method`` and any run-config keys (``"distill.steps" = 120``).
+    ``compare.cpus-per-client`` (default 1) sets each simulated client's CPUs, a run's own
+    ``cpus-per-client`` overrides it for that run, and ``cpus_per_client`` (the command line) for all.
     """
     data = {**load_file(path), **overrides}
     names = data.pop("compare.methods", ["offsite", BASELINE])
@@ -35,47 +49,51 @@ def load_compare_config(path: str | Path, overrides: dict[str, Any]) -> tuple[di
         variants.setdefault(name, {})[option] = data.pop(key)
     num_clients = int(data.pop("compare.num-clients", 4))
     out = Path(str(data.pop("compare.out", "runs/compare"))).expanduser().resolve()
+    default_cpus = int(data.pop("compare.cpus-per-client", 1))
     config = validate(data)
     unused = variants.keys() - set(names)
     if unused:
         raise UserError(f"[compare.runs.{sorted(unused)[0]}] is not listed in compare.methods")
-    runs = {}
+    runs, cpus = {}, {}
     for name in names:
-        run = variants.get(name, {"method": name})
+        run = dict(variants.get(name, {"method": name}))
         if "method" not in run:
             raise UserError(f"[compare.runs.{name}] needs a method (one of {', '.join(CHOICES['method'])})")
+        run_cpus = int(run.pop("cpus-per-client", default_cpus))
+        cpus[name] = cpus_per_client or run_cpus
         validate({**data, **run})
         runs[name] = run
     if num_clients < Settings.from_config(config).strategy.min_train_nodes:
         raise UserError(f"compare.num-clients={num_clients} is below strategy.min-train-nodes")
-    return runs, num_clients, out, config
+    return ComparePlan(runs, num_clients, out, config, cpus)
 
 
-def run_compare(runs: dict[str, dict], num_clients: int, out: Path, config: dict, cpus_per_client: int = 1) -> Path:
-    """Run each configuration (resuming, skipping finished ones), then write the report into ``out``."""
+def run_compare(plan: ComparePlan) -> Path:
+    """Run each configuration (resuming, skipping finished ones), then write the report into ``plan.out``."""
     from fl_offsite.launch import run_simulation_app
     from fl_offsite.preflight import check_runnable
     from fl_offsite.processes import app_dir
 
     pending = {}
-    for name, overrides in runs.items():
-        run_config = validate({**config, **overrides, "results.dir": str(out / name),
-                               "data.num-partitions": num_clients})
+    for name, overrides in plan.runs.items():
+        run_config = validate({**plan.config, **overrides, "results.dir": str(plan.out / name),
+                               "data.num-partitions": plan.num_clients})
         settings = Settings.from_config(run_config)
-        if finished(out / name, settings.num_rounds if settings.method.trains else 0):
-            log.info("%s: already finished, not rerun (%s)", name, out / name)
+        if finished(plan.out / name, settings.num_rounds if settings.method.trains else 0):
+            log.info("%s: already finished, not rerun (%s)", name, plan.out / name)
         else:
-            check_runnable(settings, num_clients)  # all of them before the first starts
+            check_runnable(settings, plan.num_clients)  # all of them before the first starts
             pending[name] = run_config, settings.num_rounds
     started = time.perf_counter()
     for i, (name, (run_config, num_rounds)) in enumerate(pending.items(), 1):
-        log.info("[%d/%d] %s: %d rounds with %d clients (elapsed %s)", i, len(pending), name, num_rounds,
-                 num_clients, clock_time(time.perf_counter() - started))
+        cpus = plan.cpus_per_client[name]
+        log.info("[%d/%d] %s: %d rounds with %d clients, %d CPU(s) each (elapsed %s)", i, len(pending), name,
+                 num_rounds, plan.num_clients, cpus, clock_time(time.perf_counter() - started))
         begun = time.perf_counter()
-        run_simulation_app(app_dir(), run_config, num_supernodes=num_clients, cpus_per_client=cpus_per_client)
+        run_simulation_app(app_dir(), run_config, num_supernodes=plan.num_clients, cpus_per_client=cpus)
         log.info("[%d/%d] %s finished in %s (elapsed %s)", i, len(pending), name,
                  clock_time(time.perf_counter() - begun), clock_time(time.perf_counter() - started))
-    return write_report(out, list(runs))
+    return write_report(plan.out, list(plan.runs))
 
 
 def finished(run_dir: Path, num_rounds: int) -> bool:

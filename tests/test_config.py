@@ -82,7 +82,8 @@ def test_shipped_configs_are_valid():
 
     from fl_offsite.corpora import check_public
 
-    runs, clients, _, config = load_compare_config(ROOT / "simulations" / "demo.toml", {})
+    plan = load_compare_config(ROOT / "simulations" / "demo.toml", {})
+    runs, clients, config = plan.runs, plan.num_clients, plan.config
     assert [run["method"] for run in runs.values()] == ["offsite", "fedavg-full"]  # offsite beside its baseline
     distilled = validate({**config, **runs["offsite-distilled"]})
     assert distilled["distill.steps"] > 0
@@ -98,9 +99,16 @@ def test_compare_variants_are_named_runs_with_their_own_keys(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('num-rounds = 1\n[compare]\nmethods = ["offsite", "distilled"]\n'
                     '[compare.runs.distilled]\nmethod = "offsite"\n"distill.steps" = 50\n')
-    runs, _, _, config = load_compare_config(path, {})
-    assert runs == {"offsite": {"method": "offsite"}, "distilled": {"method": "offsite", "distill.steps": 50}}
-    assert config["distill.steps"] == 0
+    plan = load_compare_config(path, {})
+    assert plan.runs == {"offsite": {"method": "offsite"}, "distilled": {"method": "offsite", "distill.steps": 50}}
+    assert plan.config["distill.steps"] == 0
+    assert plan.cpus_per_client == {"offsite": 1, "distilled": 1}
+
+    path.write_text('[compare]\nmethods = ["offsite", "big"]\n"cpus-per-client" = 2\n'
+                    '[compare.runs.big]\nmethod = "fedavg-full"\n"cpus-per-client" = 1\n')
+    plan = load_compare_config(path, {})
+    assert plan.cpus_per_client == {"offsite": 2, "big": 1} and plan.runs["big"] == {"method": "fedavg-full"}
+    assert load_compare_config(path, {}, cpus_per_client=3).cpus_per_client == {"offsite": 3, "big": 3}
 
     path.write_text('[compare]\nmethods = ["offsite"]\n[compare.runs.distilled]\nmethod = "offsite"\n')
     with pytest.raises(UserError, match=r"\[compare.runs.distilled\] is not listed"):
