@@ -15,6 +15,8 @@ owner's cosine schedule across rounds), the same work Flower's simulation distri
 Every finished unit (a zero-shot score, one seed of one method) is kept in the output JSON at
 once, so a rerun resumes. Prints means, standard errors over seeds, the privacy gap (plug-in
 minus emulator + adapter) and the emulator's standalone gap (full minus emulator zero-shot).
+Runs on the GPU when there is one (``--device``; scoring and training under bf16 autocast there too);
+the output JSON names the device its units ran on.
 
   python benchmarks/fidelity.py --task bbc-news --seeds 1 --recipe uniform=emulator.layers=uniform
   python benchmarks/fidelity.py --task bbc-news --seeds 1,2,3 \\
@@ -74,7 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="scoring under bf16 autocast (the same for every setting)")
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 is fastest when other processes share the cores)")
+                        help="torch CPU threads (1 is fastest when other processes share the cores)")
+    parser.add_argument("--device", default=None,
+                        help="where models, batches and emulators live: cuda, cuda:N or cpu "
+                             "(default: cuda when available, else cpu)")
     parser.add_argument("--limit", type=int, default=0, help="score only this many test examples (0: whole split)")
     parser.add_argument("--centralised", action="store_true", help="one data owner with all the data, same budget")
     parser.add_argument("--no-ft", action="store_true", help="skip FedAvg full fine-tuning")
@@ -151,7 +156,8 @@ def fedavg(model: torch.nn.Module, trainable: dict[str, str], data: list[list[di
 
 
 def score(model, tokenizer, task, args) -> dict:
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.eval_precision == "bf16")
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.eval_precision == "bf16")
     with autocast:
         result = evaluate_task(model, tokenizer, task, "test", limit=args.limit or None,
                                batch_size=args.eval_batch_size, progress=True)
@@ -165,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     recipes = recipes_of(args.recipe)
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     budget = {k: getattr(args, k) for k in ("model", "task", "clients", "alpha", "rounds", "local_steps",
                                              "batch_size", "lr", "ft_lr", "max_length", "precision",
                                              "eval_precision", "limit", "centralised")}
@@ -172,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     results.data.setdefault("recipes", {}).update(
         {name: {"overrides": o, "recipe": asdict(r)} for name, (o, r) in recipes.items()})
     model, tokenizer = load_model(args.model)
+    model.to(device)
+    results.data.setdefault("devices", {})[device.type] = describe(device)
+    log.info("running on %s", results.data["devices"][device.type])
     args.pad_id = pad_id(tokenizer)
     task = load_task(args.task, seed=TASK_SEED)
     encode = lambda examples: [encode_choice_example(tokenizer, ex, args.max_length) for ex in examples]
@@ -183,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         if results.get(key):
             continue
         full, _ = load_model(args.model)
+        full.to(device)
         data = [encode(p) for p in partitions(task, args.clients, args.alpha, seed, args.centralised)]
         run = fedavg(full, {n: n for n, _ in full.named_parameters()}, data, args, args.ft_lr, seed,
                      f"fedavg-full s{seed}")
@@ -220,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     print_table(summary, results.data["units"]["full-zero-shot"]["n"], seeds)
     plot(summary, results.path.with_suffix(".png"), args)
     return 0
+
+
+def describe(device: torch.device) -> str:
+    """The device in words, kept in the output JSON (each unit's numbers come from the device named there)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"cpu, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
 
 
 def mean_se(values: list[float]) -> dict:
