@@ -3,7 +3,8 @@
 The model owner sends ``query.model_status`` with the model's digest; a node that does
 not have it on disk answers ``has = False`` and then receives ``query.model`` carrying
 the weights (an ArrayRecord) and the small files (config, tokenizer) it needs to
-rebuild a Hugging Face model folder. Rounds then carry only the trainable tensors.
+rebuild a Hugging Face model folder. Rounds then carry only the trainable tensors; weights the
+rounds carry anyway (all of them in full fine-tuning) are left out of the package.
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from safetensors.torch import load_file
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from fl_offsite.io import atomic_dir, save_tensors
+from fl_offsite.models import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +39,12 @@ class ModelPackage:
     bf16: tuple[str, ...] = ()  # the weights sent as the int16 view of their bfloat16 bytes
 
     @classmethod
-    def from_folder(cls, folder: str | Path, dtype: torch.dtype | None = None) -> ModelPackage:
+    def from_folder(cls, folder: str | Path, dtype: torch.dtype | None = None,
+                    carried: frozenset[str] = frozenset()) -> ModelPackage:
         """The model in ``folder``; ``dtype`` (e.g. bf16 for clients that train in bf16) casts its floating
         weights for the trip. Exact for such clients: they hold frozen weights in that dtype, and the rounds
-        carry the trainable ones at full precision."""
+        carry the trainable ones at full precision. Weights named in ``carried`` (those the rounds carry)
+        stay home; a node builds them from the config (:func:`load_delivered`) until the first round fills them."""
         folder = Path(folder)
         names = sorted(p.name for p in folder.iterdir() if p.is_file())
         if WEIGHTS_FILE not in names:
@@ -48,7 +53,9 @@ class ModelPackage:
         for name in names:
             digest.update(name.encode())
             digest.update((folder / name).read_bytes())
-        tensors = load_file(folder / WEIGHTS_FILE)
+        with safe_open(folder / WEIGHTS_FILE, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k not in carried}
+        digest.update(",".join(sorted(carried)).encode())
         if dtype is not None:
             digest.update(str(dtype).encode())
             tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
@@ -114,6 +121,18 @@ class NodeStore:
             save_tensors(tmp / WEIGHTS_FILE, {k: t.view(torch.bfloat16) if k in bf16 else t
                                               for k, t in content["weights"].to_torch_state_dict().items()})
         return self.folder(digest)
+
+
+def load_delivered(folder: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """A delivered model folder as a model and its tokenizer. A package without weights (the rounds carry
+    them all) gives the architecture from its config, to be filled by the first round's payload."""
+    folder = Path(folder)
+    with safe_open(folder / WEIGHTS_FILE, "pt") as f:
+        has_weights = bool(list(f.keys()))
+    if has_weights:
+        return load_model(str(folder))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    return model.eval(), load_tokenizer(str(folder))
 
 
 def node_store(node_config: dict, node_id: int) -> NodeStore:

@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerBase
 from fl_offsite.data import encode_choice_example
 from fl_offsite.errors import UserError
 from fl_offsite.local_data import load_examples
-from fl_offsite.models import best_device, load_model
+from fl_offsite.delivery import load_delivered
+from fl_offsite.models import best_device
 from fl_offsite.partition import partition_indices
 from fl_offsite.settings import DataSettings
 from fl_offsite.split import SplitPlan
@@ -101,7 +102,7 @@ class NodeCache:
 
 
 def _prepare_model(key: ModelKey) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    model, tokenizer = load_model(key.folder)
+    model, tokenizer = load_delivered(key.folder)
     plan = SplitPlan.from_json(json.loads(key.plan_json)) if key.plan_json else None
     model = key.tuning.apply(model.to(best_device()), plan, seed=key.seed)
     if key.precision != "fp32":  # frozen weights in half precision (trainable ones stay fp32)

@@ -77,6 +77,13 @@ class ModelOwner:
         """Check ``payload`` and copy it into ``model`` (the full model or the emulator)."""
         set_payload(model, payload, self.payload_names(model), self.tuning.payload_kind(self.plan))
 
+    def carried_weights(self) -> frozenset[str]:
+        """Weights of ``base_folder`` that every round's payload carries under the same name (full
+        fine-tuning: all of them); the one-time delivery leaves them out."""
+        if self.plan is not None:  # the emulator's folder names its blocks by position, the payload by the full model's
+            return frozenset()
+        return frozenset(name for name, target in self.payload_names(self.model).items() if name == target)
+
     def initial_payload(self) -> dict[str, torch.Tensor]:
         return get_payload(self.model, self.payload_names(self.model))
 

@@ -69,7 +69,8 @@ def run_federated(grid: Grid, config: dict) -> Path:
 
     timeout = settings.strategy.round_timeout
     nodes = _wait_for_nodes(grid, settings.strategy.min_available_nodes, timeout)
-    package = ModelPackage.from_folder(owner.base_folder, dtype=HALF.get(settings.train.precision))
+    package = ModelPackage.from_folder(owner.base_folder, dtype=HALF.get(settings.train.precision),
+                                       carried=owner.carried_weights())
     sent = deliver(grid, package, nodes, timeout=timeout)
     run.record_delivery(package.digest, package.nbytes, sent)
     tracker = TensorBoardLog(run.root / TENSORBOARD_DIR, first_round=done + 1 if done else 0) \

@@ -196,15 +196,15 @@ class OffsiteStrategy(Strategy):
             self.after_round(record, payload)
 
     def _communication(self, rnd: int) -> dict[str, float]:
-        """The round's adapter traffic, its running total over the run, and the one-time model deliveries apart."""
+        """The round's payload traffic, its running total over the run, and the one-time model deliveries apart."""
         earlier = [r["communication"] for r in self.run.rounds() if 0 < r["round"] < rnd and "communication" in r]
         down, up = sum(self._round["bytes_down"].values()), self._round["bytes_up"]
         total_down = (earlier[-1]["cumulative_bytes_down"] if earlier else 0) + down
         total_up = (earlier[-1]["cumulative_bytes_up"] if earlier else 0) + up
         one_time = self.run.delivered_bytes()
-        log.info("round %d: adapters %.2f MB down, %.2f MB up this round; %.2f MB down, %.2f MB up so far "
-                 "(one-time model deliveries apart: %.1f MB)", rnd, down / 1e6, up / 1e6, total_down / 1e6,
-                 total_up / 1e6, one_time / 1e6)
+        log.info("round %d: %ss %.2f MB down, %.2f MB up this round; %.2f MB down, %.2f MB up so far "
+                 "(one-time model deliveries apart: %.1f MB)", rnd, self.payload_kind, down / 1e6, up / 1e6,
+                 total_down / 1e6, total_up / 1e6, one_time / 1e6)
         return {"bytes_down": down, "bytes_up": up, "cumulative_bytes_down": total_down,
                 "cumulative_bytes_up": total_up, "one_time_bytes": one_time}
 

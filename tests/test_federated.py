@@ -131,6 +131,29 @@ def test_fedavg_full_sends_every_parameter(tiny_lm_dir, tmp_path):
     assert set(record["eval"]) == {"full"}
 
 
+def test_fedavg_full_delivers_no_weights_once_and_trains_as_if_it_had(tiny_lm_dir, tmp_path, monkeypatch):
+    """Every round carries the whole model, so the one-time delivery is its config and tokenizer only."""
+    from safetensors import safe_open
+
+    from fl_offsite.owner import ModelOwner
+
+    def trained(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        config = tiny_config(tiny_lm_dir, tmp_path / name, method="fedavg-full", **{"num-rounds": 2})
+        run(config, num_nodes=2)
+        delivery = json.loads((tmp_path / name / "delivery.json").read_text())
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as f:
+            return delivery, {k: f.get_tensor(k) for k in f.keys()}
+
+    light, light_model = trained("light")
+    stored = list((tmp_path / "cache").glob(f"nodes/*/model-{light['digest']}/model.safetensors"))
+    assert len(stored) == 2 and all(not list(safe_open(f, "pt").keys()) for f in stored)  # no weights on the nodes
+    monkeypatch.setattr(ModelOwner, "carried_weights", lambda self: frozenset())
+    heavy, heavy_model = trained("heavy")
+    assert light["package_bytes"] * 20 < heavy["package_bytes"]  # the tiny model's weights dwarf its files
+    assert light_model.keys() == heavy_model.keys()
+    assert all(torch.equal(light_model[k], heavy_model[k]) for k in light_model)
+
+
 def nan_update(msg, node_index):
     """Node 0 trains normally but returns NaN; the others are honest."""
     if msg.metadata.message_type != "train" or node_index != 0:
