@@ -225,7 +225,7 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
     base = trained.get(BASELINE)
     ratio = lambda run, key: f"{run[key] / base[key]:.3f}" if base else "-"
     lines += ["## Cost per client", "", markdown_table(
-        ["method", "MB down/round", "MB up/round", "one-time MB", "adapter MB, run", "peak MB", "train s/round",
+        ["method", "MB down/round", "MB up/round", "one-time MB", "rounds MB, all clients", "peak MB", "train s/round",
          "tokens/s", "trainable params", f"bytes vs {BASELINE}", f"memory vs {BASELINE}", f"time vs {BASELINE}"],
         [[m, f"{r['bytes_down_per_client_round'] / 1e6:.1f}", f"{r['bytes_up_per_client_round'] / 1e6:.1f}",
           f"{r['one_time_bytes_per_client'] / 1e6:.1f}",
@@ -237,7 +237,8 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
          for m, r in trained.items()]), "",
         "Peak memory is the client process's peak RSS on CPU (the allocator's peak on GPU); "
         "bytes are the Flower records' own byte counts; one-time MB is the model each new client downloads "
-        "once (the emulator for offsite), counted apart from the rounds; adapter MB, run: everything the rounds "
+        "once (the emulator for offsite; for full fine-tuning only the config and tokenizer, as its rounds carry "
+        "every weight), counted apart from the rounds; rounds MB, all clients: everything the rounds "
         "sent down and up, all clients together (report.json: communication).", ""]
     lines += [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
