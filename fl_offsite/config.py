@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Value] = {
     "strategy.fraction-train": 1.0,
     "strategy.min-train-nodes": 2,
     "strategy.min-available-nodes": 2,
-    "strategy.round-timeout": 3600.0,  # seconds to wait for the replies of a round
+    "strategy.round-timeout": 3600.0,  # seconds to wait for the replies of a round (the delivery: at least 600)
     "strategy.proximal-mu": 0.01,  # fedprox
     "strategy.server-lr": 1.0,  # fedavgm
     "strategy.server-momentum": 0.9,  # fedavgm

@@ -28,6 +28,10 @@ from strategies.offsite import OffsiteStrategy, evaluation_record
 log = logging.getLogger(__name__)
 app = ServerApp()
 
+# The delivery's queries are the first a node answers: they start its ClientApp (imports, then the model from
+# disk or from the wire), slow on a loaded machine, so they wait at least this long whatever the round timeout.
+DELIVERY_TIMEOUT_S = 600.0
+
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
@@ -71,7 +75,7 @@ def run_federated(grid: Grid, config: dict) -> Path:
     nodes = _wait_for_nodes(grid, settings.strategy.min_available_nodes, timeout)
     package = ModelPackage.from_folder(owner.base_folder, dtype=HALF.get(settings.train.precision),
                                        carried=owner.carried_weights())
-    sent = deliver(grid, package, nodes, timeout=timeout)
+    sent = deliver(grid, package, nodes, timeout=max(timeout, DELIVERY_TIMEOUT_S))
     run.record_delivery(package.digest, package.nbytes, sent)
     tracker = TensorBoardLog(run.root / TENSORBOARD_DIR, first_round=done + 1 if done else 0) \
         if settings.results.tensorboard else None
