@@ -59,7 +59,7 @@ def load_compare_config(path: str | Path, overrides: dict[str, Any], cpus_per_cl
         run = dict(variants.get(name, {"method": name}))
         if "method" not in run:
             raise UserError(f"[compare.runs.{name}] needs a method (one of {', '.join(CHOICES['method'])})")
-        run_cpus = int(run.pop("cpus-per-client", default_cpus))
+        run_cpus = int(run.pop("cpus-per-client", default_cpus))  # popped always: not a run-config key
         cpus[name] = cpus_per_client or run_cpus
         validate({**data, **run})
         runs[name] = run
