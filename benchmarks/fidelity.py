@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task", default="bbc-news")
     parser.add_argument("--recipe", action="append", default=[], metavar="NAME=KEY=VALUE;...",
                         help="an emulator recipe: a name, then run-config keys (split.*, emulator.*, distill.*)")
+    parser.add_argument("--fleet", action="append", default=[], metavar="NAME=RECIPE,RECIPE,...",
+                        help="a mixed fleet: client i trains on recipe i's emulator (one recipe per client), all "
+                             "one shared adapter")
     parser.add_argument("--seeds", default="1", help="federated seeds, comma-separated")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet alpha over labels (non-IID)")
@@ -97,6 +100,24 @@ def recipes_of(specs: list[str]) -> dict[str, tuple[dict, EmulatorRecipe]]:
     return recipes
 
 
+def fleets_of(specs: list[str], recipes: dict, clients: int) -> dict[str, list[str]]:
+    """``NAME=RECIPE,RECIPE,...`` -> the recipe of each client, checked against the recipes and --clients."""
+    fleets = {}
+    for spec in specs:
+        name, _, members = spec.partition("=")
+        fleets[name] = members.split(",")
+        unknown = sorted(set(fleets[name]) - set(recipes))
+        if unknown:
+            raise SystemExit(f"fleet {name}: no --recipe named {unknown[0]!r} (recipes: {', '.join(recipes)})")
+        if len(fleets[name]) != clients:
+            raise SystemExit(f"fleet {name} names {len(fleets[name])} recipes for {clients} clients: one per client")
+        adapters = {(recipes[m][1].adapter_bottom, recipes[m][1].adapter_top) for m in fleets[name]}
+        if len(adapters) > 1:
+            raise SystemExit(f"fleet {name}: its recipes split the adapter differently ({sorted(adapters)}); "
+                             "one shared adapter needs the same split.adapter-layers")
+    return fleets
+
+
 class Results:
     """The output JSON, written after every finished unit; units already there are not rerun."""
 
@@ -124,35 +145,43 @@ def partitions(task, clients: int, alpha: float, seed: int, centralised: bool) -
             for pid in range(clients)]
 
 
-def fedavg(model: torch.nn.Module, trainable: dict[str, str], data: list[list[dict]], args, lr: float,
+def fedavg(models: list[torch.nn.Module], names: list[dict[str, str]], data: list[list[dict]], args, lr: float,
            seed: int, label: str) -> dict:
-    """Federated rounds on ``model`` (in place): each client trains ``trainable`` from the global state, FedAvg."""
-    params = dict(model.named_parameters())
+    """Federated rounds: client ``i`` trains ``names[i]`` (full-model name -> its parameter) of ``models[i]``
+    from the global state, then FedAvg by examples in full-model names. Clients may share one model, or hold
+    different ones (a fleet of emulators) with the same trainable tensors; every model ends on the global state."""
     lr_at = lr_schedule(lr, "cosine", args.rounds)
     steps = args.local_steps * (args.clients if args.centralised else 1)
-    train_seconds, losses = 0.0, []
+    params = [dict(m.named_parameters()) for m in models]
+    global_state = {full: params[0][local].detach().clone() for full, local in names[0].items()}
+    train_seconds, losses, peaks = 0.0, [], [0.0] * len(data)
+    weight = sum(len(d) for d in data)
     for rnd in range(1, args.rounds + 1):
-        start_state = {local: params[local].detach().clone() for local in trainable.values()}
-        total = {local: torch.zeros_like(t, dtype=torch.float32) for local, t in start_state.items()}
-        weight = sum(len(d) for d in data)
+        total = {full: torch.zeros_like(t, dtype=torch.float32) for full, t in global_state.items()}
         for pid, features in enumerate(data):
-            with torch.no_grad():
-                for local, tensor in start_state.items():
-                    params[local].copy_(tensor)
+            _load(params[pid], names[pid], global_state)
             settings = TrainSettings(lr=lr_at(rnd), batch_size=args.batch_size, local_steps=steps,
                                      seed=seed * 7919 + rnd * 131 + pid, precision=args.precision)
-            stats = train_local(model, set(trainable.values()), features, settings, args.pad_id,
+            stats = train_local(models[pid], set(names[pid].values()), features, settings, args.pad_id,
                                 desc=f"{label} round {rnd} client {pid}")
             train_seconds += stats.seconds
             losses.append(stats.loss)
+            peaks[pid] = max(peaks[pid], stats.peak_memory_mb)
             with torch.no_grad():
-                for local in total:
-                    total[local] += params[local].detach().float() * (len(features) / weight)
-        with torch.no_grad():
-            for local, tensor in total.items():
-                params[local].copy_(tensor.to(params[local].dtype))
+                for full, local in names[pid].items():
+                    total[full] += params[pid][local].detach().float() * (len(features) / weight)
+        global_state = {full: tensor.to(global_state[full].dtype) for full, tensor in total.items()}
         log.info("%s round %d: mean client loss %.4f", label, rnd, statistics.fmean(losses[-len(data):]))
-    return {"train_seconds": round(train_seconds, 1), "final_loss": statistics.fmean(losses[-len(data):])}
+    for p, n in zip(params, names):
+        _load(p, n, global_state)
+    return {"train_seconds": round(train_seconds, 1), "final_loss": statistics.fmean(losses[-len(data):]),
+            "client_peak_memory_mb": [round(p) for p in peaks]}
+
+
+@torch.no_grad()
+def _load(params: dict[str, torch.nn.Parameter], names: dict[str, str], state: dict[str, torch.Tensor]) -> None:
+    for full, local in names.items():
+        params[local].copy_(state[full])
 
 
 def score(model, tokenizer, task, args) -> dict:
@@ -169,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     recipes = recipes_of(args.recipe)
+    fleets = fleets_of(args.fleet, recipes, args.clients)
+    if fleets and args.centralised:
+        raise SystemExit("--fleet needs federated clients: drop --centralised")
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -195,37 +227,51 @@ def main(argv: list[str] | None = None) -> int:
         full, _ = load_model(args.model)
         full.to(device)
         data = [encode(p) for p in partitions(task, args.clients, args.alpha, seed, args.centralised)]
-        run = fedavg(full, {n: n for n, _ in full.named_parameters()}, data, args, args.ft_lr, seed,
+        everything = {n: n for n, _ in full.named_parameters()}
+        run = fedavg([full] * len(data), [everything] * len(data), data, args, args.ft_lr, seed,
                      f"fedavg-full s{seed}")
         results.put(key, {**score(full, tokenizer, task, args), **run})
         del full
 
+    emulators = {}  # recipe -> (plan, emulator, full-model name -> name in the emulator)
     for name, (_, recipe) in recipes.items():
         started = time.perf_counter()
         plan, emulator, record = prepare_emulator(args.model, model, tokenizer, recipe, args.task)
+        emulators[name] = plan, emulator, adapter_names(emulator, plan)
         if not results.get(f"{name}/emulator-zero-shot"):
             results.put(f"{name}/emulator-zero-shot", {
                 **score(emulator, tokenizer, task, args), "kept_layers": list(plan.kept_layers),
+                "emulator_mb": round(sum(t.numel() * t.element_size() for t in emulator.state_dict().values())
+                                     / 1e6, 1),
                 "prepare_seconds": round(time.perf_counter() - started, 1),
                 "distillation": {k: v for k, v in (record.get("distillation") or {}).items() if k != "losses"}})
-        names = adapter_names(emulator, plan)  # full-model name -> name in the emulator
+    # fleets first: their units are the ones a fleet study is run for
+    runs = {f"fleet:{f}": m for f, m in fleets.items()} | {name: [name] * args.clients for name in recipes}
+    for run_name, members in runs.items():
         for seed in seeds:
-            key = f"{name}/{seed}"
+            key = f"{run_name}/{seed}"
             if results.get(key):
                 continue
-            client = copy.deepcopy(emulator)
-            if args.precision in HALF:
-                half_frozen(client, set(names.values()), HALF[args.precision])
+            clients = {}  # one trained copy per emulator in the run, shared by its clients
+            for member in dict.fromkeys(members):
+                _, emulator, names = emulators[member]
+                clients[member] = copy.deepcopy(emulator)
+                if args.precision in HALF:
+                    half_frozen(clients[member], set(names.values()), HALF[args.precision])
             data = [encode(p) for p in partitions(task, args.clients, args.alpha, seed, args.centralised)]
-            run = fedavg(client, names, data, args, args.lr, seed, f"{name} s{seed}")
-            state = client.state_dict()
-            adapter = {full: state[local].detach().float() for full, local in names.items()}
-            scored = copy.deepcopy(emulator)
-            emulator_acc = score(plug_in(scored, adapter, plan), tokenizer, task, args)
-            plugged = plug_in(copy.deepcopy(model), adapter, plan)
-            results.put(key, {"emulator": emulator_acc, "plugin": score(plugged, tokenizer, task, args), **run})
-            del client, scored, plugged
-    summary = summarise(results.data, list(recipes), seeds, not args.no_ft)
+            run = fedavg([clients[m] for m in members], [emulators[m][2] for m in members], data, args, args.lr,
+                         seed, f"{run_name} s{seed}")
+            first_plan, _, first_names = emulators[members[0]]
+            state = clients[members[0]].state_dict()
+            adapter = {full: state[local].detach().float() for full, local in first_names.items()}
+            scores = {member: score(plug_in(copy.deepcopy(emulators[member][1]), adapter, emulators[member][0]),
+                                    tokenizer, task, args) for member in clients}
+            plugin = score(plug_in(copy.deepcopy(model), adapter, first_plan), tokenizer, task, args)
+            unit = {"members": members, "emulators": scores} if run_name.startswith("fleet:") else \
+                {"emulator": scores[members[0]]}
+            results.put(key, {**unit, "plugin": plugin, **run})
+            del clients
+    summary = summarise(results.data, list(recipes), fleets, seeds, not args.no_ft)
     results.data["summary"] = summary
     write_json(results.path, results.data)
     print_table(summary, results.data["units"]["full-zero-shot"]["n"], seeds)
@@ -246,7 +292,8 @@ def mean_se(values: list[float]) -> dict:
     return {"mean": mean, "se": se, "values": values}
 
 
-def summarise(data: dict, recipes: list[str], seeds: list[int], with_ft: bool) -> dict:
+def summarise(data: dict, recipes: list[str], fleets: dict[str, list[str]], seeds: list[int],
+              with_ft: bool) -> dict:
     units = data["units"]
     full_zs = units["full-zero-shot"]["acc"]
     out: dict = {"full zero-shot": {"mean": full_zs, "se": units["full-zero-shot"]["acc_stderr"], "values": [full_zs]}}
@@ -265,6 +312,15 @@ def summarise(data: dict, recipes: list[str], seeds: list[int], with_ft: bool) -
         if with_ft:
             out[f"{name}: FT - plug-in"] = mean_se([units[f"fedavg-full/{s}"]["acc"] - r["plugin"]["acc"]
                                                     for s, r in zip(seeds, runs)])
+    for fleet, members in fleets.items():
+        runs = [units[f"fleet:{fleet}/{s}"] for s in seeds]
+        out[f"fleet {fleet}: plug-in"] = mean_se([r["plugin"]["acc"] for r in runs])
+        for member in dict.fromkeys(members):
+            out[f"fleet {fleet}: emulator + adapter on {member} ({members.count(member)} clients)"] = mean_se(
+                [r["emulators"][member]["acc"] for r in runs])
+        if with_ft:
+            out[f"fleet {fleet}: FT - plug-in"] = mean_se([units[f"fedavg-full/{s}"]["acc"] - r["plugin"]["acc"]
+                                                           for s, r in zip(seeds, runs)])
     return out
 
 

@@ -26,12 +26,15 @@ def test_fidelity_scores_every_setting_over_seeds_and_resumes(fidelity, tiny_lm_
     out = tmp_path / "fid.json"
     args = ["--model", str(tiny_lm_dir), "--task", "bbc-news", "--seeds", "1,2", "--clients", "2", "--rounds", "1",
             "--local-steps", "1", "--batch-size", "2", "--max-length", "64", "--limit", "6",
-            "--recipe", "plain=split.adapter-layers=1,1;split.emulator-layers=2", "--out", str(out)]
+            "--recipe", "plain=split.adapter-layers=1,1;split.emulator-layers=2",
+            "--recipe", "small=split.adapter-layers=1,1;split.emulator-layers=1",
+            "--fleet", "mixed=small,plain", "--fleet", "same=plain,plain", "--out", str(out)]
     assert fidelity.main(args) == 0
     data = json.loads(out.read_text())
     units = data["units"]
     assert set(units) == {"full-zero-shot", "fedavg-full/1", "fedavg-full/2", "plain/emulator-zero-shot",
-                          "plain/1", "plain/2"}
+                          "plain/1", "plain/2", "small/emulator-zero-shot", "small/1", "small/2",
+                          "fleet:mixed/1", "fleet:mixed/2", "fleet:same/1", "fleet:same/2"}
     assert units["plain/emulator-zero-shot"]["kept_layers"] == [0, 1, 4, 5]
     assert all(units[k]["n"] == 6 for k in ("full-zero-shot", "fedavg-full/1"))
     summary = data["summary"]
@@ -39,6 +42,13 @@ def test_fidelity_scores_every_setting_over_seeds_and_resumes(fidelity, tiny_lm_
     assert summary["plain: plug-in"]["mean"] == pytest.approx(statistics.fmean(plugin))
     gap = [units[f"plain/{s}"]["plugin"]["acc"] - units[f"plain/{s}"]["emulator"]["acc"] for s in (1, 2)]
     assert summary["plain: privacy gap (plug-in - emulator + adapter)"]["values"] == pytest.approx(gap)
+    # A fleet of one recipe is that recipe's run; a mixed one scores the plug-in and each emulator it used.
+    assert units["fleet:same/1"]["plugin"] == units["plain/1"]["plugin"]
+    mixed = units["fleet:mixed/2"]
+    assert mixed["members"] == ["small", "plain"] and set(mixed["emulators"]) == {"small", "plain"}
+    assert len(mixed["client_peak_memory_mb"]) == 2
+    assert summary["fleet mixed: plug-in"]["values"] == [units[f"fleet:mixed/{s}"]["plugin"]["acc"] for s in (1, 2)]
+    assert "fleet mixed: emulator + adapter on small (1 clients)" in summary
     assert "FedAvg full fine-tuning" in capsys.readouterr().out
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
@@ -46,5 +56,7 @@ def test_fidelity_scores_every_setting_over_seeds_and_resumes(fidelity, tiny_lm_
     monkeypatch.setattr(fidelity, "fedavg", lambda *a, **k: pytest.fail("trained again"))
     monkeypatch.setattr(fidelity, "score", lambda *a, **k: pytest.fail("scored again"))
     assert fidelity.main(args) == 0
+    with pytest.raises(SystemExit, match="one per client"):
+        fidelity.main([*args[:-2], "--fleet", "odd=plain", "--out", str(out)])
     with pytest.raises(SystemExit, match="other settings"):
         fidelity.main([*args[:-2], "--rounds", "2", "--out", str(out)])
