@@ -171,7 +171,8 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:
             strategy = OffsiteStrategy(FedAvg(), reference=reference, evaluate_payload=lambda rnd, p: {},
-                                       run=Folder(tmp), lr_at=lambda r: 1e-4, min_replies=1, seed=0, base_config={})
+                                       run=Folder(tmp), lr_at=lambda r: 1e-4, min_replies=1, seed=0, base_config={},
+                                       node_config={})
             replies, sent = [], []
             for i in range(n):
                 arrays = ArrayRecord({k: torch.full((per,), float(i)) for k in reference})

@@ -213,7 +213,8 @@ def cmd_supernode(args: argparse.Namespace) -> None:
     settings = SuperNodeSettings(
         superlink=args.superlink, ca=None if args.insecure else path(args.ca), key=path(args.key),
         data_path=path(args.data_path), cache_dir=path(args.cache_dir), partition_id=args.partition_id,
-        num_partitions=args.num_partitions, port=args.port)
+        num_partitions=args.num_partitions, memory_budget_mb=args.memory_budget_mb,
+        emulator_layers=args.emulator_layers, port=args.port)
     if code := serve_supernode(settings):
         sys.exit(code)
 
@@ -349,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--cache-dir", help="where the delivered emulator is cached (default ~/.cache/fl-offsite)")
     node.add_argument("--partition-id", type=int, help="without --data-path: train on this share of the task")
     node.add_argument("--num-partitions", type=int)
+    node.add_argument("--memory-budget-mb", type=float,
+                      help="memory this node can train in: it gets the largest emulator that fits (fl_offsite.fleet)")
+    node.add_argument("--emulator-layers", type=int, help="or ask for an emulator of this many middle blocks")
     node.add_argument("--port", type=int, default=9094, help="local port of the node's runtime API (one per node)")
     node.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
     node.set_defaults(func=cmd_supernode)

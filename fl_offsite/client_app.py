@@ -13,6 +13,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fl_offsite.data import pad_id
 from fl_offsite.delivery import node_store
 from fl_offsite.errors import UserError
+from fl_offsite.fleet import node_profile
 from fl_offsite.local_data import BadDataFile, data_path
 from fl_offsite.logs import log_to_console
 from fl_offsite.node_cache import ExampleSource, ModelKey, NodeCache
@@ -33,6 +34,12 @@ def dp_clipping(msg: Message, context: Context, call_next) -> Message:
 
 app = ClientApp(mods=[dp_clipping])
 CACHE = NodeCache()  # this process's prepared model and tokenized examples, kept between messages
+
+
+@app.query("node_profile")
+def report_profile(msg: Message, context: Context) -> Message:
+    profile = node_profile(context.node_config, dict(context.run_config))
+    return Message(RecordDict({"profile": ConfigRecord(profile.to_record())}), reply_to=msg)
 
 
 @app.query("model_status")

@@ -75,6 +75,9 @@ DEFAULTS: dict[str, Value] = {
     "eval.batch-size": 16,
     "eval.every": 1,  # evaluate before training, every N-th round and after the last (0 = only before and after)
     "eval.precision": "fp32",  # bf16: the owner scores under bf16 autocast (2-3x faster on CPUs with AMX)
+    "fleet.memory-budget-mb": "",  # simulated nodes' memory budgets, "a,b,..." by partition-id (see fl_offsite.fleet)
+    "fleet.emulator-layers": "",  # simulated nodes' emulator sizes (k), "a,b,..." by partition-id
+    "fleet.overhead-mb": 500.0,  # a client process before it trains, in a node's footprint (CPU: 460-640 MB measured)
     "results.dir": "runs/default",
     "results.resume": True,
     "results.tensorboard": False,  # also write each round's metrics as TensorBoard scalars (<results.dir>/tensorboard)
@@ -128,8 +131,27 @@ def validate(overrides: dict[str, Any]) -> dict[str, Value]:
             raise UserError("differential privacy weighs every client equally: set train.local-steps > 0")
         if not 0 < config["dp.delta"] < 1 or config["dp.clipping-norm"] <= 0:
             raise UserError("dp.delta must be in (0, 1) and dp.clipping-norm > 0")
+    for key in FLEET_LISTS:
+        if fleet_list(config[key], key) and METHODS[config["method"]][0] != "offsite":
+            raise UserError(f"{key} gives simulated nodes emulators of different sizes: it needs an offsite method, "
+                            f"not {config['method']}; set it in the offsite run only")
     adapter_layers(config)
     return config
+
+
+FLEET_LISTS = ("fleet.memory-budget-mb", "fleet.emulator-layers")
+
+
+def fleet_list(text: Value, key: str) -> list[float]:
+    """A ``fleet.*`` list: ``"2,2,8"`` -> ``[2.0, 2.0, 8.0]`` (empty text: no list)."""
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    try:
+        values = [float(item) for item in items]
+    except ValueError:
+        raise UserError(f"{key} must be comma-separated numbers, one per simulated node, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise UserError(f"{key} values must be positive, got {text!r}")
+    return values
 
 
 def _coerce(key: str, value: Any) -> Value:

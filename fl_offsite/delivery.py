@@ -1,9 +1,10 @@
 """Deliver a model (the emulator) to each node once; nodes cache it on disk by content hash.
 
-The model owner sends ``query.model_status`` with the model's digest; a node that does
-not have it on disk answers ``has = False`` and then receives ``query.model`` carrying
-the weights (an ArrayRecord) and the small files (config, tokenizer) it needs to
-rebuild a Hugging Face model folder. Rounds then carry only the trainable tensors; weights the
+The model owner first asks each node for its profile (``query.node_profile``: its memory budget or
+emulator size, see fl_offsite.fleet), picks each node's model, then sends ``query.model_status`` with
+that model's digest; a node that does not have it on disk answers ``has = False`` and then receives
+``query.model`` carrying the weights (an ArrayRecord) and the small files (config, tokenizer) it needs
+to rebuild a Hugging Face model folder. Rounds then carry only the trainable tensors; weights the
 rounds carry anyway (all of them in full fine-tuning) are left out of the package.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from fl_offsite.fleet import NodeProfile
 from fl_offsite.io import atomic_dir, save_tensors
 from fl_offsite.models import load_model, load_tokenizer
 
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 BF16_KEY = "bf16-tensors"  # Flower's arrays go through NumPy, which has no bfloat16: these travel as int16 bytes
-STATUS_QUERY, MODEL_QUERY = "query.model_status", "query.model"
+PROFILE_QUERY, STATUS_QUERY, MODEL_QUERY = "query.node_profile", "query.model_status", "query.model"
 
 
 @dataclass(frozen=True)
@@ -73,22 +75,32 @@ class ModelPackage:
         return self.weights.count_bytes() + self.files.count_bytes()
 
 
-def deliver(grid, package: ModelPackage, node_ids: list[int], timeout: float) -> dict[int, int]:
-    """Send ``package`` to the nodes that lack it; return the bytes sent to each node."""
-    status = RecordDict({"model": ConfigRecord({"digest": package.digest})})
-    replies = grid.send_and_receive(
-        [Message(content=status, message_type=STATUS_QUERY, dst_node_id=n) for n in node_ids], timeout=timeout)
-    needs = [r.metadata.src_node_id for r in _checked(replies, len(node_ids), "model status")
+def ask_profiles(grid, node_ids: list[int], timeout: float) -> dict[int, NodeProfile]:
+    """Each node's :class:`~fl_offsite.fleet.NodeProfile` (the first query a node answers: it starts its app)."""
+    asks = [Message(content=RecordDict({"profile": ConfigRecord({})}), message_type=PROFILE_QUERY, dst_node_id=n)
+            for n in node_ids]
+    replies = _checked(grid.send_and_receive(asks, timeout=timeout), len(node_ids), "node profiles")
+    return {r.metadata.src_node_id: NodeProfile.from_record(r.content["profile"]) for r in replies}
+
+
+def deliver(grid, packages: dict[int, ModelPackage], timeout: float) -> dict[int, int]:
+    """Send each node its package (``packages``: node -> package) unless it has it; return the bytes sent to each."""
+    status = [Message(content=RecordDict({"model": ConfigRecord({"digest": package.digest})}),
+                      message_type=STATUS_QUERY, dst_node_id=n) for n, package in packages.items()]
+    needs = [r.metadata.src_node_id for r in _checked(grid.send_and_receive(status, timeout=timeout),
+                                                      len(packages), "model status")
              if not r.content["model"]["has"]]
-    sent = {n: 0 for n in node_ids}
+    sent = {n: 0 for n in packages}
     if needs:
-        content = RecordDict({"model": package.description(), "weights": package.weights, "files": package.files})
-        log.info("Sending the model (%.1f MB) to %d node(s); %d have it cached",
-                 package.nbytes / 1e6, len(needs), len(node_ids) - len(needs))
-        replies = grid.send_and_receive(
-            [Message(content=content, message_type=MODEL_QUERY, dst_node_id=n) for n in needs], timeout=timeout)
-        for reply in _checked(replies, len(needs), "model delivery"):
-            sent[reply.metadata.src_node_id] = package.nbytes
+        for package in {packages[n].digest: packages[n] for n in needs}.values():
+            log.info("Sending the model %s (%.1f MB) to %d node(s)", package.digest, package.nbytes / 1e6,
+                     sum(packages[n].digest == package.digest for n in needs))
+        log.info("%d node(s) have their model cached", len(packages) - len(needs))
+        messages = [Message(content=RecordDict({"model": packages[n].description(), "weights": packages[n].weights,
+                                                "files": packages[n].files}),
+                            message_type=MODEL_QUERY, dst_node_id=n) for n in needs]
+        for reply in _checked(grid.send_and_receive(messages, timeout=timeout), len(needs), "model delivery"):
+            sent[reply.metadata.src_node_id] = packages[reply.metadata.src_node_id].nbytes
     return sent
 
 

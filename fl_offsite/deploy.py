@@ -205,6 +205,8 @@ class SuperNodeSettings:
     cache_dir: Path | None = None
     partition_id: int | None = None
     num_partitions: int | None = None
+    memory_budget_mb: float | None = None  # the model owner gives the node the largest emulator this fits
+    emulator_layers: int | None = None  # or this emulator size (k), whatever the budget
     port: int = 9094  # this node's local runtime API (127.0.0.1 only); one per node on a machine
 
     def check(self) -> None:
@@ -251,6 +253,10 @@ class SuperNodeSettings:
             config["partition-id"] = self.partition_id
         if self.num_partitions is not None:
             config["num-partitions"] = self.num_partitions
+        if self.memory_budget_mb is not None:
+            config["memory-budget-mb"] = self.memory_budget_mb
+        if self.emulator_layers is not None:
+            config["emulator-layers"] = self.emulator_layers
         for key, value in config.items():
             if isinstance(value, str) and ('"' in value or "\\" in value):
                 raise UserError(f"{key} {value!r}: quotes and backslashes are not supported in paths")

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from fl_offsite.assets import cache_dir
 from fl_offsite.emulator import prepare_emulator
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import evaluate_task
+from fl_offsite.fleet import NodeProfile, choose_layers, measure_footprint
 from fl_offsite.io import json_digest, write_json
 from fl_offsite.logs import clock_time
 from fl_offsite.models import best_device, load_model, resolve_model_path
@@ -31,9 +32,22 @@ from fl_offsite.tuning import Tuning
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Emulator:
+    """An emulator the owner prepared: its split, the model (ready for the run's tuning) and its folder."""
+
+    plan: SplitPlan
+    model: PreTrainedModel
+    folder: Path  # the model delivered once to the nodes that train on it
+
+
 @dataclass
 class ModelOwner:
-    """The full model, and for offsite-tuning its emulator; ``plan`` is None for full fine-tuning."""
+    """The full model, and for offsite-tuning its emulator; ``plan`` is None for full fine-tuning.
+
+    ``plan``, ``emulator`` and ``base_folder`` are the configured emulator's (``split.emulator-layers`` = k);
+    ``smaller`` holds the smaller ones a heterogeneous fleet's nodes train on, by k (see fl_offsite.fleet).
+    """
 
     settings: Settings
     model: PreTrainedModel
@@ -43,6 +57,8 @@ class ModelOwner:
     base_folder: Path  # the model delivered once to every node
     task: TaskData
     tuning: Tuning
+    run_dir: Path
+    smaller: dict[int, Emulator] = field(default_factory=dict)
 
     @classmethod
     def prepare(cls, settings: Settings, run_dir: Path) -> ModelOwner:
@@ -68,14 +84,62 @@ class ModelOwner:
         tuning = settings.tuning
         model = tuning.apply(model, plan, seed=settings.seed)
         emulator = emulator and tuning.apply(emulator, plan, seed=settings.seed)
-        return cls(settings, model, tokenizer, plan, emulator, base_folder, task, tuning)
+        return cls(settings, model, tokenizer, plan, emulator, base_folder, task, tuning, run_dir)
 
-    def payload_names(self, model: PreTrainedModel) -> dict[str, str]:
-        return self.tuning.names(model, self.plan)
+    def emulator_for(self, k: int) -> Emulator:
+        """The emulator with ``k`` middle blocks: the configured one, or a smaller one prepared once (by the
+        same recipe: layer rule and distillation) and written to ``<run>/split-k<k>``."""
+        if k == self.plan.emulator_layers:
+            return Emulator(self.plan, self.emulator, self.base_folder)
+        if k not in self.smaller:
+            began = time.perf_counter()
+            recipe = replace(self.settings.emulator, emulator_layers=k, drop_ratio=None)
+            plan, emulator, record = prepare_emulator(self.settings.model, self.model_without_tuning(), self.tokenizer,
+                                                      recipe, self.settings.task, seed=self.settings.seed)
+            folder = write_split(self.run_dir / f"split-k{k}", emulator, extract_adapter(emulator, plan), plan,
+                                 self.tokenizer, record=record) / EMULATOR_DIR
+            self.smaller[k] = Emulator(plan, self.tuning.apply(emulator, plan, seed=self.settings.seed), folder)
+            log.info("model owner: emulator %s for the fleet ready in %s", plan.name,
+                     clock_time(time.perf_counter() - began))
+        return self.smaller[k]
 
-    def load_payload(self, model: PreTrainedModel, payload: dict[str, torch.Tensor]) -> None:
-        """Check ``payload`` and copy it into ``model`` (the full model or the emulator)."""
-        set_payload(model, payload, self.payload_names(model), self.tuning.payload_kind(self.plan))
+    def model_without_tuning(self) -> PreTrainedModel:
+        """The full model as loaded: LoRA and bottleneck tunings changed ``model`` in place, so it is loaded again."""
+        if self.tuning.kind in ("all", "bitfit"):
+            return self.model
+        model, _ = load_model(self.settings.model)
+        return model.to(best_device())
+
+    def assign_emulators(self, profiles: dict[int, NodeProfile]) -> tuple[dict[int, Emulator], dict[int, str]]:
+        """Each node's emulator (the largest its profile fits, see fl_offsite.fleet), and the nodes refused
+        (node -> why). Smaller emulators are prepared here, once each."""
+        cap = self.plan.emulator_layers
+        footprint = None
+        if any(p.memory_budget_mb is not None and p.emulator_layers is None for p in profiles.values()):
+            trainable = set(self.payload_names(self.emulator).values())
+            footprint = measure_footprint(self.emulator, self.plan, trainable, self.settings.train.batch_size,
+                                          self.settings.data.max_length, self.settings.train.precision,
+                                          self.settings.fleet_overhead_mb)
+            log.info("model owner: a client's training footprint is about %s MB (k middle blocks)",
+                     ", ".join(f"{footprint.mb(k):.0f} at k={k}" for k in sorted({1, cap})))
+        chosen, refused = {}, {}
+        for node, profile in profiles.items():
+            try:
+                chosen[node] = choose_layers(node, profile, footprint, cap)
+            except UserError as err:
+                refused[node] = str(err)
+                log.warning("model owner: node %s refused: %s", node, err)
+        return {node: self.emulator_for(k) for node, k in chosen.items()}, refused
+
+    def payload_names(self, model: PreTrainedModel, plan: SplitPlan | None = None) -> dict[str, str]:
+        """Travelling name -> parameter name in ``model``: the full model, or an emulator of ``plan`` (the
+        configured emulator's by default)."""
+        return self.tuning.names(model, plan or self.plan)
+
+    def load_payload(self, model: PreTrainedModel, payload: dict[str, torch.Tensor],
+                     plan: SplitPlan | None = None) -> None:
+        """Check ``payload`` and copy it into ``model`` (the full model, or an emulator of ``plan``)."""
+        set_payload(model, payload, self.payload_names(model, plan), self.tuning.payload_kind(self.plan))
 
     def carried_weights(self) -> frozenset[str]:
         """Weights of ``base_folder`` that every round's payload carries under the same name (full
@@ -96,12 +160,13 @@ class ModelOwner:
         """
         if not self.settings.eval.due(rnd, self.settings.num_rounds):
             return {}
-        models = {"plugin": self.model} if self.emulator is not None else {"full": self.model}
+        models = {"plugin": (self.model, None)} if self.emulator is not None else {"full": (self.model, None)}
         if self.emulator is not None:
-            models["emulator"] = self.emulator
+            models["emulator"] = self.emulator, self.plan
+            models.update({f"emulator-k{k}": (e.model, e.plan) for k, e in sorted(self.smaller.items())})
         results = {}
-        for name, model in models.items():
-            self.load_payload(model, payload)
+        for name, (model, plan) in models.items():
+            self.load_payload(model, payload, plan)
             results[name] = self._score_cached(model, name) if rnd == 0 else self._score(model, name)
         if self.emulator is not None:
             log.info("round %d: plug-in acc %.3f | emulator acc %.3f | gap %+.3f", rnd, results["plugin"]["acc"],

@@ -58,13 +58,19 @@ class RunFolder:
         lines = [json.dumps(r) for r in [*kept, record]]
         write_atomic(self.root / METRICS, "\n".join(lines) + "\n")
 
-    def record_delivery(self, digest: str, package_bytes: int, bytes_per_node: dict[int, int]) -> None:
-        """Add one (re)start's one-time model delivery: bytes sent to each node (0 when cached)."""
+    def record_delivery(self, packages: dict[int, tuple[str, int, int]], bytes_per_node: dict[int, int],
+                        refused: dict[int, str] | None = None) -> None:
+        """Add one (re)start's one-time model delivery: each node's package (node -> digest, bytes, emulator
+        size k; 0 for the full model), the bytes sent to it (0 when cached), and the nodes refused (-> why)."""
         path = self.root / DELIVERY
-        record = json.loads(path.read_text()) if path.is_file() else {"digest": digest, "deliveries": []}
-        record.update(digest=digest, package_bytes=package_bytes)
-        record["deliveries"].append({"time": time.time(), "bytes_per_node": {str(k): v for k, v in
-                                                                             bytes_per_node.items()}})
+        record = json.loads(path.read_text()) if path.is_file() else {"deliveries": []}
+        record["digests"] = sorted({d for d, _, _ in packages.values()})
+        record["package_bytes"] = max(size for _, size, _ in packages.values())
+        record["deliveries"].append({
+            "time": time.time(), "bytes_per_node": {str(k): v for k, v in bytes_per_node.items()},
+            "nodes": {str(n): {"digest": d, "package_bytes": size, "emulator_layers": k}
+                      for n, (d, size, k) in packages.items()},
+            **({"refused": {str(n): why for n, why in refused.items()}} if refused else {})})
         write_json(path, record)
 
     def distillation(self) -> dict | None:
@@ -73,7 +79,7 @@ class RunFolder:
         return json.loads(path.read_text()).get("distillation") if path.is_file() else None
 
     def package_bytes(self) -> int:
-        """Size of the model delivered once to each new node."""
+        """Size of the model delivered once to each new node (a fleet's largest)."""
         path = self.root / DELIVERY
         return json.loads(path.read_text())["package_bytes"] if path.is_file() else 0
 

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_offsite.config import validate
-from fl_offsite.delivery import ModelPackage, deliver
+from fl_offsite.delivery import ModelPackage, ask_profiles, deliver
 from fl_offsite.errors import UserError
 from fl_offsite.local_data import task_answers
 from fl_offsite.logs import log_to_console
@@ -73,22 +73,21 @@ def run_federated(grid: Grid, config: dict) -> Path:
 
     timeout = settings.strategy.round_timeout
     nodes = _wait_for_nodes(grid, settings.strategy.min_available_nodes, timeout)
-    package = ModelPackage.from_folder(owner.base_folder, dtype=HALF.get(settings.train.precision),
-                                       carried=owner.carried_weights())
-    sent = deliver(grid, package, nodes, timeout=max(timeout, DELIVERY_TIMEOUT_S))
-    run.record_delivery(package.digest, package.nbytes, sent)
+    packages, node_config, refused = _packages(grid, owner, nodes, max(timeout, DELIVERY_TIMEOUT_S))
+    sent = deliver(grid, packages, timeout=max(timeout, DELIVERY_TIMEOUT_S))
+    run.record_delivery({n: (p.digest, p.nbytes, node_config[n]["emulator-layers"]) for n, p in packages.items()},
+                        sent, refused)
     tracker = TensorBoardLog(run.root / TENSORBOARD_DIR, first_round=done + 1 if done else 0) \
         if settings.results.tensorboard else None
+    answers = task_answers(owner.task)
     strategy = OffsiteStrategy(
-        aggregation_strategy(settings.strategy, settings.dp, len(nodes)), reference=payload,
+        aggregation_strategy(settings.strategy, settings.dp, len(packages)), reference=payload,
         evaluate_payload=owner.evaluate, run=run,
         lr_at=lr_schedule(settings.train.lr, settings.lr_schedule, settings.num_rounds),
         min_replies=settings.strategy.min_train_nodes, seed=settings.seed,
-        base_config={"digest": package.digest,
-                     "split-plan": json.dumps(owner.plan.to_json()) if owner.plan else "",
-                     "task-answers": json.dumps(answers) if (answers := task_answers(owner.task)) else ""},
+        base_config={"task-answers": json.dumps(answers) if answers else ""}, node_config=node_config,
         rounds_done=done, max_update_norm=settings.strategy.max_update_norm,
-        round_timeout=timeout, after_round=after_round(owner, run, len(nodes), tracker),
+        round_timeout=timeout, after_round=after_round(owner, run, len(packages), tracker),
         payload_kind=owner.tuning.payload_kind(owner.plan))
     if checkpoint:
         strategy.restore(checkpoint.strategy_state)
@@ -100,9 +99,32 @@ def run_federated(grid: Grid, config: dict) -> Path:
     finally:
         if tracker is not None:
             tracker.close()
-    save_final(owner, run, result.arrays.to_torch_state_dict(), len(nodes))
+    save_final(owner, run, result.arrays.to_torch_state_dict(), len(packages))
     log.info("Results in %s", run.root)
     return run.root
+
+
+def _packages(grid: Grid, owner: ModelOwner, nodes: list[int], timeout: float
+              ) -> tuple[dict[int, ModelPackage], dict[int, dict], dict[int, str]]:
+    """What each node is delivered once, the per-node keys of its training messages (model digest, split,
+    emulator size), and the nodes refused (node -> why). Offsite-tuning asks every node for its profile
+    and gives it the largest emulator that fits (fl_offsite.fleet); full fine-tuning sends all one model."""
+    dtype = HALF.get(owner.settings.train.precision)
+    if owner.plan is None:
+        package = ModelPackage.from_folder(owner.base_folder, dtype=dtype, carried=owner.carried_weights())
+        return ({n: package for n in nodes},
+                {n: {"digest": package.digest, "split-plan": "", "emulator-layers": 0} for n in nodes}, {})
+    emulators, refused = owner.assign_emulators(ask_profiles(grid, nodes, timeout))
+    if len(emulators) < owner.settings.strategy.min_train_nodes:
+        raise UserError(f"only {len(emulators)} node(s) can train (strategy.min-train-nodes = "
+                        f"{owner.settings.strategy.min_train_nodes}): " + "; ".join(refused.values()))
+    by_folder = {e.folder: ModelPackage.from_folder(e.folder, dtype=dtype) for e in emulators.values()}
+    packages = {n: by_folder[e.folder] for n, e in emulators.items()}
+    node_config = {n: {"digest": packages[n].digest, "split-plan": json.dumps(e.plan.to_json()),
+                       "emulator-layers": e.plan.emulator_layers} for n, e in emulators.items()}
+    if len(by_folder) > 1:
+        log.info("Emulators by node: %s", ", ".join(f"node {n}: {e.plan.name}" for n, e in emulators.items()))
+    return packages, node_config, refused
 
 
 def _essential(config: dict) -> dict:
@@ -116,6 +138,8 @@ def _fresh(run: RunFolder) -> RunFolder:
         (run.root / name).unlink(missing_ok=True)
     for name in (CHECKPOINT, PEFT_DIR, TENSORBOARD_DIR):
         shutil.rmtree(run.root / name, ignore_errors=True)
+    for folder in run.root.glob("split-k*"):  # a fleet's smaller emulators
+        shutil.rmtree(folder, ignore_errors=True)
     return run
 
 

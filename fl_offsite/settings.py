@@ -96,6 +96,7 @@ class Settings:
     data: DataSettings
     eval: EvalSettings
     results: ResultsSettings
+    fleet_overhead_mb: float  # a client process before it trains, in a node's footprint (fl_offsite.fleet)
 
     @classmethod
     def from_config(cls, config: dict[str, Value]) -> Settings:
@@ -138,4 +139,5 @@ class Settings:
             eval=EvalSettings(limit=c["eval.limit"], batch_size=c["eval.batch-size"], every=c["eval.every"],
                               precision=c["eval.precision"]),
             results=ResultsSettings(dir=c["results.dir"], resume=c["results.resume"],
-                                    tensorboard=c["results.tensorboard"]))
+                                    tensorboard=c["results.tensorboard"]),
+            fleet_overhead_mb=c["fleet.overhead-mb"])

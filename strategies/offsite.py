@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import TypedDict
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -52,11 +52,15 @@ def evaluation_record(rnd: int, results: dict[str, dict]) -> dict:
 
 
 class OffsiteStrategy(Strategy):
-    """Wrap ``inner``; evaluate with ``evaluate_payload``; record rounds in ``run``."""
+    """Wrap ``inner``; evaluate with ``evaluate_payload``; record rounds in ``run``.
+
+    ``base_config`` goes to every training message, ``node_config[node]`` to that node's (its model's digest,
+    split and emulator size); only the nodes of ``node_config`` train (the others were refused at delivery).
+    """
 
     def __init__(self, inner: Strategy, reference: dict[str, torch.Tensor], evaluate_payload: Evaluator,
                  run: RunFolder, lr_at: Callable[[int], float], min_replies: int, seed: int,
-                 base_config: dict, rounds_done: int = 0, max_update_norm: float = 0.0,
+                 base_config: dict, node_config: dict[int, dict], rounds_done: int = 0, max_update_norm: float = 0.0,
                  round_timeout: float | None = None, after_round: AfterRound | None = None,
                  payload_kind: str = "adapter") -> None:
         self.inner = inner
@@ -68,6 +72,7 @@ class OffsiteStrategy(Strategy):
         self.min_replies = min_replies
         self.seed = seed
         self.base_config = base_config
+        self.node_config = node_config
         self.offset = rounds_done  # rounds finished before a resume
         self.max_update_norm = max_update_norm
         self.round_timeout = round_timeout
@@ -81,13 +86,22 @@ class OffsiteStrategy(Strategy):
         rnd = server_round + self.offset
         config = ConfigRecord({**self.base_config, **config, "lr": self.lr_at(rnd), "round": rnd})
         with seeded_global_random(self.seed * 100_003 + rnd):  # the inner strategy samples the nodes
-            messages = list(self.inner.configure_train(rnd, arrays, config, grid))
+            sampled = self.inner.configure_train(rnd, arrays, config, EligibleNodes(grid, self.node_config))
+            messages = [self._for_node(m) for m in sampled]
         down = arrays.count_bytes()
         self._global = arrays.to_torch_state_dict()
         self._round = RoundInProgress(start=time.perf_counter(), sent=[m.metadata for m in messages],
                                       bytes_down={m.metadata.dst_node_id: down for m in messages})
         log.info("round %d: sent %.2f MB to each of %d clients", rnd, down / 1e6, len(messages))
         return messages
+
+    def _for_node(self, message: Message) -> Message:
+        """``message`` with its node's own keys in the config (Flower's strategies share one content)."""
+        node = message.metadata.dst_node_id
+        content = RecordDict(dict(message.content.items()))
+        content["config"] = ConfigRecord({**message.content["config"], **self.node_config[node]})
+        return Message(content=content, message_type=message.metadata.message_type, dst_node_id=node,
+                       group_id=message.metadata.group_id)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -236,6 +250,19 @@ class OffsiteStrategy(Strategy):
                 setattr(self.inner, name, state[name])
         if ACCOUNTANT in state:
             self.inner.accountant.load_state_dict(state[ACCOUNTANT])
+
+
+class EligibleNodes:
+    """A view of ``grid`` whose nodes are those of ``eligible``: what the inner strategy samples from."""
+
+    def __init__(self, grid: Grid, eligible: Iterable[int]) -> None:
+        self._grid, self._eligible = grid, set(eligible)
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if n in self._eligible]
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
 
 
 @contextmanager

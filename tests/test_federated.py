@@ -144,7 +144,7 @@ def test_fedavg_full_delivers_no_weights_once_and_trains_as_if_it_had(tiny_lm_di
         return delivery, load_file(tmp_path / name / "model.safetensors")
 
     light, light_model = trained("light")
-    stored = list((tmp_path / "cache").glob(f"nodes/*/model-{light['digest']}/model.safetensors"))
+    stored = list((tmp_path / "cache").glob(f"nodes/*/model-{light['digests'][0]}/model.safetensors"))
     assert len(stored) == 2 and all(not load_file(f) for f in stored)  # no weights on the nodes
     monkeypatch.setattr(ModelOwner, "carried_weights", lambda self: frozenset())
     heavy, heavy_model = trained("heavy")

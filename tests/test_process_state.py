@@ -45,7 +45,7 @@ def _strategy(name: str) -> OffsiteStrategy:
     settings = Settings.from_config({"strategy.name": name})
     return OffsiteStrategy(aggregation_strategy(settings.strategy, settings.dp, 4), reference={},
                            evaluate_payload=lambda rnd, payload: {}, run=None, lr_at=lambda rnd: 1.0, min_replies=1,
-                           seed=0, base_config={})
+                           seed=0, base_config={}, node_config={})
 
 
 @pytest.mark.parametrize("name, learned", [("fedadam", {"m_t", "v_t"}), ("fedavgm", {"momentum_vector"}),

@@ -55,7 +55,7 @@ def test_merged_adapter_plugged_into_the_full_model_equals_the_tuned_model(kind,
     with torch.no_grad():
         expected = full(input_ids=ids).logits
 
-    owner = ModelOwner(Settings.from_config({}), full, None, plan, None, tmp_path, None, tuning)
+    owner = ModelOwner(Settings.from_config({}), full, None, plan, None, tmp_path, None, tuning, tmp_path)
     file_name, adapter = final_weights(owner, trained)
     assert file_name == "adapter.safetensors"
     save_adapter(tmp_path / file_name, adapter, plan)
@@ -101,7 +101,7 @@ def test_bitfit_needs_biases():
 
 def test_plug_in_command_refuses_bottleneck_adapters(tmp_path, capsys):
     plan, tuning, full, _ = _tuned("bottleneck")
-    owner = ModelOwner(Settings.from_config({}), full, None, plan, None, tmp_path, None, tuning)
+    owner = ModelOwner(Settings.from_config({}), full, None, plan, None, tmp_path, None, tuning, tmp_path)
     _, adapter = final_weights(owner, get_payload(full, tuning.names(full, plan)))
     save_adapter(tmp_path / "adapter.safetensors", adapter, plan)
     folder = save_tiny_model("gpt2", tmp_path / "gpt2")
