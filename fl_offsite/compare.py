@@ -18,6 +18,7 @@ from fl_offsite.settings import Settings
 log = logging.getLogger(__name__)
 
 BASELINE = "fedavg-full"
+SMALLER = "emulator-k"  # evaluation keys of a fleet's smaller emulators: emulator-k2 ...
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,12 @@ def accuracy_rows(runs: dict[str, dict]) -> list[tuple[str, dict]]:
         if method.trains_full_model:
             rows.append((label(name, run), final["full"]))
         elif method.trains:
-            rows.append((f"{label(name, run)} emulator (emulator + adapter)", final["emulator"]))
+            smaller = sorted((key for key in final if key.startswith(SMALLER)), key=lambda key: int(key[len(SMALLER):]))
+            k = Settings.from_config(run["config"]).emulator.emulator_layers
+            size = (f" k={k}" if k else " (configured)") if smaller else ""  # a fleet's emulators, by size
+            rows.append((f"{label(name, run)} emulator{size} (emulator + adapter)", final["emulator"]))
+            rows += [(f"{label(name, run)} emulator k={key[len(SMALLER):]} (emulator + adapter)", final[key])
+                     for key in smaller]
             rows.append((f"{label(name, run)} plug-in (full model + adapter)", final["plugin"]))
     return rows
 
