@@ -1,9 +1,9 @@
 """What a data owner's process keeps between training messages: one explicit, bounded cache.
 
 A Flower client process (a Ray actor in simulation) serves many rounds and, in simulation,
-many nodes, whose stores hold the same delivered model under the same digest. Loading that
-model and tokenizing a partition cost seconds each, so the process keeps the last model
-(ready for its tuning, with its tokenizer), the training split of the last task, and the
+many nodes, whose stores hold the same delivered model under the same digest (or, in a mixed
+fleet, one of a few). Loading that model and tokenizing a partition cost seconds each, so the
+process keeps the last two models (ready for their tuning, with their tokenizers), the training split of the last task, and the
 tokenized examples of its last few data sources. Nothing is loaded twice: reading the task again
 and loading a tokenizer for each new node made a Ray actor grow by about 1.4 MB a round.
 """
@@ -59,21 +59,25 @@ class ExampleSource:
 
 
 class NodeCache:
-    """The last prepared model, the last task's training split and the tokenized examples of the last
-    ``max_sources`` sources."""
+    """The last ``max_models`` prepared models (a simulated fleet's nodes train on emulators of different
+    sizes), the last task's training split and the tokenized examples of the last ``max_sources`` sources."""
 
-    def __init__(self, max_sources: int = 8) -> None:
+    def __init__(self, max_models: int = 2, max_sources: int = 8) -> None:
+        self.max_models = max_models
         self.max_sources = max_sources
-        self._model: tuple[ModelKey, nn.Module, PreTrainedTokenizerBase] | None = None
+        self._models: OrderedDict[ModelKey, tuple[nn.Module, PreTrainedTokenizerBase]] = OrderedDict()
         self._task: tuple[tuple[str, int], list[ChoiceExample]] | None = None
         self._features: OrderedDict[ExampleSource, Features] = OrderedDict()
 
     def model(self, key: ModelKey) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-        """The delivered model ready for ``key.tuning`` (loaded again only when the key changes)."""
-        if self._model is None or self._model[0] != key:
-            self._model = None  # free the previous model before loading the next
-            self._model = (key, *_prepare_model(key))
-        return self._model[1], self._model[2]
+        """The delivered model ready for ``key.tuning`` (loaded again only when it is not among the last few)."""
+        if key in self._models:
+            self._models.move_to_end(key)
+        else:
+            while len(self._models) >= self.max_models:  # free the oldest before loading the next
+                self._models.popitem(last=False)
+            self._models[key] = _prepare_model(key)
+        return self._models[key]
 
     def features(self, source: ExampleSource, tokenizer: PreTrainedTokenizerBase) -> Features:
         """The tokenized training examples of ``source`` (loss on the answer tokens only), encoded by

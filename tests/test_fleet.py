@@ -150,3 +150,17 @@ def test_fleet_lists_need_an_offsite_method():
         validate({"method": "fedavg-full", "fleet.emulator-layers": "1,2"})
     with pytest.raises(UserError, match="comma-separated numbers"):
         validate({"fleet.memory-budget-mb": "lots"})
+
+
+def test_a_client_process_keeps_the_emulators_of_the_fleets_nodes_it_serves(monkeypatch):
+    """A Ray actor serving nodes of two emulator sizes loads each once, not at every switch."""
+    from fl_offsite import node_cache
+    from fl_offsite.tuning import Tuning
+
+    loads = []
+    monkeypatch.setattr(node_cache, "_prepare_model", lambda key: loads.append(key.digest) or (key.digest, None))
+    cache = node_cache.NodeCache()
+    keys = [node_cache.ModelKey(d, f"/{d}", Tuning(), "", 0, "fp32") for d in ("small", "large", "other")]
+    for key in [keys[0], keys[1], keys[0], keys[1], keys[2], keys[1]]:
+        assert cache.model(key)[0] == key.digest
+    assert loads == ["small", "large", "other"]  # the third size evicts the least recently used
