@@ -7,7 +7,8 @@ The model owner estimates what training an emulator with k middle blocks costs, 
 - weights: trainable ones in fp32, frozen ones at the client's precision;
 - gradients and AdamW's two moments of the trainable tensors;
 - activations saved for backward, measured once on the owner's emulator at the run's batch and
-  sequence length (saved-tensor hooks, as ``benchmarks/client_cost.py`` measures them), per block;
+  sequence length (saved-tensor hooks, as ``benchmarks/client_cost.py`` measures them), per block,
+  times :data:`ACTIVATION_FACTOR` for the backward pass's gradients of them;
 - a fixed runtime overhead (``fleet.overhead-mb``: the process before it trains).
 
 Every middle block costs the same, so the footprint is ``fixed + k * per_block``; the owner gives each
@@ -29,6 +30,10 @@ from fl_offsite.split import SplitPlan
 from fl_offsite.train import HALF, answer_loss, freeze_except, half_frozen, precision_autocast
 
 BUDGET_KEY, LAYERS_KEY = "memory-budget-mb", "emulator-layers"  # node config keys, and the profile's
+# Peak memory per byte of saved activations: they, plus the gradients backward makes of them. Fitted to the
+# measured peaks of benchmarks/footprint.py (SmolLM2-135M, CPU, bf16: each middle block adds 72 MB measured,
+# 40 MB counting the saved activations once, 73 MB counting them twice).
+ACTIVATION_FACTOR = 2.0
 MB = 2 ** 20
 
 
@@ -90,10 +95,10 @@ def measure_footprint(emulator: nn.Module, plan: SplitPlan, trainable: set[str],
     middle = range(plan.adapter_bottom, plan.adapter_bottom + plan.emulator_layers)
     middle_weights = sum(p.numel() for i in middle for p in blocks[i].parameters()) * frozen_bytes
     outside, per_block = activation_bytes(emulator, trainable, batch_size, seq_len, precision)
-    middle_acts = sum(per_block[i] for i in middle)
+    middle_acts = ACTIVATION_FACTOR * sum(per_block[i] for i in middle)
     k = max(plan.emulator_layers, 1)
     block = (middle_weights + middle_acts) / k
-    total = weights + state + outside + sum(per_block) + overhead_mb * MB
+    total = weights + state + ACTIVATION_FACTOR * (outside + sum(per_block)) + overhead_mb * MB
     return Footprint(fixed=total - plan.emulator_layers * block, per_block=block)
 
 

@@ -98,3 +98,18 @@ def test_train_local_in_bf16_with_half_frozen_weights_moves_only_the_adapter(tin
     assert math.isfinite(stats.loss) and stats.loss > 0
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]) != (name in trainable), name
+
+
+def test_footprint_sets_the_fleets_estimate_beside_a_measured_node_peak(tiny_lm_dir, tmp_path, capsys):
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to read a process's peak memory")
+    footprint = load("footprint")
+    out = tmp_path / "fp.json"
+    assert footprint.main(["--model", str(tiny_lm_dir), "--ks", "1,2", "--adapter-layers", "1,1", "--batch-size", "2",
+                           "--max-length", "32", "--steps", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["k"] for r in rows] == [1, 2] and result["footprint"]["per_block_mb"] > 0
+    for row in rows:  # a tiny model's peak is its runtime: the estimate's overhead term dominates both
+        assert 0.5 < row["estimate_over_peak"] < 2 and row["runtime_mb"] <= row["peak_mb"]
+    assert "estimate / peak" in capsys.readouterr().out
