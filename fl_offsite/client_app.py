@@ -38,7 +38,7 @@ CACHE = NodeCache()  # this process's prepared model and tokenized examples, kep
 
 @app.query("node_profile")
 def report_profile(msg: Message, context: Context) -> Message:
-    profile = node_profile(context.node_config, dict(context.run_config))
+    profile = node_profile(context.node_config, Settings.from_config(dict(context.run_config)).fleet)
     return Message(RecordDict({"profile": ConfigRecord(profile.to_record())}), reply_to=msg)
 
 

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from fl_offsite.blocks import find_blocks
-from fl_offsite.config import fleet_list
 from fl_offsite.errors import UserError
+from fl_offsite.settings import FleetSettings
 from fl_offsite.split import SplitPlan
 from fl_offsite.train import HALF, answer_loss, freeze_except, half_frozen, precision_autocast
 
@@ -54,22 +54,28 @@ class NodeProfile:
         return cls(None if budget is None else float(budget), None if layers is None else int(layers))
 
 
-def node_profile(node_config: dict, run_config: dict) -> NodeProfile:
+def node_profile(node_config: dict, fleet: FleetSettings) -> NodeProfile:
     """The node's own ``memory-budget-mb`` / ``emulator-layers``, else its entry in the run config's
     ``fleet.memory-budget-mb`` / ``fleet.emulator-layers`` lists (simulation: one per partition-id)."""
     values = {}
-    for key, cast in ((BUDGET_KEY, float), (LAYERS_KEY, int)):
+    for key, listed in ((BUDGET_KEY, fleet.memory_budget_mb), (LAYERS_KEY, fleet.emulator_layers)):
         if key in node_config:
-            values[key] = cast(node_config[key])
-            continue
-        listed = fleet_list(run_config.get(f"fleet.{key}", ""), f"fleet.{key}")
-        if listed:
+            values[key] = node_config[key]
+        elif listed:
             pid = int(node_config.get("partition-id", -1))
             if not 0 <= pid < len(listed):
                 raise UserError(f"fleet.{key} names {len(listed)} value(s), one per simulated node by "
                                 f"partition-id, but this node has partition-id {pid}: give one per node")
-            values[key] = cast(listed[pid])
+            values[key] = listed[pid]
     return NodeProfile.from_record(values)
+
+
+def check_fleet(fleet: FleetSettings, num_nodes: int) -> None:
+    """Before a simulation starts: the ``fleet.*`` lists name one value per simulated node."""
+    for key, listed in (("fleet.memory-budget-mb", fleet.memory_budget_mb),
+                        ("fleet.emulator-layers", fleet.emulator_layers)):
+        if listed and len(listed) != num_nodes:
+            raise UserError(f"{key} names {len(listed)} value(s) for {num_nodes} simulated nodes: give one per node")
 
 
 @dataclass(frozen=True)

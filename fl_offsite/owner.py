@@ -119,7 +119,7 @@ class ModelOwner:
             trainable = set(self.payload_names(self.emulator).values())
             footprint = measure_footprint(self.emulator, self.plan, trainable, self.settings.train.batch_size,
                                           self.settings.data.max_length, self.settings.train.precision,
-                                          self.settings.fleet_overhead_mb)
+                                          self.settings.fleet.overhead_mb)
             log.info("model owner: a client's training footprint is about %s MB (k middle blocks)",
                      ", ".join(f"{footprint.mb(k):.0f} at k={k}" for k in sorted({1, cap})))
         chosen, refused = {}, {}

@@ -9,10 +9,13 @@ from fl_offsite.settings import Settings
 
 
 def check_runnable(settings: Settings, num_clients: int) -> None:
-    """The model resolves, the split fits it, the owner's corpus is not the task's own text, the task loads and
-    every client's partition is non-empty."""
+    """The model resolves, the split fits it, the owner's corpus is not the task's own text, the task loads,
+    every client's partition is non-empty and the ``fleet.*`` lists name one value per client."""
     from transformers import AutoConfig
 
+    from fl_offsite.fleet import check_fleet
+
+    check_fleet(settings.fleet, num_clients)
     from fl_offsite.corpora import check_public
     from fl_offsite.models import resolve_model_path
     from fl_offsite.partition import partition_indices

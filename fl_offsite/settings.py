@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fl_offsite.config import DistillSettings, Value, adapter_layers, validate
+from fl_offsite.config import DistillSettings, Value, adapter_layers, fleet_list, validate
 from fl_offsite.emulator import EmulatorRecipe
 from fl_offsite.lora import LoraSpec
 from fl_offsite.method import Method
@@ -72,6 +72,15 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class FleetSettings:
+    """Simulated nodes' budgets or emulator sizes by partition-id, and the runtime overhead (``fleet.*``)."""
+
+    memory_budget_mb: tuple[float, ...]
+    emulator_layers: tuple[int, ...]
+    overhead_mb: float  # a client process before it trains, in a node's footprint (fl_offsite.fleet)
+
+
+@dataclass(frozen=True)
 class ResultsSettings:
     dir: str
     resume: bool
@@ -96,7 +105,7 @@ class Settings:
     data: DataSettings
     eval: EvalSettings
     results: ResultsSettings
-    fleet_overhead_mb: float  # a client process before it trains, in a node's footprint (fl_offsite.fleet)
+    fleet: FleetSettings
 
     @classmethod
     def from_config(cls, config: dict[str, Value]) -> Settings:
@@ -140,4 +149,7 @@ class Settings:
                               precision=c["eval.precision"]),
             results=ResultsSettings(dir=c["results.dir"], resume=c["results.resume"],
                                     tensorboard=c["results.tensorboard"]),
-            fleet_overhead_mb=c["fleet.overhead-mb"])
+            fleet=FleetSettings(
+                memory_budget_mb=tuple(fleet_list(c["fleet.memory-budget-mb"], "fleet.memory-budget-mb")),
+                emulator_layers=tuple(int(k) for k in fleet_list(c["fleet.emulator-layers"], "fleet.emulator-layers")),
+                overhead_mb=c["fleet.overhead-mb"]))

@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from fl_offsite.errors import UserError
-from fl_offsite.fleet import ACTIVATION_FACTOR, Footprint, NodeProfile, activation_bytes, choose_layers, measure_footprint, node_profile
+from fl_offsite.fleet import (ACTIVATION_FACTOR, Footprint, NodeProfile, activation_bytes, check_fleet, choose_layers,
+                              measure_footprint, node_profile)
+from fl_offsite.settings import Settings
 from fl_offsite.split import load_adapter
 from flower_harness import Crash, InProcessGrid, crash_in_round, of_type, rounds_of, run, tiny_config
 
@@ -29,15 +31,17 @@ def test_a_budget_gets_the_largest_emulator_it_fits_and_one_that_fits_none_is_to
 
 
 def test_a_node_states_its_own_profile_else_the_simulations_list_gives_it_by_partition_id():
-    run_config = {"fleet.memory-budget-mb": "800, 2000", "fleet.emulator-layers": ""}
-    assert node_profile({"partition-id": 1}, run_config) == NodeProfile(memory_budget_mb=2000)
-    assert node_profile({"partition-id": 1, "memory-budget-mb": 512, "emulator-layers": 3}, run_config) == \
+    fleet = Settings.from_config({"fleet.memory-budget-mb": "800, 2000"}).fleet
+    assert node_profile({"partition-id": 1}, fleet) == NodeProfile(memory_budget_mb=2000)
+    assert node_profile({"partition-id": 1, "memory-budget-mb": 512, "emulator-layers": 3}, fleet) == \
         NodeProfile(memory_budget_mb=512, emulator_layers=3)
-    assert node_profile({"partition-id": 0}, {}) == NodeProfile()
+    assert node_profile({"partition-id": 0}, Settings.from_config({}).fleet) == NodeProfile()
     with pytest.raises(UserError, match="names 2 value.*partition-id 2"):
-        node_profile({"partition-id": 2}, run_config)
+        node_profile({"partition-id": 2}, fleet)
+    with pytest.raises(UserError, match="names 2 value.*for 3 simulated nodes"):
+        check_fleet(fleet, 3)
     with pytest.raises(UserError, match="comma-separated numbers"):
-        node_profile({"partition-id": 0}, {"fleet.emulator-layers": "2;8"})
+        Settings.from_config({"fleet.emulator-layers": "2;8"})
 
 
 def test_the_footprint_of_each_size_matches_a_measurement_of_that_emulator(tiny_lm_dir):
