@@ -3,6 +3,7 @@ node authentication on, each node training on its own JSONL file; refusals give 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -314,3 +315,11 @@ def test_certificates_and_keys_are_what_flower_loads(tmp_path: Path) -> None:
     node = SuperNodeSettings(superlink="fl.example.org:9093", ca=tmp_path / "certs" / "ca.crt", key=private,
                              data_path=tmp_path / "x y.jsonl", partition_id=1)
     assert node.node_config() == f'data-path="{tmp_path}/x y.jsonl" partition-id=1'
+    from flwr.common.config import parse_config_args
+
+    from fl_offsite.fleet import NodeProfile, node_profile
+    from fl_offsite.settings import Settings
+
+    small = dataclasses.replace(node, memory_budget_mb=2048.0, emulator_layers=2)  # as Flower parses --node-config
+    assert node_profile(parse_config_args([small.node_config()]), Settings.from_config({}).fleet) == \
+        NodeProfile(memory_budget_mb=2048.0, emulator_layers=2)
