@@ -241,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         if not results.get(f"{name}/emulator-zero-shot"):
             results.put(f"{name}/emulator-zero-shot", {
                 **score(emulator, tokenizer, task, args), "kept_layers": list(plan.kept_layers),
-                "emulator_mb": round(sum(t.numel() * t.element_size() for t in emulator.state_dict().values())
-                                     / 1e6, 1),
+                "emulator_mb": round(sum(p.numel() * p.element_size() for p in emulator.parameters()) / 1e6, 1),
                 "prepare_seconds": round(time.perf_counter() - started, 1),
                 "distillation": {k: v for k, v in (record.get("distillation") or {}).items() if k != "losses"}})
     # fleets first: their units are the ones a fleet study is run for
