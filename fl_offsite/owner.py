@@ -120,8 +120,8 @@ class ModelOwner:
             footprint = measure_footprint(self.emulator, self.plan, trainable, self.settings.train.batch_size,
                                           self.settings.data.max_length, self.settings.train.precision,
                                           self.settings.fleet.overhead_mb)
-            log.info("model owner: a client's training footprint is about %s MB (k middle blocks)",
-                     ", ".join(f"{footprint.mb(k):.0f} at k={k}" for k in sorted({1, cap})))
+            log.info("model owner: a client's training footprint, k middle blocks: %s",
+                     ", ".join(f"about {footprint.mb(k):.0f} MB at k = {k}" for k in sorted({1, cap})))
         chosen, refused = {}, {}
         for node, profile in profiles.items():
             try:
