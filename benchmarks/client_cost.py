@@ -49,14 +49,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fl_offsite.blocks import find_blocks
-from fl_offsite.data import IGNORE_INDEX
 from fl_offsite.lora import LoraSpec, add_lora, lora_blocks, lora_names
 from fl_offsite.split import adapter_names, build_emulator, plan_split
 import fl_offsite.train as train_mod
 from fl_offsite.train import TrainSettings, freeze_except, half_frozen, train_local
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import status_kb  # noqa: E402
+from common import features, status_kb  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -130,17 +129,6 @@ def trainable_names(model, plan) -> dict[str, str]:
     if plan is not None:
         return adapter_names(model, plan)
     return {name: name for name, _ in model.named_parameters()}
-
-
-def features(vocab: int, n: int, seq: int, answer: int, seed: int = 0) -> list[dict[str, list[int]]]:
-    """Random rows of ``seq`` tokens; the last ``answer`` tokens are labelled (0: every token, an LM block)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(3, vocab, (seq,), generator=g).tolist()
-        labels = list(ids) if answer == 0 else [IGNORE_INDEX] * (seq - answer) + ids[-answer:]
-        rows.append({"input_ids": ids, "labels": labels})
-    return rows
 
 
 def full_logits_loss(model, batch):

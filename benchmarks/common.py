@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks: time-stamped log capture, small model folders, a fresh node cache, /proc
-memory fields."""
+memory fields, random training rows."""
 from __future__ import annotations
 
 import io
@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from fl_offsite.assets import cache_dir
+from fl_offsite.data import IGNORE_INDEX
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import byte_bpe_tokenizer  # noqa: E402  (the tests' tiny tokenizer)
@@ -73,3 +74,14 @@ def fresh_node_cache(folder: Path) -> None:
         if (shared / name).exists() and not (folder / name).exists():
             (folder / name).symlink_to(shared / name)
     os.environ["FL_OFFSITE_CACHE"] = str(folder)
+
+
+def features(vocab: int, n: int, seq: int, answer: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Random rows of ``seq`` tokens; the last ``answer`` tokens are labelled (0: every token, an LM block)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (seq,), generator=g).tolist()
+        labels = list(ids) if answer == 0 else [IGNORE_INDEX] * (seq - answer) + ids[-answer:]
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from common import status_kb
+from common import features, status_kb
 from fl_offsite.config import DEFAULTS
-from fl_offsite.data import IGNORE_INDEX
 from fl_offsite.delivery import load_delivered
 from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
 from fl_offsite.fleet import measure_footprint
@@ -59,20 +58,10 @@ def child(args: argparse.Namespace) -> None:
     trainable = set(adapter_names(model, plan).values())
     if args.precision in HALF:
         half_frozen(model, trainable, HALF[args.precision])
-    rows = _rows(model.config.vocab_size, args.batch_size * args.steps, args.max_length)
+    rows = features(model.config.vocab_size, args.batch_size * args.steps, args.max_length, answer=2)
     settings = TrainSettings(lr=1e-4, batch_size=args.batch_size, local_steps=args.steps, precision=args.precision)
     train_local(model, trainable, rows, settings, pad_id=0, desc="train")
     print(json.dumps({"runtime_mb": runtime, "peak_mb": status_kb("VmHWM") / 1024}))
-
-
-def _rows(vocab: int, n: int, length: int) -> list[dict[str, list[int]]]:
-    """Random rows of ``length`` tokens, the last two labelled (a short answer after a long prompt)."""
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (length - 2) + ids[-2:]})
-    return rows
 
 
 def measure(folder: Path, args: argparse.Namespace) -> dict[str, float]:
