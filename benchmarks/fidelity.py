@@ -154,7 +154,7 @@ def fedavg(models: list[torch.nn.Module], names: list[dict[str, str]], data: lis
     steps = args.local_steps * (args.clients if args.centralised else 1)
     params = [dict(m.named_parameters()) for m in models]
     global_state = {full: params[0][local].detach().clone() for full, local in names[0].items()}
-    train_seconds, losses, peaks = 0.0, [], [0.0] * len(data)
+    train_seconds, losses = 0.0, []
     weight = sum(len(d) for d in data)
     for rnd in range(1, args.rounds + 1):
         total = {full: torch.zeros_like(t, dtype=torch.float32) for full, t in global_state.items()}
@@ -166,7 +166,6 @@ def fedavg(models: list[torch.nn.Module], names: list[dict[str, str]], data: lis
                                 desc=f"{label} round {rnd} client {pid}")
             train_seconds += stats.seconds
             losses.append(stats.loss)
-            peaks[pid] = max(peaks[pid], stats.peak_memory_mb)
             with torch.no_grad():
                 for full, local in names[pid].items():
                     total[full] += params[pid][local].detach().float() * (len(features) / weight)
@@ -174,8 +173,7 @@ def fedavg(models: list[torch.nn.Module], names: list[dict[str, str]], data: lis
         log.info("%s round %d: mean client loss %.4f", label, rnd, statistics.fmean(losses[-len(data):]))
     for p, n in zip(params, names):
         _load(p, n, global_state)
-    return {"train_seconds": round(train_seconds, 1), "final_loss": statistics.fmean(losses[-len(data):]),
-            "client_peak_memory_mb": [round(p) for p in peaks]}
+    return {"train_seconds": round(train_seconds, 1), "final_loss": statistics.fmean(losses[-len(data):])}
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from typing import Any
 
 from fl_offsite.config import CHOICES, load_file, validate
 from fl_offsite.errors import UserError
+from fl_offsite.fleet import SMALLER_EVAL
 from fl_offsite.io import write_atomic, write_json
 from fl_offsite.logs import clock_time
 from fl_offsite.report import markdown_table
@@ -18,7 +19,6 @@ from fl_offsite.settings import Settings
 log = logging.getLogger(__name__)
 
 BASELINE = "fedavg-full"
-SMALLER = "emulator-k"  # evaluation keys of a fleet's smaller emulators: emulator-k2 ...
 
 
 @dataclass(frozen=True)
@@ -185,11 +185,11 @@ def accuracy_rows(runs: dict[str, dict]) -> list[tuple[str, dict]]:
         if method.trains_full_model:
             rows.append((label(name, run), final["full"]))
         elif method.trains:
-            smaller = sorted((key for key in final if key.startswith(SMALLER)), key=lambda key: int(key[len(SMALLER):]))
+            smaller = sorted((key for key in final if key.startswith(SMALLER_EVAL)), key=lambda key: int(key[len(SMALLER_EVAL):]))
             k = Settings.from_config(run["config"]).emulator.emulator_layers
             size = (f" k={k}" if k else " (configured)") if smaller else ""  # a fleet's emulators, by size
             rows.append((f"{label(name, run)} emulator{size} (emulator + adapter)", final["emulator"]))
-            rows += [(f"{label(name, run)} emulator k={key[len(SMALLER):]} (emulator + adapter)", final[key])
+            rows += [(f"{label(name, run)} emulator k={key[len(SMALLER_EVAL):]} (emulator + adapter)", final[key])
                      for key in smaller]
             rows.append((f"{label(name, run)} plug-in (full model + adapter)", final["plugin"]))
     return rows

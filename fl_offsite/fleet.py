@@ -12,12 +12,15 @@ The model owner estimates what training an emulator with k middle blocks costs, 
 - a fixed runtime overhead (``fleet.overhead-mb``: the process before it trains).
 
 Every middle block costs the same, so the footprint is ``fixed + k * per_block``; the owner gives each
-node the largest k, up to the configured ``split.emulator-layers``, that fits, and refuses a node no
-emulator fits, naming the budget that would do.
+node the largest k, up to the configured emulator's, that fits, and refuses a node no emulator fits,
+naming the budget that would do. The activation probe runs on the owner's device and
+:data:`ACTIVATION_FACTOR` is fitted to CPU peaks (``benchmarks/footprint.py``); for GPU nodes, whose
+budget is GPU memory, set ``fleet.overhead-mb`` to what the runtime holds there.
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,7 @@ from fl_offsite.split import SplitPlan
 from fl_offsite.train import HALF, answer_loss, freeze_except, half_frozen, precision_autocast
 
 BUDGET_KEY, LAYERS_KEY = "memory-budget-mb", "emulator-layers"  # node config keys, and the profile's
+SMALLER_EVAL, SMALLER_SPLIT = "emulator-k", "split-k"  # a smaller emulator's scores (emulator-k2) and folder
 # Peak memory per byte of saved activations: they, plus the gradients backward makes of them. Fitted to the
 # measured peaks of benchmarks/footprint.py (SmolLM2-135M, CPU, bf16: each middle block adds 72 MB measured,
 # 40 MB counting the saved activations once, 73 MB counting them twice).
@@ -54,11 +58,15 @@ class NodeProfile:
         return cls(None if budget is None else float(budget), None if layers is None else int(layers))
 
 
+def _lists(fleet: FleetSettings) -> tuple[tuple[str, tuple], ...]:
+    return (BUDGET_KEY, fleet.memory_budget_mb), (LAYERS_KEY, fleet.emulator_layers)
+
+
 def node_profile(node_config: dict, fleet: FleetSettings) -> NodeProfile:
     """The node's own ``memory-budget-mb`` / ``emulator-layers``, else its entry in the run config's
     ``fleet.memory-budget-mb`` / ``fleet.emulator-layers`` lists (simulation: one per partition-id)."""
     values = {}
-    for key, listed in ((BUDGET_KEY, fleet.memory_budget_mb), (LAYERS_KEY, fleet.emulator_layers)):
+    for key, listed in _lists(fleet):
         if key in node_config:
             values[key] = node_config[key]
         elif listed:
@@ -70,12 +78,17 @@ def node_profile(node_config: dict, fleet: FleetSettings) -> NodeProfile:
     return NodeProfile.from_record(values)
 
 
-def check_fleet(fleet: FleetSettings, num_nodes: int) -> None:
-    """Before a simulation starts: the ``fleet.*`` lists name one value per simulated node."""
-    for key, listed in (("fleet.memory-budget-mb", fleet.memory_budget_mb),
-                        ("fleet.emulator-layers", fleet.emulator_layers)):
+def check_fleet(fleet: FleetSettings, num_nodes: int, cap: int | None) -> None:
+    """Before a simulation starts: the ``fleet.*`` lists name one value per simulated node, and no forced
+    emulator size exceeds ``cap``, the configured emulator's (None: not known before the model is split)."""
+    for key, listed in _lists(fleet):
         if listed and len(listed) != num_nodes:
-            raise UserError(f"{key} names {len(listed)} value(s) for {num_nodes} simulated nodes: give one per node")
+            raise UserError(f"fleet.{key} names {len(listed)} value(s) for {num_nodes} simulated nodes: "
+                            "give one per node")
+    if cap is not None and any(k > cap for k in fleet.emulator_layers):
+        raise UserError(f"fleet.emulator-layers asks for {max(fleet.emulator_layers)} middle blocks, but the "
+                        f"configured emulator (split.emulator-layers) has {cap}: the model owner gives out no "
+                        "larger one")
 
 
 @dataclass(frozen=True)
@@ -146,20 +159,22 @@ def activation_bytes(model: nn.Module, trainable: set[str], batch_size: int, seq
     return sum(b for w, b in saved.values() if w is None), per_block
 
 
-def choose_layers(node: int, profile: NodeProfile, footprint: Footprint, cap: int) -> int:
-    """The emulator size (k) for a node: its forced ``emulator-layers``, else the largest k <= ``cap`` whose
-    footprint fits its budget, else ``cap``. Raises a UserError that names what would do."""
+def choose_layers(node: int, profile: NodeProfile, footprint: Footprint | None, cap: int) -> int:
+    """The emulator size (k) for a node: its forced ``emulator-layers``, else the largest k <= ``cap`` (the
+    configured emulator's) whose footprint fits its budget, else ``cap``. Raises a UserError that names what
+    would do."""
     if profile.emulator_layers is not None:
         if not 1 <= profile.emulator_layers <= cap:
             raise UserError(f"node {node} asks for emulator-layers = {profile.emulator_layers}, but the model "
-                            f"owner gives out emulators of 1 to {cap} middle blocks (split.emulator-layers)")
+                            f"owner gives out emulators of 1 to {cap} middle blocks (its configured emulator's)")
         return profile.emulator_layers
     if profile.memory_budget_mb is None:
         return cap
     fits = [k for k in range(cap, 0, -1) if footprint.mb(k) <= profile.memory_budget_mb]
     if not fits:
+        needed = math.ceil(footprint.mb(1))
         raise UserError(f"node {node}'s memory-budget-mb = {profile.memory_budget_mb:g} fits no emulator: the "
-                        f"smallest (1 middle block) needs about {footprint.mb(1):.0f} MB to train at this run's "
-                        f"batch and length; give the node at least {footprint.mb(1):.0f} MB, or lower "
+                        f"smallest (1 middle block) needs about {needed} MB to train at this run's batch and "
+                        f"length, fleet.overhead-mb included; give the node at least {needed} MB, or lower "
                         "train.batch-size / train.max-length")
     return fits[0]

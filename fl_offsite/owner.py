@@ -18,7 +18,7 @@ from fl_offsite.assets import cache_dir
 from fl_offsite.emulator import prepare_emulator
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import evaluate_task
-from fl_offsite.fleet import NodeProfile, choose_layers, measure_footprint
+from fl_offsite.fleet import SMALLER_EVAL, SMALLER_SPLIT, NodeProfile, choose_layers, measure_footprint
 from fl_offsite.io import json_digest, write_json
 from fl_offsite.logs import clock_time
 from fl_offsite.models import best_device, load_model, resolve_model_path
@@ -96,7 +96,7 @@ class ModelOwner:
             recipe = replace(self.settings.emulator, emulator_layers=k, drop_ratio=None)
             plan, emulator, record = prepare_emulator(self.settings.model, self.model_without_tuning(), self.tokenizer,
                                                       recipe, self.settings.task, seed=self.settings.seed)
-            folder = write_split(self.run_dir / f"split-k{k}", emulator, extract_adapter(emulator, plan), plan,
+            folder = write_split(self.run_dir / f"{SMALLER_SPLIT}{k}", emulator, extract_adapter(emulator, plan), plan,
                                  self.tokenizer, record=record) / EMULATOR_DIR
             self.smaller[k] = Emulator(plan, self.tuning.apply(emulator, plan, seed=self.settings.seed), folder)
             log.info("model owner: emulator %s for the fleet ready in %s", plan.name,
@@ -114,6 +114,9 @@ class ModelOwner:
         """Each node's emulator (the largest its profile fits, see fl_offsite.fleet), and the nodes refused
         (node -> why). Smaller emulators are prepared here, once each."""
         cap = self.plan.emulator_layers
+        if cap < 1 and any(p.to_record() for p in profiles.values()):
+            raise UserError(f"nodes state memory budgets or emulator sizes, but split {self.plan.name} keeps no "
+                            "middle block to size: set split.emulator-layers >= 1")
         footprint = None
         if any(p.memory_budget_mb is not None and p.emulator_layers is None for p in profiles.values()):
             trainable = set(self.payload_names(self.emulator).values())
@@ -163,7 +166,7 @@ class ModelOwner:
         models = {"plugin": (self.model, None)} if self.emulator is not None else {"full": (self.model, None)}
         if self.emulator is not None:
             models["emulator"] = self.emulator, self.plan
-            models.update({f"emulator-k{k}": (e.model, e.plan) for k, e in sorted(self.smaller.items())})
+            models.update({f"{SMALLER_EVAL}{k}": (e.model, e.plan) for k, e in sorted(self.smaller.items())})
         results = {}
         for name, (model, plan) in models.items():
             self.load_payload(model, payload, plan)

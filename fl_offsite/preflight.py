@@ -15,7 +15,7 @@ def check_runnable(settings: Settings, num_clients: int) -> None:
 
     from fl_offsite.fleet import check_fleet
 
-    check_fleet(settings.fleet, num_clients)
+    check_fleet(settings.fleet, num_clients, settings.emulator.emulator_layers)
     from fl_offsite.corpora import check_public
     from fl_offsite.models import resolve_model_path
     from fl_offsite.partition import partition_indices

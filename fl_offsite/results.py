@@ -64,6 +64,7 @@ class RunFolder:
         size k; 0 for the full model), the bytes sent to it (0 when cached), and the nodes refused (-> why)."""
         path = self.root / DELIVERY
         record = json.loads(path.read_text()) if path.is_file() else {"deliveries": []}
+        record.pop("digest", None)  # one digest, as runs before fleets recorded it
         record["digests"] = sorted({d for d, _, _ in packages.values()})
         record["package_bytes"] = max(size for _, size, _ in packages.values())
         record["deliveries"].append({

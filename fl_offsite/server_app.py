@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_offsite.config import validate
 from fl_offsite.delivery import ModelPackage, ask_profiles, deliver
 from fl_offsite.errors import UserError
+from fl_offsite.fleet import SMALLER_SPLIT
 from fl_offsite.local_data import task_answers
 from fl_offsite.logs import log_to_console
 from fl_offsite.lora import PEFT_DIR
@@ -138,7 +139,7 @@ def _fresh(run: RunFolder) -> RunFolder:
         (run.root / name).unlink(missing_ok=True)
     for name in (CHECKPOINT, PEFT_DIR, TENSORBOARD_DIR):
         shutil.rmtree(run.root / name, ignore_errors=True)
-    for folder in run.root.glob("split-k*"):  # a fleet's smaller emulators
+    for folder in run.root.glob(f"{SMALLER_SPLIT}*"):  # a fleet's smaller emulators
         shutil.rmtree(folder, ignore_errors=True)
     return run
 

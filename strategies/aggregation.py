@@ -10,14 +10,18 @@ if TYPE_CHECKING:
 
 
 def aggregation_strategy(settings: StrategySettings, dp: PrivacySettings, num_nodes: int) -> fl.Strategy:
-    """A Flower strategy built from the run's settings; clients evaluate nothing (the owner does).
+    """A Flower strategy built from the run's settings, for ``num_nodes`` nodes that can train; clients evaluate
+    nothing (the owner does).
 
     With ``dp.noise-multiplier`` > 0 it is FedAvg (clients weighted equally) inside Flower's
     client-side fixed-clipping DP wrapper, with Flower's RDP accountant over ``num_nodes``
     data owners; the clients clip with ``fixedclipping_mod``.
     """
+    # ``num_nodes`` are the nodes that can train (delivered a model): Flower's sampling waits, without a timeout,
+    # for min_available_nodes of them, so a node refused at delivery must not count towards it
     common = dict(fraction_train=settings.fraction_train, fraction_evaluate=0.0,
-                  min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes)
+                  min_train_nodes=settings.min_train_nodes,
+                  min_available_nodes=min(settings.min_available_nodes, num_nodes))
     if dp.enabled:
         return _private(fl.FedAvg(**common, weighted_by_key="train-steps"), settings, dp, num_nodes)
     s = settings

@@ -101,7 +101,7 @@ class OffsiteStrategy(Strategy):
         content = RecordDict(dict(message.content.items()))
         content["config"] = ConfigRecord({**message.content["config"], **self.node_config[node]})
         return Message(content=content, message_type=message.metadata.message_type, dst_node_id=node,
-                       group_id=message.metadata.group_id)
+                       group_id=message.metadata.group_id, ttl=message.metadata.ttl)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -28,6 +28,10 @@ def test_a_budget_gets_the_largest_emulator_it_fits_and_one_that_fits_none_is_to
         choose_layers(7, NodeProfile(memory_budget_mb=100), footprint, cap=8)
     with pytest.raises(UserError, match="emulator-layers = 9.*1 to 8 middle blocks"):
         choose_layers(1, NodeProfile(emulator_layers=9), footprint, cap=8)
+    odd = Footprint(fixed=100 * MB, per_block=10.4 * MB)  # the budget a refusal names is enough
+    with pytest.raises(UserError, match="at least 111 MB"):
+        choose_layers(1, NodeProfile(memory_budget_mb=110), odd, cap=8)
+    assert choose_layers(1, NodeProfile(memory_budget_mb=111), odd, cap=8) == 1
 
 
 def test_a_node_states_its_own_profile_else_the_simulations_list_gives_it_by_partition_id():
@@ -39,7 +43,11 @@ def test_a_node_states_its_own_profile_else_the_simulations_list_gives_it_by_par
     with pytest.raises(UserError, match="names 2 value.*partition-id 2"):
         node_profile({"partition-id": 2}, fleet)
     with pytest.raises(UserError, match="names 2 value.*for 3 simulated nodes"):
-        check_fleet(fleet, 3)
+        check_fleet(fleet, 3, cap=8)
+    with pytest.raises(UserError, match="asks for 9 middle blocks.*has 8"):
+        check_fleet(Settings.from_config({"fleet.emulator-layers": "2,9"}).fleet, 2, cap=8)
+    with pytest.raises(UserError, match="whole numbers"):
+        Settings.from_config({"fleet.emulator-layers": "2,2.5"})
     with pytest.raises(UserError, match="comma-separated numbers"):
         Settings.from_config({"fleet.emulator-layers": "2;8"})
 
@@ -119,8 +127,10 @@ def test_a_mixed_fleet_trains_one_adapter_averaged_by_examples_and_scores_every_
 
 
 def test_a_node_no_emulator_fits_is_refused_and_the_others_train(tiny_lm_dir, tmp_path):
+    # three nodes must connect, two can train: Flower's sampling must not wait for the refused one
     config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"fleet.memory-budget-mb": "100000,100000,1",
-                                                           "fleet.overhead-mb": 0.0})
+                                                           "fleet.overhead-mb": 0.0,
+                                                           "strategy.min-available-nodes": 3})
     grid = run(config)
     refused = json.loads((tmp_path / "run" / "delivery.json").read_text())["deliveries"][0]["refused"]
     assert list(refused) == [str(grid.node_ids[2])] and "give the node at least" in refused[str(grid.node_ids[2])]
