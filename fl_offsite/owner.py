@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from peft import PeftModel
 
 from fl_offsite.assets import cache_dir
-from fl_offsite.emulator import prepare_emulator
+from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import evaluate_task
 from fl_offsite.fleet import SMALLER_EVAL, SMALLER_SPLIT, NodeProfile, choose_layers, measure_footprint
@@ -74,11 +74,8 @@ class ModelOwner:
             plan, emulator = None, None
             base_folder = _model_folder(settings.model, model, tokenizer, run_dir)
         else:
-            plan, emulator, record = prepare_emulator(settings.model, model, tokenizer, settings.emulator,
-                                                      settings.task, seed=settings.seed)
-            split_dir = write_split(run_dir / "split", emulator, extract_adapter(model, plan), plan, tokenizer,
-                                    record=record)
-            base_folder = split_dir / EMULATOR_DIR
+            plan, emulator, base_folder = _emulator_split(settings, settings.emulator, model, tokenizer,
+                                                          run_dir / "split")
             log.info("model owner: emulator (%s) ready after %s", settings.emulator.describe(),
                      clock_time(time.perf_counter() - began))
         tuning = settings.tuning
@@ -94,10 +91,8 @@ class ModelOwner:
         if k not in self.smaller:
             began = time.perf_counter()
             recipe = replace(self.settings.emulator, emulator_layers=k, drop_ratio=None)
-            plan, emulator, record = prepare_emulator(self.settings.model, self.model_without_tuning(), self.tokenizer,
-                                                      recipe, self.settings.task, seed=self.settings.seed)
-            folder = write_split(self.run_dir / f"{SMALLER_SPLIT}{k}", emulator, extract_adapter(emulator, plan), plan,
-                                 self.tokenizer, record=record) / EMULATOR_DIR
+            plan, emulator, folder = _emulator_split(self.settings, recipe, self.model_without_tuning(), self.tokenizer,
+                                                     self.run_dir / f"{SMALLER_SPLIT}{k}")
             self.smaller[k] = Emulator(plan, self.tuning.apply(emulator, plan, seed=self.settings.seed), folder)
             log.info("model owner: emulator %s for the fleet ready in %s", plan.name,
                      clock_time(time.perf_counter() - began))
@@ -213,6 +208,16 @@ def final_weights(owner: ModelOwner, payload: dict[str, torch.Tensor]) -> tuple[
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     return "adapter.safetensors", extract_adapter(model, owner.plan)
+
+
+def _emulator_split(settings: Settings, recipe: EmulatorRecipe, model: PreTrainedModel,
+                    tokenizer: PreTrainedTokenizerBase, out: Path) -> tuple[SplitPlan, PreTrainedModel, Path]:
+    """Build (or distil, or fetch cached) the emulator of ``recipe`` from the untuned full ``model`` and write the
+    split to ``out``; return the plan, the emulator and the emulator's folder (what nodes are delivered)."""
+    plan, emulator, record = prepare_emulator(settings.model, model, tokenizer, recipe, settings.task,
+                                              seed=settings.seed)
+    split_dir = write_split(out, emulator, extract_adapter(model, plan), plan, tokenizer, record=record)
+    return plan, emulator, split_dir / EMULATOR_DIR
 
 
 def _model_folder(name: str, model: PreTrainedModel, tokenizer, run_dir: Path) -> Path:

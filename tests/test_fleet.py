@@ -178,3 +178,16 @@ def test_a_client_process_keeps_the_emulators_of_the_fleets_nodes_it_serves(monk
     for key in [keys[0], keys[1], keys[0], keys[1], keys[2], keys[1]]:
         assert cache.model(key)[0] == key.digest
     assert loads == ["small", "large", "other"]  # the third size evicts the least recently used
+
+
+@pytest.mark.parametrize("method", ["offsite-lora", "offsite-bottleneck"])
+def test_a_mixed_fleet_trains_with_tunings_that_change_the_model_in_place(tiny_lm_dir, tmp_path, method):
+    """LoRA and bottleneck adapters wrap the owner's full model: smaller emulators are built from a clean copy."""
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", method=method,
+                         **{"num-rounds": 1, "fleet.emulator-layers": "1,2"})
+    grid = run(config, num_nodes=2)
+    plans = {json.loads(m.content["config"]["split-plan"])["split"] for m in of_type(grid, "train")}
+    assert plans == {"1-1-1", "1-2-1"}
+    for record in rounds_of(tmp_path / "run"):
+        assert set(record["eval"]) == {"plugin", "emulator", "emulator-k1"}
+    assert all(not r["problems"] for r in rounds_of(tmp_path / "run")[1:])
