@@ -181,16 +181,16 @@ def accuracy_rows(runs: dict[str, dict]) -> list[tuple[str, dict]]:
             rows.append((f"Distilled emulator zero-shot [{name}]", run["rounds"][0]["emulator"]))
     for name, run in runs.items():
         final = run["rounds"][-1]
-        method = Settings.from_config(run["config"]).method
-        if method.trains_full_model:
+        settings = Settings.from_config(run["config"])
+        if settings.method.trains_full_model:
             rows.append((label(name, run), final["full"]))
-        elif method.trains:
-            smaller = sorted((key for key in final if key.startswith(SMALLER_EVAL)), key=lambda key: int(key[len(SMALLER_EVAL):]))
-            k = Settings.from_config(run["config"]).emulator.emulator_layers
+        elif settings.method.trains:
+            smaller = sorted(int(key.removeprefix(SMALLER_EVAL)) for key in final if key.startswith(SMALLER_EVAL))
+            k = settings.emulator.emulator_layers
             size = (f" k={k}" if k else " (configured)") if smaller else ""  # a fleet's emulators, by size
             rows.append((f"{label(name, run)} emulator{size} (emulator + adapter)", final["emulator"]))
-            rows += [(f"{label(name, run)} emulator k={key[len(SMALLER_EVAL):]} (emulator + adapter)", final[key])
-                     for key in smaller]
+            rows += [(f"{label(name, run)} emulator k={small} (emulator + adapter)", final[f"{SMALLER_EVAL}{small}"])
+                     for small in smaller]
             rows.append((f"{label(name, run)} plug-in (full model + adapter)", final["plugin"]))
     return rows
 

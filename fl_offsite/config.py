@@ -131,11 +131,12 @@ def validate(overrides: dict[str, Any]) -> dict[str, Value]:
             raise UserError("differential privacy weighs every client equally: set train.local-steps > 0")
         if not 0 < config["dp.delta"] < 1 or config["dp.clipping-norm"] <= 0:
             raise UserError("dp.delta must be in (0, 1) and dp.clipping-norm > 0")
-    if any(not k.is_integer() for k in fleet_list(config["fleet.emulator-layers"], "fleet.emulator-layers")):
+    lists = {key: fleet_list(config[key], key) for key in FLEET_LISTS}
+    if any(not k.is_integer() for k in lists["fleet.emulator-layers"]):
         raise UserError(f"fleet.emulator-layers must be whole numbers of middle blocks, got "
                         f"{config['fleet.emulator-layers']!r}")
-    for key in FLEET_LISTS:
-        if fleet_list(config[key], key) and METHODS[config["method"]][0] != "offsite":
+    for key, values in lists.items():
+        if values and METHODS[config["method"]][0] != "offsite":
             raise UserError(f"{key} gives simulated nodes emulators of different sizes: it needs an offsite method, "
                             f"not {config['method']}; set it in the offsite run only")
     adapter_layers(config)

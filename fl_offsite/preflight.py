@@ -13,13 +13,13 @@ def check_runnable(settings: Settings, num_clients: int) -> None:
     every client's partition is non-empty and the ``fleet.*`` lists name one value per client."""
     from transformers import AutoConfig
 
-    from fl_offsite.fleet import check_fleet
-
-    check_fleet(settings.fleet, num_clients, settings.emulator.emulator_layers)
     from fl_offsite.corpora import check_public
+    from fl_offsite.fleet import check_fleet
     from fl_offsite.models import resolve_model_path
     from fl_offsite.partition import partition_indices
     from fl_offsite.tasks import load_task
+
+    check_fleet(settings.fleet, num_clients, settings.emulator.emulator_layers)
 
     path = resolve_model_path(settings.model)
     try:
