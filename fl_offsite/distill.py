@@ -61,11 +61,8 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, 
     if not train or not held_out:
         raise UserError(f"corpus {settings.corpus!r} gives no training blocks or no held-out text")
 
-    _, teacher_blocks = find_blocks(model)
     _, student_blocks = find_blocks(emulator)
-    kept_middle = [i for i in plan.kept_layers if i not in set(plan.adapter_layers)]
-    targets = kept_middle if settings.targets == "per-block" else [kept_middle[-1]]
-    position = plan.positions(emulator)
+    targets = target_layers(plan, settings.targets)
     prefixes = tuple(f"{plan.block_prefix}.{pos}." for pos in middle)
     params = freeze_except(emulator, {name for name, _ in emulator.named_parameters() if name.startswith(prefixes)})
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
@@ -91,23 +88,11 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, 
         batch = collate([train[i] for i in order[:settings.batch_size]], pad_id(tokenizer))
         del order[:settings.batch_size]
         batch = {k: v.to(device) for k, v in batch.items()}
-        mask = batch["attention_mask"].float()
-        teacher, student = {}, {}
-        stop_early = settings.kl_weight == 0  # the teacher's top blocks and head are only needed for the KL
-        teacher_hooks = [BlockHook(teacher_blocks[i], record_output(teacher, i, stop=stop_early and i == targets[-1]))
-                         for i in targets]
-        with torch.no_grad(), autocast, hooked(teacher_hooks):
-            if stop_early:
-                forward_until_stop(model, batch)
-            else:
-                teacher_logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
         emulator.train()
-        with autocast, hooked([BlockHook(student_blocks[position[i]], record_output(student, i)) for i in targets]):
-            out = emulator(**batch, use_cache=False)
-            kd_loss = sum(normalized_mse(teacher[i], student[i], mask) for i in targets) / len(targets)
-            loss = out.loss + settings.kd_weight * kd_loss
-            kl_loss = kl_divergence(teacher_logits, out.logits, mask) if not stop_early else torch.zeros(())
-            loss = loss + settings.kl_weight * kl_loss
+        with autocast:
+            out, kd_loss, kl_loss = alignment_losses(model, emulator, plan, batch, targets, settings.kl_weight,
+                                                     lm=True)
+            loss = out.loss + settings.kd_weight * kd_loss + settings.kl_weight * kl_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -135,6 +120,43 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, 
     log.info("distilled %s for %d steps in %.0f s: held-out perplexity %.1f -> %.1f (full model %.1f, best step %d)",
              plan.name, settings.steps, record["seconds"], before_ppl, best_ppl, full_ppl, best_step)
     return record
+
+
+def target_layers(plan: SplitPlan, targets: str) -> list[int]:
+    """Original indices of the kept middle blocks whose outputs are matched: the last one (``"output"``, the
+    middle's output) or every one (``"per-block"``)."""
+    kept_middle = [i for i in plan.kept_layers if i not in set(plan.adapter_layers)]
+    return kept_middle if targets == "per-block" else kept_middle[-1:]
+
+
+def alignment_losses(model: nn.Module, emulator: nn.Module, plan: SplitPlan, batch: dict[str, torch.Tensor],
+                     targets: list[int], kl_weight: float, lm: bool):
+    """One batch through the full ``model`` (the teacher, no grad) and the ``emulator``: the emulator's output
+    (None unless ``lm`` or a KL term needs its logits), the normalised MSE between the hidden states leaving the
+    ``targets`` blocks (original indices; averaged) and KL(full || emulator) on the logits (0 when
+    ``kl_weight`` is 0). Forward passes stop after the last target block when no logits are needed."""
+    mask = batch["attention_mask"].float()
+    _, teacher_blocks = find_blocks(model)
+    _, student_blocks = find_blocks(emulator)
+    position = plan.positions(emulator)
+    teacher, student = {}, {}
+    with_kl, whole = kl_weight > 0, lm or kl_weight > 0
+    with torch.no_grad(), hooked([BlockHook(teacher_blocks[i], record_output(teacher, i, stop=not with_kl and
+                                                                            i == targets[-1])) for i in targets]):
+        if with_kl:
+            teacher_logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
+        else:
+            forward_until_stop(model, batch)
+    with hooked([BlockHook(student_blocks[position[i]], record_output(student, i, stop=not whole and
+                                                                      i == targets[-1])) for i in targets]):
+        if whole:
+            out = emulator(**batch, use_cache=False)
+        else:
+            out = None
+            forward_until_stop(emulator, batch)
+    mse = sum(normalized_mse(teacher[i], student[i], mask) for i in targets) / len(targets)
+    kl = kl_divergence(teacher_logits, out.logits, mask) if with_kl else torch.zeros((), device=mse.device)
+    return out, mse, kl
 
 
 def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
