@@ -18,6 +18,7 @@ from fl_offsite.local_data import BadDataFile, data_path
 from fl_offsite.logs import log_to_console
 from fl_offsite.node_cache import ExampleSource, ModelKey, NodeCache
 from fl_offsite.payload import get_payload, set_payload
+from fl_offsite.realign import set_factors
 from fl_offsite.settings import DataSettings, Settings
 from fl_offsite.split import SplitPlan
 from fl_offsite.train import train_local
@@ -68,11 +69,14 @@ def train(msg: Message, context: Context) -> Message:
         raise UserError(f"node {context.node_id} has no model {digest}: it must be delivered before training")
     plan = SplitPlan.from_json(json.loads(round_config["split-plan"])) if round_config["split-plan"] else None
     tuning, folder = settings.tuning, str(store.folder(digest))
+    realigned = "realign" in msg.content.array_records
     model, tokenizer = CACHE.model(ModelKey(digest, folder, tuning, round_config["split-plan"], settings.seed,
-                                            settings.train.precision))
+                                            settings.train.precision, settings.realign if realigned else None))
     names = tuning.names(model, plan)
     request = msg.content["arrays"].to_torch_state_dict()
     set_payload(model, request, names, tuning.payload_kind(plan))
+    if realigned:  # the owner re-aligned this emulator to the round's adapter
+        set_factors(model, plan, msg.content["realign"].to_torch_state_dict())
 
     partition_id, num_partitions = _partition(context, settings.data)
     answers = tuple(json.loads(round_config["task-answers"])) if round_config.get("task-answers") else None

@@ -38,6 +38,15 @@ DEFAULTS: dict[str, Value] = {
     "distill.block-size": 160,  # tokens per distillation sequence
     "distill.precision": "fp32",  # bf16: autocast (2-3x faster on CPUs with AMX / AVX512-BF16)
     "distill.eval-every": 25,  # steps between held-out perplexities (the best emulator is kept)
+    "realign.steps": 0,  # the owner re-aligns the emulator (LoRA on its middle) before every round (FedBiOT: 10)
+    "realign.pre-steps": 0,  # re-alignment steps once, before round 1 (FedBiOT: 500)
+    "realign.lr": 1e-3,
+    "realign.lora-r": 8,  # the emulator's re-alignment LoRA (its factors travel each round)
+    "realign.lora-alpha": 16,
+    "realign.batch-size": 4,  # sequences of distill.block-size tokens of the owner's public text (distill.corpus)
+    "realign.targets": "output",  # output (the middle's output) | per-block (every kept middle block)
+    "realign.kl-weight": 0.0,  # weight of KL(full || emulator) on the logits (lifts emulator + adapter too)
+    "realign.precision": "fp32",  # bf16: autocast
     "lora.r": 4,  # LoRA of the -lora methods (paper: r 4, alpha 32, dropout 0.1)
     "lora.alpha": 32,
     "lora.dropout": 0.1,
@@ -96,6 +105,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "emulator.layers": ("uniform", "similarity", "greedy"),
     "distill.targets": ("output", "per-block"),
     "distill.precision": ("fp32", "bf16"),
+    "realign.targets": ("output", "per-block"),
+    "realign.precision": ("fp32", "bf16"),
     "eval.precision": ("fp32", "bf16"),
     "data.partitioner": ("iid", "dirichlet"),
 }
@@ -116,7 +127,7 @@ def validate(overrides: dict[str, Any]) -> dict[str, Value]:
     for key in ("num-rounds", "train.batch-size", "train.grad-accum", "train.max-length", "distill.eval-every"):
         if config[key] < 1:
             raise UserError(f"{key} must be >= 1, got {config[key]}")
-    for key in ("eval.limit", "eval.every"):
+    for key in ("eval.limit", "eval.every", "realign.steps", "realign.pre-steps"):
         if config[key] < 0:
             raise UserError(f"{key} must be >= 0, got {config[key]}")
     if config["train.local-steps"] <= 0 and config["train.local-epochs"] <= 0:
@@ -139,6 +150,12 @@ def validate(overrides: dict[str, Any]) -> dict[str, Value]:
         if values and METHODS[config["method"]][0] != "offsite":
             raise UserError(f"{key} gives simulated nodes emulators of different sizes: it needs an offsite method, "
                             f"not {config['method']}; set it in the offsite run only")
+    if config["realign.steps"] or config["realign.pre-steps"]:
+        if METHODS[config["method"]][0] != "offsite":
+            raise UserError(f"realign.* re-aligns an emulator: it needs an offsite method, not {config['method']}; "
+                            "set realign.steps = 0 for this run")
+        if config["realign.lora-r"] < 1 or config["realign.batch-size"] < 1 or config["realign.lr"] <= 0:
+            raise UserError("re-alignment needs realign.lora-r >= 1, realign.batch-size >= 1 and realign.lr > 0")
     adapter_layers(config)
     return config
 

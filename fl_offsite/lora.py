@@ -62,7 +62,7 @@ def lora_names(model: PeftModel, plan: SplitPlan | None) -> dict[str, str]:
     original = plan.full_index(model.base_model.model) if plan else None
     names = {}
     for local, _ in model.named_parameters():
-        if ".lora_" not in local:
+        if ".lora_" not in local or ".default." not in local:  # not another adapter's (fl_offsite.realign)
             continue
         name = local.removeprefix(PEFT_PREFIX).replace(".default.", ".")
         if original is not None:

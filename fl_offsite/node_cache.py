@@ -22,6 +22,7 @@ from fl_offsite.local_data import load_examples
 from fl_offsite.delivery import load_delivered
 from fl_offsite.models import best_device
 from fl_offsite.partition import partition_indices
+from fl_offsite.realign import RealignSettings, add_realign_lora
 from fl_offsite.settings import DataSettings
 from fl_offsite.split import SplitPlan
 from fl_offsite.tasks import ChoiceExample, load_task
@@ -41,6 +42,7 @@ class ModelKey:
     plan_json: str  # "" without a split (full fine-tuning)
     seed: int  # the initial LoRA / bottleneck weights
     precision: str
+    realign: RealignSettings | None = None  # the emulator gets the owner's re-alignment LoRA layers
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,8 @@ def _prepare_model(key: ModelKey) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     model = key.tuning.apply(model.to(best_device()), plan, seed=key.seed)
     if key.precision != "fp32":  # frozen weights in half precision (trainable ones stay fp32)
         half_frozen(model, set(key.tuning.names(model, plan).values()), HALF[key.precision])
+    if key.realign is not None:
+        add_realign_lora(model, plan, key.realign)
     return model, tokenizer
 
 

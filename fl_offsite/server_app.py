@@ -89,7 +89,7 @@ def run_federated(grid: Grid, config: dict) -> Path:
         base_config={"task-answers": json.dumps(answers) if answers else ""}, node_config=node_config,
         rounds_done=done, max_update_norm=settings.strategy.max_update_norm,
         round_timeout=timeout, after_round=after_round(owner, run, len(packages), tracker),
-        payload_kind=owner.tuning.payload_kind(owner.plan))
+        payload_kind=owner.tuning.payload_kind(owner.plan), realignment=owner.realignment())
     if checkpoint:
         strategy.restore(checkpoint.strategy_state)
         log.info("Resuming %s after round %d", run.root, done)

@@ -11,6 +11,7 @@ from fl_offsite.config import DistillSettings, Value, adapter_layers, fleet_list
 from fl_offsite.emulator import EmulatorRecipe
 from fl_offsite.lora import LoraSpec
 from fl_offsite.method import Method
+from fl_offsite.realign import RealignSettings
 from fl_offsite.train import TrainSettings
 from fl_offsite.tuning import Tuning
 
@@ -106,6 +107,7 @@ class Settings:
     eval: EvalSettings
     results: ResultsSettings
     fleet: FleetSettings
+    realign: RealignSettings  # the owner's per-round re-alignment of the emulator (FedBiOT)
 
     @classmethod
     def from_config(cls, config: dict[str, Value]) -> Settings:
@@ -152,4 +154,9 @@ class Settings:
             fleet=FleetSettings(
                 memory_budget_mb=tuple(fleet_list(c["fleet.memory-budget-mb"], "fleet.memory-budget-mb")),
                 emulator_layers=tuple(int(k) for k in fleet_list(c["fleet.emulator-layers"], "fleet.emulator-layers")),
-                overhead_mb=c["fleet.overhead-mb"]))
+                overhead_mb=c["fleet.overhead-mb"]),
+            realign=RealignSettings(
+                steps=c["realign.steps"], pre_steps=c["realign.pre-steps"], lr=c["realign.lr"],
+                lora_r=c["realign.lora-r"], lora_alpha=c["realign.lora-alpha"], batch_size=c["realign.batch-size"],
+                block_size=c["distill.block-size"], targets=c["realign.targets"], kl_weight=c["realign.kl-weight"],
+                precision=c["realign.precision"], seed=c["seed"]))

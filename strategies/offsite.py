@@ -22,11 +22,13 @@ from flwr.serverapp.strategy import Strategy
 
 from fl_offsite.errors import UserError
 from fl_offsite.payload import check_payload
+from fl_offsite.realign import Realignment
 from fl_offsite.results import AfterRound, Checkpoint, RunFolder
 
 log = logging.getLogger(__name__)
 
 ACCOUNTANT = "__privacy_accountant__"
+REALIGNMENT = "__realignment__"  # the emulators' re-alignment factors, by k
 # Flower strategy attributes learned across rounds: FedAdam/FedYogi/FedAdagrad's moments, FedAvgM's momentum
 # and the global arrays it steps from (the others are configuration, or reset in every configure_train).
 LEARNED = ("current_arrays", "m_t", "v_t", "momentum_vector")
@@ -40,6 +42,8 @@ class RoundInProgress(TypedDict, total=False):
     start: float  # time.perf_counter() when the round's messages went out
     sent: list[Metadata]  # the grid sets their message ids when it pushes them
     bytes_down: dict[int, int]  # node -> bytes sent to it
+    realign_down: dict[int, int]  # node -> bytes of its emulator's re-alignment factors sent to it
+    realign: dict | None  # the owner's re-alignment before the round (fl_offsite.realign)
     clients: list[dict]  # accepted replies: node, bytes, metrics
     problems: list[dict]  # failed, rejected and missing replies
     bytes_up: int  # every reply's arrays, accepted or not
@@ -56,13 +60,15 @@ class OffsiteStrategy(Strategy):
 
     ``base_config`` goes to every training message, ``node_config[node]`` to that node's (its model's digest,
     split and emulator size); only the nodes of ``node_config`` train (the others were refused at delivery).
+    With ``realignment``, the owner re-aligns its emulators before each round (and before round 0's evaluation)
+    and each message carries its node's emulator's factors beside the adapter (record ``"realign"``).
     """
 
     def __init__(self, inner: Strategy, reference: dict[str, torch.Tensor], evaluate_payload: Evaluator,
                  run: RunFolder, lr_at: Callable[[int], float], min_replies: int, seed: int,
                  base_config: dict, node_config: dict[int, dict], rounds_done: int = 0, max_update_norm: float = 0.0,
                  round_timeout: float | None = None, after_round: AfterRound | None = None,
-                 payload_kind: str = "adapter") -> None:
+                 payload_kind: str = "adapter", realignment: Realignment | None = None) -> None:
         self.inner = inner
         self.reference = {k: torch.empty_like(v, device="meta") for k, v in reference.items()}
         self.payload_kind = payload_kind  # what the replies carry, for the reasons of a rejection
@@ -77,6 +83,7 @@ class OffsiteStrategy(Strategy):
         self.max_update_norm = max_update_norm
         self.round_timeout = round_timeout
         self.after_round = after_round
+        self.realignment = realignment
         self._global: dict[str, torch.Tensor] = {}
         self._round: RoundInProgress = {}
 
@@ -85,21 +92,30 @@ class OffsiteStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         rnd = server_round + self.offset
         config = ConfigRecord({**self.base_config, **config, "lr": self.lr_at(rnd), "round": rnd})
+        start = time.perf_counter()
+        self._global = arrays.to_torch_state_dict()
+        realigned = self.realignment.before_round(rnd, self._global) if self.realignment else None
+        factors = {k: ArrayRecord(f) for k, f in self.realignment.factors().items()} if self.realignment else {}
         with seeded_global_random(self.seed * 100_003 + rnd):  # the inner strategy samples the nodes
             sampled = self.inner.configure_train(rnd, arrays, config, EligibleNodes(grid, self.node_config))
-            messages = [self._for_node(m) for m in sampled]
+            messages = [self._for_node(m, factors) for m in sampled]
         down = arrays.count_bytes()
-        self._global = arrays.to_torch_state_dict()
-        self._round = RoundInProgress(start=time.perf_counter(), sent=[m.metadata for m in messages],
-                                      bytes_down={m.metadata.dst_node_id: down for m in messages})
-        log.info("round %d: sent %.2f MB to each of %d clients", rnd, down / 1e6, len(messages))
+        realign_down = {m.metadata.dst_node_id: m.content["realign"].count_bytes() for m in messages if factors}
+        self._round = RoundInProgress(start=start, sent=[m.metadata for m in messages],
+                                      bytes_down={m.metadata.dst_node_id: down for m in messages},
+                                      realign_down=realign_down, realign=realigned)
+        log.info("round %d: sent %.2f MB to each of %d clients%s", rnd, down / 1e6, len(messages),
+                 f" (and {max(realign_down.values()) / 1e6:.2f} MB of emulator re-alignment)" if factors else "")
         return messages
 
-    def _for_node(self, message: Message) -> Message:
-        """``message`` with its node's own keys in the config (Flower's strategies share one content)."""
+    def _for_node(self, message: Message, factors: dict[int, ArrayRecord]) -> Message:
+        """``message`` with its node's own keys in the config (Flower's strategies share one content), and its
+        emulator's re-alignment ``factors`` (by k) if any."""
         node = message.metadata.dst_node_id
         content = RecordDict(dict(message.content.items()))
         content["config"] = ConfigRecord({**message.content["config"], **self.node_config[node]})
+        if factors:
+            content["realign"] = factors[self.node_config[node]["emulator-layers"]]
         return Message(content=content, message_type=message.metadata.message_type, dst_node_id=node,
                        group_id=message.metadata.group_id, ttl=message.metadata.ttl)
 
@@ -128,6 +144,8 @@ class OffsiteStrategy(Strategy):
                 continue
             accepted.append(reply)
             clients.append({"node": node, "bytes_down": self._round["bytes_down"].get(node, 0),
+                            **({"realign_bytes_down": self._round["realign_down"][node]}
+                               if self._round["realign_down"] else {}),
                             "bytes_up": reply.content["arrays"].count_bytes(), "update-norm": norm,
                             **dict(reply.content["metrics"])})
         waited = f"no reply within strategy.round-timeout = {self.round_timeout:g} s" if self.round_timeout else \
@@ -182,8 +200,12 @@ class OffsiteStrategy(Strategy):
         if server_round == 0 and self.offset > 0:
             return None  # resumed: round 0 is already on record
         payload = arrays.to_torch_state_dict()
+        prealigned = self.realignment.before_round(0, payload) if self.realignment and rnd == 0 else None
         results = self.evaluate_payload(rnd, payload)
-        self.keep(self.round_record(rnd, results), payload)
+        record = self.round_record(rnd, results)
+        if prealigned:
+            record["realign"] = prealigned
+        self.keep(record, payload)
         return MetricRecord({f"{model}.{k}": v for model, m in results.items() for k, v in m.items()
                              if isinstance(v, (int, float))})
 
@@ -196,6 +218,8 @@ class OffsiteStrategy(Strategy):
         record.update(seconds=time.perf_counter() - self._round["start"], clients=self._round["clients"],
                       problems=problems, missing=sum(p["kind"] == "missing" for p in problems), lr=self.lr_at(rnd),
                       communication=self._communication(rnd))
+        if self._round["realign"]:
+            record["realign"] = self._round["realign"]
         spent = self.inner.privacy_spent() if hasattr(self.inner, "privacy_spent") else None
         if spent is not None:
             record["privacy"] = {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
@@ -219,8 +243,15 @@ class OffsiteStrategy(Strategy):
         log.info("round %d: %ss %.2f MB down, %.2f MB up this round; %.2f MB down, %.2f MB up so far "
                  "(one-time model deliveries apart: %.1f MB)", rnd, self.payload_kind, down / 1e6, up / 1e6,
                  total_down / 1e6, total_up / 1e6, one_time / 1e6)
-        return {"bytes_down": down, "bytes_up": up, "cumulative_bytes_down": total_down,
-                "cumulative_bytes_up": total_up, "one_time_bytes": one_time}
+        traffic = {"bytes_down": down, "bytes_up": up, "cumulative_bytes_down": total_down,
+                   "cumulative_bytes_up": total_up, "one_time_bytes": one_time}
+        if self.realignment:  # the emulators' factors, apart from the adapter's bytes
+            realign = sum(self._round["realign_down"].values())
+            traffic.update(realign_bytes_down=realign, cumulative_realign_bytes_down=realign + (
+                earlier[-1].get("cumulative_realign_bytes_down", 0) if earlier else 0))
+            log.info("round %d: emulator re-alignment %.2f MB down this round, %.2f MB so far", rnd, realign / 1e6,
+                     traffic["cumulative_realign_bytes_down"] / 1e6)
+        return traffic
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -235,12 +266,14 @@ class OffsiteStrategy(Strategy):
 
     # --- resumable state ---------------------------------------------------
     def state(self) -> dict:
-        """What the inner strategy carries from round to round (:data:`LEARNED`) and its privacy accountant's
-        state; everything else of it is configuration, rebuilt from the run config on resume."""
+        """What the inner strategy carries from round to round (:data:`LEARNED`), its privacy accountant's state
+        and the emulators' re-alignment factors; everything else is configuration, rebuilt on resume."""
         out = {name: value for name in LEARNED if (value := getattr(self.inner, name, None)) is not None}
         accountant = getattr(self.inner, "accountant", None)
         if accountant is not None:
             out[ACCOUNTANT] = accountant.state_dict()
+        if self.realignment is not None:
+            out[REALIGNMENT] = self.realignment.factors()
         return out
 
     def restore(self, state: dict) -> None:
@@ -250,6 +283,8 @@ class OffsiteStrategy(Strategy):
                 setattr(self.inner, name, state[name])
         if ACCOUNTANT in state:
             self.inner.accountant.load_state_dict(state[ACCOUNTANT])
+        if self.realignment is not None and REALIGNMENT in state:
+            self.realignment.restore(state[REALIGNMENT])
 
 
 class EligibleNodes:
