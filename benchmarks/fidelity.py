@@ -34,7 +34,8 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ from fl_offsite.models import load_model
 from fl_offsite.owner import lr_schedule
 from fl_offsite.partition import partition_indices
 from fl_offsite.payload import plug_in
+from fl_offsite.realign import RealignSettings, Realignment, add_realign_lora, public_blocks, set_factors
 from fl_offsite.settings import Settings
 from fl_offsite.split import adapter_names
 from fl_offsite.tasks import load_task
@@ -90,13 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def recipes_of(specs: list[str]) -> dict[str, tuple[dict, EmulatorRecipe]]:
-    """``NAME=key=value,key=value`` -> (overrides, recipe), validated as run config."""
+def recipes_of(specs: list[str]) -> dict[str, tuple[dict, EmulatorRecipe, RealignSettings]]:
+    """``NAME=key=value;key=value`` -> (overrides, emulator recipe, re-alignment), validated as run config."""
     recipes = {}
     for spec in specs or ["uniform=emulator.layers=uniform"]:
         name, _, rest = spec.partition("=")
         overrides = dict(item.split("=", 1) for item in rest.split(";") if item)
-        recipes[name] = overrides, Settings.from_config(overrides).emulator
+        settings = Settings.from_config(overrides)
+        recipes[name] = overrides, settings.emulator, settings.realign
     return recipes
 
 
@@ -116,6 +119,56 @@ def fleets_of(specs: list[str], recipes: dict, clients: int) -> dict[str, list[s
             raise SystemExit(f"fleet {name}: its recipes split the adapter differently ({sorted(adapters)}); "
                              "one shared adapter needs the same split.adapter-layers")
     return fleets
+
+
+class OwnerRealignment:
+    """The model owner's per-round re-alignment (``realign.*`` in a recipe) of each such emulator of a run, as
+    ``fl_offsite.realign`` does in a federated run: the owner's copies of the full model and the emulator get the
+    global adapter, the emulator's LoRA factors train, and its clients' copies get the factors.
+
+    ``members``: recipe name -> (recipe, re-alignment, plan, emulator, the clients' copy, how many clients)."""
+
+    def __init__(self, model, tokenizer, task: str, rounds: int, seed: int, members: dict[str, tuple]) -> None:
+        self.members, self.records = {}, {}
+        self.full = None
+        for name, (recipe, realign, plan, emulator, client_copy, count) in members.items():
+            if not realign.enabled:
+                continue
+            realign = replace(realign, seed=seed)  # the batches of public text, as the run's seed draws them
+            self.full = self.full or copy.deepcopy(model)
+            owner_copy = copy.deepcopy(emulator)
+            blocks = public_blocks(realign, recipe, model, tokenizer, task, rounds)
+            realignment = Realignment(realign, self.full, {0: (plan, owner_copy)},
+                                      lambda m, payload, p, plan=plan: plug_in(m, payload, p or plan), blocks,
+                                      pad_id(tokenizer))
+            add_realign_lora(client_copy, plan, realign)
+            self.members[name] = realignment, plan, owner_copy, client_copy, count
+            self.records[name] = []
+
+    def before_round(self, rnd: int, adapter: dict[str, torch.Tensor]) -> None:
+        for name, (realignment, plan, _, client_copy, count) in self.members.items():
+            record = realignment.before_round(rnd, adapter)
+            if record is None:
+                continue
+            factors = realignment.factors()[0]
+            set_factors(client_copy, plan, factors)
+            self.records[name].append({"round": rnd, "seconds": round(record["seconds"], 2),
+                                       "first_loss": record["emulators"]["0"]["first_loss"],
+                                       "last_loss": record["emulators"]["0"]["last_loss"],
+                                       "bytes_per_client": sum(t.numel() * t.element_size() for t in factors.values()),
+                                       "clients": count})
+
+    def emulator(self, name: str) -> torch.nn.Module | None:
+        """The owner's copy of a re-aligned emulator (the factors its clients hold), else None."""
+        return self.members[name][2] if name in self.members else None
+
+    def record(self, adapter: dict[str, torch.Tensor]) -> dict:
+        """Per re-aligned recipe: each re-alignment's seconds, losses and factor bytes, beside the adapter's bytes."""
+        if not self.members:
+            return {}
+        adapter_bytes = sum(t.numel() * 4 for t in adapter.values())  # the adapter travels in fp32
+        return {"realign": {name: {"adapter_bytes_per_client_round": adapter_bytes, "rounds": rounds}
+                            for name, rounds in self.records.items()}}
 
 
 class Results:
@@ -146,17 +199,23 @@ def partitions(task, clients: int, alpha: float, seed: int, centralised: bool) -
 
 
 def fedavg(models: list[torch.nn.Module], names: list[dict[str, str]], data: list[list[dict]], args, lr: float,
-           seed: int, label: str) -> dict:
+           seed: int, label: str, before_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> dict:
     """Federated rounds: client ``i`` trains ``names[i]`` (full-model name -> its parameter) of ``models[i]``
     from the global state, then FedAvg by examples in full-model names. Clients may share one model, or hold
-    different ones (a fleet of emulators) with the same trainable tensors; every model ends on the global state."""
+    different ones (a fleet of emulators) with the same trainable tensors; every model ends on the global state.
+    ``before_round(r, global state)`` runs before each round r (and with r = 0 before the first): the owner's
+    re-alignment."""
     lr_at = lr_schedule(lr, "cosine", args.rounds)
     steps = args.local_steps * (args.clients if args.centralised else 1)
     params = [dict(m.named_parameters()) for m in models]
     global_state = {full: params[0][local].detach().clone() for full, local in names[0].items()}
     train_seconds, losses = 0.0, []
     weight = sum(len(d) for d in data)
+    if before_round is not None:
+        before_round(0, global_state)
     for rnd in range(1, args.rounds + 1):
+        if before_round is not None:
+            before_round(rnd, global_state)
         total = {full: torch.zeros_like(t, dtype=torch.float32) for full, t in global_state.items()}
         for pid, features in enumerate(data):
             _load(params[pid], names[pid], global_state)
@@ -207,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "eval_precision", "limit", "centralised")}
     results = Results(Path(args.out), budget)
     results.data.setdefault("recipes", {}).update(
-        {name: {"overrides": o, "recipe": asdict(r)} for name, (o, r) in recipes.items()})
+        {name: {"overrides": o, "recipe": asdict(r), **({"realign": asdict(a)} if a.enabled else {})}
+         for name, (o, r, a) in recipes.items()})
     model, tokenizer = load_model(args.model)
     model.to(device)
     results.data.setdefault("devices", {})[device.type] = describe(device)
@@ -232,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         del full
 
     emulators = {}  # recipe -> (plan, emulator, full-model name -> name in the emulator)
-    for name, (_, recipe) in recipes.items():
+    for name, (_, recipe, _) in recipes.items():
         started = time.perf_counter()
         plan, emulator, record = prepare_emulator(args.model, model, tokenizer, recipe, args.task)
         emulators[name] = plan, emulator, adapter_names(emulator, plan)
@@ -255,23 +315,29 @@ def main(argv: list[str] | None = None) -> int:
                 clients[member] = copy.deepcopy(emulator)
                 if args.precision in HALF:
                     half_frozen(clients[member], set(names.values()), HALF[args.precision])
+            owner = OwnerRealignment(model, tokenizer, task.name, args.rounds, seed,
+                                     {m: (recipes[m][1], recipes[m][2], *emulators[m][:2], clients[m], members.count(m))
+                                      for m in clients})
             data = [encode(p) for p in partitions(task, args.clients, args.alpha, seed, args.centralised)]
             run = fedavg([clients[m] for m in members], [emulators[m][2] for m in members], data, args, args.lr,
-                         seed, f"{run_name} s{seed}")
+                         seed, f"{run_name} s{seed}", before_round=owner.before_round if owner.members else None)
             first_plan, _, first_names = emulators[members[0]]
             state = clients[members[0]].state_dict()
             adapter = {full: state[local].detach().float() for full, local in first_names.items()}
-            scores = {member: score(plug_in(copy.deepcopy(emulators[member][1]), adapter, emulators[member][0]),
-                                    tokenizer, task, args) for member in clients}
+            # emulator + adapter: the emulator the data owners end with (re-aligned, for a re-aligned recipe)
+            scores = {member: score(plug_in(owner.emulator(member) or copy.deepcopy(emulators[member][1]), adapter,
+                                            emulators[member][0]), tokenizer, task, args) for member in clients}
             plugin = score(plug_in(copy.deepcopy(model), adapter, first_plan), tokenizer, task, args)
             unit = {"members": members, "emulators": scores} if run_name.startswith("fleet:") else \
                 {"emulator": scores[members[0]]}
-            results.put(key, {**unit, "plugin": plugin, **run})
-            del clients
+            results.put(key, {**unit, "plugin": plugin, **run, **owner.record(adapter)})
+            del clients, owner
     summary = summarise(results.data, list(recipes), fleets, seeds, not args.no_ft)
     results.data["summary"] = summary
+    results.data["realign_summary"] = realign_cost(results.data, runs, seeds)
     write_json(results.path, results.data)
     print_table(summary, results.data["units"]["full-zero-shot"]["n"], seeds)
+    print_realign_cost(results.data["realign_summary"])
     plot(summary, results.path.with_suffix(".png"), args)
     return 0
 
@@ -319,6 +385,39 @@ def summarise(data: dict, recipes: list[str], fleets: dict[str, list[str]], seed
             out[f"fleet {fleet}: FT - plug-in"] = mean_se([units[f"fedavg-full/{s}"]["acc"] - r["plugin"]["acc"]
                                                            for s, r in zip(seeds, runs)])
     return out
+
+
+def realign_cost(data: dict, runs: dict[str, list[str]], seeds: list[int]) -> dict:
+    """Per re-aligned recipe (in each run that has it): the owner's seconds per round and once before round 1,
+    the factors' and the adapter's bytes per client and round, and the middle-output error of the last
+    round's re-alignment (first and last step), averaged over seeds."""
+    out = {}
+    for run_name in runs:
+        units = [data["units"][f"{run_name}/{s}"] for s in seeds]
+        for recipe in units[0].get("realign", {}):
+            per_seed = [u["realign"][recipe] for u in units]
+            rounds = [[r for r in p["rounds"] if r["round"] > 0] for p in per_seed]
+            pre = [r["seconds"] for p in per_seed for r in p["rounds"] if r["round"] == 0]
+            out[f"{run_name}: {recipe}" if run_name != recipe else recipe] = {
+                "seconds_per_round": statistics.fmean(r["seconds"] for rs in rounds for r in rs),
+                "pre_seconds": statistics.fmean(pre) if pre else 0.0,
+                "factor_bytes_per_client_round": rounds[0][0]["bytes_per_client"],
+                "adapter_bytes_per_client_round": per_seed[0]["adapter_bytes_per_client_round"],
+                "last_round_error": [statistics.fmean(rs[-1]["first_loss"] for rs in rounds),
+                                     statistics.fmean(rs[-1]["last_loss"] for rs in rounds)]}
+    return out
+
+
+def print_realign_cost(cost: dict) -> None:
+    if not cost:
+        return
+    print("\nre-alignment (the model owner, before every round), mean over seeds\n")
+    print("| recipe | owner s/round | owner s before round 1 | factors MB/client/round | adapter MB/client/round "
+          "| last round's middle-output error |\n|---|---|---|---|---|---|")
+    for name, c in cost.items():
+        print(f"| {name} | {c['seconds_per_round']:.1f} | {c['pre_seconds']:.1f} | "
+              f"{c['factor_bytes_per_client_round'] / 1e6:.3f} | {c['adapter_bytes_per_client_round'] / 1e6:.1f} | "
+              f"{c['last_round_error'][0]:.4f} -> {c['last_round_error'][1]:.4f} |")
 
 
 def print_table(summary: dict, n_test: int, seeds: list[int]) -> None:

@@ -15,9 +15,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from peft import PeftModel
 
 from fl_offsite.assets import cache_dir
-from fl_offsite.corpora import check_public
-from fl_offsite.data import lm_blocks, pad_id
-from fl_offsite.emulator import EmulatorRecipe, prepare_emulator, public_texts
+from fl_offsite.data import pad_id
+from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
 from fl_offsite.errors import UserError
 from fl_offsite.evaluate import evaluate_task
 from fl_offsite.fleet import SMALLER_EVAL, SMALLER_SPLIT, NodeProfile, choose_layers, measure_footprint
@@ -25,7 +24,7 @@ from fl_offsite.io import json_digest, write_json
 from fl_offsite.logs import clock_time
 from fl_offsite.models import best_device, load_model, resolve_model_path
 from fl_offsite.payload import extract_adapter, get_payload, set_payload
-from fl_offsite.realign import Realignment
+from fl_offsite.realign import Realignment, public_blocks
 from fl_offsite.settings import Settings
 from fl_offsite.split import EMULATOR_DIR, SplitPlan, write_split
 from fl_offsite.tasks import TaskData, load_task
@@ -138,13 +137,8 @@ class ModelOwner:
         s = self.settings.realign
         if not s.enabled or self.plan is None:
             return None
-        recipe, task = self.settings.emulator, self.settings.task
-        check_public(recipe.corpus, task, recipe.public_in_domain)
-        needed = (s.pre_steps + s.steps * self.settings.num_rounds) * s.batch_size
-        texts = public_texts(recipe.corpus, "train", self.model, self.tokenizer, task, s.seed, count=needed,
-                             length=s.block_size)
-        blocks = [b for b in lm_blocks(self.tokenizer, texts, s.block_size, max_blocks=needed)
-                  if len(b["input_ids"]) == s.block_size]
+        blocks = public_blocks(s, self.settings.emulator, self.model, self.tokenizer, self.settings.task,
+                               self.settings.num_rounds)
         emulators = {self.plan.emulator_layers: (self.plan, self.emulator)}
         emulators.update({k: (e.plan, e.model) for k, e in self.smaller.items()})
         return Realignment(s, self.model, emulators, self.load_payload, blocks, pad_id(self.tokenizer))

@@ -26,12 +26,15 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig, PeftModel, inject_adapter_in_model
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from fl_offsite.blocks import find_blocks
 from fl_offsite.config import DEFAULTS
-from fl_offsite.data import collate
+from fl_offsite.corpora import check_public
+from fl_offsite.data import collate, lm_blocks
 from fl_offsite.distill import alignment_losses, middle_positions, target_layers
+from fl_offsite.emulator import EmulatorRecipe, public_texts
 from fl_offsite.errors import UserError
 from fl_offsite.payload import get_payload, set_payload
 from fl_offsite.split import SplitPlan, block_key
@@ -113,6 +116,18 @@ def get_factors(emulator: nn.Module, plan: SplitPlan) -> dict[str, torch.Tensor]
 def set_factors(emulator: nn.Module, plan: SplitPlan, factors: dict[str, torch.Tensor]) -> None:
     """Check ``factors`` (keys, shapes, dtypes, finite) and copy them into ``emulator``'s re-alignment layers."""
     set_payload(emulator, factors, realign_names(emulator, plan), KIND)
+
+
+def public_blocks(settings: RealignSettings, recipe: EmulatorRecipe, model: nn.Module,
+                  tokenizer: PreTrainedTokenizerBase, task: str, num_rounds: int) -> list[dict[str, list[int]]]:
+    """The owner's tokenized public text for a run of ``num_rounds``: ``recipe``'s corpus (the distillation's,
+    refused when it is the task's own text), in sequences of ``settings.block_size`` tokens."""
+    check_public(recipe.corpus, task, recipe.public_in_domain)
+    needed = (settings.pre_steps + settings.steps * num_rounds) * settings.batch_size
+    texts = public_texts(recipe.corpus, "train", model, tokenizer, task, settings.seed, count=needed,
+                         length=settings.block_size)
+    return [b for b in lm_blocks(tokenizer, texts, settings.block_size, max_blocks=needed)
+            if len(b["input_ids"]) == settings.block_size]
 
 
 @dataclass

@@ -59,3 +59,22 @@ def test_fidelity_scores_every_setting_over_seeds_and_resumes(fidelity, tiny_lm_
         fidelity.main([*args[:-2], "--fleet", "odd=plain", "--out", str(out)])
     with pytest.raises(SystemExit, match="other settings"):
         fidelity.main([*args[:-2], "--rounds", "2", "--out", str(out)])
+
+
+def test_fidelity_measures_a_realigned_recipe_beside_its_bytes_and_owner_time(fidelity, tiny_lm_dir, tmp_path,
+                                                                             private_cache, capsys):
+    out = tmp_path / "realign.json"
+    realign = "realign.steps=2;realign.pre-steps=1;realign.lora-r=2;realign.batch-size=2;distill.block-size=32"
+    assert fidelity.main([
+        "--model", str(tiny_lm_dir), "--task", "bbc-news", "--seeds", "1", "--clients", "2", "--rounds", "2",
+        "--local-steps", "1", "--batch-size", "2", "--max-length", "64", "--limit", "6", "--no-ft",
+        "--recipe", f"aligned=split.adapter-layers=1,1;split.emulator-layers=2;distill.corpus=model-samples;{realign}",
+        "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    record = data["units"]["aligned/1"]["realign"]["aligned"]
+    assert [r["round"] for r in record["rounds"]] == [0, 1, 2]  # pre-alignment, then before each round
+    assert all(r["bytes_per_client"] > 0 and r["clients"] == 2 for r in record["rounds"])
+    assert record["adapter_bytes_per_client_round"] > record["rounds"][0]["bytes_per_client"]
+    assert data["recipes"]["aligned"]["realign"]["steps"] == 2
+    assert set(data["realign_summary"]) == {"aligned"}
+    assert "re-alignment (the model owner" in capsys.readouterr().out
