@@ -114,7 +114,9 @@ def summarize(run_dir: Path) -> dict:
         return {"config": config, "rounds": evaluations, "distillation": distillation}
     mean = lambda key: sum(c[key] for c in clients) / len(clients)
     one_time = run.package_bytes()  # what a new client downloads once (cached nodes were sent nothing)
-    per_round = [sum(c["bytes_down"] + c["bytes_up"] for c in r["clients"]) / len(r["clients"]) for r in rounds[1:]]
+    per_round = [sum(c["bytes_down"] + c["bytes_up"] + c.get("realign_bytes_down", 0) for c in r["clients"])
+                 / len(r["clients"]) for r in rounds[1:]]
+    realigned = [r["realign"]["seconds"] for r in rounds[1:] if "realign" in r]
     return {
         "config": config,
         "rounds": evaluations,
@@ -130,16 +132,24 @@ def summarize(run_dir: Path) -> dict:
         "trainable_params": int(max(c["trainable-params"] for c in clients)),
         "round_seconds": sum(r["seconds"] for r in rounds[1:]) / len(rounds[1:]),
         "communication": _communication(rounds, run.delivered_bytes()),
+        **({"realign_bytes_down_per_client_round": sum(c.get("realign_bytes_down", 0) for c in clients) / len(clients),
+            "owner_realign_seconds_per_round": sum(realigned) / len(realigned)} if realigned else {}),
     }
 
 
 def _communication(rounds: list[dict], one_time: int) -> dict:
     """The run's communication budget: adapter bytes of every round (all clients), running totals, and the
-    one-time model deliveries apart."""
+    one-time model deliveries and the emulator re-alignment factors (sent down) apart."""
     traffic = [{"round": r["round"], **r["communication"]} for r in rounds if "communication" in r]
     last = traffic[-1] if traffic else {}
     return {"adapter_bytes_down": last.get("cumulative_bytes_down", 0),
-            "adapter_bytes_up": last.get("cumulative_bytes_up", 0), "one_time_bytes": one_time, "rounds": traffic}
+            "adapter_bytes_up": last.get("cumulative_bytes_up", 0), "one_time_bytes": one_time,
+            "realign_bytes_down": last.get("cumulative_realign_bytes_down", 0), "rounds": traffic}
+
+
+def _rounds_bytes(communication: dict) -> int:
+    """Everything the rounds sent, all clients: adapters down and up, and re-alignment factors down."""
+    return sum(communication.get(k, 0) for k in ("adapter_bytes_down", "adapter_bytes_up", "realign_bytes_down"))
 
 
 def _cumulative(one_time: float, per_round: list[float]) -> list[float]:
@@ -235,7 +245,7 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
          "tokens/s", "trainable params", f"bytes vs {BASELINE}", f"memory vs {BASELINE}", f"time vs {BASELINE}"],
         [[m, f"{r['bytes_down_per_client_round'] / 1e6:.1f}", f"{r['bytes_up_per_client_round'] / 1e6:.1f}",
           f"{r['one_time_bytes_per_client'] / 1e6:.1f}",
-          f"{(r['communication']['adapter_bytes_down'] + r['communication']['adapter_bytes_up']) / 1e6:.1f}",
+          f"{_rounds_bytes(r['communication']) / 1e6:.1f}",
           f"{r['client_peak_memory_mb']:.0f}",
           f"{r['client_train_seconds_per_round']:.1f}", f"{r['client_tokens_per_s']:.0f}",
           f"{r['trainable_params']:,}", ratio(r, "bytes_down_per_client_round"),
@@ -246,6 +256,10 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
         "once (the emulator for offsite; for full fine-tuning only the config and tokenizer, as its rounds carry "
         "every weight), counted apart from the rounds; rounds MB, all clients: everything the rounds "
         "sent down and up, all clients together (report.json: communication).", ""]
+    lines += [f"{m} re-aligned its emulator before every round: {r['realign_bytes_down_per_client_round'] / 1e6:.3f} MB "
+              f"of factors down per client and round (in rounds MB, apart in report.json: "
+              f"communication.realign_bytes_down), {r['owner_realign_seconds_per_round']:.1f} s of the model owner's "
+              "time per round.\n" for m, r in trained.items() if "realign_bytes_down_per_client_round" in r]
     lines += [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 
+ROUND_BYTES = ("bytes_down", "bytes_up", "realign_bytes_down")  # what a round sends: adapters, re-alignment factors
+
+
 def round_table(rounds: list[dict]) -> str:
     """One line per round: accuracy of every evaluated model, train loss, bytes, time, memory."""
     models = list(rounds[0]["eval"]) if rounds else []
@@ -17,7 +20,7 @@ def round_table(rounds: list[dict]) -> str:
             f"{mean('train-loss'):.4f}" if clients else "-",
             f"{mean('bytes_down') / 1e6:.1f}" if clients else "-",
             f"{mean('bytes_up') / 1e6:.1f}" if clients else "-",
-            f"{(traffic['cumulative_bytes_down'] + traffic['cumulative_bytes_up']) / 1e6:.1f}"
+            f"{sum(traffic.get(f'cumulative_{k}', 0) for k in ROUND_BYTES) / 1e6:.1f}"
             if (traffic := record.get("communication")) else "-",
             f"{record['seconds']:.0f}" if "seconds" in record else "-",
             f"{max(c['peak-memory-mb'] for c in clients):.0f}" if clients else "-",

@@ -24,6 +24,12 @@ def round_scalars(record: dict) -> dict[str, float]:
         for way in ("down", "up"):
             scalars[f"communication/MB_{way}"] = traffic[f"bytes_{way}"] / 1e6
             scalars[f"communication/MB_{way}_cumulative"] = traffic[f"cumulative_bytes_{way}"] / 1e6
+        if "realign_bytes_down" in traffic:
+            scalars["communication/realign_MB_down"] = traffic["realign_bytes_down"] / 1e6
+    if realign := record.get("realign"):
+        scalars["realign/owner_seconds"] = realign["seconds"]
+        for k, r in realign["emulators"].items():
+            scalars[f"realign/k{k}_last_loss"] = r["last_loss"]
     if privacy := record.get("privacy"):
         scalars["privacy/epsilon"] = privacy["epsilon"]
     return scalars

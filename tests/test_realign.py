@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fl_offsite.client_app import CACHE
+from fl_offsite.compare import _markdown, summarize
 from fl_offsite.config import validate
 from fl_offsite.data import collate, lm_blocks, pad_id
 from fl_offsite.distill import alignment_losses, target_layers
@@ -110,6 +111,11 @@ def test_clients_receive_and_apply_the_owners_factors_and_their_bytes_are_counte
         assert traffic["bytes_down"] == sum(c["bytes_down"] for c in record["clients"])  # the adapter's alone
         assert all(c["realign_bytes_down"] == per_node for c in record["clients"])
     assert rounds[-1]["communication"]["cumulative_realign_bytes_down"] == 2 * per_node * 2
+    summary = summarize(tmp_path / "run")
+    assert summary["realign_bytes_down_per_client_round"] == per_node
+    assert summary["communication"]["realign_bytes_down"] == 2 * per_node * 2
+    assert summary["owner_realign_seconds_per_round"] > 0
+    assert "re-aligned its emulator before every round" in _markdown({"offsite": summary}, [])
 
 
 def _plan(message) -> SplitPlan:
