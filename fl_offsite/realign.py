@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
@@ -85,10 +86,13 @@ def add_realign_lora(emulator: nn.Module, plan: SplitPlan, settings: RealignSett
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0, target_modules=pattern,
                         fan_in_fan_out=any(isinstance(m, Conv1D) for m in blocks[0].modules()))
     trainable = {name: p.requires_grad for name, p in emulator.named_parameters()}
+    active = {module: module.active_adapters for module in inner.modules() if isinstance(module, BaseTunerLayer)}
     with torch.random.fork_rng(), warnings.catch_warnings():  # the same initial factors on every call
         torch.manual_seed(settings.seed)
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # the tuning's LoRA: intended
         inject_adapter_in_model(config, inner, adapter_name=ADAPTER)
+    for module, adapters in active.items():  # PEFT made the new adapter the active one in the tuning's layers too
+        module.set_adapter(adapters)
     for name, param in emulator.named_parameters():  # PEFT froze everything else; put that back
         if f".{ADAPTER}." in name:
             param.data = param.data.float()

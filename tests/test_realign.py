@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -75,6 +76,8 @@ def test_realignment_lora_sits_beside_an_offsite_lora_adapter_without_joining_it
     before = set(lora_names(emulator, plan))
     add_realign_lora(emulator, plan, RealignSettings(lora_r=2))
     assert set(lora_names(emulator, plan)) == before  # the tuning's payload is unchanged
+    layers = [m for m in emulator.modules() if isinstance(m, BaseTunerLayer)]
+    assert {tuple(m.active_adapters) for m in layers} == {("default",), ("realign",)}  # both adapters on
     names = realign_names(emulator, plan)
     assert len(names) == 2 * 2 * 7  # A and B of the 7 linear layers of each of the 2 middle blocks
     assert {k.split(".")[0] for k in names} == {str(i) for i in plan.kept_layers[1:3]}
@@ -137,3 +140,15 @@ def test_a_realigned_run_resumes_bit_identical(tiny_lm_dir, tmp_path):
     assert all(torch.equal(x[k], y[k]) for k in x)
     scores = lambda d: [(r["eval"]["plugin"]["acc"], r["eval"]["emulator"]["acc"]) for r in rounds_of(d)]
     assert scores(tmp_path / "straight") == scores(tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("method", ["offsite-lora", "offsite-bottleneck"])
+def test_realignment_under_the_other_tunings(tiny_lm_dir, tmp_path, method):
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{**REALIGN, "method": method, "num-rounds": 1})
+    grid = run(config, num_nodes=2)
+    (message, _) = of_type(grid, "train")
+    owner = pickle.loads((tmp_path / "run" / "checkpoint" / "strategy.pkl").read_bytes())["__realignment__"][2]
+    applied = get_factors(next(reversed(CACHE._models.values()))[0], _plan(message))
+    assert owner.keys() == applied.keys() and all(torch.equal(applied[k], owner[k]) for k in owner)
+    assert not any("realign" in name for name in message.content["arrays"].keys())  # the tuning's payload alone
+    assert (tmp_path / "run" / "adapter.safetensors").is_file()
