@@ -153,8 +153,8 @@ class OwnerRealignment:
             factors = realignment.factors()[0]
             set_factors(client_copy, plan, factors)
             self.records[name].append({"round": rnd, "seconds": round(record["seconds"], 2),
-                                       "first_loss": record["emulators"]["0"]["first_loss"],
-                                       "last_loss": record["emulators"]["0"]["last_loss"],
+                                       "error_before": record["emulators"]["0"]["error_before"],
+                                       "error_after": record["emulators"]["0"]["error_after"],
                                        "bytes_per_client": sum(t.numel() * t.element_size() for t in factors.values()),
                                        "clients": count})
 
@@ -389,8 +389,8 @@ def summarise(data: dict, recipes: list[str], fleets: dict[str, list[str]], seed
 
 def realign_cost(data: dict, runs: dict[str, list[str]], seeds: list[int]) -> dict:
     """Per re-aligned recipe (in each run that has it): the owner's seconds per round and once before round 1,
-    the factors' and the adapter's bytes per client and round, and the middle-output error of the last
-    round's re-alignment (first and last step), averaged over seeds."""
+    the factors' and the adapter's bytes per client and round, and the owner's held-out middle-output error
+    before and after each round's re-alignment, averaged over rounds and seeds."""
     out = {}
     for run_name in runs:
         units = [data["units"][f"{run_name}/{s}"] for s in seeds]
@@ -403,8 +403,8 @@ def realign_cost(data: dict, runs: dict[str, list[str]], seeds: list[int]) -> di
                 "pre_seconds": statistics.fmean(pre) if pre else 0.0,
                 "factor_bytes_per_client_round": rounds[0][0]["bytes_per_client"],
                 "adapter_bytes_per_client_round": per_seed[0]["adapter_bytes_per_client_round"],
-                "last_round_error": [statistics.fmean(rs[-1]["first_loss"] for rs in rounds),
-                                     statistics.fmean(rs[-1]["last_loss"] for rs in rounds)]}
+                "error_before_after": [statistics.fmean(r["error_before"] for rs in rounds for r in rs),
+                                       statistics.fmean(r["error_after"] for rs in rounds for r in rs)]}
     return out
 
 
@@ -413,11 +413,11 @@ def print_realign_cost(cost: dict) -> None:
         return
     print("\nre-alignment (the model owner, before every round), mean over seeds\n")
     print("| recipe | owner s/round | owner s before round 1 | factors MB/client/round | adapter MB/client/round "
-          "| last round's middle-output error |\n|---|---|---|---|---|---|")
+          "| held-out middle-output error, before -> after a round's re-alignment |\n|---|---|---|---|---|---|")
     for name, c in cost.items():
         print(f"| {name} | {c['seconds_per_round']:.1f} | {c['pre_seconds']:.1f} | "
               f"{c['factor_bytes_per_client_round'] / 1e6:.3f} | {c['adapter_bytes_per_client_round'] / 1e6:.1f} | "
-              f"{c['last_round_error'][0]:.4f} -> {c['last_round_error'][1]:.4f} |")
+              f"{c['error_before_after'][0]:.4f} -> {c['error_before_after'][1]:.4f} |")
 
 
 def print_table(summary: dict, n_test: int, seeds: list[int]) -> None:

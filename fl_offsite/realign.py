@@ -127,7 +127,7 @@ def public_blocks(settings: RealignSettings, recipe: EmulatorRecipe, model: nn.M
     """The owner's tokenized public text for a run of ``num_rounds``: ``recipe``'s corpus (the distillation's,
     refused when it is the task's own text), in sequences of ``settings.block_size`` tokens."""
     check_public(recipe.corpus, task, recipe.public_in_domain)
-    needed = (settings.pre_steps + settings.steps * num_rounds) * settings.batch_size
+    needed = (settings.pre_steps + settings.steps * num_rounds + 1) * settings.batch_size  # + a held-out batch
     texts = public_texts(recipe.corpus, "train", model, tokenizer, task, settings.seed, count=needed,
                          length=settings.block_size)
     return [b for b in lm_blocks(tokenizer, texts, settings.block_size, max_blocks=needed)
@@ -139,8 +139,9 @@ class Realignment:
     """The owner's re-alignment of its emulators (by middle size k) to the current adapter.
 
     ``plug(model, payload, plan)`` copies a round's adapter payload into the full model (plan None) or an
-    emulator; ``blocks`` are the owner's tokenized public text, drawn per round from a seeded order, so a
-    resumed run draws what the uninterrupted one did.
+    emulator; ``blocks`` are the owner's tokenized public text: the last ``batch_size`` of them are held out to
+    measure the middle-output error before and after each re-alignment, the others are drawn per round from a
+    seeded order, so a resumed run draws what the uninterrupted one did.
     """
 
     settings: RealignSettings
@@ -151,8 +152,11 @@ class Realignment:
     pad_id: int
 
     def __post_init__(self) -> None:
-        if not self.blocks:
-            raise ValueError("re-alignment needs public text: the corpus gave no blocks")
+        if len(self.blocks) < 2 * self.settings.batch_size:
+            raise UserError(f"re-alignment needs at least {2 * self.settings.batch_size} sequences of the owner's "
+                            f"public text, the corpus gave {len(self.blocks)}: use a larger corpus")
+        self.held_out = collate(self.blocks[-self.settings.batch_size:], self.pad_id)
+        self.blocks = self.blocks[:-self.settings.batch_size]
         for plan, emulator in self.emulators.values():
             add_realign_lora(emulator, plan, self.settings)
 
@@ -170,8 +174,8 @@ class Realignment:
             record["emulators"][str(k)] = self._train(emulator, plan, self._batches(rnd, steps))
         record["seconds"] = time.perf_counter() - began
         for k, r in record["emulators"].items():
-            log.info("round %d: re-aligned emulator k=%s in %d steps (%.1f s): middle-output error %.4f -> %.4f", rnd,
-                     k, steps, record["seconds"], r["first_loss"], r["last_loss"])
+            log.info("round %d: re-aligned emulator k=%s in %d steps (%.1f s): held-out middle-output error %.4f -> "
+                     "%.4f", rnd, k, steps, record["seconds"], r["error_before"], r["error_after"])
         return record
 
     def factors(self) -> dict[int, dict[str, torch.Tensor]]:
@@ -199,6 +203,7 @@ class Realignment:
         targets = target_layers(plan, s.targets)
         losses = []
         emulator.eval()  # no dropout: the factors fit the emulator the clients run
+        before = self._error(emulator, plan, targets)
         for batch in batches:
             batch = {key: value.to(device) for key, value in batch.items()}
             with precision_autocast(device, s.precision):
@@ -211,4 +216,12 @@ class Realignment:
             losses.append(loss.item())
         for name, param in emulator.named_parameters():
             param.requires_grad_(trainable[name])
-        return {"first_loss": losses[0], "last_loss": losses[-1], "losses": losses}
+        return {"error_before": before, "error_after": self._error(emulator, plan, targets), "losses": losses}
+
+    @torch.no_grad()
+    def _error(self, emulator: nn.Module, plan: SplitPlan, targets: list[int]) -> float:
+        """The normalised MSE of the middle's output (``targets``) on the held-out batch."""
+        device = next(emulator.parameters()).device
+        batch = {key: value.to(device) for key, value in self.held_out.items()}
+        with precision_autocast(device, self.settings.precision):
+            return alignment_losses(self.model, emulator, plan, batch, targets, 0.0, lm=False)[1].item()

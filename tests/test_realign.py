@@ -62,7 +62,7 @@ def test_realignment_lowers_the_middle_output_error_against_the_full_model_with_
     before = error()
     record = realignment.before_round(1, adapter)
     assert error() < 0.8 * before
-    assert record["emulators"]["2"]["last_loss"] < record["emulators"]["2"]["first_loss"]
+    assert record["emulators"]["2"]["error_after"] < 0.8 * record["emulators"]["2"]["error_before"]  # held out
     assert realignment.before_round(0, adapter) is None  # no pre-steps configured
     factors = get_factors(emulator, plan)
     assert {k.split(".")[0] for k in factors} == {"1", "4"}  # full-model block indices
