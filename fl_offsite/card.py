@@ -30,6 +30,10 @@ def run_record(settings: Settings, plan: SplitPlan | None, round_record: dict, n
         record["emulator"] = settings.emulator.describe()
         if distillation:
             record["emulator"] += f"; {ppl_summary(distillation)}"
+        if settings.realign.enabled:
+            r = settings.realign
+            record["emulator"] += (f"; re-aligned to the adapter by the model owner before every round ({r.steps} "
+                                   f"steps, {r.pre_steps} before the first; LoRA r {r.lora_r} on the middle blocks)")
     if (lora := settings.tuning.lora) is not None:
         record["lora"] = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout}
     if privacy := round_record.get("privacy"):

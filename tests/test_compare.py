@@ -83,7 +83,8 @@ def test_compare_command_through_flower_simulation(tiny_lm_dir, tmp_path, capsys
         '"train.local-steps" = 2\n"train.batch-size" = 4\n"train.max-length" = 64\n"eval.limit" = 6\n'
         f'[compare]\nmethods = ["offsite", "fedavg-full"]\nnum-clients = 2\nout = "{tmp_path / "out"}"\n'
         '[compare.runs.offsite]\nmethod = "offsite"\n"fleet.emulator-layers" = "1,2"\n'  # a mixed fleet
-        '"realign.steps" = 1\n"realign.batch-size" = 2\n"distill.block-size" = 32\n"distill.corpus" = "model-samples"\n')
+        '"realign.steps" = 1\n"realign.batch-size" = 2\n"distill.block-size" = 32\n'
+        '"distill.corpus" = "model-samples"\n')
     assert main(["compare", str(config)]) == 0
     printed = capsys.readouterr().out
     assert "Offsite plug-in" in printed and "FedAvg full fine-tuning" in printed

@@ -55,7 +55,8 @@ def test_realignment_lowers_the_middle_output_error_against_the_full_model_with_
 
     def error() -> float:
         with torch.no_grad():
-            return alignment_losses(model, emulator, plan, held_out, target_layers(plan, "output"), 0.0, lm=False)[1].item()
+            targets = target_layers(plan, "output")
+            return alignment_losses(model, emulator, plan, held_out, targets, 0.0, lm=False)[1].item()
 
     plug_in(model, adapter, plan)
     plug_in(emulator, adapter, plan)
