@@ -257,9 +257,9 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
         "every weight), counted apart from the rounds; rounds MB, all clients: everything the rounds "
         "sent down and up, all clients together (report.json: communication).", ""]
     lines += [f"{m} re-aligned its emulator before every round: "
-              f"{r['realign_bytes_down_per_client_round'] / 1e6:.3f} MB of factors down per client and round (in rounds MB, apart in report.json: "
-              f"communication.realign_bytes_down), {r['owner_realign_seconds_per_round']:.1f} s of the model owner's "
-              "time per round.\n" for m, r in trained.items() if "realign_bytes_down_per_client_round" in r]
+              f"{r['realign_bytes_down_per_client_round'] / 1e6:.3f} MB of factors down per client and round (in "
+              "rounds MB, apart in report.json: communication.realign_bytes_down), "
+              f"{r['owner_realign_seconds_per_round']:.1f} s of the model owner's time per round.\n" for m, r in trained.items() if "realign_bytes_down_per_client_round" in r]
     lines += [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 
