@@ -104,8 +104,9 @@ class OffsiteStrategy(Strategy):
         self._round = RoundInProgress(start=start, sent=[m.metadata for m in messages],
                                       bytes_down={m.metadata.dst_node_id: down for m in messages},
                                       realign_down=realign_down, realign=realigned)
+        extra = f" (and {max(realign_down.values(), default=0) / 1e6:.2f} MB of emulator re-alignment)"
         log.info("round %d: sent %.2f MB to each of %d clients%s", rnd, down / 1e6, len(messages),
-                 f" (and {max(realign_down.values()) / 1e6:.2f} MB of emulator re-alignment)" if factors else "")
+                 extra if factors else "")
         return messages
 
     def _for_node(self, message: Message, factors: dict[int, ArrayRecord]) -> Message:
