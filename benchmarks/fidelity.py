@@ -92,14 +92,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def recipes_of(specs: list[str]) -> dict[str, tuple[dict, EmulatorRecipe, RealignSettings]]:
-    """``NAME=key=value;key=value`` -> (overrides, emulator recipe, re-alignment), validated as run config."""
+def recipes_of(specs: list[str]) -> dict[str, tuple[dict, EmulatorRecipe, RealignSettings, float]]:
+    """``NAME=key=value;key=value`` -> (overrides, emulator recipe, re-alignment, the clients' proximal mu),
+    validated as run config (``strategy.name=fedprox;strategy.proximal-mu=MU``: FedProx's, or FedBiOT's,
+    proximal term on the clients)."""
     recipes = {}
     for spec in specs or ["uniform=emulator.layers=uniform"]:
         name, _, rest = spec.partition("=")
         overrides = dict(item.split("=", 1) for item in rest.split(";") if item)
         settings = Settings.from_config(overrides)
-        recipes[name] = overrides, settings.emulator, settings.realign
+        mu = settings.strategy.proximal_mu if settings.strategy.name == "fedprox" else 0.0
+        recipes[name] = overrides, settings.emulator, settings.realign, mu
     return recipes
 
 
@@ -199,12 +202,13 @@ def partitions(task, clients: int, alpha: float, seed: int, centralised: bool) -
 
 
 def fedavg(models: list[torch.nn.Module], names: list[dict[str, str]], data: list[list[dict]], args, lr: float,
-           seed: int, label: str, before_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> dict:
+           seed: int, label: str, before_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+           proximal_mu: float = 0.0) -> dict:
     """Federated rounds: client ``i`` trains ``names[i]`` (full-model name -> its parameter) of ``models[i]``
     from the global state, then FedAvg by examples in full-model names. Clients may share one model, or hold
     different ones (a fleet of emulators) with the same trainable tensors; every model ends on the global state.
     ``before_round(r, global state)`` runs before each round r (and with r = 0 before the first): the owner's
-    re-alignment."""
+    re-alignment. ``proximal_mu``: the clients' proximal term toward the round's global state (FedProx)."""
     lr_at = lr_schedule(lr, "cosine", args.rounds)
     steps = args.local_steps * (args.clients if args.centralised else 1)
     params = [dict(m.named_parameters()) for m in models]
@@ -220,6 +224,7 @@ def fedavg(models: list[torch.nn.Module], names: list[dict[str, str]], data: lis
         for pid, features in enumerate(data):
             _load(params[pid], names[pid], global_state)
             settings = TrainSettings(lr=lr_at(rnd), batch_size=args.batch_size, local_steps=steps,
+                                     proximal_mu=proximal_mu,
                                      seed=seed * 7919 + rnd * 131 + pid, precision=args.precision)
             stats = train_local(models[pid], set(names[pid].values()), features, settings, args.pad_id,
                                 desc=f"{label} round {rnd} client {pid}")
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Results(Path(args.out), budget)
     results.data.setdefault("recipes", {}).update(
         {name: {"overrides": o, "recipe": asdict(r), **({"realign": asdict(a)} if a.enabled else {})}
-         for name, (o, r, a) in recipes.items()})
+         for name, (o, r, a, _) in recipes.items()})
     model, tokenizer = load_model(args.model)
     model.to(device)
     results.data.setdefault("devices", {})[device.type] = describe(device)
@@ -292,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         del full
 
     emulators = {}  # recipe -> (plan, emulator, full-model name -> name in the emulator)
-    for name, (_, recipe, _) in recipes.items():
+    for name, (_, recipe, _, _) in recipes.items():
         started = time.perf_counter()
         plan, emulator, record = prepare_emulator(args.model, model, tokenizer, recipe, args.task)
         emulators[name] = plan, emulator, adapter_names(emulator, plan)
@@ -320,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                                       for m in clients})
             data = [encode(p) for p in partitions(task, args.clients, args.alpha, seed, args.centralised)]
             run = fedavg([clients[m] for m in members], [emulators[m][2] for m in members], data, args, args.lr,
-                         seed, f"{run_name} s{seed}", before_round=owner.before_round if owner.members else None)
+                         seed, f"{run_name} s{seed}", before_round=owner.before_round if owner.members else None,
+                         proximal_mu=recipes[members[0]][3])
             first_plan, _, first_names = emulators[members[0]]
             state = clients[members[0]].state_dict()
             adapter = {full: state[local].detach().float() for full, local in first_names.items()}

@@ -78,3 +78,5 @@ def test_fidelity_measures_a_realigned_recipe_beside_its_bytes_and_owner_time(fi
     assert data["recipes"]["aligned"]["realign"]["steps"] == 2
     assert set(data["realign_summary"]) == {"aligned"}
     assert "re-alignment (the model owner" in capsys.readouterr().out
+    fedbiot = fidelity.recipes_of([f"b={realign};strategy.name=fedprox;strategy.proximal-mu=2"])["b"]
+    assert fedbiot[2].steps == 2 and fedbiot[3] == 2.0  # FedBiOT's client term is FedProx's, mu = 2 x eps
