@@ -161,7 +161,7 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
     from flwr.supercore.task_identity import TaskIdentity
 
     from fl_offsite.results import RunFolder as Folder
-    from strategies.offsite import OffsiteStrategy
+    from strategies.offsite import OffsiteStrategy, RoundInProgress
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # as the ServerApp process has
     n_tensors = 8
@@ -181,7 +181,8 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
                 msg.metadata.__dict__["_message_id"] = f"train-{i}"  # as the grid's push sets it
                 sent.append(msg.metadata)
                 replies.append(_as_reply(msg, content, i + 1))
-            strategy._round = {"start": time.perf_counter(), "bytes_down": {}, "sent": sent}
+            strategy._round = RoundInProgress(start=time.perf_counter(), sent=sent, bytes_down={}, realign_down={},
+                                              realign=None)
             held = sum(r.content["arrays"].count_bytes() for r in replies) / 2**20
             Path("/proc/self/clear_refs").write_text("5")
             rss_before = status_kb("VmRSS")
