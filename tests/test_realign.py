@@ -16,10 +16,10 @@ from fl_offsite.config import validate
 from fl_offsite.data import collate, lm_blocks, pad_id
 from fl_offsite.distill import alignment_losses, target_layers
 from fl_offsite.errors import UserError
+from fl_offsite.layer_choice import uniform_drop
 from fl_offsite.lora import LoraSpec, add_lora, lora_names
 from fl_offsite.payload import extract_adapter, plug_in
 from fl_offsite.realign import Realignment, RealignSettings, add_realign_lora, get_factors, realign_names
-from fl_offsite.layer_choice import uniform_drop
 from fl_offsite.split import SplitPlan, build_emulator, plan_split
 from flower_harness import Crash, crash_in_round, of_type, rounds_of, run, tiny_config
 from tiny_models import CORPUS
