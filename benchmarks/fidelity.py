@@ -451,8 +451,8 @@ def plot(summary: dict, path: Path, args) -> None:
     colors = ["#999999" if "zero-shot" in n else "#d62728" if "FedAvg" in n else
               "#1f77b4" if "plug-in" in n else "#ff7f0e" for n in names]
     ax.barh(names, means, xerr=errors, color=colors, capsize=3)
-    for y, m in enumerate(means):
-        ax.text(m + 0.01, y, f"{m:.3f}", va="center", fontsize=8)
+    for y, (m, e) in enumerate(zip(means, errors)):
+        ax.text(m + e + 0.01, y, f"{m:.3f}", va="center", fontsize=8)  # clear of the error bar
     ax.set_xlim(0, 1.08)
     ax.set_xlabel("accuracy (whole test split)")
     ax.set_title(f"{args.model} on {args.task}: {args.clients} clients, {args.rounds} rounds x "
