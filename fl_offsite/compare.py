@@ -12,7 +12,7 @@ from fl_offsite.errors import UserError
 from fl_offsite.fleet import SMALLER_EVAL
 from fl_offsite.io import write_atomic, write_json
 from fl_offsite.logs import clock_time
-from fl_offsite.report import markdown_table
+from fl_offsite.report import bytes_so_far, markdown_table
 from fl_offsite.results import RunFolder
 from fl_offsite.settings import Settings
 
@@ -147,11 +147,6 @@ def _communication(rounds: list[dict], one_time: int) -> dict:
             "realign_bytes_down": last.get("cumulative_realign_bytes_down", 0), "rounds": traffic}
 
 
-def _rounds_bytes(communication: dict) -> int:
-    """Everything the rounds sent, all clients: adapters down and up, and re-alignment factors down."""
-    return sum(communication.get(k, 0) for k in ("adapter_bytes_down", "adapter_bytes_up", "realign_bytes_down"))
-
-
 def _cumulative(one_time: float, per_round: list[float]) -> list[float]:
     totals, total = [one_time], one_time
     for nbytes in per_round:
@@ -245,7 +240,7 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
          "tokens/s", "trainable params", f"bytes vs {BASELINE}", f"memory vs {BASELINE}", f"time vs {BASELINE}"],
         [[m, f"{r['bytes_down_per_client_round'] / 1e6:.1f}", f"{r['bytes_up_per_client_round'] / 1e6:.1f}",
           f"{r['one_time_bytes_per_client'] / 1e6:.1f}",
-          f"{_rounds_bytes(r['communication']) / 1e6:.1f}",
+          f"{bytes_so_far(r['communication']['rounds'][-1]) / 1e6:.1f}",
           f"{r['client_peak_memory_mb']:.0f}",
           f"{r['client_train_seconds_per_round']:.1f}", f"{r['client_tokens_per_s']:.0f}",
           f"{r['trainable_params']:,}", ratio(r, "bytes_down_per_client_round"),
@@ -259,7 +254,8 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
     lines += [f"{m} re-aligned its emulator before every round: "
               f"{r['realign_bytes_down_per_client_round'] / 1e6:.3f} MB of factors down per client and round (in "
               "rounds MB, apart in report.json: communication.realign_bytes_down), "
-              f"{r['owner_realign_seconds_per_round']:.1f} s of the model owner's time per round.\n" for m, r in trained.items() if "realign_bytes_down_per_client_round" in r]
+              f"{r['owner_realign_seconds_per_round']:.1f} s of the model owner's time per round.\n"
+              for m, r in trained.items() if "realign_bytes_down_per_client_round" in r]
     lines += [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 

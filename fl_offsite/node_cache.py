@@ -4,8 +4,9 @@ A Flower client process (a Ray actor in simulation) serves many rounds and, in s
 many nodes, whose stores hold the same delivered model under the same digest (or, in a mixed
 fleet, one of a few). Loading that model and tokenizing a partition cost seconds each, so the
 process keeps the last two models (ready for their tuning, with their tokenizers), the training
-split of the last task, and the tokenized examples of its last few data sources. Nothing is loaded twice: reading the task again
-and loading a tokenizer for each new node made a Ray actor grow by about 1.4 MB a round.
+split of the last task, and the tokenized examples of its last few data sources. Nothing is loaded
+twice: reading the task again and loading a tokenizer for each new node made a Ray actor grow by
+about 1.4 MB a round.
 """
 from __future__ import annotations
 

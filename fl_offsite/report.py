@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 
-ROUND_BYTES = ("bytes_down", "bytes_up", "realign_bytes_down")  # what a round sends: adapters, re-alignment factors
+def bytes_so_far(traffic: dict) -> int:
+    """Everything the rounds sent up to a round's ``communication`` record, all clients: adapters down and
+    up, and re-alignment factors down (the one-time model deliveries apart)."""
+    return sum(traffic.get(f"cumulative_{k}", 0) for k in ("bytes_down", "bytes_up", "realign_bytes_down"))
 
 
 def round_table(rounds: list[dict]) -> str:
@@ -20,7 +23,7 @@ def round_table(rounds: list[dict]) -> str:
             f"{mean('train-loss'):.4f}" if clients else "-",
             f"{mean('bytes_down') / 1e6:.1f}" if clients else "-",
             f"{mean('bytes_up') / 1e6:.1f}" if clients else "-",
-            f"{sum(traffic.get(f'cumulative_{k}', 0) for k in ROUND_BYTES) / 1e6:.1f}"
+            f"{bytes_so_far(traffic) / 1e6:.1f}"
             if (traffic := record.get("communication")) else "-",
             f"{record['seconds']:.0f}" if "seconds" in record else "-",
             f"{max(c['peak-memory-mb'] for c in clients):.0f}" if clients else "-",
