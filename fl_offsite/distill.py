@@ -31,7 +31,7 @@ from fl_offsite.evaluate import perplexity
 from fl_offsite.io import json_digest
 from fl_offsite.payload import extract_adapter
 from fl_offsite.split import SPLIT_FILE, SplitPlan, build_emulator, write_split
-from fl_offsite.train import freeze_except, precision_autocast
+from fl_offsite.train import adamw, freeze_except, half_weights, precision_autocast
 
 log = logging.getLogger(__name__)
 EVAL_CHARS = 16_000  # held-out text per perplexity check (about 4k tokens): checks must not dominate short runs
@@ -65,7 +65,7 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, 
     targets = target_layers(plan, settings.targets)
     prefixes = tuple(f"{plan.block_prefix}.{pos}." for pos in middle)
     params = freeze_except(emulator, {name for name, _ in emulator.named_parameters() if name.startswith(prefixes)})
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    optimizer = adamw(params, settings.lr, 0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(settings.warmup_steps, settings.steps // 10),
                                                settings.steps)
     autocast = precision_autocast(device, settings.precision)
@@ -81,34 +81,35 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, 
     generator = torch.Generator().manual_seed(settings.seed)
     order: list[int] = []
     model.eval()
-    bar = tqdm(range(1, settings.steps + 1), desc="distill", unit="step", disable=not progress)
-    for step in bar:
-        if len(order) < settings.batch_size:
-            order += torch.randperm(len(train), generator=generator).tolist()
-        batch = collate([train[i] for i in order[:settings.batch_size]], pad_id(tokenizer))
-        del order[:settings.batch_size]
-        batch = {k: v.to(device) for k, v in batch.items()}
-        emulator.train()
-        with autocast:
-            out, kd_loss, kl_loss = alignment_losses(model, emulator, plan, batch, targets, settings.kl_weight,
-                                                     lm=True)
-            loss = out.loss + settings.kd_weight * kd_loss + settings.kl_weight * kl_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        emulator.eval()
-        losses.append({"step": step, "loss": loss.item(), "lm_loss": out.loss.item(), "kd_loss": kd_loss.item(),
-                       "kl_loss": kl_loss.item()})
-        if step % settings.eval_every == 0 or step == settings.steps:
-            started = time.perf_counter()
-            ppl = held_out_ppl(emulator)
-            eval_seconds += time.perf_counter() - started
-            curve.append({"step": step, "ppl": ppl})
-            if ppl < best_ppl:
-                best_ppl, best_step, best_state = ppl, step, _middle_state(student_blocks, middle)
-        bar.set_postfix(lm=f"{out.loss.item():.2f}", kd=f"{kd_loss.item():.3f}", ppl=f"{curve[-1]['ppl']:.0f}")
+    with half_weights(model, settings.precision):  # the teacher only runs forward
+        bar = tqdm(range(1, settings.steps + 1), desc="distill", unit="step", disable=not progress)
+        for step in bar:
+            if len(order) < settings.batch_size:
+                order += torch.randperm(len(train), generator=generator).tolist()
+            batch = collate([train[i] for i in order[:settings.batch_size]], pad_id(tokenizer))
+            del order[:settings.batch_size]
+            batch = {k: v.to(device) for k, v in batch.items()}
+            emulator.train()
+            with autocast:
+                out, kd_loss, kl_loss = alignment_losses(model, emulator, plan, batch, targets, settings.kl_weight,
+                                                         lm=True)
+                loss = out.loss + settings.kd_weight * kd_loss + settings.kl_weight * kl_loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            emulator.eval()
+            losses.append({"step": step, "loss": loss.item(), "lm_loss": out.loss.item(), "kd_loss": kd_loss.item(),
+                           "kl_loss": kl_loss.item()})
+            if step % settings.eval_every == 0 or step == settings.steps:
+                started = time.perf_counter()
+                ppl = held_out_ppl(emulator)
+                eval_seconds += time.perf_counter() - started
+                curve.append({"step": step, "ppl": ppl})
+                if ppl < best_ppl:
+                    best_ppl, best_step, best_state = ppl, step, _middle_state(student_blocks, middle)
+            bar.set_postfix(lm=f"{out.loss.item():.2f}", kd=f"{kd_loss.item():.3f}", ppl=f"{curve[-1]['ppl']:.0f}")
     _load_middle_state(student_blocks, best_state)
     for param in emulator.parameters():
         param.requires_grad_(True)

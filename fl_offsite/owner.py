@@ -28,7 +28,7 @@ from fl_offsite.realign import Realignment, public_blocks
 from fl_offsite.settings import Settings
 from fl_offsite.split import EMULATOR_DIR, SplitPlan, write_split
 from fl_offsite.tasks import TaskData, load_task
-from fl_offsite.train import precision_autocast
+from fl_offsite.train import half_weights, precision_autocast
 from fl_offsite.tuning import Tuning
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class ModelOwner:
 
     def _score(self, model: PreTrainedModel, name: str) -> dict:
         e = self.settings.eval
-        with precision_autocast(next(model.parameters()).device, e.precision):
+        with half_weights(model, e.precision), precision_autocast(next(model.parameters()).device, e.precision):
             return evaluate_task(model, self.tokenizer, self.task, "test", limit=e.limit or None,
                                  batch_size=e.batch_size, desc=f"scoring {name}")
 

@@ -39,7 +39,7 @@ from fl_offsite.emulator import EmulatorRecipe, public_texts
 from fl_offsite.errors import UserError
 from fl_offsite.payload import get_payload, set_payload
 from fl_offsite.split import SplitPlan, block_key
-from fl_offsite.train import freeze_except, precision_autocast
+from fl_offsite.train import adamw, freeze_except, precision_autocast
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class Realignment:
         device = next(emulator.parameters()).device
         trainable = {name: p.requires_grad for name, p in emulator.named_parameters()}
         params = freeze_except(emulator, set(realign_names(emulator, plan).values()))
-        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+        optimizer = adamw(params, s.lr, 0.0)
         targets = target_layers(plan, s.targets)
         losses = []
         emulator.eval()  # no dropout: the factors fit the emulator the clients run

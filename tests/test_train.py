@@ -39,3 +39,20 @@ def test_train_local_moves_only_the_adapter(tiny_tokenizer):
     adapter = extract_adapter(model, plan)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]) != (key in adapter), key
+
+
+def test_half_weights_score_in_bf16_and_give_the_exact_weights_back(tiny_llama, tiny_tokenizer):
+    from fl_offsite.train import half_weights, precision_autocast
+
+    batch = collate([encode_choice_example(tiny_tokenizer, ex, 64) for ex in EXAMPLES], tiny_tokenizer.pad_token_id)
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    with torch.no_grad(), precision_autocast(torch.device("cpu"), "bf16"):
+        autocast_loss = answer_loss(tiny_llama, batch)
+        with half_weights(tiny_llama, "bf16"):
+            assert {p.dtype for p in tiny_llama.parameters()} == {torch.bfloat16}
+            half_loss = answer_loss(tiny_llama, batch)
+    assert torch.allclose(half_loss, autocast_loss, rtol=0.02)
+    after = tiny_llama.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    with half_weights(tiny_llama, "fp32"):
+        assert {p.dtype for p in tiny_llama.parameters()} == {torch.float32}
