@@ -214,7 +214,10 @@ def fidelity_rows(runs: dict[str, dict]) -> list[list[str]]:
 def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
     any_run = next(iter(runs.values()))
     s = Settings.from_config(any_run["config"])
-    n = any_run["rounds"][0][next(k for k in any_run["rounds"][0] if k != "round")]["n"]
+    first = any_run["rounds"][0][next(k for k in any_run["rounds"][0] if k != "round")]
+    n, whole = first["n"], first.get("split_size", first["n"])
+    scored = f"{n} held-out test examples" if n == whole else \
+        f"{n} of the {whole} held-out test examples (the seeded test split's first {n}, the same for every row)"
     split = f"{s.emulator.adapter_bottom}-{s.emulator.emulator_layers}-{s.emulator.adapter_top}" \
         if s.emulator.drop_ratio is None else f"{s.emulator.adapter_bottom},{s.emulator.adapter_top} (drop " \
         f"{s.emulator.drop_ratio:g})"
@@ -222,7 +225,7 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
              f"{s.num_rounds} rounds, {s.data.num_partitions} clients, "
              f"{s.data.partitioner} partitions (alpha {s.data.alpha}), "
              f"{s.train.local_steps} local steps x batch {s.train.batch_size}, split {split}; "
-             f"accuracy on {n} held-out test examples (± one standard error).", "",
+             f"accuracy on {scored} (± one standard error).", "",
              markdown_table(["setting", "acc", "acc_norm"], [
                  [name, f"{m['acc']:.3f} ± {m['acc_stderr']:.3f}", f"{m['acc_norm']:.3f}"]
                  for name, m in accuracy_rows(runs)]), ""]

@@ -208,8 +208,8 @@ def evaluate_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Ta
                   desc: str = "scoring") -> dict[str, float | str]:
     """Score ``split`` of ``task`` (a :class:`TaskData` or a task name); ``limit``: its first N examples."""
     data = load_task(task) if isinstance(task, str) else task
-    examples = data.split(split)[:limit]
-    metrics = score_choices(model, tokenizer, examples, batch_size=batch_size, progress=progress, desc=desc)
-    log.info("%s/%s: acc %.3f acc_norm %.3f (n=%d, %.1f examples/s)", data.name, split, metrics["acc"],
-             metrics["acc_norm"], metrics["n"], metrics["examples_per_s"])
-    return {"task": data.name, "split": split, **metrics}
+    whole = data.split(split)
+    metrics = score_choices(model, tokenizer, whole[:limit], batch_size=batch_size, progress=progress, desc=desc)
+    log.info("%s/%s: acc %.3f acc_norm %.3f (n=%d of %d, %.1f examples/s)", data.name, split, metrics["acc"],
+             metrics["acc_norm"], metrics["n"], len(whole), metrics["examples_per_s"])
+    return {"task": data.name, "split": split, **metrics, "split_size": len(whole)}
