@@ -131,7 +131,7 @@ def test_privacy_budget_stops_the_run_before_it_is_exceeded(tiny_lm_dir, tmp_pat
 
 def tiny_job(tiny_lm_dir, results) -> dict:
     """The tiny job of :func:`simulate`, as run-config keys."""
-    return {"model": str(tiny_lm_dir), "num-rounds": 3, "split.adapter-layers": "1,1", "split.emulator-layers": 2,
+    return {"model": str(tiny_lm_dir), "num-rounds": 2, "split.adapter-layers": "1,1", "split.emulator-layers": 2,
             "train.local-steps": 2, "train.batch-size": 4, "train.max-length": 64, "eval.limit": 6,
             "results.dir": str(results)}
 
@@ -170,7 +170,7 @@ def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_
                "round 1")
     os.killpg(victim.pid, signal.SIGKILL)  # the launcher and everything in its session, without warning
     victim.wait()
-    assert [r["round"] for r in rounds_of(tmp_path / "killed")][-1] < 3
+    assert [r["round"] for r in rounds_of(tmp_path / "killed")][-1] < 2  # killed before the last round
 
     resumed = simulate(tiny_lm_dir, tmp_path / "killed")  # also cleans up what the killed launch left running
     assert resumed.wait(timeout=600) == 0
@@ -189,7 +189,7 @@ def test_a_straggler_is_cut_off_at_the_round_timeout_and_its_late_reply_is_never
     """`fl-offsite simulate` on Ray: 2 nodes, 2 client actors. One actor is stopped (SIGSTOP) once the emulator
     is delivered, so it sleeps through round 1, and resumed (SIGCONT) when round 1 is on record: it then
     finishes its round-1 training and replies, late."""
-    timeout, start = 60, time.perf_counter()  # rounds only: the delivery's first queries wait at least 600 s
+    timeout, start = 20, time.perf_counter()  # rounds only: the delivery's first queries wait at least 600 s
     launcher = simulate(tiny_lm_dir, tmp_path / "run", "num-rounds=2", "strategy.min-train-nodes=1",
                         f"strategy.round-timeout={timeout}")
     ours = lambda tag: tag.startswith(f"{launcher.pid}:")
