@@ -379,6 +379,15 @@ def test_zero_shot_scores_are_shared_by_methods_on_the_same_weights(tiny_lm_dir,
 
 
 def test_eval_limit_zero_scores_the_whole_test_split(tiny_lm_dir, tmp_path):
-    run(tiny_config(tiny_lm_dir, tmp_path / "zs", method="zero-shot", **{"eval.limit": 0}), num_nodes=2)
+    """On a task of short questions (cheap to score) whose test split is larger than the default limit."""
+    from fl_offsite.assets import cache_dir
+    from fl_offsite.config import DEFAULTS
+
+    examples = [{"input": f"Is {i} odd?", "target_scores": {"yes": i % 2, "no": 1 - i % 2}} for i in range(1100)]
+    (cache_dir("tasks", "bigbench") / "parity.json").write_text(json.dumps({"name": "parity", "examples": examples}))
+    test_split = len(load_task("bigbench:parity", seed=1234).test)
+    assert test_split > DEFAULTS["eval.limit"]
+    run(tiny_config(tiny_lm_dir, tmp_path / "zs", method="zero-shot", task="bigbench:parity", **{"eval.limit": 0}),
+        num_nodes=2)
     (record,) = rounds_of(tmp_path / "zs")
-    assert {m["n"] for m in record["eval"].values()} == {len(load_task("bbc-news", seed=1234).test)}
+    assert {m["n"] for m in record["eval"].values()} == {test_split}
