@@ -70,7 +70,7 @@ def test_split_of_the_offline_model(tmp_path):
     emulator, tokenizer = load_model(str(out / "emulator"))
     full, _ = load_model("smollm2-135m")
     assert emulator.config.num_hidden_layers == 12 and tokenizer is not None
-    texts = load_text_corpus("bbc-news", split="test")[:8]
+    texts = load_text_corpus("bbc-news", split="test")[:2]  # about 10 blocks: ppl 39 and 55 000 measured
     full_ppl = perplexity(full, tokenizer, texts, block_size=128)["ppl"]
     emulator_ppl = perplexity(emulator, tokenizer, texts, block_size=128)["ppl"]
     assert full_ppl < 100 < emulator_ppl

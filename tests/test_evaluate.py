@@ -117,5 +117,5 @@ def test_real_model_beats_chance_on_bbc_news() -> None:
     from fl_offsite.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
-    result = evaluate_task(model, tokenizer, "bbc-news", limit=100)
-    assert result["acc"] > 0.4  # chance is 0.2; the probe measured 0.58-0.78 zero-shot
+    result = evaluate_task(model, tokenizer, "bbc-news", limit=50)
+    assert result["acc"] > 0.4  # chance is 0.2; 0.50 measured on these 50 (the probe: 0.58-0.78 zero-shot)
