@@ -1,11 +1,20 @@
-"""Deployment engine on loopback: a SuperLink and SuperNodes started with the user's commands, TLS and
-node authentication on, each node training on its own JSONL file; refusals give clear errors."""
+"""Deployment engine: a SuperLink and SuperNodes started with the user's commands, TLS and node authentication
+on, each node training on its own JSONL file; refusals give clear errors; a killed SuperLink and SuperNode come
+back and the run resumes.
+
+Where this machine can make Linux network namespaces (root, iproute2), the federation runs on separate network
+stacks, as on separate machines: the model owner's namespace holds a bridge with 198.18.0.1, each data owner's
+a veth to it with its own address (198.18.0.0/15 is set aside for network tests; it is used only inside these
+namespaces, so all traffic stays on this machine). Elsewhere it runs on loopback. Every process is ended by its
+PID and the namespaces are deleted.
+"""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,12 +29,12 @@ import torch
 
 from fl_offsite.certs import make_certs, make_node_key, server_names
 from fl_offsite.cli import main
-from fl_offsite.deploy import SuperLinkSettings, SuperNodeSettings, run_app, runtime_env
+from fl_offsite.deploy import SuperLinkSettings, SuperNodeSettings, runtime_env
 from fl_offsite.errors import UserError
 from fl_offsite.local_data import write_examples
 from fl_offsite.processes import TAG_VAR, app_dir, new_launch_tag, stop_processes, tagged_processes
 from fl_offsite.split import load_adapter
-from fl_offsite.tasks import BBC_TOPICS, ChoiceExample
+from fl_offsite.tasks import BBC_TOPICS, ChoiceExample, load_task
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/environ")
 TOPICS = [f" {t}" for t in BBC_TOPICS]
@@ -52,6 +61,8 @@ class Federation:
     tag: str
     superlink_args: list[str] = field(default_factory=list)
     netns: str | None = None  # the SuperLink's network namespace, if not this one
+    host: str = "127.0.0.1"  # the SuperLink's address, as the nodes dial it
+    owner_netns: dict[str, str] = field(default_factory=dict)  # data owner -> their network namespace
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def start(self, name: str, *args: str, netns: str | None = None) -> subprocess.Popen:
@@ -78,15 +89,17 @@ class Federation:
                 raise AssertionError(f"{name} never logged {text!r}:\n{self.log(name)[-3000:]}")
             time.sleep(0.3)
 
-    def node(self, name: str, *extra: str, cache: str | None = None) -> subprocess.Popen:
-        return self.start(name, "supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                          "--cache-dir", str(self.root / f"cache-{cache or name}"), *extra)
+    def node(self, name: str, *extra: str, cache: str | None = None, owner: str | None = None) -> subprocess.Popen:
+        """A SuperNode NAME (on data owner OWNER's network, if it has one of its own)."""
+        return self.start(name, "supernode", "--superlink", f"{self.host}:{self.port}", "--port", str(free_port()),
+                          "--cache-dir", str(self.root / f"cache-{cache or name}"), *extra,
+                          netns=self.owner_netns.get(owner or ""))
 
     def owner(self, name: str, log: str | None = None) -> subprocess.Popen:
         """Data owner NAME's SuperNode (alice: partition 0, bob: 1) on its own file, with its key."""
         return self.node(log or name, "--ca", str(self.root / "certs" / "ca.crt"), "--key",
                          str(self.root / "keys" / name), "--data-path", str(self.root / f"{name}.jsonl"),
-                         "--partition-id", str(("alice", "bob").index(name)), cache=name)
+                         "--partition-id", str(("alice", "bob").index(name)), cache=name, owner=name)
 
     def run(self, name: str, config: dict) -> subprocess.Popen:
         """``fl-offsite run`` of ``config`` on this federation (in the SuperLink's namespace)."""
@@ -110,11 +123,11 @@ class Federation:
 
 
 @contextlib.contextmanager
-def federation(root: Path, cert_hosts: Sequence[str], *link_args: str, netns: str | None = None
-               ) -> Iterator[Federation]:
-    """Certificates for ``cert_hosts``, node keys for alice, bob and mallory, data files for alice and bob,
-    and a SuperLink (``fl-offsite superlink LINK_ARGS``, in ``netns``) admitting alice and bob; every
-    process is stopped on exit."""
+def federation(root: Path, cert_hosts: Sequence[str], *link_args: str, netns: str | None = None,
+               owner_netns: dict[str, str] | None = None) -> Iterator[Federation]:
+    """Certificates for ``cert_hosts`` (the first: the address the nodes dial), node keys for alice, bob and
+    mallory, data files for alice and bob, and a SuperLink (``fl-offsite superlink LINK_ARGS``, in ``netns``)
+    admitting alice and bob; the owners' nodes run in ``owner_netns``; every process is stopped on exit."""
     tag = new_launch_tag()
     env = runtime_env({"FLWR_HOME": str(root / "flwr-home"), TAG_VAR: tag,
                        "PYTHONPATH": os.pathsep.join(filter(None, [str(app_dir()), os.environ.get("PYTHONPATH")]))})
@@ -127,7 +140,7 @@ def federation(root: Path, cert_hosts: Sequence[str], *link_args: str, netns: st
                                                 for text, label in ARTICLES[i:] + ARTICLES[:i]])
     args = ["--certs", str(root / "certs"), "--port", str(port), "--node-key", str(root / "keys" / "alice.pub"),
             "--node-key", str(root / "keys" / "bob.pub"), *link_args]
-    fed = Federation(root, port, env, tag, args, netns)
+    fed = Federation(root, port, env, tag, args, netns, cert_hosts[0], owner_netns or {})
     try:
         fed.start_superlink()
         yield fed
@@ -137,6 +150,63 @@ def federation(root: Path, cert_hosts: Sequence[str], *link_args: str, netns: st
         assert not left, f"processes of the federation still running: {left}"
 
 
+LINK = "198.18.0.1"
+OWNERS = {"alice": "198.18.0.2", "bob": "198.18.0.3"}
+
+
+def _no_namespaces() -> str | None:
+    """Why this machine cannot make network namespaces, or None when it can."""
+    if not sys.platform.startswith("linux"):
+        return "network namespaces are Linux only"
+    if os.geteuid() != 0:
+        return "making network namespaces needs root"
+    if shutil.which("ip") is None:
+        return "no `ip` command (iproute2)"
+    probe = f"fl-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        return f"`ip netns add` failed: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], check=True)
+    return None
+
+
+@contextlib.contextmanager
+def namespaces() -> Iterator[dict[str, str]]:
+    """Namespaces ``link`` (bridge with LINK) and one per data owner (veth to the bridge); deleted on exit."""
+    tag = f"fl{os.getpid() % 100_000}"
+    names = {role: f"{tag}-{role}" for role in ("link", *OWNERS)}
+    ip = lambda *args: subprocess.run(["ip", *args], check=True, capture_output=True)
+    made: list[str] = []
+    try:
+        for ns in names.values():
+            ip("netns", "add", ns)
+            made.append(ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        link = names["link"]
+        ip("-n", link, "link", "add", "br0", "type", "bridge")
+        ip("-n", link, "addr", "add", f"{LINK}/24", "dev", "br0")
+        ip("-n", link, "link", "set", "br0", "up")
+        for i, (owner, address) in enumerate(OWNERS.items()):
+            veth = f"{tag}v{i}"  # made here, then both ends moved: nothing is left in this namespace
+            ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", names[owner])
+            ip("link", "set", veth, "netns", link)
+            ip("-n", link, "link", "set", veth, "master", "br0", "up")
+            ip("-n", names[owner], "addr", "add", f"{address}/24", "dev", "eth0")
+            ip("-n", names[owner], "link", "set", "eth0", "up")
+        yield names
+    finally:
+        for i in range(len(OWNERS)):  # only if a step above failed before the move
+            subprocess.run(["ip", "link", "del", f"{tag}v{i}"], capture_output=True, check=False)
+        for ns in made:  # deletes the veths and the bridge inside
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def _connects(netns: str, host: str, port: int) -> bool:
+    probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout=3)"
+    return subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", probe], capture_output=True,
+                          check=False).returncode == 0
+
+
 def tiny_run_config(model_dir: Path, results: Path) -> dict:
     """The tiny federated job of tests/test_federated.py, 2 rounds."""
     return {"model": str(model_dir), "task": "bbc-news", "num-rounds": 2, "split.adapter-layers": "1,1",
@@ -144,75 +214,30 @@ def tiny_run_config(model_dir: Path, results: Path) -> dict:
             "train.lr": 1e-3, "eval.limit": 6, "results.dir": str(results), "strategy.round-timeout": 300.0}
 
 
-@pytest.fixture
-def loopback(tmp_path: Path, private_cache) -> Iterator[Federation]:
-    with federation(tmp_path, ["127.0.0.1", "localhost"], "--host", "127.0.0.1") as fed:
-        yield fed
-
-
 @pytest.mark.slow
 @linux_only
-def test_two_data_owners_train_over_tls_and_an_unlisted_node_is_refused(loopback: Federation, tiny_lm_dir,
-                                                                         tmp_path: Path, capsys) -> None:
-    fed, keys = loopback, tmp_path / "keys"
-    for name in ("alice", "bob"):
-        fed.owner(name)
-    mallory = fed.node("mallory", "--ca", str(tmp_path / "certs" / "ca.crt"), "--key", str(keys / "mallory"),
-                       "--data-path", str(tmp_path / "alice.jsonl"))
-    make_certs(tmp_path / "other-ca", ["127.0.0.1"])
-    stranger = fed.node("stranger", "--ca", str(tmp_path / "other-ca" / "ca.crt"), "--key", str(keys / "bob"),
-                        "--data-path", str(tmp_path / "bob.jsonl"))
-
-    results = tmp_path / "results"
-    config = tiny_run_config(tiny_lm_dir, results)
-    start = time.perf_counter()
-    run_app(app_dir(), "fl-offsite-deploy", config, env=fed.env, log_path=tmp_path / "run.log", stream=False)
-    wall = time.perf_counter() - start
-
-    rounds = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [0, 1, 2]
-    for record in rounds[1:]:
-        assert record["problems"] == [] and record["missing"] == 0
-        assert sorted(c["partition-id"] for c in record["clients"]) == [0, 1]
-        assert all(c["num-examples"] == 5 for c in record["clients"])  # each node's own file
-    delivery = json.loads((results / "delivery.json").read_text())
-    (first,) = delivery["deliveries"]
-    assert sorted(first["bytes_per_node"].values()) == [delivery["package_bytes"]] * 2  # emulator sent once each
-    assert (results / "adapter.safetensors").is_file()
-    for name in ("alice", "bob"):
-        assert list((tmp_path / f"cache-{name}").glob("model-*/model.safetensors"))
-
-    # The refused nodes tried to join while the others trained.
-    assert mallory.wait(timeout=60) == 2
-    assert "refused this node: its public key" in fed.log("mallory") and "mallory.pub" in fed.log("mallory")
-    assert "REFUSED a SuperNode whose public key is not registered" in fed.log("superlink")
-    assert stranger.wait(timeout=60) == 2
-    assert "TLS check of 127.0.0.1" in fed.log("stranger")
-    with capsys.disabled():
-        print(f"\ndeployment (TLS + node auth, 2 SuperNodes): run {wall:.1f} s, per round "
-              f"{[round(r['seconds'], 1) for r in rounds[1:]]} s")
-
-
-def _checkpointed_round(results: Path) -> int:
-    """The round of the run's checkpoint, -1 while there is none (or it is being replaced)."""
-    try:
-        return json.loads((results / "checkpoint" / "round.json").read_text())["round"]
-    except (OSError, ValueError):
-        return -1
-
-
-@pytest.mark.slow
-@linux_only
-def test_killed_superlink_and_supernode_come_back_and_the_run_resumes_to_the_same_adapter(
+def test_two_data_owners_train_over_tls_refuse_strangers_and_resume_after_a_kill_to_the_same_adapter(
         tmp_path: Path, tiny_lm_dir, private_cache, capsys) -> None:
-    """After round 1, SIGKILL the SuperLink with everything it started (SuperExec, ServerApp: its machine
-    died) and bob's SuperNode. Then what docs/deployment.md tells the model owner and bob to do: start
-    them again with the same commands (--database, --cache-dir), and `fl-offsite run` the same config."""
+    """One federation (TLS, node authentication; on separate network stacks where this machine can make them):
+    alice and bob train on their own files while a node signed by another CA is turned away. After round 1,
+    SIGKILL the SuperLink with everything it started (SuperExec, ServerApp: its machine died) and bob's
+    SuperNode. Then what docs/deployment.md tells the model owner and bob to do: start them again with the same
+    commands (--database, --cache-dir), and `fl-offsite run` the same config; meanwhile mallory, whose key is
+    not registered, tries to join the restarted SuperLink from alice's network."""
+    load_task("bbc-news")  # the model owner's task, cached while this machine reaches PyPI: the namespaces do not
     start = time.perf_counter()
-    results = tmp_path / "results"
-    config = {**tiny_run_config(tiny_lm_dir, results), "num-rounds": 3}
-    with federation(tmp_path, ["127.0.0.1"], "--host", "127.0.0.1", "--database", str(tmp_path / "state.db")) as fed:
+    results, keys = tmp_path / "results", tmp_path / "keys"
+    config = tiny_run_config(tiny_lm_dir, results)  # 2 rounds: killed after round 1, resumed for round 2
+    with contextlib.ExitStack() as stack:
+        ns = None if _no_namespaces() else stack.enter_context(namespaces())
+        host, link_args = (LINK, []) if ns else ("127.0.0.1", ["--host", "127.0.0.1"])
+        fed = stack.enter_context(federation(
+            tmp_path, [host, "localhost"], *link_args, "--database", str(tmp_path / "state.db"),
+            netns=ns and ns["link"], owner_netns={owner: ns[owner] for owner in OWNERS} if ns else {}))
         nodes = {name: fed.owner(name) for name in ("alice", "bob")}
+        make_certs(tmp_path / "other-ca", [host])
+        stranger = fed.node("stranger", "--ca", str(tmp_path / "other-ca" / "ca.crt"), "--key", str(keys / "bob"),
+                            "--data-path", str(tmp_path / "bob.jsonl"), owner="bob")
         first = fed.run("run", config)
         metrics = results / "metrics.jsonl"
         deadline = time.monotonic() + 600
@@ -224,24 +249,51 @@ def test_killed_superlink_and_supernode_come_back_and_the_run_resumes_to_the_sam
         _kill_tree(nodes["bob"].pid)
         assert first.wait(timeout=120) != 0  # `fl-offsite run` lost its SuperLink
         killed_at = len(metrics.read_text().splitlines()) - 1
+        assert stranger.wait(timeout=60) == 2  # it tried while the others trained
+        assert f"TLS check of {host}" in fed.log("stranger")
 
         fed.start_superlink("superlink-2")
+        mallory = fed.node("mallory", "--ca", str(tmp_path / "certs" / "ca.crt"), "--key", str(keys / "mallory"),
+                           "--data-path", str(tmp_path / "alice.jsonl"), owner="alice")
+        bob = fed.owner("bob", log="bob-2")
+        straight = _in_process(config, tmp_path)  # the same job uninterrupted, while bob waits
         # bob's killed session counts as online until it misses two heartbeats; the node retries until then
-        fed.wait_for("bob-2", "SuperNode ID:", fed.owner("bob", log="bob-2"))
+        fed.wait_for("bob-2", "SuperNode ID:", bob)
         assert fed.run("run-2", config).wait(timeout=900) == 0, fed.log("run-2")[-3000:]
+        assert mallory.wait(timeout=120) == 2  # refused for the whole of the node's retries (75 s)
+        unreachable = ns and _connects(ns["alice"], "127.0.0.1", fed.port)  # not on alice's loopback
     wall = time.perf_counter() - start
 
     rounds = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [0, 1, 2, 3] and metrics.read_text().splitlines()[1] == round_1
-    assert all(r["problems"] == [] and len(r["clients"]) == 2 for r in rounds[1:])
-    first_start, restart = json.loads((results / "delivery.json").read_text())["deliveries"]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and metrics.read_text().splitlines()[1] == round_1
+    for record in rounds[1:]:
+        assert record["problems"] == [] and record["missing"] == 0
+        assert sorted(c["partition-id"] for c in record["clients"]) == [0, 1]
+        assert all(c["num-examples"] == 5 for c in record["clients"])  # each node's own file
+    delivery = json.loads((results / "delivery.json").read_text())
+    first_start, restart = delivery["deliveries"]
+    assert sorted(first_start["bytes_per_node"].values()) == [delivery["package_bytes"]] * 2  # emulator sent once each
     assert set(restart["bytes_per_node"].values()) == {0}  # bob's restarted node still had the emulator
+    for name in ("alice", "bob"):
+        assert list((tmp_path / f"cache-{name}").glob("model-*/model.safetensors"))
     assert "Resuming" in fed.log("run-2") and f"after round {killed_at}" in fed.log("run-2")
-    straight = _in_process(config, tmp_path)
+    assert "refused this node: its public key" in fed.log("mallory") and "mallory.pub" in fed.log("mallory")
+    assert "REFUSED a SuperNode whose public key is not registered" in fed.log("superlink-2")
+    assert not unreachable
     resumed, _ = load_adapter(results / "adapter.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     with capsys.disabled():
-        print(f"\nSuperLink and SuperNode killed after round {killed_at} and restarted: {wall:.1f} s in all")
+        print(f"\ndeployment ({'separate network stacks' if ns else 'loopback'}, TLS + node auth, 2 SuperNodes), "
+              f"SuperLink and SuperNode killed after round {killed_at} and restarted: {wall:.1f} s in all, "
+              f"per round {[round(r['seconds'], 1) for r in rounds[1:]]} s")
+
+
+def _checkpointed_round(results: Path) -> int:
+    """The round of the run's checkpoint, -1 while there is none (or it is being replaced)."""
+    try:
+        return json.loads((results / "checkpoint" / "round.json").read_text())["round"]
+    except (OSError, ValueError):
+        return -1
 
 
 def _kill_tree(pid: int) -> None:
