@@ -1,7 +1,9 @@
 """Hostile or lost clients, differential privacy, and a server killed with SIGKILL then resumed."""
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,8 +160,9 @@ def wait_until(condition, process: subprocess.Popen, results: Path, what: str, t
 
 @pytest.mark.slow
 def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_path):
-    """`fl-offsite simulate` on Ray, SIGKILLed (launcher and its whole tree) after round 1, then run again: it
-    ends as the same job run uninterrupted (in process, as the simulation's 2 nodes: partitions 0 and 1 of 2)."""
+    """`fl-offsite simulate` on Ray, SIGKILLed (the launcher and its session) after round 1, then run again: the
+    new launch stops what the killed one left running, resumes after round 1, and ends as the same job run
+    uninterrupted (in process, as the simulation's 2 nodes: partitions 0 and 1 of 2)."""
     from fl_offsite.config import validate
 
     run(validate({**tiny_job(tiny_lm_dir, tmp_path / "straight"), "data.num-partitions": 2}), num_nodes=2)
@@ -170,10 +173,21 @@ def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_
                "round 1")
     os.killpg(victim.pid, signal.SIGKILL)  # the launcher and everything in its session, without warning
     victim.wait()
+    # What it started in sessions of its own (SuperLink, SuperExec, the simulation, Ray) lives on and would finish
+    # the run by itself: frozen here, so that the run can only end by resuming; the next launch must stop it.
+    killed_launch = lambda tag: tag.startswith(f"{victim.pid}:")
+    left = tagged_processes(killed_launch)
+    assert left
+    for process in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.suspend()
     assert [r["round"] for r in rounds_of(tmp_path / "killed")][-1] < 2  # killed before the last round
 
-    resumed = simulate(tiny_lm_dir, tmp_path / "killed")  # also cleans up what the killed launch left running
+    resumed = simulate(tiny_lm_dir, tmp_path / "killed")
     assert resumed.wait(timeout=600) == 0
+    log = Path(f"{tmp_path / 'killed'}.log").read_text(errors="replace")
+    assert "Stopping processes left over by a crashed Flower launch" in log and not tagged_processes(killed_launch)
+    assert re.search(r"Resuming \S+ after round 1\b", log), log[-3000:]
     a, _ = load_adapter(tmp_path / "straight" / "adapter.safetensors")
     b, _ = load_adapter(tmp_path / "killed" / "adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
