@@ -20,7 +20,7 @@ import pytest
 
 from fl_offsite.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=1)
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
 NO_HUB = {"HF_ENDPOINT": "http://127.0.0.1:{closed}"}
 NO_PYPI = {"PIP_CONFIG_FILE": "/dev/null", "PIP_INDEX_URL": "http://127.0.0.1:{closed}/simple", "PIP_RETRIES": "0",
@@ -67,9 +67,10 @@ PROCESS = ("eval-hub-task", "supernode-bad-rows")
 LOGGERS = ("", "fl_offsite", "strategies", "flwr", "transformers", "huggingface_hub", "datasets", "filelock")
 
 
-def _case(case_id: str) -> pytest.param:
+def _case(case_id: str, seconds: float) -> pytest.param:
+    """The case's parameters; ``seconds``: about how long it runs (see conftest.expected_seconds)."""
     (_, args, env, expected), = (c for c in CASES if c[0] == case_id)
-    return pytest.param(args, env, expected, id=case_id)
+    return pytest.param(args, env, expected, id=case_id, marks=pytest.mark.slow(seconds=seconds))
 
 
 @pytest.fixture
@@ -104,7 +105,7 @@ class _Warnings(logging.Handler):
         self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
 
 
-@pytest.mark.parametrize("args, env, expected", [_case(c[0]) for c in CASES if c[0] not in PROCESS])
+@pytest.mark.parametrize("args, env, expected", [_case(c[0], 1) for c in CASES if c[0] not in PROCESS])
 def test_a_bad_input_gives_one_line_and_exit_2(args, env, expected, user, tmp_path, monkeypatch, capsys):
     import datasets.config
     import huggingface_hub.constants
@@ -137,7 +138,7 @@ def test_a_bad_input_gives_one_line_and_exit_2(args, env, expected, user, tmp_pa
     _check_one_line(args, fill(expected), stderr, handler.lines)
 
 
-@pytest.mark.parametrize("args, env, expected", [_case(c) for c in PROCESS])
+@pytest.mark.parametrize("args, env, expected", [_case("eval-hub-task", 30), _case("supernode-bad-rows", 2)])
 def test_a_bad_input_gives_one_line_and_exit_2_from_a_fresh_process(args, env, expected, user, tmp_path):
     fill = user
     user_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PIP_"))}
@@ -152,3 +153,5 @@ def test_a_bad_input_gives_one_line_and_exit_2_from_a_fresh_process(args, env, e
 
 def test_every_case_runs_once() -> None:
     assert set(PROCESS) <= {c[0] for c in CASES} and len({c[0] for c in CASES}) == len(CASES)
+    processes = test_a_bad_input_gives_one_line_and_exit_2_from_a_fresh_process.pytestmark[0].args[1]
+    assert [case.id for case in processes] == list(PROCESS)

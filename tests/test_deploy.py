@@ -214,7 +214,7 @@ def tiny_run_config(model_dir: Path, results: Path) -> dict:
             "train.lr": 1e-3, "eval.limit": 6, "results.dir": str(results), "strategy.round-timeout": 300.0}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=220)
 @linux_only
 def test_two_data_owners_train_over_tls_refuse_strangers_and_resume_after_a_kill_to_the_same_adapter(
         tmp_path: Path, tiny_lm_dir, private_cache, capsys) -> None:

@@ -111,7 +111,7 @@ def test_evaluate_task_limits_a_split(tiny_llama: PreTrainedModel, tiny_tokenize
     assert {"acc_norm", "acc_stderr", "acc_norm_stderr", "examples_per_s"} <= set(result)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=12)
 @pytest.mark.skipif(importlib.util.find_spec("fl_offsite.models") is None, reason="fl_offsite.models not written yet")
 def test_real_model_beats_chance_on_bbc_news() -> None:
     from fl_offsite.models import load_model

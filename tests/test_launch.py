@@ -100,7 +100,7 @@ def processes_of(flwr_home: Path) -> list[str]:
     return found
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 @linux_only
 def test_runs_app_with_overrides_and_cleans_up(toy_app: Path, tmp_path: Path) -> None:
     out, home = tmp_path / "result.json", tmp_path / "flwr-home"
@@ -116,7 +116,7 @@ def test_runs_app_with_overrides_and_cleans_up(toy_app: Path, tmp_path: Path) ->
     assert processes_of(home) == []
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=25)
 @linux_only
 def test_failing_server_app_raises_and_cleans_up(toy_app: Path, tmp_path: Path) -> None:
     home = tmp_path / "flwr-home"

@@ -28,7 +28,7 @@ def test_export_writes_an_lm_eval_task_folder(tmp_path, capsys):
     assert main(["export-task", "bbc-news", "--limit", "0", "--out", str(tmp_path / "x")]) == 2
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_lm_eval_gives_our_numbers_on_a_tiny_model_and_a_plugged_in_folder(tiny_lm_dir, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[test]' installs it)")
     # Room for whole contexts (RoPE: the same weights): past the model's length, lm-eval cuts each
