@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -74,7 +75,7 @@ def test_report_compares_distilled_and_plain_emulators(tiny_lm_dir, tmp_path):
     assert f"accuracy on {plain['n']} of the 496 held-out test examples (the seeded test split's first" in report
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=100)
 def test_compare_command_through_flower_simulation(tiny_lm_dir, tmp_path, capsys):
     """`fl-offsite compare` on Ray: both methods run (offsite on a mixed fleet, its emulators re-aligned), the
     report is written; a rerun skips both."""
@@ -83,6 +84,7 @@ def test_compare_command_through_flower_simulation(tiny_lm_dir, tmp_path, capsys
         f'model = "{tiny_lm_dir}"\nnum-rounds = 1\n"split.adapter-layers" = "1,1"\n"split.emulator-layers" = 2\n'
         '"train.local-steps" = 2\n"train.batch-size" = 4\n"train.max-length" = 64\n"eval.limit" = 6\n'
         f'[compare]\nmethods = ["offsite", "fedavg-full"]\nnum-clients = 2\nout = "{tmp_path / "out"}"\n'
+        f'cpus-per-client = {os.cpu_count() or 1}\n'  # one Ray actor, all the CPUs: it imports the ClientApp once
         '[compare.runs.offsite]\nmethod = "offsite"\n"fleet.emulator-layers" = "1,2"\n'  # a mixed fleet
         '"realign.steps" = 1\n"realign.batch-size" = 2\n"distill.block-size" = 32\n'
         '"distill.corpus" = "model-samples"\n')

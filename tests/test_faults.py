@@ -138,9 +138,11 @@ def tiny_job(tiny_lm_dir, results) -> dict:
             "results.dir": str(results)}
 
 
-def simulate(tiny_lm_dir, results, *settings: str) -> subprocess.Popen:
-    """`fl-offsite simulate` of the tiny job with 2 clients, in a session of its own."""
-    args = [sys.executable, "-m", "fl_offsite.cli", "simulate", "--num-clients", "2"]
+def simulate(tiny_lm_dir, results, *settings: str, actors: int = 2) -> subprocess.Popen:
+    """`fl-offsite simulate` of the tiny job with 2 clients, in a session of its own, on ``actors`` Ray actors
+    (1: one actor with all the CPUs takes both nodes' messages in turn, and imports the ClientApp once)."""
+    cpus = (os.cpu_count() or 1) if actors == 1 else 1
+    args = [sys.executable, "-m", "fl_offsite.cli", "simulate", "--num-clients", "2", "--cpus-per-client", str(cpus)]
     for item in [*(f"{k}={v}" for k, v in tiny_job(tiny_lm_dir, results).items()), *settings]:
         args += ["--set", item]
     with Path(f"{results}.log").open("wb") as out:
@@ -158,7 +160,7 @@ def wait_until(condition, process: subprocess.Popen, results: Path, what: str, t
     return value
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=110)
 def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_path):
     """`fl-offsite simulate` on Ray, SIGKILLed (the launcher and its session) after round 1, then run again: the
     new launch stops what the killed one left running, resumes after round 1, and ends as the same job run
@@ -167,7 +169,7 @@ def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_
 
     run(validate({**tiny_job(tiny_lm_dir, tmp_path / "straight"), "data.num-partitions": 2}), num_nodes=2)
 
-    victim = simulate(tiny_lm_dir, tmp_path / "killed")
+    victim = simulate(tiny_lm_dir, tmp_path / "killed", actors=1)
     metrics = tmp_path / "killed" / "metrics.jsonl"  # rounds 0 and 1 on record
     wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, victim, tmp_path / "killed",
                "round 1")
@@ -183,7 +185,7 @@ def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_
             process.suspend()
     assert [r["round"] for r in rounds_of(tmp_path / "killed")][-1] < 2  # killed before the last round
 
-    resumed = simulate(tiny_lm_dir, tmp_path / "killed")
+    resumed = simulate(tiny_lm_dir, tmp_path / "killed", actors=1)
     assert resumed.wait(timeout=600) == 0
     log = Path(f"{tmp_path / 'killed'}.log").read_text(errors="replace")
     assert "Stopping processes left over by a crashed Flower launch" in log and not tagged_processes(killed_launch)
@@ -196,7 +198,7 @@ def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_
     assert rounds("killed") == rounds("straight")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=80)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray's actors by /proc/PID/environ")
 def test_a_straggler_is_cut_off_at_the_round_timeout_and_its_late_reply_is_never_aggregated(tiny_lm_dir, tmp_path,
                                                                                            capsys):
