@@ -122,9 +122,6 @@ def test_a_bad_input_gives_one_line_and_exit_2(args, env, expected, user, tmp_pa
     monkeypatch.chdir(tmp_path)
     handler = _Warnings()
     loggers = [logging.getLogger(name) for name in LOGGERS]
-    # main() sets up console logging as a user's process has it: undone after, or later tests in this worker
-    # would see the project's logs (warnings with tracebacks) on their stderr
-    saved = {logger: (list(logger.handlers), logger.level, logger.propagate) for logger in loggers}
     for logger in loggers:
         logger.addHandler(handler)
     try:
@@ -133,10 +130,8 @@ def test_a_bad_input_gives_one_line_and_exit_2(args, env, expected, user, tmp_pa
         except SystemExit as exit_:  # argparse's errors
             code = exit_.code
     finally:
-        for logger, (handlers, level, propagate) in saved.items():
-            logger.handlers[:] = handlers
-            logger.setLevel(level)
-            logger.propagate = propagate
+        for logger in loggers:
+            logger.removeHandler(handler)
 
     stderr = capsys.readouterr().err
     assert code == 2, stderr[-3000:]
