@@ -1,6 +1,7 @@
 """Shared offline fixtures: a tiny byte-level BPE tokenizer and tiny random causal LMs."""
 from __future__ import annotations
 
+import logging
 import os
 
 # `make test` runs 3 pytest workers on a 2-core machine, and each Flower process they start loads torch too: one
@@ -61,6 +62,23 @@ def _worksteal_order(items: list[pytest.Item], workers: int) -> list[pytest.Item
     for chunk, size in zip(chunks, sizes):
         chunk.extend(next(rest) for _ in range(size - len(chunk)))
     return [item for chunk in chunks for item in chunk]
+
+
+@pytest.fixture(autouse=True)
+def _project_loggers_restored():
+    """The project's loggers as they were before each test. The ClientApp and ServerApp call log_to_console(), as
+    Flower's processes need, which gives them a console handler on the sys.stderr of the moment: in a test, pytest's
+    capture, closed after a test that uses capsys. Left there, every later test in the worker would log to a
+    closed file ("Logging error" tracebacks on its stderr)."""
+    from fl_offsite.logs import PROJECT_LOGGERS
+
+    saved = [(logger, list(logger.handlers), logger.level, logger.propagate)
+             for logger in map(logging.getLogger, PROJECT_LOGGERS)]
+    yield
+    for logger, handlers, level, propagate in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 @pytest.fixture(scope="session")
