@@ -15,9 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
 	touch $@
 
-# Workers: the slow end-to-end tests (run first) mostly wait on processes and timeouts, so 3 workers
+# Workers: the slow end-to-end tests (run first) mostly wait on processes and timeouts, so 4 workers
 # keep 2 cores busy.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 test: setup
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 

@@ -1,10 +1,12 @@
 """Split a task's training examples among data owners with flwr-datasets partitioners."""
 from __future__ import annotations
 
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from typing import TYPE_CHECKING
 
 from fl_offsite.errors import UserError
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 
 def partition_indices(labels: list[int], num_partitions: int, partition_id: int, partitioner: str,
@@ -15,6 +17,9 @@ def partition_indices(labels: list[int], num_partitions: int, partition_id: int,
     if len(labels) < num_partitions:
         raise UserError(f"{len(labels)} training examples cannot fill {num_partitions} partitions: "
                         "use fewer clients or a larger task")
+    from datasets import Dataset  # imported here: with flwr-datasets (seaborn, pandas, scipy) 2 s of every
+                                  # process start that imports this module but never partitions
+
     dataset = Dataset.from_dict({"label": labels, "index": list(range(len(labels)))})
     part = _partitioner(partitioner, num_partitions, alpha, seed, len(labels))
     part.dataset = dataset
@@ -22,6 +27,8 @@ def partition_indices(labels: list[int], num_partitions: int, partition_id: int,
 
 
 def _partitioner(name: str, num_partitions: int, alpha: float, seed: int, size: int) -> Partitioner:
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     if name == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     if name == "dirichlet":
