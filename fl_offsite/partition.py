@@ -17,8 +17,9 @@ def partition_indices(labels: list[int], num_partitions: int, partition_id: int,
     if len(labels) < num_partitions:
         raise UserError(f"{len(labels)} training examples cannot fill {num_partitions} partitions: "
                         "use fewer clients or a larger task")
-    from datasets import Dataset  # imported here: with flwr-datasets (seaborn, pandas, scipy) 2 s of every
-                                  # process start that imports this module but never partitions
+    # Imported here, as flwr-datasets in _partitioner: together (seaborn, pandas, scipy) 1-2 s of CPU for every
+    # process that imports this module and never partitions (a ClientApp answering queries, the CLI).
+    from datasets import Dataset
 
     dataset = Dataset.from_dict({"label": labels, "index": list(range(len(labels)))})
     part = _partitioner(partitioner, num_partitions, alpha, seed, len(labels))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
-# `make test` runs 3 pytest workers on a 2-core machine, and each Flower process they start loads torch too: one
+# `make test` runs 4 pytest workers on a 2-core machine, and each Flower process they start loads torch too: one
 # intra-op thread per process (unless set), not one per core in each, so that they do not spin against each
 # other (measured alone: the same wall time and 14% less CPU for the in-process federated tests). Set before torch
 # is imported; the processes the tests start inherit it.

@@ -3,6 +3,8 @@ the tests of whole runs share (a tiny run config, a run, its messages and record
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from uuid import uuid4
@@ -100,6 +102,18 @@ def of_type(grid: InProcessGrid, kind: str) -> list[Message]:
 def rounds_of(run_dir) -> list[dict]:
     """The round records of a run folder (metrics.jsonl)."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_until(condition: Callable, process: subprocess.Popen, what: str, log: Callable[[], str],
+               timeout: float = 600):
+    """Poll ``condition`` until it returns something truthy, and return that; fail with the end of ``log()`` if
+    ``process`` ends or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the process ended or stalled before {what}; its log ends:\n{log()[-3000:]}")
+        time.sleep(0.2)
+    return value
 
 
 class Crash(Exception):

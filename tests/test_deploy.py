@@ -35,6 +35,7 @@ from fl_offsite.local_data import write_examples
 from fl_offsite.processes import TAG_VAR, app_dir, new_launch_tag, stop_processes, tagged_processes
 from fl_offsite.split import load_adapter
 from fl_offsite.tasks import BBC_TOPICS, ChoiceExample, load_task
+from flower_harness import InProcessGrid, wait_until
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/environ")
 TOPICS = [f" {t}" for t in BBC_TOPICS]
@@ -83,11 +84,8 @@ class Federation:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
     def wait_for(self, name: str, text: str, process: subprocess.Popen, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log(name):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{name} never logged {text!r}:\n{self.log(name)[-3000:]}")
-            time.sleep(0.3)
+        wait_until(lambda: text in self.log(name), process, f"{name} logged {text!r}", lambda: self.log(name),
+                   timeout)
 
     def node(self, name: str, *extra: str, cache: str | None = None, owner: str | None = None) -> subprocess.Popen:
         """A SuperNode NAME (on data owner OWNER's network, if it has one of its own)."""
@@ -240,10 +238,8 @@ def test_two_data_owners_train_over_tls_refuse_strangers_and_resume_after_a_kill
                             "--data-path", str(tmp_path / "bob.jsonl"), owner="bob")
         first = fed.run("run", config)
         metrics = results / "metrics.jsonl"
-        deadline = time.monotonic() + 600
-        while _checkpointed_round(results) < 1:  # round 1 on record and checkpointed (the record goes first)
-            assert first.poll() is None and time.monotonic() < deadline, fed.log("run")[-3000:]
-            time.sleep(0.3)
+        # round 1 on record and checkpointed (the record goes first)
+        wait_until(lambda: _checkpointed_round(results) >= 1, first, "round 1", lambda: fed.log("run"))
         round_1 = metrics.read_text().splitlines()[1]
         _kill_tree(fed.processes[0].pid)
         _kill_tree(nodes["bob"].pid)
@@ -309,7 +305,6 @@ def _in_process(config: dict, root: Path) -> dict[str, torch.Tensor]:
     from fl_offsite.client_app import app as client_app
     from fl_offsite.config import validate
     from fl_offsite.server_app import run_federated
-    from flower_harness import InProcessGrid
 
     config = validate({**config, "results.dir": str(root / "straight")})
     grid = InProcessGrid(client_app, 2, config)

@@ -20,7 +20,7 @@ from fl_offsite.client_app import app as client_app
 from fl_offsite.processes import tagged_processes
 from fl_offsite.server_app import run_federated
 from fl_offsite.split import load_adapter
-from flower_harness import Crash, InProcessGrid, crash_in_round, rounds_of, run, tiny_config
+from flower_harness import Crash, InProcessGrid, crash_in_round, rounds_of, run, tiny_config, wait_until
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -149,15 +149,9 @@ def simulate(tiny_lm_dir, results, *settings: str, actors: int = 2) -> subproces
         return subprocess.Popen(args, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_until(condition, process: subprocess.Popen, results: Path, what: str, timeout: float = 600):
-    """Poll ``condition`` until it holds; fail, with the run's log, if ``process`` ends or time runs out first."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            log = Path(f"{results}.log").read_text(errors="replace")[-3000:]
-            raise AssertionError(f"the run ended or stalled before {what}; its log ends:\n{log}")
-        time.sleep(0.2)
-    return value
+def launch_log(results: Path):
+    """What :func:`simulate` of ``results`` has written to its log so far."""
+    return lambda: Path(f"{results}.log").read_text(errors="replace")
 
 
 @pytest.mark.slow(seconds=110)
@@ -171,8 +165,8 @@ def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_
 
     victim = simulate(tiny_lm_dir, tmp_path / "killed", actors=1)
     metrics = tmp_path / "killed" / "metrics.jsonl"  # rounds 0 and 1 on record
-    wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, victim, tmp_path / "killed",
-               "round 1")
+    wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, victim, "round 1",
+               launch_log(tmp_path / "killed"))
     os.killpg(victim.pid, signal.SIGKILL)  # the launcher and everything in its session, without warning
     victim.wait()
     # What it started in sessions of its own (SuperLink, SuperExec, the simulation, Ray) lives on and would finish
@@ -187,7 +181,7 @@ def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_
 
     resumed = simulate(tiny_lm_dir, tmp_path / "killed", actors=1)
     assert resumed.wait(timeout=600) == 0
-    log = Path(f"{tmp_path / 'killed'}.log").read_text(errors="replace")
+    log = launch_log(tmp_path / "killed")()
     assert "Stopping processes left over by a crashed Flower launch" in log and not tagged_processes(killed_launch)
     assert re.search(r"Resuming \S+ after round 1\b", log), log[-3000:]
     a, _ = load_adapter(tmp_path / "straight" / "adapter.safetensors")
@@ -209,16 +203,17 @@ def test_a_straggler_is_cut_off_at_the_round_timeout_and_its_late_reply_is_never
     launcher = simulate(tiny_lm_dir, tmp_path / "run", "num-rounds=2", "strategy.min-train-nodes=1",
                         f"strategy.round-timeout={timeout}")
     ours = lambda tag: tag.startswith(f"{launcher.pid}:")
-    wait_until(lambda: (tmp_path / "run" / "delivery.json").is_file(), launcher, tmp_path / "run", "the delivery")
+    wait_until(lambda: (tmp_path / "run" / "delivery.json").is_file(), launcher, "the delivery",
+               launch_log(tmp_path / "run"))
     actors = wait_until(lambda: sorted(p.pid for p in tagged_processes(ours) if "ClientAppActor" in _cmdline(p)),
-                        launcher, tmp_path / "run", "the actors started")
+                        launcher, "the actors started", launch_log(tmp_path / "run"))
     assert len(actors) == 2
     assert {psutil.Process(pid).nice() for pid in actors} == {0}  # not Ray's default 15: RAY_worker_niceness
     os.kill(actors[0], signal.SIGSTOP)
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"  # rounds 0 and 1 on record
-        wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, launcher,
-                   tmp_path / "run", "round 1")
+        wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, launcher, "round 1",
+                   launch_log(tmp_path / "run"))
     finally:
         os.kill(actors[0], signal.SIGCONT)
     assert launcher.wait(timeout=600) == 0
