@@ -133,7 +133,7 @@ def test_privacy_budget_stops_the_run_before_it_is_exceeded(tiny_lm_dir, tmp_pat
 
 def tiny_job(tiny_lm_dir, results) -> dict:
     """The tiny job of :func:`simulate`, as run-config keys."""
-    return {"model": str(tiny_lm_dir), "num-rounds": 2, "split.adapter-layers": "1,1", "split.emulator-layers": 2,
+    return {"model": str(tiny_lm_dir), "num-rounds": 3, "split.adapter-layers": "1,1", "split.emulator-layers": 2,
             "train.local-steps": 2, "train.batch-size": 4, "train.max-length": 64, "eval.limit": 6,
             "results.dir": str(results)}
 
@@ -177,13 +177,16 @@ def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_
     for process in left:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.suspend()
-    assert [r["round"] for r in rounds_of(tmp_path / "killed")][-1] < 2  # killed before the last round
+    # killed before the last round (of 3: room for one more between the kill and the freeze on a quiet machine)
+    killed_at = rounds_of(tmp_path / "killed")[-1]["round"]
+    assert killed_at < 3
 
     resumed = simulate(tiny_lm_dir, tmp_path / "killed", actors=1)
     assert resumed.wait(timeout=600) == 0
     log = launch_log(tmp_path / "killed")()
-    assert "Stopping processes left over by a crashed Flower launch" in log and not tagged_processes(killed_launch)
-    assert re.search(r"Resuming \S+ after round 1\b", log), log[-3000:]
+    # stopped by a new launch: this one, or that of a test running beside it (any launch stops every stale one)
+    assert not tagged_processes(killed_launch)
+    assert re.search(rf"Resuming \S+ after round {killed_at}\b", log), log[-3000:]
     a, _ = load_adapter(tmp_path / "straight" / "adapter.safetensors")
     b, _ = load_adapter(tmp_path / "killed" / "adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
