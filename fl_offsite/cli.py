@@ -13,6 +13,7 @@ from fl_offsite.errors import UserError
 from fl_offsite.processes import app_dir
 
 log = logging.getLogger("fl_offsite")
+TASK_HELP = "bbc-news, a suite task (piqa, siqa, boolq, ...), jsonl:<folder>, bigbench:<task>, hf:<name>"
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -277,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="score a model (optionally with an adapter) on a task")
     evaluate.add_argument("model", help="folder (also an emulator folder), hub id, or offline alias")
-    evaluate.add_argument("--task", required=True, help="bbc-news, bigbench:<task>, hf:<name>")
+    evaluate.add_argument("--task", required=True, help=TASK_HELP)
     evaluate.add_argument("--adapter", help="adapter.safetensors to plug in first (keyed by full-model names)")
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
     evaluate.add_argument("--limit", type=int, help="evaluate the first N examples")
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     export = sub.add_parser("export-task", help="write a task as an lm-evaluation-harness task folder")
-    export.add_argument("task", help="bbc-news, bigbench:<task>, hf:<name>")
+    export.add_argument("task", help=TASK_HELP)
     export.add_argument("--out", required=True, help="output folder (for lm_eval --include_path)")
     export.add_argument("--split", default="test", choices=["train", "validation", "test"])
     export.add_argument("--limit", type=int, help="the first N examples")
@@ -378,7 +379,7 @@ def _split_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     parser.add_argument("--layers", choices=CHOICES["emulator.layers"], default=DEFAULTS["emulator.layers"],
                         help="which middle blocks the emulator keeps (fl_offsite.layer_choice)")
     parser.add_argument("--corpus", default=DEFAULTS["distill.corpus"],
-                        help="the owner's public text: bigbench | model-samples | hf:<datasets path>[:<config>]")
+                        help="the owner's public text: public | public:<source>,... | model-samples | hf:<datasets path>[:<config>]")
     parser.add_argument("--task", default=DEFAULTS["task"],
                         help="the task the data owners tune on: its text is refused as the corpus")
     parser.add_argument("--public-in-domain", action="store_true",

@@ -12,7 +12,7 @@ from fl_offsite.errors import UserError
 from fl_offsite.fleet import SMALLER_EVAL
 from fl_offsite.io import write_atomic, write_json
 from fl_offsite.logs import clock_time
-from fl_offsite.report import bytes_so_far, markdown_table
+from fl_offsite.report import bytes_so_far, describe_composition, markdown_table
 from fl_offsite.results import RunFolder
 from fl_offsite.settings import Settings
 
@@ -231,10 +231,12 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
                  for name, m in accuracy_rows(runs)]), ""]
     fidelity = fidelity_rows(runs)
     if fidelity:
+        distilled = next(r["distillation"] for r in runs.values() if r.get("distillation"))
         lines += ["## Emulator fidelity", "", markdown_table(
             ["run", "distillation steps", "full model ppl", "emulator ppl before", "emulator ppl after"], fidelity),
-            "", f"Perplexity on held-out {next(r['distillation']['corpus'] for r in runs.values() if r.get('distillation'))}"
-            " text (the corpus' validation split).", ""]
+            "", f"Perplexity on held-out {distilled['corpus']} text (the corpus' validation split).", ""]
+        if distilled.get("corpus_composition", {}).get("sources"):
+            lines += [f"The model owner's public corpus: {describe_composition(distilled['corpus_composition'])}.", ""]
     trained = {m: r for m, r in runs.items() if "client_peak_memory_mb" in r}
     base = trained.get(BASELINE)
     ratio = lambda run, key: f"{run[key] / base[key]:.3f}" if base else "-"

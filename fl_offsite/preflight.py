@@ -9,11 +9,12 @@ from fl_offsite.settings import Settings
 
 
 def check_runnable(settings: Settings, num_clients: int) -> None:
-    """The model resolves, the split fits it, the owner's corpus is not the task's own text, the task loads,
-    every client's partition is non-empty and the ``fleet.*`` lists name one value per client."""
+    """The model resolves, the split fits it, the owner's corpus is not the task's own text and its files are
+    served, the task loads, every client's partition is non-empty and the ``fleet.*`` lists name one value per
+    client."""
     from transformers import AutoConfig
 
-    from fl_offsite.corpora import check_public
+    from fl_offsite.corpora import check_public, corpus_composition
     from fl_offsite.fleet import check_fleet
     from fl_offsite.models import resolve_model_path
     from fl_offsite.partition import partition_indices
@@ -38,6 +39,7 @@ def check_runnable(settings: Settings, num_clients: int) -> None:
                             f"{layers}: lower split.adapter-layers or split.emulator-layers")
     if offsite and recipe.uses_corpus:
         check_public(recipe.corpus, settings.task, recipe.public_in_domain)
+        corpus_composition(recipe.corpus, settings.task)  # downloads its files here: a missing one fails in one line
     labels = load_task(settings.task, seed=settings.seed).labels("train")
     for partition in range(num_clients):
         if not partition_indices(labels, num_clients, partition, settings.data.partitioner, settings.data.alpha,

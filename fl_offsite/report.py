@@ -35,3 +35,14 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def describe_composition(composition: dict) -> str:
+    """One line: each source's documents and megabytes, what was left out and why."""
+    parts = [f"{n} {s['documents']} docs / {s['characters'] / 1e6:.1f} MB" for n, s in composition["sources"].items()]
+    text = ", ".join(parts)
+    if composition["left_out"]:
+        text += "; left out: " + ", ".join(f"{n} ({why})" for n, why in composition["left_out"].items())
+    if composition["dropped_as_task_text"]:
+        text += f"; {composition['dropped_as_task_text']} documents dropped for sharing 13 words with the task"
+    return text

