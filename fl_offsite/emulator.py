@@ -105,7 +105,7 @@ def public_texts(corpus: str, split: str, model: PreTrainedModel, tokenizer: Pre
         return load_text_corpus(corpus, split, seed, exclude_task=task)
     sample_seed = seed if split == "train" else seed + 1_000_003
     identity = {"model": model.config.to_json_string(use_diff=False), "weights": _weights_digest(model),
-                "count": count, "length": length, "seed": sample_seed}
+                "count": count, "length": length, "seed": sample_seed, "precision": "bf16"}
     path = cache_dir("corpora") / f"model-samples-{json_digest(identity)}.json"
     if path.exists():
         return json.loads(path.read_text())
