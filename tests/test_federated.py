@@ -391,3 +391,23 @@ def test_eval_limit_zero_scores_the_whole_test_split(tiny_lm_dir, tmp_path):
         num_nodes=2)
     (record,) = rounds_of(tmp_path / "zs")
     assert {m["n"] for m in record["eval"].values()} == {test_split}
+
+
+def test_a_users_jsonl_task_trains_scores_and_evaluates(tiny_lm_dir, tmp_path, private_cache):
+    """``jsonl:<folder>``: a federated offsite run on the user's own files, scored on the whole test file, then
+    ``fl-offsite eval`` of the adapter it wrote."""
+    from fl_offsite.cli import main
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for split, first, count in (("train", 0, 40), ("validation", 40, 4), ("test", 44, 10)):
+        (folder / f"{split}.jsonl").write_text("".join(
+            json.dumps({"context": f"Is {i} odd?", "choices": [" no", " yes"], "label": i % 2}) + "\n"
+            for i in range(first, first + count)))
+    run(tiny_config(tiny_lm_dir, tmp_path / "run", task=f"jsonl:{folder}", **{"eval.limit": 0}), num_nodes=2)
+    records = rounds_of(tmp_path / "run")
+    assert len(records) == 3 and {m["n"] for m in records[-1]["eval"].values()} == {10}
+    assert main(["eval", str(tiny_lm_dir), "--task", f"jsonl:{folder}", "--adapter",
+                 str(tmp_path / "run" / "adapter.safetensors"), "--json", str(tmp_path / "eval.json")]) == 0
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    assert scored["n"] == 10 and scored["acc"] == records[-1]["eval"]["plugin"]["acc"]
