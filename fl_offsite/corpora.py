@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -124,7 +124,7 @@ def _public_corpus(name: str, exclude_task: str | None, cache_root: Path) -> tup
             composition["left_out"][source_name] = f"the task {exclude_task} comes from {origin}"
             continue
         every = source.documents()
-        kept = [d for d in every if not (task_ngrams and _shares_ngram(d, task_ngrams))]
+        kept = [d for d in every if not (task_ngrams and any(h in task_ngrams for h in _ngram_hashes(d)))]
         dropped = len(every) - len(kept)
         composition["dropped_as_task_text"] += dropped
         pin = PINNED[source.package]
@@ -168,15 +168,10 @@ def _held_out_split(texts: list[str], split: str, seed: int) -> list[str]:
     return dict(zip(SPLITS, seeded_split(texts, seed, len(texts) - 2 * held_out, held_out)))[split]
 
 
-def _ngram_hashes(text: str) -> set[int]:
+def _ngram_hashes(text: str) -> Iterator[int]:
     """Hashes of every run of 13 consecutive words of ``text`` (lower-cased, punctuation ignored)."""
     words = re.findall(r"\w+", text.lower())
-    return {hash(" ".join(words[i:i + _NGRAM])) for i in range(len(words) - _NGRAM + 1)}
-
-
-def _shares_ngram(text: str, hashes: set[int]) -> bool:
-    words = re.findall(r"\w+", text.lower())
-    return any(hash(" ".join(words[i:i + _NGRAM])) in hashes for i in range(len(words) - _NGRAM + 1))
+    return (hash(" ".join(words[i:i + _NGRAM])) for i in range(len(words) - _NGRAM + 1))
 
 
 def _task_ngram_hashes(task: str) -> set[int]:
@@ -185,7 +180,7 @@ def _task_ngram_hashes(task: str) -> set[int]:
     hashes: set[int] = set()
     for example in data.train + data.validation + data.test:
         for text in (example.context, *example.choices):
-            hashes |= _ngram_hashes(text)
+            hashes.update(_ngram_hashes(text))
     return hashes
 
 
