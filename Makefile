@@ -5,23 +5,31 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast demo
+.PHONY: setup setup-test test test-fast demo
+# --no-compile: byte-compiling every installed module (torch, transformers, ray, ...) took half the install; what
+# is imported gets compiled on first use.
+PIP := $(BIN)/pip install -q --disable-pip-version-check --no-compile
 setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
+	$(PIP) "$(TORCH_SPEC)" -e .
+	touch $@
+
+# The tests' extras (pytest, lm-eval's reference harness) only where the tests run, not for the main job.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e ".[test]"
 	touch $@
 
 # Workers: the slow end-to-end tests (run first) mostly wait on processes and timeouts, so 4 workers
 # keep 2 cores busy.
 TEST_WORKERS ?= 4
-test: setup
+test: setup-test
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
-test-fast: setup
+test-fast: setup-test
 	$(BIN)/python -m pytest -m "not slow"
 
 demo: setup

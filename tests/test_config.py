@@ -89,7 +89,7 @@ def test_shipped_configs_are_valid():
     assert distilled["distill.steps"] > 0
     check_public(distilled["distill.corpus"], config["task"])  # the demo never distils on the data owners' text
     assert clients == 4 and config["model"] == "smollm2-135m"
-    assert 0.5 / config["eval.limit"] ** 0.5 <= 0.03  # 300 test articles: one standard error at most 2.9 points
+    assert 0.5 / config["eval.limit"] ** 0.5 <= 0.036  # 200 test articles: one standard error at most 3.5 points
     validate(load_file(ROOT / "simulations" / "smoke.toml"))
 
 
