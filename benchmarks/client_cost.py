@@ -1,7 +1,7 @@
 """Client cost of offsite-tuning vs full fine-tuning: training throughput, memory, FLOPs.
 
 The paper's efficiency comparison, measured the way this project's clients train: every
-method runs ``fl_offsite.train.train_local`` (AdamW, answer-only loss with the LM head applied
+method runs ``fl_offsite.learn.train.train_local`` (AdamW, answer-only loss with the LM head applied
 only where a label is) on a model built with the project's own split / LoRA code:
 
   full          the full model, every parameter trains (FedAvg full fine-tuning)
@@ -48,11 +48,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fl_offsite.blocks import find_blocks
-from fl_offsite.lora import LoraSpec, add_lora, lora_blocks, lora_names
-from fl_offsite.split import adapter_names, build_emulator, plan_split
-import fl_offsite.train as train_mod
-from fl_offsite.train import TrainSettings, freeze_except, half_frozen, train_local
+from fl_offsite.surgery.blocks import find_blocks
+from fl_offsite.surgery.lora import LoraSpec, add_lora, lora_blocks, lora_names
+from fl_offsite.surgery.split import adapter_names, build_emulator, plan_split
+import fl_offsite.learn.train as train_mod
+from fl_offsite.learn.train import TrainSettings, freeze_except, half_frozen, train_local
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import features, status_kb  # noqa: E402
@@ -89,7 +89,7 @@ def model_config(name: str):
     if name in CONFIGS:
         spec = dict(CONFIGS[name])
         return AutoConfig.for_model(spec.pop("model_type"), **spec)
-    from fl_offsite.models import resolve_model_path
+    from fl_offsite.data.models import resolve_model_path
 
     return AutoConfig.from_pretrained(resolve_model_path(name))  # a local folder or offline alias
 
@@ -280,7 +280,7 @@ def tensor_memory(model, trainable, rows, args, method) -> dict[str, float]:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    from fl_offsite.data import collate
+    from fl_offsite.data.encode import collate
 
     batch = collate(rows[:args.batch], 0)
     batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from fl_offsite.assets import cache_dir
-from fl_offsite.data import IGNORE_INDEX
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny_models import byte_bpe_tokenizer  # noqa: E402  (the tests' tiny tokenizer)
+from fl_offsite.data.downloads import cache_dir
+from fl_offsite.data.encode import IGNORE_INDEX
+from fl_offsite.testing.models import byte_bpe_tokenizer
 
 
 class Stamped(io.TextIOBase):
@@ -42,7 +39,7 @@ def tiny_model_folder(folder: Path, layers: int = 6, hidden: int = 64, tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if tokenizer == "smollm2":
-        from fl_offsite.models import load_tokenizer, resolve_model_path
+        from fl_offsite.data.models import load_tokenizer, resolve_model_path
 
         tok = load_tokenizer(resolve_model_path("smollm2-135m"))
     else:

@@ -1,4 +1,4 @@
-"""What emulator distillation costs the model owner: fl_offsite.distill.distill at its default settings.
+"""What emulator distillation costs the model owner: fl_offsite.emulator.distill.distill at its default settings.
 
 The model is built from a config with random weights (speed does not depend on the values):
 a folder holding config.json and the tokenizer files is enough (no weights needed), e.g. the
@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from fl_offsite.config import DistillSettings
-from fl_offsite.distill import distill, held_out_texts
-from fl_offsite.evaluate import perplexity
-from fl_offsite.split import build_emulator, plan_split
+from fl_offsite.config.keys import DistillSettings
+from fl_offsite.emulator.distill import distill, held_out_texts
+from fl_offsite.learn.evaluate import perplexity
+from fl_offsite.surgery.split import build_emulator, plan_split
 
-from fl_offsite.corpora import load_text_corpus
+from fl_offsite.data.corpora import load_text_corpus
 
 
 def run(model, tokenizer, plan, settings, device) -> dict:

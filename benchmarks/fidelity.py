@@ -40,19 +40,19 @@ from pathlib import Path
 
 import torch
 
-from fl_offsite.data import encode_choice_example, pad_id
-from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
-from fl_offsite.evaluate import evaluate_task
-from fl_offsite.io import write_json
-from fl_offsite.models import load_model
-from fl_offsite.owner import lr_schedule
-from fl_offsite.partition import partition_indices
-from fl_offsite.payload import plug_in
-from fl_offsite.realign import RealignSettings, Realignment, add_realign_lora, public_blocks, set_factors
-from fl_offsite.settings import Settings
-from fl_offsite.split import adapter_names
-from fl_offsite.tasks import load_task
-from fl_offsite.train import HALF, TrainSettings, half_frozen, train_local
+from fl_offsite.data.encode import encode_choice_example, pad_id
+from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
+from fl_offsite.learn.evaluate import evaluate_task
+from fl_offsite.files import write_json
+from fl_offsite.data.models import load_model
+from fl_offsite.app.owner import lr_schedule
+from fl_offsite.data.partition import partition_indices
+from fl_offsite.surgery.payload import plug_in
+from fl_offsite.emulator.realign import RealignSettings, Realignment, add_realign_lora, public_blocks, set_factors
+from fl_offsite.config.settings import Settings
+from fl_offsite.surgery.split import adapter_names
+from fl_offsite.data.tasks import load_task
+from fl_offsite.learn.train import HALF, TrainSettings, half_frozen, train_local
 
 log = logging.getLogger("fidelity")
 TASK_SEED = 1234  # the test split is the same for every federated seed
@@ -126,7 +126,7 @@ def fleets_of(specs: list[str], recipes: dict, clients: int) -> dict[str, list[s
 
 class OwnerRealignment:
     """The model owner's per-round re-alignment (``realign.*`` in a recipe) of each such emulator of a run, as
-    ``fl_offsite.realign`` does in a federated run: the owner's copies of the full model and the emulator get the
+    ``fl_offsite.emulator.realign`` does in a federated run: the owner's copies of the full model and the emulator get the
     global adapter, the emulator's LoRA factors train, and its clients' copies get the factors.
 
     ``members``: recipe name -> (recipe, re-alignment, plan, emulator, the clients' copy, how many clients)."""

@@ -1,6 +1,6 @@
 """A fleet's footprint model against measured client peaks, side by side in one run.
 
-For each emulator size k: the model owner's estimate (``fl_offsite.fleet``: measured once, on the largest
+For each emulator size k: the model owner's estimate (``fl_offsite.app.fleet``: measured once, on the largest
 emulator, then ``fixed + k * per_block``) beside the peak resident memory of a fresh process that does what
 a node does: load the delivered emulator folder, store frozen weights at the client's precision, train
 the adapter for a few steps at the run's batch and length. The child's resident memory before it loads
@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 
 from common import features, status_kb
-from fl_offsite.config import DEFAULTS
-from fl_offsite.delivery import load_delivered
-from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
-from fl_offsite.fleet import measure_footprint
-from fl_offsite.io import write_json
-from fl_offsite.models import load_model
-from fl_offsite.payload import extract_adapter
-from fl_offsite.split import EMULATOR_DIR, adapter_names, read_plan, write_split
-from fl_offsite.train import HALF, TrainSettings, half_frozen, train_local
+from fl_offsite.config.keys import DEFAULTS
+from fl_offsite.app.delivery import load_delivered
+from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
+from fl_offsite.app.fleet import measure_footprint
+from fl_offsite.files import write_json
+from fl_offsite.data.models import load_model
+from fl_offsite.surgery.payload import extract_adapter
+from fl_offsite.surgery.split import EMULATOR_DIR, adapter_names, read_plan, write_split
+from fl_offsite.learn.train import HALF, TrainSettings, half_frozen, train_local
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

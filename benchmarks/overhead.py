@@ -1,6 +1,6 @@
 """Orchestration overhead: the same client training through Flower's simulation vs a plain loop.
 
-1. ``fl_offsite.launch.run_simulation_app`` (what ``fl-offsite simulate`` runs): SuperLink,
+1. ``fl_offsite.ops.simulation.run_simulation_app`` (what ``fl-offsite simulate`` runs): SuperLink,
    ``flwr run``, Ray, the ServerApp (split, one-time emulator delivery, rounds, server-side
    evaluation) and the ClientApps. Every log line is time-stamped as it arrives, so the wall
    time splits into phases; ``metrics.jsonl`` gives each round's time and each client's own
@@ -32,12 +32,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch
 from transformers.utils import logging as hf_logging
 
-from fl_offsite.models import resolve_model_path
-from fl_offsite.config import validate
-from fl_offsite.launch import run_simulation_app
-from fl_offsite.processes import app_dir
-from fl_offsite.results import RunFolder
-from fl_offsite.settings import Settings
+from fl_offsite.data.models import resolve_model_path
+from fl_offsite.config.keys import validate
+from fl_offsite.ops.simulation import run_simulation_app
+from fl_offsite.ops.flower_cli import app_dir
+from fl_offsite.run.folder import RunFolder
+from fl_offsite.config.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Stamped, fresh_node_cache, tiny_model_folder  # noqa: E402
@@ -53,13 +53,13 @@ def simulate(config: dict, clients: int, echo: bool) -> tuple[float, list[tuple[
 
 def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
     """The clients' work in one process, one after the other (what the simulation distributes)."""
-    from fl_offsite.node_cache import ExampleSource, NodeCache
-    from fl_offsite.data import pad_id
-    from fl_offsite.models import load_model
-    from fl_offsite.payload import get_payload, set_payload
-    from fl_offsite.split import load_adapter, read_plan
-    from fl_offsite.owner import lr_schedule
-    from fl_offsite.train import train_local
+    from fl_offsite.app.node_cache import ExampleSource, NodeCache
+    from fl_offsite.data.encode import pad_id
+    from fl_offsite.data.models import load_model
+    from fl_offsite.surgery.payload import get_payload, set_payload
+    from fl_offsite.surgery.split import load_adapter, read_plan
+    from fl_offsite.app.owner import lr_schedule
+    from fl_offsite.learn.train import train_local
 
     t0 = time.perf_counter()
     emulator_dir = str(split_dir / "emulator")

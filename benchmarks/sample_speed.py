@@ -1,5 +1,5 @@
 """What the data-free ``model-samples`` corpus costs the model owner: texts per second of
-``fl_offsite.corpora.sample_texts`` on the real model, the earlier settings (fp32, batches of 32)
+``fl_offsite.data.corpora.sample_texts`` on the real model, the earlier settings (fp32, batches of 32)
 and the current ones (bf16 weights and autocast, batches of 64) side by side in one run.
 
   .venv/bin/python benchmarks/sample_speed.py --texts 64 --length 160 --out benchmarks/measurements/sample_speed.json
@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from fl_offsite.corpora import sample_texts
-from fl_offsite.io import write_json
-from fl_offsite.models import best_device, load_model
+from fl_offsite.data.corpora import sample_texts
+from fl_offsite.files import write_json
+from fl_offsite.data.models import best_device, load_model
 
 SETTINGS = {"before: fp32, batch 32": ("fp32", 32), "bf16, batch 32": ("bf16", 32), "after: bf16, batch 64": ("bf16", 64)}
 

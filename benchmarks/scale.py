@@ -1,6 +1,6 @@
 """Scale: many data owners on one machine; memory must stay flat round after round.
 
-1. A Flower simulation (``fl_offsite.launch``) with ``--clients`` simulated nodes (one data
+1. A Flower simulation (``fl_offsite.ops.simulation``) with ``--clients`` simulated nodes (one data
    partition each, IID), ``--sampled`` of them trained per round (``strategy.fraction-train``),
    on a tiny random model. A sampler thread reads, every ``--interval`` seconds, the memory
    of every process of the launch (found by the launch's ``FL_OFFSITE_LAUNCH`` environment tag,
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import psutil
 
-from fl_offsite.config import validate
-from fl_offsite.launch import run_simulation_app
-from fl_offsite.processes import app_dir, tagged_processes
-from fl_offsite.results import RunFolder
+from fl_offsite.config.keys import validate
+from fl_offsite.ops.simulation import run_simulation_app
+from fl_offsite.ops.flower_cli import app_dir, tagged_processes
+from fl_offsite.run.folder import RunFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Stamped, fresh_node_cache, status_kb, tiny_model_folder  # noqa: E402
@@ -160,7 +160,7 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
     from flwr.serverapp.strategy import FedAvg
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fl_offsite.results import RunFolder as Folder
+    from fl_offsite.run.folder import RunFolder as Folder
     from strategies.offsite import OffsiteStrategy, RoundInProgress
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # as the ServerApp process has

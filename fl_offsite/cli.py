@@ -8,9 +8,9 @@ import sys
 import time
 from collections.abc import Callable
 
-from fl_offsite.config import CHOICES, DEFAULTS, DISTILL_COMMAND_STEPS, DistillSettings, adapter_layers
+from fl_offsite.config.keys import CHOICES, DEFAULTS, DISTILL_COMMAND_STEPS, DistillSettings, adapter_layers
 from fl_offsite.errors import UserError
-from fl_offsite.processes import app_dir
+from fl_offsite.ops.flower_cli import app_dir
 
 log = logging.getLogger("fl_offsite")
 TASK_HELP = "bbc-news, a suite task (piqa, siqa, boolq, ...), jsonl:<folder>, bigbench:<task>, hf:<name>"
@@ -32,12 +32,12 @@ def _megabytes(tensors) -> float:
 
 def cmd_split(args: argparse.Namespace) -> None:
     """``split`` and ``distill``: the model owner's emulator recipe, written as a split folder."""
-    from fl_offsite.distill import ppl_summary
-    from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
-    from fl_offsite.models import load_model
-    from fl_offsite.payload import extract_adapter
-    from fl_offsite.report import describe_composition
-    from fl_offsite.split import write_split
+    from fl_offsite.emulator.distill import ppl_summary
+    from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
+    from fl_offsite.data.models import load_model
+    from fl_offsite.surgery.payload import extract_adapter
+    from fl_offsite.run.tables import describe_composition
+    from fl_offsite.surgery.split import write_split
 
     start = time.perf_counter()
     distill = None
@@ -67,12 +67,12 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 def cmd_plug_in(args: argparse.Namespace) -> None:
     """Plug an adapter file (fl-offsite's, or any file keyed by full-model names) into the full model."""
-    from fl_offsite.card import model_card, usage
-    from fl_offsite.io import atomic_dir, write_atomic
-    from fl_offsite.models import load_model
-    from fl_offsite.payload import plug_in
-    from fl_offsite.split import adapter_run, load_adapter, plan_from_names
-    from fl_offsite.tuning import BOTTLENECK
+    from fl_offsite.run.card import model_card, usage
+    from fl_offsite.files import atomic_dir, write_atomic
+    from fl_offsite.data.models import load_model
+    from fl_offsite.surgery.payload import plug_in
+    from fl_offsite.surgery.split import adapter_run, load_adapter, plan_from_names
+    from fl_offsite.surgery.tuning import BOTTLENECK
 
     adapter, plan = load_adapter(args.adapter)
     if any(f".{BOTTLENECK}." in name for name in adapter):
@@ -91,14 +91,14 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from fl_offsite.evaluate import evaluate_task
-    from fl_offsite.io import write_json
-    from fl_offsite.models import load_model
-    from fl_offsite.report import markdown_table
-    from fl_offsite.payload import plug_in
-    from fl_offsite.split import emulator_plan, load_adapter, plan_from_names
-    from fl_offsite.tasks import load_task
-    from fl_offsite.tuning import prepare_for_adapter
+    from fl_offsite.learn.evaluate import evaluate_task
+    from fl_offsite.files import write_json
+    from fl_offsite.data.models import load_model
+    from fl_offsite.run.tables import markdown_table
+    from fl_offsite.surgery.payload import plug_in
+    from fl_offsite.surgery.split import emulator_plan, load_adapter, plan_from_names
+    from fl_offsite.data.tasks import load_task
+    from fl_offsite.surgery.tuning import prepare_for_adapter
 
     for name in ("limit", "batch_size"):
         if (value := getattr(args, name)) is not None and value < 1:
@@ -122,8 +122,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_export_task(args: argparse.Namespace) -> None:
     """A task as an lm-evaluation-harness task folder (scored offline with ``lm_eval --include_path``)."""
-    from fl_offsite.lm_eval_task import export_lm_eval_task
-    from fl_offsite.tasks import load_task
+    from fl_offsite.run.lm_eval_export import export_lm_eval_task
+    from fl_offsite.data.tasks import load_task
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: give a positive number")
@@ -136,12 +136,12 @@ def cmd_export_task(args: argparse.Namespace) -> None:
 def cmd_simulate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from fl_offsite.config import load_file, parse_sets, validate
-    from fl_offsite.launch import run_simulation_app
-    from fl_offsite.preflight import check_runnable
-    from fl_offsite.report import round_table
-    from fl_offsite.results import RunFolder
-    from fl_offsite.settings import Settings
+    from fl_offsite.config.keys import load_file, parse_sets, validate
+    from fl_offsite.ops.simulation import run_simulation_app
+    from fl_offsite.ops.preflight import check_runnable
+    from fl_offsite.run.tables import round_table
+    from fl_offsite.run.folder import RunFolder
+    from fl_offsite.config.settings import Settings
 
     config = validate({**(load_file(args.config) if args.config else {}), **parse_sets(args.set)})
     results = str(Path(Settings.from_config(config).results.dir).expanduser().resolve())
@@ -152,7 +152,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     run = RunFolder(results)
     print(round_table(run.rounds()))
     if distillation := run.distillation():
-        from fl_offsite.distill import ppl_summary
+        from fl_offsite.emulator.distill import ppl_summary
 
         print(f"distilled emulator, {ppl_summary(distillation)}")
     print(f"results: {results}")
@@ -163,8 +163,8 @@ CPUS_HELP = ("CPUs of each simulated client (default: the file's compare.cpus-pe
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from fl_offsite.compare import load_compare_config, run_compare
-    from fl_offsite.config import parse_sets
+    from fl_offsite.run.compare import load_compare_config, run_compare
+    from fl_offsite.config.keys import parse_sets
 
     plan = load_compare_config(args.config, parse_sets(args.set), cpus_per_client=args.cpus_per_client)
     report = run_compare(plan)
@@ -179,7 +179,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_certs(args: argparse.Namespace) -> None:
-    from fl_offsite.certs import make_certs
+    from fl_offsite.ops.certs import make_certs
 
     out = make_certs(args.out, args.host, days=args.days, overwrite=args.overwrite)
     print(f"CA and server certificate for {', '.join(args.host)} in {out}:\n"
@@ -189,7 +189,7 @@ def cmd_certs(args: argparse.Namespace) -> None:
 
 
 def cmd_node_key(args: argparse.Namespace) -> None:
-    from fl_offsite.certs import make_node_key
+    from fl_offsite.ops.certs import make_node_key
 
     private, public = make_node_key(args.out, args.name, overwrite=args.overwrite)
     print(f"private key {private} (stays on this node: fl-offsite supernode --key {private})\n"
@@ -199,7 +199,7 @@ def cmd_node_key(args: argparse.Namespace) -> None:
 def cmd_superlink(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from fl_offsite.deploy import SuperLinkSettings, serve_superlink
+    from fl_offsite.ops.deployment import SuperLinkSettings, serve_superlink
 
     settings = SuperLinkSettings(
         certs=None if args.insecure else Path(args.certs).expanduser(), host=args.host, port=args.port,
@@ -212,7 +212,7 @@ def cmd_superlink(args: argparse.Namespace) -> None:
 def cmd_supernode(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from fl_offsite.deploy import SuperNodeSettings, serve_supernode
+    from fl_offsite.ops.deployment import SuperNodeSettings, serve_supernode
 
     path = lambda value: Path(value).expanduser() if value else None
     settings = SuperNodeSettings(
@@ -227,11 +227,11 @@ def cmd_supernode(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from fl_offsite.config import load_file, parse_sets, validate
-    from fl_offsite.deploy import run_app
-    from fl_offsite.report import round_table
-    from fl_offsite.results import RunFolder
-    from fl_offsite.settings import Settings
+    from fl_offsite.config.keys import load_file, parse_sets, validate
+    from fl_offsite.ops.deployment import run_app
+    from fl_offsite.run.tables import round_table
+    from fl_offsite.run.folder import RunFolder
+    from fl_offsite.config.settings import Settings
 
     overrides = {**(load_file(args.config) if args.config else {}), **parse_sets(args.set)}
     config = validate(overrides)
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--partition-id", type=int, help="without --data-path: train on this share of the task")
     node.add_argument("--num-partitions", type=int)
     node.add_argument("--memory-budget-mb", type=float,
-                      help="memory this node can train in: it gets the largest emulator that fits (fl_offsite.fleet)")
+                      help="memory this node can train in: it gets the largest emulator that fits (fl_offsite.app.fleet)")
     node.add_argument("--emulator-layers", type=int, help="or ask for an emulator of this many middle blocks")
     node.add_argument("--port", type=int, default=9094, help="local port of the node's runtime API (one per node)")
     node.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
@@ -381,7 +381,7 @@ def _split_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     size.add_argument("--drop-ratio", type=float, help="fraction of the middle blocks to drop")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--layers", choices=CHOICES["emulator.layers"], default=DEFAULTS["emulator.layers"],
-                        help="which middle blocks the emulator keeps (fl_offsite.layer_choice)")
+                        help="which middle blocks the emulator keeps (fl_offsite.emulator.layer_choice)")
     parser.add_argument("--corpus", default=DEFAULTS["distill.corpus"],
                         help="the owner's public text: public | public:<source>,... | model-samples | hf:<datasets path>[:<config>]")
     parser.add_argument("--task", default=DEFAULTS["task"],

@@ -4,7 +4,7 @@ of the plug-in and emulator models, per-client accounting and checkpoints.
 It wraps the aggregation strategy by composition: sampling and aggregation are the
 inner strategy's; this class only filters what goes in and records what comes out.
 Imports run one way: ``strategies`` uses the method-level library (payload checks, the
-results folder) and, of the app, only ``fl_offsite.server_app`` uses ``strategies``.
+results folder) and, of the app, only ``fl_offsite.app.server_app`` uses ``strategies``.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_offsite.errors import UserError
-from fl_offsite.payload import check_payload
-from fl_offsite.realign import Realignment
-from fl_offsite.results import AfterRound, Checkpoint, RunFolder
+from fl_offsite.surgery.payload import check_payload
+from fl_offsite.emulator.realign import Realignment
+from fl_offsite.run.folder import AfterRound, Checkpoint, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class RoundInProgress(TypedDict, total=False):
     sent: list[Metadata]  # the grid sets their message ids when it pushes them
     bytes_down: dict[int, int]  # node -> bytes sent to it
     realign_down: dict[int, int]  # node -> bytes of its emulator's re-alignment factors sent to it
-    realign: dict | None  # the owner's re-alignment before the round (fl_offsite.realign)
+    realign: dict | None  # the owner's re-alignment before the round (fl_offsite.emulator.realign)
     clients: list[dict]  # accepted replies: node, bytes, metrics
     problems: list[dict]  # failed, rejected and missing replies
     bytes_up: int  # every reply's arrays, accepted or not

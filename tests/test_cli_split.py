@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fl_offsite.cli import main
-from fl_offsite.models import load_model
-from fl_offsite.split import ADAPTER_FILE, load_adapter, read_plan, save_adapter
-from tiny_models import save_tiny_model
+from fl_offsite.data.models import load_model
+from fl_offsite.surgery.split import ADAPTER_FILE, load_adapter, read_plan, save_adapter
+from fl_offsite.testing.models import save_tiny_model
 
 
 @pytest.fixture
@@ -61,8 +61,8 @@ def test_plug_in_rejects_an_adapter_of_another_model(tiny_folder, tmp_path, caps
 @pytest.mark.slow
 def test_split_of_the_offline_model(tmp_path):
     """SmolLM2-135M 2-8-2: 12 blocks, and the emulator is a worse model than the full one."""
-    from fl_offsite.evaluate import perplexity
-    from fl_offsite.corpora import load_text_corpus
+    from fl_offsite.learn.evaluate import perplexity
+    from fl_offsite.data.corpora import load_text_corpus
 
     out = tmp_path / "split"
     assert main(["split", "smollm2-135m", "--adapter-layers", "2,2", "--emulator-layers", "8", "--out", str(out)]) == 0
@@ -77,7 +77,7 @@ def test_split_of_the_offline_model(tmp_path):
 
 
 def test_eval_command_writes_json(tmp_path, tiny_tokenizer, capsys):
-    from tiny_models import save_tiny_lm
+    from fl_offsite.testing.models import save_tiny_lm
 
     folder = save_tiny_lm(tmp_path / "tiny", tiny_tokenizer)
     out = tmp_path / "split"
@@ -101,8 +101,8 @@ def test_a_plain_safetensors_adapter_plugs_in_where_its_names_say(family, tmp_pa
     """The Hugging Face workflow: load_file, edit, save_file (no metadata), then plug-in."""
     from safetensors.torch import load_file, save_file
 
-    from fl_offsite.payload import extract_adapter
-    from fl_offsite.split import plan_split
+    from fl_offsite.surgery.payload import extract_adapter
+    from fl_offsite.surgery.split import plan_split
 
     folder = str(save_tiny_model(family, tmp_path / family))
     model, _ = load_model(folder, with_tokenizer=False)
@@ -153,7 +153,7 @@ def test_plain_adapters_with_bad_names_or_values_are_refused_in_one_line(tiny_fo
 def test_distill_on_the_public_mix_records_and_prints_its_composition(tiny_lm_dir, tmp_path, private_cache,
                                                                       monkeypatch, capsys):
     """The default corpus, its sources stood in for: the task's origin left out, the rest in split.json."""
-    from fl_offsite import corpora
+    from fl_offsite.data import corpora
 
     documents = lambda word: lambda: [f"{word} text number {i}. " + "more plain words here " * 30 for i in range(200)]
     monkeypatch.setattr(corpora, "PUBLIC_SOURCES", {

@@ -8,9 +8,9 @@ import re
 import pytest
 
 from fl_offsite.cli import main
-from fl_offsite.compare import write_report
-from fl_offsite.results import RunFolder
-from flower_harness import run, tiny_config
+from fl_offsite.run.compare import write_report
+from fl_offsite.run.folder import RunFolder
+from fl_offsite.testing.flower import run, tiny_config
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fl_offsite.cli import main
-from fl_offsite.config import CHOICES, DEFAULTS, load_file, parse_sets, validate
+from fl_offsite.config.keys import CHOICES, DEFAULTS, load_file, parse_sets, validate
 from fl_offsite.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def test_the_app_builds_a_fab_with_flower_142_metadata_and_its_license():
     from flwr.cli.build import build_fab_from_files
     from packaging.requirements import Requirement
 
-    files = {name: ROOT / name for name in ("pyproject.toml", "LICENSE", "fl_offsite/server_app.py")}
+    files = {name: ROOT / name for name in ("pyproject.toml", "LICENSE", "fl_offsite/app/server_app.py")}
     fab, metadata = build_fab_from_files(files)
     assert (metadata.fab_format_version, metadata.flwr_version_target) == (1, "1.42.0")
     assert "LICENSE" in zipfile.ZipFile(io.BytesIO(fab)).namelist()
@@ -78,9 +78,9 @@ def test_simulate_refuses_a_bad_key_in_one_line(capsys):
 
 
 def test_shipped_configs_are_valid():
-    from fl_offsite.compare import load_compare_config
+    from fl_offsite.run.compare import load_compare_config
 
-    from fl_offsite.corpora import check_public
+    from fl_offsite.data.corpora import check_public
 
     plan = load_compare_config(ROOT / "simulations" / "demo.toml", {})
     runs, clients, config = plan.runs, plan.num_clients, plan.config
@@ -94,7 +94,7 @@ def test_shipped_configs_are_valid():
 
 
 def test_compare_variants_are_named_runs_with_their_own_keys(tmp_path):
-    from fl_offsite.compare import load_compare_config
+    from fl_offsite.run.compare import load_compare_config
 
     path = tmp_path / "c.toml"
     path.write_text('num-rounds = 1\n[compare]\nmethods = ["offsite", "distilled"]\n'
@@ -154,7 +154,7 @@ def test_simulate_refuses_distilling_on_the_tasks_own_text(tmp_path, capsys, tin
 
 
 def test_every_method_is_parsed_into_an_explicit_kind_and_tuning():
-    from fl_offsite.method import FEDAVG, OFFSITE, ZERO_SHOT, Method
+    from fl_offsite.config.method import FEDAVG, OFFSITE, ZERO_SHOT, Method
 
     parsed = {name: Method.parse(name) for name in CHOICES["method"]}
     assert {name: (m.kind, m.tuning) for name, m in parsed.items()} == {
@@ -176,10 +176,10 @@ def test_strategies_are_imported_by_the_server_app_alone_and_import_no_app_modul
         return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | \
             {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
 
-    users = sorted(p.name for p in (ROOT / "fl_offsite").glob("*.py")
+    users = sorted(p.name for p in (ROOT / "fl_offsite").rglob("*.py")
                    if any(m.split(".")[0] == "strategies" for m in imported(p)))
     assert users == ["server_app.py"]
-    app = {"fl_offsite.server_app", "fl_offsite.client_app", "fl_offsite.cli", "fl_offsite.owner",
-           "fl_offsite.outputs", "fl_offsite.compare"}
+    app = {"fl_offsite.app.server_app", "fl_offsite.app.client_app", "fl_offsite.cli", "fl_offsite.app.owner",
+           "fl_offsite.run.outputs", "fl_offsite.run.compare"}
     for path in (ROOT / "strategies").glob("*.py"):
         assert not imported(path) & app, path

@@ -6,8 +6,8 @@ import torch
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
-from fl_offsite.data import IGNORE_INDEX, collate, encode_choice_example, encode_pair, lm_blocks
-from fl_offsite.tasks import ChoiceExample
+from fl_offsite.data.encode import IGNORE_INDEX, collate, encode_choice_example, encode_pair, lm_blocks
+from fl_offsite.data.tasks import ChoiceExample
 
 EXAMPLE = ChoiceExample("Article: The striker scored twice.\nTopic:", [" business", " sport"], 1)
 

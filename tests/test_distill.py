@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-import fl_offsite.distill as distill_module
+import fl_offsite.emulator.distill as distill_module
 from fl_offsite.cli import main
-from fl_offsite.config import DistillSettings
-from fl_offsite.distill import held_out_texts, middle_positions, normalized_mse
-from fl_offsite.evaluate import perplexity
-from fl_offsite.models import load_model
-from fl_offsite.split import SPLIT_FILE, build_emulator, read_plan
-from fl_offsite.emulator import public_texts
+from fl_offsite.config.keys import DistillSettings
+from fl_offsite.emulator.distill import held_out_texts, middle_positions, normalized_mse
+from fl_offsite.learn.evaluate import perplexity
+from fl_offsite.data.models import load_model
+from fl_offsite.surgery.split import SPLIT_FILE, build_emulator, read_plan
+from fl_offsite.emulator.recipe import public_texts
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -74,7 +74,7 @@ def test_other_settings_are_not_served_from_the_cache(distilled, tiny_lm_dir, tm
     calls = []
     monkeypatch.setattr(distill_module, "distill", lambda *a, **k: calls.append(a[4]) or {"steps": 0})
     monkeypatch.setattr(distill_module, "ppl_summary", lambda record: "")
-    monkeypatch.setattr("fl_offsite.emulator.ppl_summary", lambda record: "")
+    monkeypatch.setattr("fl_offsite.emulator.recipe.ppl_summary", lambda record: "")
     main(["distill", str(tiny_lm_dir), *ARGS[:-2], "--lr", "1e-3", "--out", str(tmp_path / "other")])
     assert len(calls) == 1 and calls[0].lr == 1e-3
 

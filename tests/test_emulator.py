@@ -4,19 +4,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fl_offsite.assets import cache_dir
-from fl_offsite.blocks import find_blocks
-from fl_offsite.config import DistillSettings
-from fl_offsite.corpora import PublicSource, check_public, _public_corpus, load_text_corpus, public_corpus, sample_texts
-from fl_offsite.distill import distill
-from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
+from fl_offsite.data.downloads import cache_dir
+from fl_offsite.surgery.blocks import find_blocks
+from fl_offsite.config.keys import DistillSettings
+from fl_offsite.data.corpora import PublicSource, check_public, _public_corpus, load_text_corpus, public_corpus, sample_texts
+from fl_offsite.emulator.distill import distill
+from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
 from fl_offsite.errors import UserError
-from fl_offsite.examples import ChoiceExample
-from fl_offsite.layer_choice import linear_cka, middle_chooser, similarity_choice
-from fl_offsite.models import load_model
-from fl_offsite.split import build_emulator, plan_split
-from fl_offsite.tasks import TaskData
-from tiny_models import VOCAB, tiny_model
+from fl_offsite.data.examples import ChoiceExample
+from fl_offsite.emulator.layer_choice import linear_cka, middle_chooser, similarity_choice
+from fl_offsite.data.models import load_model
+from fl_offsite.surgery.split import build_emulator, plan_split
+from fl_offsite.data.tasks import TaskData
+from fl_offsite.testing.models import VOCAB, tiny_model
 
 REDUNDANT = (3, 4)  # blocks made the identity: a good rule drops exactly these
 
@@ -87,7 +87,7 @@ def test_the_tasks_own_text_is_refused_as_the_corpus():
 
 def test_prepare_refuses_before_any_work(tiny_lm_dir, private_cache, monkeypatch):
     model, tokenizer = load_model(str(tiny_lm_dir))
-    monkeypatch.setattr("fl_offsite.emulator.load_text_corpus", lambda *a, **k: pytest.fail("read the corpus"))
+    monkeypatch.setattr("fl_offsite.emulator.recipe.load_text_corpus", lambda *a, **k: pytest.fail("read the corpus"))
     recipe = EmulatorRecipe(1, 1, emulator_layers=2, layers="greedy", corpus="bbc-news")
     with pytest.raises(UserError, match="must not distill"):
         prepare_emulator(str(tiny_lm_dir), model, tokenizer, recipe, "bbc-news")
@@ -100,8 +100,8 @@ def test_public_mix_leaves_out_the_tasks_origin_and_documents_sharing_its_senten
                                     lambda: [f"Page {i} says much. " + "text " * 40 for i in range(300)]
                                     + [f"A lead. {shared.upper()}, more text."])}
     example = ChoiceExample(f"Article: {shared}\nTopic:", [" a", " b"], 0)
-    monkeypatch.setattr("fl_offsite.corpora.PUBLIC_SOURCES", sources)
-    monkeypatch.setattr("fl_offsite.corpora.load_task", lambda name: TaskData(name, [example], [], []))
+    monkeypatch.setattr("fl_offsite.data.corpora.PUBLIC_SOURCES", sources)
+    monkeypatch.setattr("fl_offsite.data.corpora.load_task", lambda name: TaskData(name, [example], [], []))
     _public_corpus.cache_clear()
     documents, composition = public_corpus("public", "bbc-news")
     _public_corpus.cache_clear()
@@ -134,7 +134,7 @@ def test_cache_keys_follow_the_corpus_and_the_rule(tiny_lm_dir, private_cache, m
     settings = DistillSettings(steps=2, batch_size=2, block_size=32, eval_every=2, corpus="model-samples")
     calls = []
     real_distill = distill
-    monkeypatch.setattr("fl_offsite.distill.distill", lambda *a, **k: calls.append(a[4].corpus) or real_distill(*a, **k))
+    monkeypatch.setattr("fl_offsite.emulator.distill.distill", lambda *a, **k: calls.append(a[4].corpus) or real_distill(*a, **k))
     recipes = [EmulatorRecipe(1, 1, emulator_layers=2, distill=settings, corpus="model-samples"),
                EmulatorRecipe(1, 1, emulator_layers=2, distill=DistillSettings(**{**settings.__dict__,
                                                                                   "corpus": "bbc-news"}),

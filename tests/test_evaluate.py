@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from fl_offsite.data import encode_pair
-from fl_offsite.evaluate import choice_logliks, evaluate_task, perplexity, score_choices
-from fl_offsite.tasks import ChoiceExample, TaskData
-from tiny_models import CHOICE_EXAMPLES
+from fl_offsite.data.encode import encode_pair
+from fl_offsite.learn.evaluate import choice_logliks, evaluate_task, perplexity, score_choices
+from fl_offsite.data.tasks import ChoiceExample, TaskData
+from fl_offsite.testing.models import CHOICE_EXAMPLES
 
 def reference_logliks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
                       examples: list[ChoiceExample]) -> list[list[float]]:
@@ -112,9 +112,9 @@ def test_evaluate_task_limits_a_split(tiny_llama: PreTrainedModel, tiny_tokenize
 
 
 @pytest.mark.slow(seconds=12)
-@pytest.mark.skipif(importlib.util.find_spec("fl_offsite.models") is None, reason="fl_offsite.models not written yet")
+@pytest.mark.skipif(importlib.util.find_spec("fl_offsite.data.models") is None, reason="fl_offsite.data.models not written yet")
 def test_real_model_beats_chance_on_bbc_news() -> None:
-    from fl_offsite.models import load_model
+    from fl_offsite.data.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     result = evaluate_task(model, tokenizer, "bbc-news", limit=50)

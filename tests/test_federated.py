@@ -7,11 +7,11 @@ import re
 import pytest
 import torch
 
-from fl_offsite.results import RunFolder
-from fl_offsite.settings import Settings
-from fl_offsite.split import load_adapter
-from fl_offsite.tasks import load_task
-from flower_harness import Crash, crash_in_round, of_type, rounds_of, run, tiny_config
+from fl_offsite.run.folder import RunFolder
+from fl_offsite.config.settings import Settings
+from fl_offsite.surgery.split import load_adapter
+from fl_offsite.data.tasks import load_task
+from fl_offsite.testing.flower import Crash, crash_in_round, of_type, rounds_of, run, tiny_config
 
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -123,7 +123,7 @@ def test_a_server_optimizer_resumes_with_its_moments_to_the_same_adapter(tiny_lm
 def test_fedavg_full_sends_every_parameter(tiny_lm_dir, tmp_path):
     config = tiny_config(tiny_lm_dir, tmp_path / "full", method="fedavg-full", **{"num-rounds": 1})
     grid = run(config, num_nodes=2)
-    from fl_offsite.models import load_model
+    from fl_offsite.data.models import load_model
     model, _ = load_model(str(tiny_lm_dir), with_tokenizer=False)
     for msg in of_type(grid, "train"):
         assert set(msg.content["arrays"].keys()) == {n for n, _ in model.named_parameters()}
@@ -135,7 +135,7 @@ def test_fedavg_full_delivers_no_weights_once_and_trains_as_if_it_had(tiny_lm_di
     """Every round carries the whole model, so the one-time delivery is its config and tokenizer only."""
     from safetensors.torch import load_file
 
-    from fl_offsite.owner import ModelOwner
+    from fl_offsite.app.owner import ModelOwner
 
     def trained(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         config = tiny_config(tiny_lm_dir, tmp_path / name, method="fedavg-full", **{"num-rounds": 2})
@@ -188,8 +188,8 @@ def test_bad_and_failed_clients_are_left_out_and_logged(tiny_lm_dir, tmp_path):
 
 @pytest.mark.parametrize("method", ["offsite-lora", "fedavg-lora"])
 def test_lora_methods_send_only_lora_factors(tiny_lm_dir, tmp_path, method):
-    from fl_offsite.models import load_model
-    from fl_offsite.split import plan_split
+    from fl_offsite.data.models import load_model
+    from fl_offsite.surgery.split import plan_split
 
     config = tiny_config(tiny_lm_dir, tmp_path / method, method=method, **{"num-rounds": 1})
     grid = run(config, num_nodes=2)
@@ -218,10 +218,10 @@ def test_lora_runs_write_a_peft_folder_that_peft_loads_and_model_cards(tiny_lm_d
     from safetensors import safe_open
 
     from fl_offsite.cli import main
-    from fl_offsite.io import load_tensors
-    from fl_offsite.lora import add_lora, lora_names
-    from fl_offsite.models import load_model
-    from fl_offsite.payload import plug_in, set_payload
+    from fl_offsite.files import load_tensors
+    from fl_offsite.surgery.lora import add_lora, lora_names
+    from fl_offsite.data.models import load_model
+    from fl_offsite.surgery.payload import plug_in, set_payload
 
     out = tmp_path / method
     config = tiny_config(tiny_lm_dir, out, method=method, **{"num-rounds": 1, "train.lr": 2e-2})
@@ -272,7 +272,7 @@ def test_every_configured_strategy_builds_the_flower_class_it_names_and_aggregat
     from flwr.serverapp.strategy.fedopt import FedOpt
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fl_offsite.config import CHOICES
+    from fl_offsite.config.keys import CHOICES
     from strategies.aggregation import aggregation_strategy
 
     assert set(FLOWER_CLASS) == set(CHOICES["strategy.name"])
@@ -331,7 +331,7 @@ def test_bf16_clients_get_the_emulator_in_bf16_and_train_exactly_as_with_an_fp32
     assert set(delivery.content["model"]["bf16-tensors"]) == set(delivery.content["weights"])  # every weight
     half = json.loads((tmp_path / "half" / "delivery.json").read_text())["package_bytes"]
 
-    monkeypatch.setattr("fl_offsite.server_app.HALF", {})  # the same run, the emulator sent in fp32
+    monkeypatch.setattr("fl_offsite.app.server_app.HALF", {})  # the same run, the emulator sent in fp32
     run(config("full"), num_nodes=2)
     full = json.loads((tmp_path / "full" / "delivery.json").read_text())["package_bytes"]
     assert half < 0.6 * full
@@ -341,8 +341,8 @@ def test_bf16_clients_get_the_emulator_in_bf16_and_train_exactly_as_with_an_fp32
 
 
 def test_eval_every_scores_the_named_rounds_and_the_report_skips_the_others(tiny_lm_dir, tmp_path):
-    from fl_offsite.compare import write_report
-    from fl_offsite.report import round_table
+    from fl_offsite.run.compare import write_report
+    from fl_offsite.run.tables import round_table
 
     run(tiny_config(tiny_lm_dir, tmp_path / "out" / "offsite", **{"num-rounds": 3, "eval.every": 2}), num_nodes=2)
     rounds = rounds_of(tmp_path / "out" / "offsite")
@@ -357,11 +357,11 @@ def test_eval_every_scores_the_named_rounds_and_the_report_skips_the_others(tiny
 
 
 def test_zero_shot_scores_are_shared_by_methods_on_the_same_weights(tiny_lm_dir, tmp_path, monkeypatch):
-    import fl_offsite.owner
+    import fl_offsite.app.owner
 
     scored = []
-    score = fl_offsite.owner.evaluate_task
-    monkeypatch.setattr(fl_offsite.owner, "evaluate_task", lambda model, *a, **k: scored.append(k["desc"]) or
+    score = fl_offsite.app.owner.evaluate_task
+    monkeypatch.setattr(fl_offsite.app.owner, "evaluate_task", lambda model, *a, **k: scored.append(k["desc"]) or
                         score(model, *a, **k))
     config = lambda method, **keys: tiny_config(tiny_lm_dir, tmp_path / method, method=method,
                                                 **{"num-rounds": 1, **keys})
@@ -380,8 +380,8 @@ def test_zero_shot_scores_are_shared_by_methods_on_the_same_weights(tiny_lm_dir,
 
 def test_eval_limit_zero_scores_the_whole_test_split(tiny_lm_dir, tmp_path):
     """On a task of short questions (cheap to score) whose test split is larger than the default limit."""
-    from fl_offsite.assets import cache_dir
-    from fl_offsite.config import DEFAULTS
+    from fl_offsite.data.downloads import cache_dir
+    from fl_offsite.config.keys import DEFAULTS
 
     examples = [{"input": f"Is {i} odd?", "target_scores": {"yes": i % 2, "no": 1 - i % 2}} for i in range(1100)]
     (cache_dir("tasks", "bigbench") / "parity.json").write_text(json.dumps({"name": "parity", "examples": examples}))

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from fl_offsite.errors import UserError
-from fl_offsite.fleet import (ACTIVATION_FACTOR, Footprint, NodeProfile, activation_bytes, check_fleet, choose_layers,
+from fl_offsite.app.fleet import (ACTIVATION_FACTOR, Footprint, NodeProfile, activation_bytes, check_fleet, choose_layers,
                               measure_footprint, node_profile)
-from fl_offsite.settings import Settings
-from fl_offsite.split import load_adapter
-from flower_harness import Crash, InProcessGrid, crash_in_round, of_type, rounds_of, run, tiny_config
+from fl_offsite.config.settings import Settings
+from fl_offsite.surgery.split import load_adapter
+from fl_offsite.testing.flower import Crash, InProcessGrid, crash_in_round, of_type, rounds_of, run, tiny_config
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 MB = 2 ** 20
@@ -54,9 +54,9 @@ def test_a_node_states_its_own_profile_else_the_simulations_list_gives_it_by_par
 
 def test_the_footprint_of_each_size_matches_a_measurement_of_that_emulator(tiny_lm_dir):
     """Measured once on the configured emulator, the linear model gives what a smaller one really holds."""
-    from fl_offsite.emulator import EmulatorRecipe, prepare_emulator
-    from fl_offsite.models import load_model
-    from fl_offsite.split import adapter_names
+    from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
+    from fl_offsite.data.models import load_model
+    from fl_offsite.surgery.split import adapter_names
 
     model, tokenizer = load_model(str(tiny_lm_dir))
 
@@ -93,8 +93,8 @@ def _record_replies(grid: InProcessGrid) -> list:
 
 
 def test_a_mixed_fleet_trains_one_adapter_averaged_by_examples_and_scores_every_emulator(tiny_lm_dir, tmp_path):
-    from fl_offsite.client_app import app as client_app
-    from fl_offsite.server_app import run_federated
+    from fl_offsite.app.client_app import app as client_app
+    from fl_offsite.app.server_app import run_federated
 
     config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"fleet.emulator-layers": "1,2,2"})
     grid = InProcessGrid(client_app, 3, config)
@@ -158,7 +158,7 @@ def test_a_mixed_fleet_resumes_to_the_same_adapter(tiny_lm_dir, tmp_path):
 
 
 def test_fleet_lists_need_an_offsite_method():
-    from fl_offsite.config import validate
+    from fl_offsite.config.keys import validate
 
     with pytest.raises(UserError, match="needs an offsite method"):
         validate({"method": "fedavg-full", "fleet.emulator-layers": "1,2"})
@@ -168,8 +168,8 @@ def test_fleet_lists_need_an_offsite_method():
 
 def test_a_client_process_keeps_the_emulators_of_the_fleets_nodes_it_serves(monkeypatch):
     """A Ray actor serving nodes of two emulator sizes loads each once, not at every switch."""
-    from fl_offsite import node_cache
-    from fl_offsite.tuning import Tuning
+    from fl_offsite.app import node_cache
+    from fl_offsite.surgery.tuning import Tuning
 
     loads = []
     monkeypatch.setattr(node_cache, "_prepare_model", lambda key: loads.append(key.digest) or (key.digest, None))

@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import fl_offsite.distill as distill_module
-from fl_offsite.data import collate
-from fl_offsite.distill import DistillSettings, distill, middle_positions
-from fl_offsite.evaluate import choice_logliks, perplexity, score_choices
-from fl_offsite.lora import LoraSpec, add_lora, lora_blocks, lora_names
-from fl_offsite.payload import extract_adapter, get_payload, plug_in, set_payload
-from fl_offsite.split import adapter_names, build_emulator, plan_split
-from fl_offsite.train import TrainSettings, answer_loss, half_frozen, train_local
-from tiny_models import CHOICE_EXAMPLES, CORPUS, VOCAB, tiny_model
+import fl_offsite.emulator.distill as distill_module
+from fl_offsite.data.encode import collate
+from fl_offsite.emulator.distill import DistillSettings, distill, middle_positions
+from fl_offsite.learn.evaluate import choice_logliks, perplexity, score_choices
+from fl_offsite.surgery.lora import LoraSpec, add_lora, lora_blocks, lora_names
+from fl_offsite.surgery.payload import extract_adapter, get_payload, plug_in, set_payload
+from fl_offsite.surgery.split import adapter_names, build_emulator, plan_split
+from fl_offsite.learn.train import TrainSettings, answer_loss, half_frozen, train_local
+from fl_offsite.testing.models import CHOICE_EXAMPLES, CORPUS, VOCAB, tiny_model
 
 
 def rows(n: int = 6, seq: int = 24, answer: int = 3, seed: int = 0) -> list[dict[str, list[int]]]:
@@ -157,7 +157,7 @@ def test_split_and_plug_in_on_the_gpu(cuda_device):
 def test_distillation_on_the_gpu(precision, tiny_lm_dir, cuda_device, monkeypatch):
     """distill() on the GPU (bf16: under CUDA's autocast): the KD loss falls, only the middle trains,
     everything stays on the GPU."""
-    from fl_offsite.models import load_model
+    from fl_offsite.data.models import load_model
 
     train_texts, held_out = CORPUS * 6, CORPUS[:3]
     settings = dataclasses.replace(DistillSettings(), steps=16, batch_size=4, block_size=16, lr=3e-3, eval_every=8,
@@ -209,7 +209,7 @@ def test_client_cost_benchmark_on_the_gpu(tmp_path, cuda_device):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_token_cross_entropy_equals_the_transposed_form(reduction):
     """The loss on (tokens, vocab) rows (fast on CUDA) is the (batch, vocab, positions) form's (slow there)."""
-    from fl_offsite.train import token_cross_entropy
+    from fl_offsite.learn.train import token_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 7, 50, generator=g)

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from fl_offsite.errors import UserError
-from fl_offsite.launch import run_simulation_app
+from fl_offsite.ops.simulation import run_simulation_app
 
 PYPROJECT = """\
 [project]

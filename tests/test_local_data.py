@@ -6,16 +6,16 @@ import logging
 import pytest
 from flwr.app import Context, RecordDict
 
-from fl_offsite import client_app
+from fl_offsite.app import client_app
 from fl_offsite.errors import UserError
-from fl_offsite.local_data import BadDataFile, data_path, load_examples, task_answers, write_examples
-from fl_offsite.models import load_tokenizer
-from fl_offsite.node_cache import ExampleSource, NodeCache
-from fl_offsite.server_app import run_federated
-from fl_offsite.settings import Settings
-from fl_offsite.tasks import BBC_TOPICS, ChoiceExample, TaskData, load_task
-from flower_harness import InProcessGrid
-from flower_harness import rounds_of, tiny_config
+from fl_offsite.data.local_file import BadDataFile, data_path, load_examples, task_answers, write_examples
+from fl_offsite.data.models import load_tokenizer
+from fl_offsite.app.node_cache import ExampleSource, NodeCache
+from fl_offsite.app.server_app import run_federated
+from fl_offsite.config.settings import Settings
+from fl_offsite.data.tasks import BBC_TOPICS, ChoiceExample, TaskData, load_task
+from fl_offsite.testing.flower import InProcessGrid
+from fl_offsite.testing.flower import rounds_of, tiny_config
 
 EXAMPLES = [ChoiceExample("Article: The striker scored twice.\nTopic:", [" business", " sport"], 1),
             ChoiceExample('Article: Shares "rose" 5%.\nTopic:', [" business", " sport"], 0)]

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from fl_offsite import node_cache
-from fl_offsite.lora import LoraSpec
-from fl_offsite.settings import Settings
-from fl_offsite.split import plan_split
-from fl_offsite.tuning import Tuning
+from fl_offsite.app import node_cache
+from fl_offsite.surgery.lora import LoraSpec
+from fl_offsite.config.settings import Settings
+from fl_offsite.surgery.split import plan_split
+from fl_offsite.surgery.tuning import Tuning
 from strategies.aggregation import aggregation_strategy
 from strategies.offsite import LEARNED, OffsiteStrategy, seeded_global_random
-from tiny_models import tiny_model
+from fl_offsite.testing.models import tiny_model
 
 
 @pytest.mark.parametrize("tuning", [Tuning("lora", LoraSpec()), Tuning("bottleneck", bottleneck_size=4)],

@@ -10,19 +10,19 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from fl_offsite.client_app import CACHE
-from fl_offsite.compare import _markdown, summarize
-from fl_offsite.config import validate
-from fl_offsite.data import collate, lm_blocks, pad_id
-from fl_offsite.distill import alignment_losses, target_layers
+from fl_offsite.app.client_app import CACHE
+from fl_offsite.run.compare import _markdown, summarize
+from fl_offsite.config.keys import validate
+from fl_offsite.data.encode import collate, lm_blocks, pad_id
+from fl_offsite.emulator.distill import alignment_losses, target_layers
 from fl_offsite.errors import UserError
-from fl_offsite.layer_choice import uniform_drop
-from fl_offsite.lora import LoraSpec, add_lora, lora_names
-from fl_offsite.payload import extract_adapter, plug_in
-from fl_offsite.realign import Realignment, RealignSettings, add_realign_lora, get_factors, realign_names
-from fl_offsite.split import SplitPlan, build_emulator, plan_split
-from flower_harness import Crash, crash_in_round, of_type, rounds_of, run, tiny_config
-from tiny_models import CORPUS
+from fl_offsite.emulator.layer_choice import uniform_drop
+from fl_offsite.surgery.lora import LoraSpec, add_lora, lora_names
+from fl_offsite.surgery.payload import extract_adapter, plug_in
+from fl_offsite.emulator.realign import Realignment, RealignSettings, add_realign_lora, get_factors, realign_names
+from fl_offsite.surgery.split import SplitPlan, build_emulator, plan_split
+from fl_offsite.testing.flower import Crash, crash_in_round, of_type, rounds_of, run, tiny_config
+from fl_offsite.testing.models import CORPUS
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 REALIGN = {"realign.steps": 3, "realign.pre-steps": 4, "realign.lora-r": 2, "realign.batch-size": 2,

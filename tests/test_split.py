@@ -8,13 +8,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from fl_offsite.blocks import find_blocks
+from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.errors import UserError
-from fl_offsite.models import load_model
-from fl_offsite.payload import extract_adapter, plug_in
-from fl_offsite.split import build_emulator, load_adapter, plan_split, read_plan, save_adapter, write_split
-from fl_offsite.layer_choice import uniform_drop
-from tiny_models import FAMILIES, LAYERS, VOCAB, save_tiny_model, tiny_model
+from fl_offsite.data.models import load_model
+from fl_offsite.surgery.payload import extract_adapter, plug_in
+from fl_offsite.surgery.split import build_emulator, load_adapter, plan_split, read_plan, save_adapter, write_split
+from fl_offsite.emulator.layer_choice import uniform_drop
+from fl_offsite.testing.models import FAMILIES, LAYERS, VOCAB, save_tiny_model, tiny_model
 
 BLOCK_PATHS = {"gpt2": "transformer.h", "opt": "model.decoder.layers", "bloom": "transformer.h",
                "gpt_neox": "gpt_neox.layers", "falcon": "transformer.h"}
@@ -165,7 +165,7 @@ def test_adapter_file_round_trip_and_corruption(tmp_path):
 def test_a_file_without_metadata_is_placed_by_its_names(tmp_path):
     from safetensors.torch import save_file
 
-    from fl_offsite.split import SplitPlan, plan_from_names
+    from fl_offsite.surgery.split import SplitPlan, plan_from_names
 
     model = tiny_model("llama")
     plan = plan_split(model, 2, 1, emulator_layers=3)

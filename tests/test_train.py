@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fl_offsite.data import collate, encode_choice_example
-from fl_offsite.payload import extract_adapter
-from fl_offsite.split import adapter_names, plan_split
-from fl_offsite.tasks import ChoiceExample
-from fl_offsite.train import TrainSettings, answer_loss, train_local
+from fl_offsite.data.encode import collate, encode_choice_example
+from fl_offsite.surgery.payload import extract_adapter
+from fl_offsite.surgery.split import adapter_names, plan_split
+from fl_offsite.data.tasks import ChoiceExample
+from fl_offsite.learn.train import TrainSettings, answer_loss, train_local
 
 EXAMPLES = [ChoiceExample("Article: The striker scored twice.\nTopic:", [" sport", " tech"], 0),
             ChoiceExample("Article: The phone maker showed a faster chip and new software.\nTopic:",
@@ -42,7 +42,7 @@ def test_train_local_moves_only_the_adapter(tiny_tokenizer):
 
 
 def test_half_weights_score_in_bf16_and_give_the_exact_weights_back(tiny_llama, tiny_tokenizer):
-    from fl_offsite.train import half_weights, precision_autocast
+    from fl_offsite.learn.train import half_weights, precision_autocast
 
     batch = collate([encode_choice_example(tiny_tokenizer, ex, 64) for ex in EXAMPLES], tiny_tokenizer.pad_token_id)
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}

@@ -6,13 +6,13 @@ import torch
 
 from fl_offsite.cli import main
 from fl_offsite.errors import UserError
-from fl_offsite.lora import LoraSpec
-from fl_offsite.owner import ModelOwner, final_weights
-from fl_offsite.payload import get_payload, plug_in, set_payload
-from fl_offsite.settings import Settings
-from fl_offsite.split import build_emulator, plan_split, save_adapter
-from fl_offsite.tuning import Tuning, prepare_for_adapter
-from tiny_models import save_tiny_model, tiny_model
+from fl_offsite.surgery.lora import LoraSpec
+from fl_offsite.app.owner import ModelOwner, final_weights
+from fl_offsite.surgery.payload import get_payload, plug_in, set_payload
+from fl_offsite.config.settings import Settings
+from fl_offsite.surgery.split import build_emulator, plan_split, save_adapter
+from fl_offsite.surgery.tuning import Tuning, prepare_for_adapter
+from fl_offsite.testing.models import save_tiny_model, tiny_model
 
 TUNINGS = {
     "lora": Tuning("lora", LoraSpec(r=2, alpha=4, dropout=0.0)),
@@ -111,7 +111,7 @@ def test_plug_in_command_refuses_bottleneck_adapters(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer):
-    from tiny_models import save_tiny_lm
+    from fl_offsite.testing.models import save_tiny_lm
 
     return save_tiny_lm(tmp_path_factory.mktemp("gpt2") / "tiny", tiny_tokenizer, family="gpt2")
 
@@ -119,8 +119,8 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.mark.usefixtures("private_cache")
 @pytest.mark.parametrize("method", ["offsite-bitfit", "offsite-bottleneck"])
 def test_federated_run_trains_and_sends_only_the_peft_tensors(tiny_gpt2_dir, tmp_path, method):
-    from fl_offsite.split import load_adapter
-    from flower_harness import of_type, rounds_of, run, tiny_config
+    from fl_offsite.surgery.split import load_adapter
+    from fl_offsite.testing.flower import of_type, rounds_of, run, tiny_config
 
     config = tiny_config(tiny_gpt2_dir, tmp_path / method, method=method, **{"num-rounds": 1, "train.lr": 1e-2})
     grid = run(config, num_nodes=2)
@@ -144,11 +144,11 @@ def test_federated_run_trains_and_sends_only_the_peft_tensors(tiny_gpt2_dir, tmp
 @pytest.mark.usefixtures("private_cache")
 def test_lora_factors_are_averaged_separately_weighted_by_examples(tiny_lm_dir, tmp_path):
     """FedAvg-LoRA's rule: A and B each averaged (weighted by examples), not their product."""
-    from fl_offsite.client_app import app as client_app
-    from fl_offsite.io import load_tensors
-    from fl_offsite.server_app import run_federated
-    from flower_harness import InProcessGrid
-    from flower_harness import tiny_config
+    from fl_offsite.app.client_app import app as client_app
+    from fl_offsite.files import load_tensors
+    from fl_offsite.app.server_app import run_federated
+    from fl_offsite.testing.flower import InProcessGrid
+    from fl_offsite.testing.flower import tiny_config
 
     config = tiny_config(tiny_lm_dir, tmp_path / "lora", method="fedavg-lora", **{"num-rounds": 1})
     replies = []

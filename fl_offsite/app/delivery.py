@@ -1,0 +1,157 @@
+"""Deliver a model (the emulator) to each node once; nodes cache it on disk by content hash.
+
+The model owner first asks each node for its profile (``query.node_profile``: its memory budget or
+emulator size, see fl_offsite.app.fleet), picks each node's model, then sends ``query.model_status`` with
+that model's digest; a node that does not have it on disk answers ``has = False`` and then receives
+``query.model`` carrying the weights (an ArrayRecord) and the small files (config, tokenizer) it needs
+to rebuild a Hugging Face model folder. Rounds then carry only the trainable tensors; weights the
+rounds carry anyway (all of them in full fine-tuning) are left out of the package.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from fl_offsite.app.fleet import NodeProfile
+from fl_offsite.files import atomic_dir, save_tensors
+from fl_offsite.data.models import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+BF16_KEY = "bf16-tensors"  # Flower's arrays go through NumPy, which has no bfloat16: these travel as int16 bytes
+PROFILE_QUERY, STATUS_QUERY, MODEL_QUERY = "query.node_profile", "query.model_status", "query.model"
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A saved Hugging Face model folder as the records that carry it."""
+
+    digest: str
+    weights: ArrayRecord
+    files: ConfigRecord  # file name -> bytes (config, tokenizer, ...)
+    bf16: tuple[str, ...] = ()  # the weights sent as the int16 view of their bfloat16 bytes
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, dtype: torch.dtype | None = None,
+                    carried: frozenset[str] = frozenset()) -> ModelPackage:
+        """The model in ``folder``; ``dtype`` (e.g. bf16 for clients that train in bf16) casts its floating
+        weights for the trip. Exact for such clients: they hold frozen weights in that dtype, and the rounds
+        carry the trainable ones at full precision. Weights named in ``carried`` (those the rounds carry)
+        stay home; a node builds them from the config (:func:`load_delivered`) until the first round fills them."""
+        folder = Path(folder)
+        names = sorted(p.name for p in folder.iterdir() if p.is_file())
+        if WEIGHTS_FILE not in names:
+            raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE} (a sharded model is not supported here)")
+        digest = hashlib.sha256()
+        for name in names:
+            digest.update(name.encode())
+            digest.update((folder / name).read_bytes())
+        with safe_open(folder / WEIGHTS_FILE, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k not in carried}
+        digest.update(",".join(sorted(carried)).encode())
+        if dtype is not None:
+            digest.update(str(dtype).encode())
+            tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        files = ConfigRecord({n: (folder / n).read_bytes() for n in names if n != WEIGHTS_FILE})
+        bf16 = tuple(k for k, t in tensors.items() if t.dtype == torch.bfloat16)
+        weights = ArrayRecord({k: t.view(torch.int16) if k in bf16 else t for k, t in tensors.items()})
+        return cls(digest.hexdigest()[:16], weights, files, bf16)
+
+    def description(self) -> ConfigRecord:
+        """What a node needs besides the weights and files: the digest, and which weights are bf16."""
+        return ConfigRecord({"digest": self.digest, **({BF16_KEY: list(self.bf16)} if self.bf16 else {})})
+
+    @property
+    def nbytes(self) -> int:
+        return self.weights.count_bytes() + self.files.count_bytes()
+
+
+def ask_profiles(grid, node_ids: list[int], timeout: float) -> dict[int, NodeProfile]:
+    """Each node's :class:`~fl_offsite.app.fleet.NodeProfile` (the first query a node answers: it starts its app)."""
+    asks = [Message(content=RecordDict({"profile": ConfigRecord({})}), message_type=PROFILE_QUERY, dst_node_id=n)
+            for n in node_ids]
+    replies = _checked(grid.send_and_receive(asks, timeout=timeout), len(node_ids), "node profiles")
+    return {r.metadata.src_node_id: NodeProfile.from_record(r.content["profile"]) for r in replies}
+
+
+def deliver(grid, packages: dict[int, ModelPackage], timeout: float) -> dict[int, int]:
+    """Send each node its package (``packages``: node -> package) unless it has it; return the bytes sent to each."""
+    status = [Message(content=RecordDict({"model": ConfigRecord({"digest": package.digest})}),
+                      message_type=STATUS_QUERY, dst_node_id=n) for n, package in packages.items()]
+    needs = [r.metadata.src_node_id for r in _checked(grid.send_and_receive(status, timeout=timeout),
+                                                      len(packages), "model status")
+             if not r.content["model"]["has"]]
+    sent = {n: 0 for n in packages}
+    if needs:
+        for package in {packages[n].digest: packages[n] for n in needs}.values():
+            log.info("Sending the model %s (%.1f MB) to %d node(s)", package.digest, package.nbytes / 1e6,
+                     sum(packages[n].digest == package.digest for n in needs))
+        log.info("%d node(s) have their model cached", len(packages) - len(needs))
+        messages = [Message(content=RecordDict({"model": packages[n].description(), "weights": packages[n].weights,
+                                                "files": packages[n].files}),
+                            message_type=MODEL_QUERY, dst_node_id=n) for n in needs]
+        for reply in _checked(grid.send_and_receive(messages, timeout=timeout), len(needs), "model delivery"):
+            sent[reply.metadata.src_node_id] = packages[reply.metadata.src_node_id].nbytes
+    return sent
+
+
+def _checked(replies, expected: int, what: str) -> list[Message]:
+    replies = list(replies)
+    errors = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+    if errors or len(replies) < expected:
+        raise RuntimeError(f"{what} failed: {len(replies) - len(errors)}/{expected} nodes replied; "
+                           + "; ".join(errors or ["the others timed out"]))
+    return replies
+
+
+class NodeStore:
+    """A node's on-disk cache of delivered models, one folder per digest."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def folder(self, digest: str) -> Path:
+        return self.root / f"model-{digest}"
+
+    def has(self, digest: str) -> bool:
+        return (self.folder(digest) / WEIGHTS_FILE).is_file()
+
+    def store(self, digest: str, content: RecordDict) -> Path:
+        with atomic_dir(self.folder(digest)) as tmp:
+            for name, data in content["files"].items():
+                (tmp / name).write_bytes(data)
+            bf16 = set(content["model"].get(BF16_KEY, []))
+            save_tensors(tmp / WEIGHTS_FILE, {k: t.view(torch.bfloat16) if k in bf16 else t
+                                              for k, t in content["weights"].to_torch_state_dict().items()})
+        return self.folder(digest)
+
+
+def load_delivered(folder: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """A delivered model folder as a model and its tokenizer. A package without weights (the rounds carry
+    them all) gives the architecture from its config, to be filled by the first round's payload."""
+    folder = Path(folder)
+    with safe_open(folder / WEIGHTS_FILE, "pt") as f:
+        has_weights = bool(list(f.keys()))
+    if has_weights:
+        return load_model(str(folder))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    return model.eval(), load_tokenizer(str(folder))
+
+
+def node_store(node_config: dict, node_id: int) -> NodeStore:
+    """The node's store: ``cache-dir`` from the node config, else a per-node cache folder."""
+    from fl_offsite.data.downloads import cache_dir
+
+    if "cache-dir" in node_config:
+        return NodeStore(os.path.expanduser(str(node_config["cache-dir"])))
+    name = f"partition-{node_config['partition-id']}" if "partition-id" in node_config else f"node-{node_id}"
+    return NodeStore(cache_dir("nodes", name))

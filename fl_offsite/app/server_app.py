@@ -1,0 +1,154 @@
+"""The model owner's Flower ServerApp: split, deliver the emulator once, run the rounds."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fl_offsite.config.keys import validate
+from fl_offsite.app.delivery import ModelPackage, ask_profiles, deliver
+from fl_offsite.errors import UserError
+from fl_offsite.app.fleet import SMALLER_SPLIT
+from fl_offsite.data.local_file import task_answers
+from fl_offsite.logs import log_to_console
+from fl_offsite.surgery.lora import PEFT_DIR
+from fl_offsite.run.outputs import CARD, after_round, save_final
+from fl_offsite.app.owner import ModelOwner, lr_schedule
+from fl_offsite.run.folder import CHECKPOINT, DELIVERY, RunFolder
+from fl_offsite.config.settings import Settings
+from fl_offsite.learn.train import HALF
+from fl_offsite.run.tensorboard import TENSORBOARD_DIR, TensorBoardLog
+from strategies.aggregation import aggregation_strategy
+from strategies.offsite import OffsiteStrategy, evaluation_record
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+# The delivery's queries are the first a node answers: they start its ClientApp (imports, then the model from
+# disk or from the wire), slow on a loaded machine, so they wait at least this long whatever the round timeout.
+DELIVERY_TIMEOUT_S = 600.0
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    log_to_console()
+    run_federated(grid, validate(dict(context.run_config)))
+
+
+def run_federated(grid: Grid, config: dict) -> Path:
+    """Run (or resume) one federated run described by ``config``; return its results folder."""
+    settings = Settings.from_config(config)
+    run = RunFolder(Path(settings.results.dir).expanduser().resolve())
+    previous = run.read_config()
+    if previous is not None and settings.results.resume and _essential(previous) != _essential(config):
+        raise UserError(f"{run.root} holds a run with another configuration; choose another results.dir "
+                         "or set results.resume=false")
+    checkpoint = run.load_checkpoint() if settings.results.resume else None
+    if checkpoint is None:
+        run = _fresh(run)
+    run.write_config(config)
+    owner = ModelOwner.prepare(settings, run.root)
+    initial = owner.initial_payload()
+    if checkpoint and checkpoint.payload.keys() != initial.keys():
+        raise UserError(f"the checkpoint in {run.root} holds other tensors than this run trains; choose another "
+                        "results.dir or set results.resume=false")
+    # in the initial payload's order: the checkpoint file's is sorted, and FedAvgM pairs arrays by position
+    payload = {name: checkpoint.payload[name] for name in initial} if checkpoint else initial
+    done = checkpoint.round if checkpoint else 0
+    if not settings.method.trains:  # zero-shot: the full model and the emulator, evaluated
+        record = evaluation_record(0, owner.evaluate(0, payload))
+        run.append_round(record)
+        if settings.results.tensorboard:
+            tracker = TensorBoardLog(run.root / TENSORBOARD_DIR)
+            tracker.write(record)
+            tracker.close()
+        return run.root
+    if done >= settings.num_rounds:
+        log.info("%s already finished %d rounds", run.root, done)
+        return run.root
+
+    timeout = settings.strategy.round_timeout
+    nodes = _wait_for_nodes(grid, settings.strategy.min_available_nodes, timeout)
+    packages, node_config, refused = _packages(grid, owner, nodes, max(timeout, DELIVERY_TIMEOUT_S))
+    sent = deliver(grid, packages, timeout=max(timeout, DELIVERY_TIMEOUT_S))
+    run.record_delivery({n: (p.digest, p.nbytes, node_config[n]["emulator-layers"]) for n, p in packages.items()},
+                        sent, refused)
+    tracker = TensorBoardLog(run.root / TENSORBOARD_DIR, first_round=done + 1 if done else 0) \
+        if settings.results.tensorboard else None
+    answers = task_answers(owner.task)
+    strategy = OffsiteStrategy(
+        aggregation_strategy(settings.strategy, settings.dp, len(packages)), reference=payload,
+        evaluate_payload=owner.evaluate, run=run,
+        lr_at=lr_schedule(settings.train.lr, settings.lr_schedule, settings.num_rounds),
+        min_replies=settings.strategy.min_train_nodes, seed=settings.seed,
+        base_config={"task-answers": json.dumps(answers) if answers else ""}, node_config=node_config,
+        rounds_done=done, max_update_norm=settings.strategy.max_update_norm,
+        round_timeout=timeout, after_round=after_round(owner, run, len(packages), tracker),
+        payload_kind=owner.tuning.payload_kind(owner.plan), realignment=owner.realignment())
+    if checkpoint:
+        strategy.restore(checkpoint.strategy_state)
+        log.info("Resuming %s after round %d", run.root, done)
+    try:
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(payload),
+                                num_rounds=settings.num_rounds - done, timeout=timeout,
+                                evaluate_fn=strategy.evaluate)
+    finally:
+        if tracker is not None:
+            tracker.close()
+    save_final(owner, run, result.arrays.to_torch_state_dict(), len(packages))
+    log.info("Results in %s", run.root)
+    return run.root
+
+
+def _packages(grid: Grid, owner: ModelOwner, nodes: list[int], timeout: float
+              ) -> tuple[dict[int, ModelPackage], dict[int, dict], dict[int, str]]:
+    """What each node is delivered once, the per-node keys of its training messages (model digest, split,
+    emulator size), and the nodes refused (node -> why). Offsite-tuning asks every node for its profile
+    and gives it the largest emulator that fits (fl_offsite.app.fleet); full fine-tuning sends all one model."""
+    dtype = HALF.get(owner.settings.train.precision)
+    if owner.plan is None:
+        package = ModelPackage.from_folder(owner.base_folder, dtype=dtype, carried=owner.carried_weights())
+        return ({n: package for n in nodes},
+                {n: {"digest": package.digest, "split-plan": "", "emulator-layers": 0} for n in nodes}, {})
+    emulators, refused = owner.assign_emulators(ask_profiles(grid, nodes, timeout))
+    if len(emulators) < owner.settings.strategy.min_train_nodes:
+        raise UserError(f"only {len(emulators)} node(s) can train (strategy.min-train-nodes = "
+                        f"{owner.settings.strategy.min_train_nodes}): " + "; ".join(refused.values()))
+    by_folder = {e.folder: ModelPackage.from_folder(e.folder, dtype=dtype) for e in emulators.values()}
+    packages = {n: by_folder[e.folder] for n, e in emulators.items()}
+    node_config = {n: {"digest": packages[n].digest, "split-plan": json.dumps(e.plan.to_json()),
+                       "emulator-layers": e.plan.emulator_layers} for n, e in emulators.items()}
+    if len(by_folder) > 1:
+        log.info("Emulators by node: %s", ", ".join(f"node {n}: {e.plan.name}" for n, e in emulators.items()))
+    return packages, node_config, refused
+
+
+def _essential(config: dict) -> dict:
+    """The settings a resumed run must share with the interrupted one."""
+    return {k: v for k, v in config.items() if not k.startswith(("results.", "eval.")) and k != "num-rounds"}
+
+
+def _fresh(run: RunFolder) -> RunFolder:
+    """Clear the records of an earlier run in the same folder."""
+    for name in ("metrics.jsonl", "adapter.safetensors", "model.safetensors", "lora.safetensors", DELIVERY, CARD):
+        (run.root / name).unlink(missing_ok=True)
+    for name in (CHECKPOINT, PEFT_DIR, TENSORBOARD_DIR):
+        shutil.rmtree(run.root / name, ignore_errors=True)
+    for folder in run.root.glob(f"{SMALLER_SPLIT}*"):  # a fleet's smaller emulators
+        shutil.rmtree(folder, ignore_errors=True)
+    return run
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of the {minimum} required nodes connected in {timeout:.0f} s")
+        log.info("Waiting for nodes: %d of %d connected", len(nodes), minimum)
+        time.sleep(1)
+    return nodes

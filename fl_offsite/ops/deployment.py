@@ -1,0 +1,352 @@
+"""Flower's deployment engine for real data owners: the SuperLink, the SuperNodes, and runs on them.
+
+Roles (flwr 1.42):
+
+* The **model owner** runs one ``flower-superlink``. Its single HTTPS port (default 9093 here)
+  serves the Fleet API (SuperNodes connect to it), the Control API (``flwr run``, ``flwr ls``,
+  ``flwr supernode register``) and the runtime API of the ServerApp process.
+* Each **data owner** runs one ``flower-supernode`` that dials out to the SuperLink (no inbound
+  port needed); every message starts a fresh ``flwr-clientapp`` process on the node.
+
+Security is on by default: TLS with a CA made by :func:`fl_offsite.ops.certs.make_certs`, and
+SuperNode authentication (``--enable-supernode-auth``): only the public keys made by
+:func:`fl_offsite.ops.certs.make_node_key` and registered (``flwr supernode register``) may join.
+``insecure=True`` turns both off and is refused outside loopback.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fl_offsite.ops.certs import CA_CERT, SERVER_CERT, SERVER_KEY, server_names
+from fl_offsite.errors import UserError
+from fl_offsite.ops.flower_cli import (
+    STARTUP_TIMEOUT_S,
+    RunNotStarted,
+    connection_address,
+    executable,
+    flower_env,
+    flwr_run,
+    forward_output,
+    terminate,
+    wait_foreground,
+    wait_healthy,
+    write_connection,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9093  # one port for Fleet, Control and runtime APIs (flwr default 8000 is often taken)
+DEFAULT_CONNECTION = "fl-offsite-deploy"
+ACTIVATION_RETRY_S = 75.0  # flwr 1.42 keeps a vanished node online for 2 missed heartbeats of 30 s
+REFUSED = "[code: 2004]"  # flower-supernode: activation refused (unknown key, or the node still online)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only (where insecure mode is allowed)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# --- the model owner's SuperLink ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class SuperLinkSettings:
+    certs: Path | None  # folder made by make_certs; None = insecure (loopback only)
+    host: str = "127.0.0.1"  # address to bind; 0.0.0.0 for every interface
+    port: int = DEFAULT_PORT
+    node_keys: tuple[Path, ...] = ()  # public keys (or folders of *.pub) allowed to join
+    node_auth: bool = True
+    database: Path | None = None  # keeps runs and registered nodes across restarts
+    connection: str = DEFAULT_CONNECTION
+    log_file: Path | None = None
+
+    def check(self) -> None:
+        if self.certs is None:
+            if not is_loopback(self.host):
+                raise UserError(f"--insecure binds {self.host}, which is not loopback: outside loopback the "
+                                "SuperLink needs TLS (make certificates with `fl-offsite certs --host NAME`) ")
+            if self.node_keys:
+                raise UserError("node authentication needs TLS: drop --insecure or the node keys")
+            return
+        for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
+            if not (self.certs / name).is_file():
+                raise UserError(f"{self.certs / name} is missing: make the certificates with "
+                                f"`fl-offsite certs --host NAME --out {self.certs}`")
+        own = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host)  # where flwr's SuperExec dials the SuperLink
+        if own and own not in server_names(self.certs):
+            raise UserError(f"{self.certs / SERVER_CERT} does not name {own}, where the SuperLink's own SuperExec "
+                            f"connects when it binds {self.host}: remake the certificates with `fl-offsite certs` "
+                            "(it adds 127.0.0.1), or bind --host to a name in the certificate")
+        if not self.node_auth and not is_loopback(self.host):
+            raise UserError(f"node authentication is off and the SuperLink binds {self.host}: anyone who can reach "
+                            "it could join; list the data owners' public keys with --node-key instead")
+
+    @property
+    def node_auth_on(self) -> bool:
+        return self.certs is not None and self.node_auth
+
+    def public_keys(self) -> list[Path]:
+        keys: list[Path] = []
+        for path in self.node_keys:
+            found = sorted(path.glob("*.pub")) if path.is_dir() else [path]
+            if not found or not all(p.is_file() for p in found):
+                raise UserError(f"{path}: no such public key file (or no *.pub in that folder)")
+            keys += found
+        return keys
+
+    def client_address(self) -> str:
+        """The address local ``flwr`` commands use: a name in the certificate, reachable from here."""
+        host = self.host
+        if self.certs is not None:
+            names = server_names(self.certs)
+            if host not in names:
+                loopback = [n for n in names if is_loopback(n)]
+                host = loopback[0] if loopback and host in ("0.0.0.0", "::") else names[0]
+        elif host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def superlink_command(s: SuperLinkSettings) -> list[str]:
+    command = [executable("flower-superlink"), "--host", s.host, "--port", str(s.port),
+               "--disable-runtime-dependency-installation"]
+    if s.certs is None:
+        command.append("--insecure")
+    else:
+        command += ["--ssl-ca-certfile", str(s.certs / CA_CERT), "--ssl-certfile", str(s.certs / SERVER_CERT),
+                    "--ssl-keyfile", str(s.certs / SERVER_KEY)]
+        if s.node_auth:
+            command.append("--enable-supernode-auth")
+    if s.database is not None:
+        command += ["--database", str(s.database)]
+    if s.log_file is not None:
+        command += ["--log-file", str(s.log_file)]
+    return command
+
+
+def register_nodes(connection: str, keys: Sequence[Path], env: dict[str, str]) -> dict[Path, str]:
+    """Register the public keys at the SuperLink (``flwr supernode register``); key -> node id or note."""
+    registered = {}
+    for key in keys:
+        result = subprocess.run([executable("flwr"), "supernode", "register", str(key), connection,
+                                 "--name", key.stem, "--format", "json"],
+                                env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        output = result.stdout + result.stderr
+        if match := re.search(r'"node-id":\s*(\d+)', output):
+            registered[key] = match.group(1)
+        elif "already in use" in output:
+            registered[key] = "registered before"
+        else:
+            raise UserError(f"could not register {key} at the SuperLink: {output.strip()[-500:]}")
+    return registered
+
+
+def serve_superlink(s: SuperLinkSettings) -> int:
+    """Run the SuperLink in the foreground: start, register the node keys, write the connection, wait."""
+    s.check()
+    keys = s.public_keys() if s.node_auth_on else []
+    if s.node_auth_on and not keys:
+        log.warning("Node authentication is on and no node key is listed: no SuperNode can join until one is "
+                    "registered (`flwr supernode register KEY.pub %s`)", s.connection)
+    env = runtime_env()
+    process = subprocess.Popen(superlink_command(s), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
+    forward = forward_output(process, _superlink_note)
+    try:
+        ca = s.certs / CA_CERT if s.certs else None
+        if not wait_healthy(s.host, s.port, process, ca):
+            if process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {process.returncode}; see its log above")
+            raise RuntimeError(f"flower-superlink did not answer on port {s.port} within {STARTUP_TIMEOUT_S:.0f} s")
+        config_file = write_connection(s.connection, s.client_address(), ca)
+        for key, node in register_nodes(s.connection, keys, env).items():
+            log.info("Registered node key %s (node %s)", key, node)
+        mode = ("TLS, only registered nodes may join" if s.node_auth_on else
+                "TLS, any node may join" if s.certs else "INSECURE: no TLS, any node may join")
+        log.info("SuperLink ready on %s:%d (%s). Connection %r written to %s; run the app with:\n"
+                 "    flwr run . %s --stream --run-config 'results.dir=\"/abs/path\"'\n"
+                 "or  fl-offsite run CONFIG.toml --connection %s", s.host, s.port, mode, s.connection, config_file,
+                 s.connection, s.connection)
+        return wait_foreground(process, forward)
+    finally:
+        terminate(process)
+
+
+def _superlink_note(line: str) -> str | None:
+    if "activate-node" in line and "No SuperNode found with the given public key" in line:
+        return ("fl-offsite: REFUSED a SuperNode whose public key is not registered; to admit it, restart with "
+                "--node-key ITS_KEY.pub or run `flwr supernode register ITS_KEY.pub CONNECTION`")
+    if "ApiError:2001" in line:
+        return "fl-offsite: REFUSED a SuperNode that has no authentication key (start it with --key)"
+    return None
+
+
+# --- a data owner's SuperNode ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SuperNodeSettings:
+    superlink: str  # HOST:PORT of the SuperLink
+    ca: Path | None  # the model owner's ca.crt; None = insecure (loopback only)
+    key: Path | None  # this node's private key (make_node_key)
+    data_path: Path | None = None
+    cache_dir: Path | None = None
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    memory_budget_mb: float | None = None  # the model owner gives the node the largest emulator this fits
+    emulator_layers: int | None = None  # or this emulator size (k), whatever the budget
+    port: int = 9094  # this node's local runtime API (127.0.0.1 only); one per node on a machine
+
+    def check(self) -> None:
+        host = self.superlink.rsplit(":", 1)[0]
+        if ":" not in self.superlink:
+            raise UserError(f"--superlink {self.superlink!r}: give HOST:PORT, e.g. {self.superlink}:{DEFAULT_PORT}")
+        if self.ca is None:
+            if not is_loopback(host):
+                raise UserError(f"--insecure to {host}, which is not loopback: pass --ca with the model owner's "
+                                "ca.crt (TLS is required outside loopback)")
+            if self.key is not None:
+                raise UserError("node authentication (--key) needs TLS: pass --ca instead of --insecure")
+        elif not self.ca.is_file():
+            raise UserError(f"--ca {self.ca}: no such file; get ca.crt from the model owner "
+                            "(made by `fl-offsite certs`)")
+        if self.key is not None:
+            from cryptography.hazmat.primitives.serialization import (
+                load_ssh_private_key,
+            )
+
+            if not self.key.is_file():
+                raise UserError(f"--key {self.key}: no such file; make one with `fl-offsite node-key NAME`")
+            try:
+                load_ssh_private_key(self.key.read_bytes(), None)
+            except (ValueError, TypeError) as err:
+                raise UserError(f"--key {self.key} is not an unencrypted OpenSSH private key ({err}); "
+                                "make one with `fl-offsite node-key NAME`") from None
+        if self.data_path is not None:
+            from fl_offsite.data.local_file import load_examples
+
+            n = len(load_examples(self.data_path))  # fail here, not in the first round
+            log.info("Local data %s: %d examples", self.data_path, n)
+        elif self.partition_id is None:
+            raise UserError("give the node its data: --data-path FILE.jsonl (its own examples), or "
+                            "--partition-id N --num-partitions M (a share of the public task, for trials)")
+
+    def node_config(self) -> str:
+        config: dict[str, object] = {}
+        if self.data_path is not None:
+            config["data-path"] = str(self.data_path.expanduser().resolve())
+        if self.cache_dir is not None:
+            config["cache-dir"] = str(self.cache_dir.expanduser().resolve())
+        if self.partition_id is not None:
+            config["partition-id"] = self.partition_id
+        if self.num_partitions is not None:
+            config["num-partitions"] = self.num_partitions
+        if self.memory_budget_mb is not None:
+            config["memory-budget-mb"] = self.memory_budget_mb
+        if self.emulator_layers is not None:
+            config["emulator-layers"] = self.emulator_layers
+        for key, value in config.items():
+            if isinstance(value, str) and ('"' in value or "\\" in value):
+                raise UserError(f"{key} {value!r}: quotes and backslashes are not supported in paths")
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+
+
+def supernode_command(s: SuperNodeSettings) -> list[str]:
+    command = [executable("flower-supernode"), "--superlink", s.superlink, "--port", str(s.port)]
+    command += ["--insecure"] if s.ca is None else ["--root-certificates", str(s.ca)]
+    if s.key is not None:
+        command += ["--auth-supernode-private-key", str(s.key)]
+    if node_config := s.node_config():
+        command += ["--node-config", node_config]
+    return command
+
+
+def serve_supernode(s: SuperNodeSettings) -> int:
+    """Run a SuperNode in the foreground; a refusal or TLS failure ends it with an error saying what to fix.
+
+    A refused activation is retried for ``ACTIVATION_RETRY_S``: flwr keeps a node that vanished (killed,
+    machine restarted) online until it misses two heartbeats, and refuses its restarted SuperNode until then.
+    """
+    s.check()
+    deadline = time.monotonic() + ACTIVATION_RETRY_S
+    while True:
+        code, output = _run_supernode(s)
+        if code == 0 or REFUSED not in output or time.monotonic() > deadline:
+            break
+        log.warning("The SuperLink refused to activate this node: a previous session of it may still count as "
+                    "online, or its key is not registered yet; retrying for %.0f s more", deadline - time.monotonic())
+        try:
+            time.sleep(5)
+        except KeyboardInterrupt:
+            return 0
+    if code != 0:
+        for pattern, hint in _supernode_hints(s):
+            if pattern in output:
+                raise UserError(hint)
+    return code
+
+
+def _run_supernode(s: SuperNodeSettings) -> tuple[int, str]:
+    """One ``flower-supernode`` until it exits: its exit code and output (also copied to ours)."""
+    process = subprocess.Popen(supernode_command(s), env=runtime_env(), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                               errors="replace")
+    seen: list[str] = []
+    forward = forward_output(process, lambda line: seen.append(line) or None)
+    try:
+        return wait_foreground(process, forward), "".join(seen)
+    finally:
+        terminate(process)
+
+
+def _supernode_hints(s: SuperNodeSettings) -> list[tuple[str, str]]:
+    """(text in flower-supernode's output, what to tell the data owner)."""
+    public = f"{s.key}.pub" if s.key else "its .pub file"
+    host = s.superlink.rsplit(":", 1)[0]
+    refused = (f"the SuperLink {s.superlink} refused this node: its public key ({public}) is not registered "
+               f"(retried for {ACTIVATION_RETRY_S:.0f} s). Send that .pub file to the model owner to register "
+               "(`fl-offsite superlink ... --node-key FILE.pub`), then start the node again")
+    anonymous = (f"the SuperLink {s.superlink} only admits registered nodes: start with --key PRIVATE_KEY "
+                 "(`fl-offsite node-key NAME`) and have the model owner register NAME.pub")
+    tls = (f"TLS check of {s.superlink} failed: the SuperLink's certificate is not signed by --ca {s.ca} or does "
+           f"not name host {host}. Use the model owner's current ca.crt, and an address given to "
+           "`fl-offsite certs --host`")
+    plain = f"{s.superlink} does not speak TLS (a SuperLink started with --insecure?)"
+    return [(REFUSED, refused), ("[code: 2001]", anonymous), ("CERTIFICATE_VERIFY_FAILED", tls),
+            ("WRONG_VERSION_NUMBER", plain)]
+
+
+# --- running the app ----------------------------------------------------------------------
+
+def run_app(app_dir: Path, connection: str, run_config: dict, env: dict[str, str] | None = None,
+            log_path: Path | None = None, stream: bool = True) -> int:
+    """``flwr run APP CONNECTION --stream`` and wait; raise RuntimeError unless the run completed."""
+    env = env or runtime_env()
+    address = connection_address(connection, env)
+    with tempfile.TemporaryDirectory(prefix="fl-offsite-run-") as tmp:
+        try:
+            return flwr_run(app_dir, connection, run_config, env, Path(tmp) / "run-config.toml",
+                            log_path or Path(tmp) / "run.log", stream)
+        except RunNotStarted as err:
+            if "Connection to the SuperLink is unavailable" in str(err):
+                raise UserError(f"no SuperLink answers at {address} (connection {connection!r}): start it with "
+                                "`fl-offsite superlink`, or wait until it is back up") from None
+            raise
+
+
+def runtime_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of the deployment's Flower processes (:func:`fl_offsite.ops.flower_cli.flower_env`); the
+    SuperExec starts a ClientApp 0.2 s after its message, not 1 s."""
+    return flower_env({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2", **(extra or {})})

@@ -1,0 +1,84 @@
+"""LoRA (via PEFT) on chosen transformer blocks, and the names its weights travel under.
+
+LoRA factors travel keyed by the **full model's** module names (``<block prefix>.<full
+index>.<module>.lora_A.weight``), like adapters, so clients training inside the emulator
+and the owner's full model agree on them. FedAvg averages A and B separately (as
+FedAvg-LoRA and FlowerTune do): the average of products is not the product of averages,
+but the clients' factors start from the same global pair each round, so the two stay
+close for the few local steps of a round; the owner evaluates exactly the averaged pair.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers.pytorch_utils import Conv1D
+
+from fl_offsite.surgery.blocks import find_blocks
+from fl_offsite.config.keys import DEFAULTS
+from fl_offsite.files import atomic_dir, write_atomic
+from fl_offsite.surgery.split import SplitPlan, block_key
+
+PEFT_PREFIX = "base_model.model."
+PEFT_DIR = "peft"  # a run's PEFT adapter folder (LoRA methods)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = DEFAULTS["lora.r"]
+    alpha: int = DEFAULTS["lora.alpha"]
+    dropout: float = DEFAULTS["lora.dropout"]
+
+
+def add_lora(model: torch.nn.Module, spec: LoraSpec, blocks: list[int], seed: int = 0) -> PeftModel:
+    """Wrap ``model`` with LoRA on every linear layer of the blocks at positions ``blocks``."""
+    prefix, block_list = find_blocks(model)
+    leaves = sorted({name for name, module in block_list[0].named_modules()
+                     if isinstance(module, (torch.nn.Linear, Conv1D))})
+    if not leaves:
+        raise ValueError(f"{type(model).__name__}'s blocks have no linear layers for LoRA")
+    pattern = (rf"{re.escape(prefix)}\.({'|'.join(str(b) for b in blocks)})\."
+               rf"({'|'.join(re.escape(leaf) for leaf in leaves)})")
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=pattern,
+                        fan_in_fan_out=any(isinstance(m, Conv1D) for m in block_list[0].modules()))
+    with torch.random.fork_rng():  # the same initial factors on every call; the caller's generators untouched
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def lora_blocks(model: torch.nn.Module, plan: SplitPlan | None) -> list[int]:
+    """Block positions in ``model`` that get LoRA: the adapter's with a plan, else all."""
+    if plan is None:
+        return list(range(len(find_blocks(model)[1])))
+    positions = plan.positions(model)
+    return [positions[i] for i in plan.adapter_layers]
+
+
+def lora_names(model: PeftModel, plan: SplitPlan | None) -> dict[str, str]:
+    """Map travelling name (full-model module + ``lora_A.weight``) -> parameter name in ``model``."""
+    original = plan.full_index(model.base_model.model) if plan else None
+    names = {}
+    for local, _ in model.named_parameters():
+        if ".lora_" not in local or ".default." not in local:  # not another adapter's (fl_offsite.emulator.realign)
+            continue
+        name = local.removeprefix(PEFT_PREFIX).replace(".default.", ".")
+        if original is not None:
+            position, rest = block_key(plan.block_prefix, name)
+            name = f"{plan.block_prefix}.{original[position]}.{rest}"
+        names[name] = local
+    return names
+
+
+def save_peft_folder(model: PeftModel, folder: str | Path, card: str) -> Path:
+    """PEFT's own adapter folder of ``model`` (``adapter_config.json``, ``adapter_model.safetensors``) and a card.
+
+    ``PeftModel.from_pretrained(base, folder)`` loads it onto the full base model: the LoRA
+    factors sit on the full model's module names (for offsite-lora, the adapter blocks').
+    """
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        write_atomic(tmp / "README.md", card)
+    return Path(folder)
