@@ -23,6 +23,7 @@ from fl_offsite.emulator.realign import Realignment, RealignSettings, add_realig
 from fl_offsite.surgery.split import SplitPlan, build_emulator, plan_split
 from fl_offsite.testing.flower import Crash, crash_in_round, of_type, rounds_of, run, tiny_config
 from fl_offsite.testing.models import CORPUS
+from test_federated import tensorboard_scalars
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 REALIGN = {"realign.steps": 3, "realign.pre-steps": 4, "realign.lora-r": 2, "realign.batch-size": 2,
@@ -95,7 +96,7 @@ def test_a_split_without_middle_blocks_and_a_full_model_method_are_refused(six_b
 
 
 def test_clients_receive_and_apply_the_owners_factors_and_their_bytes_are_counted_apart(tiny_lm_dir, tmp_path):
-    config = tiny_config(tiny_lm_dir, tmp_path / "run", **REALIGN)
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **REALIGN, **{"results.tensorboard": True})
     grid = run(config, num_nodes=2)
     train = of_type(grid, "train")
     assert train and all("realign" in m.content.array_records for m in train)
@@ -120,6 +121,13 @@ def test_clients_receive_and_apply_the_owners_factors_and_their_bytes_are_counte
     assert summary["communication"]["realign_bytes_down"] == 2 * per_node * 2
     assert summary["owner_realign_seconds_per_round"] > 0
     assert "re-aligned its emulator before every round" in _markdown({"offsite": summary}, [])
+    # TensorBoard holds the re-alignment of every round, 0 included (its records once broke the writer)
+    scalars = tensorboard_scalars(tmp_path / "run")
+    k = next(iter(rounds[0]["realign"]["emulators"]))
+    assert scalars[f"realign/k{k}_error_after"] == pytest.approx([r["realign"]["emulators"][k]["error_after"]
+                                                                  for r in rounds])
+    assert scalars[f"realign/k{k}_last_loss"] == pytest.approx([r["realign"]["emulators"][k]["losses"][-1]
+                                                                for r in rounds])
 
 
 def _plan(message) -> SplitPlan:

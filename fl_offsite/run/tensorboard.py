@@ -28,8 +28,11 @@ def round_scalars(record: dict) -> dict[str, float]:
             scalars["communication/realign_MB_down"] = traffic["realign_bytes_down"] / 1e6
     if realign := record.get("realign"):
         scalars["realign/owner_seconds"] = realign["seconds"]
-        for k, r in realign["emulators"].items():
-            scalars[f"realign/k{k}_last_loss"] = r["last_loss"]
+        for k, r in realign["emulators"].items():  # fl_offsite.emulator.realign's record of emulator k
+            scalars[f"realign/k{k}_error_before"] = r["error_before"]
+            scalars[f"realign/k{k}_error_after"] = r["error_after"]
+            if r["losses"]:
+                scalars[f"realign/k{k}_last_loss"] = r["losses"][-1]
     if privacy := record.get("privacy"):
         scalars["privacy/epsilon"] = privacy["epsilon"]
     return scalars
