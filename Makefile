@@ -6,9 +6,11 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
 .PHONY: setup setup-test test test-fast demo
-# --no-compile: byte-compiling every installed module (torch, transformers, ray, ...) took half the install; what
-# is imported gets compiled on first use.
+# pip byte-compiles on one core; compileall -j 0 on every core (85 s against 57 s for the install on 2 cores).
+# Left to first imports instead, the compiling lands on the first Ray start, which then timed out in the tests.
 PIP := $(BIN)/pip install -q --disable-pip-version-check --no-compile
+# Like pip, it skips files that do not compile (a few test data files in some packages).
+COMPILE := $(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
@@ -16,11 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
 	$(PIP) "$(TORCH_SPEC)" -e .
+	$(COMPILE)
 	touch $@
 
 # The tests' extras (pytest, lm-eval's reference harness) only where the tests run, not for the main job.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e ".[test]"
+	$(COMPILE)
 	touch $@
 
 # Workers: the slow end-to-end tests (run first) mostly wait on processes and timeouts, so 4 workers
