@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-test test test-fast demo
+.PHONY: setup setup-test lint test test-fast demo
 # --no-compile: byte-compiling every installed module (torch, transformers, ray, ...) took half the install; what
 # is imported gets compiled on first use.
 PIP := $(BIN)/pip install -q --disable-pip-version-check --no-compile
@@ -26,7 +26,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 # Workers: the slow end-to-end tests (run first) mostly wait on processes and timeouts, so 4 workers
 # keep 2 cores busy.
 TEST_WORKERS ?= 4
-test: setup-test
+lint: setup-test
+	$(BIN)/ruff check fl_offsite strategies
+
+test: lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: setup-test
