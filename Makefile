@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-test test test-fast demo
+.PHONY: setup setup-test lint test test-fast demo
 # pip byte-compiles on one core; compileall -j 0 on every core (85 s against 57 s for the install on 2 cores).
 # Left to first imports instead, the compiling lands on the first Ray start, which then timed out in the tests.
 PIP := $(BIN)/pip install -q --disable-pip-version-check --no-compile
@@ -30,7 +30,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 # Workers: the slow end-to-end tests (run first) mostly wait on processes and timeouts, so 4 workers
 # keep 2 cores busy.
 TEST_WORKERS ?= 4
-test: setup-test
+lint: setup-test
+	$(BIN)/ruff check fl_offsite strategies
+
+test: lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: setup-test

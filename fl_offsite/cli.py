@@ -32,11 +32,11 @@ def _megabytes(tensors) -> float:
 
 def cmd_split(args: argparse.Namespace) -> None:
     """``split`` and ``distill``: the model owner's emulator recipe, written as a split folder."""
+    from fl_offsite.data.models import load_model
     from fl_offsite.emulator.distill import ppl_summary
     from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
-    from fl_offsite.data.models import load_model
-    from fl_offsite.surgery.payload import extract_adapter
     from fl_offsite.run.tables import describe_composition
+    from fl_offsite.surgery.payload import extract_adapter
     from fl_offsite.surgery.split import write_split
 
     start = time.perf_counter()
@@ -67,9 +67,9 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 def cmd_plug_in(args: argparse.Namespace) -> None:
     """Plug an adapter file (fl-offsite's, or any file keyed by full-model names) into the full model."""
-    from fl_offsite.run.card import model_card, usage
-    from fl_offsite.files import atomic_dir, write_atomic
     from fl_offsite.data.models import load_model
+    from fl_offsite.files import atomic_dir, write_atomic
+    from fl_offsite.run.card import model_card, usage
     from fl_offsite.surgery.payload import plug_in
     from fl_offsite.surgery.split import adapter_run, load_adapter, plan_from_names
     from fl_offsite.surgery.tuning import BOTTLENECK
@@ -87,17 +87,18 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
             tokenizer.save_pretrained(tmp)
         card = model_card(args.model, plan, adapter_run(args.adapter), usage("model", args.model, args.out))
         write_atomic(tmp / "README.md", card)
-    print(f"plugged {len(adapter)} adapter tensors (blocks {list(plan.adapter_layers)}) into {args.model} -> {args.out}")
+    print(f"plugged {len(adapter)} adapter tensors (blocks {list(plan.adapter_layers)}) into {args.model} "
+          f"-> {args.out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from fl_offsite.learn.evaluate import evaluate_task
-    from fl_offsite.files import write_json
     from fl_offsite.data.models import load_model
+    from fl_offsite.data.tasks import load_task
+    from fl_offsite.files import write_json
+    from fl_offsite.learn.evaluate import evaluate_task
     from fl_offsite.run.tables import markdown_table
     from fl_offsite.surgery.payload import plug_in
     from fl_offsite.surgery.split import emulator_plan, load_adapter, plan_from_names
-    from fl_offsite.data.tasks import load_task
     from fl_offsite.surgery.tuning import prepare_for_adapter
 
     for name in ("limit", "batch_size"):
@@ -122,8 +123,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_export_task(args: argparse.Namespace) -> None:
     """A task as an lm-evaluation-harness task folder (scored offline with ``lm_eval --include_path``)."""
-    from fl_offsite.run.lm_eval_export import export_lm_eval_task
     from fl_offsite.data.tasks import load_task
+    from fl_offsite.run.lm_eval_export import export_lm_eval_task
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: give a positive number")
@@ -137,11 +138,11 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from fl_offsite.config.keys import load_file, parse_sets, validate
-    from fl_offsite.ops.simulation import run_simulation_app
-    from fl_offsite.ops.preflight import check_runnable
-    from fl_offsite.run.tables import round_table
-    from fl_offsite.run.folder import RunFolder
     from fl_offsite.config.settings import Settings
+    from fl_offsite.ops.preflight import check_runnable
+    from fl_offsite.ops.simulation import run_simulation_app
+    from fl_offsite.run.folder import RunFolder
+    from fl_offsite.run.tables import round_table
 
     config = validate({**(load_file(args.config) if args.config else {}), **parse_sets(args.set)})
     results = str(Path(Settings.from_config(config).results.dir).expanduser().resolve())
@@ -163,8 +164,8 @@ CPUS_HELP = ("CPUs of each simulated client (default: the file's compare.cpus-pe
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from fl_offsite.run.compare import load_compare_config, run_compare
     from fl_offsite.config.keys import parse_sets
+    from fl_offsite.run.compare import load_compare_config, run_compare
 
     plan = load_compare_config(args.config, parse_sets(args.set), cpus_per_client=args.cpus_per_client)
     report = run_compare(plan)
@@ -214,7 +215,8 @@ def cmd_supernode(args: argparse.Namespace) -> None:
 
     from fl_offsite.ops.deployment import SuperNodeSettings, serve_supernode
 
-    path = lambda value: Path(value).expanduser() if value else None
+    def path(value):
+        return Path(value).expanduser() if value else None
     settings = SuperNodeSettings(
         superlink=args.superlink, ca=None if args.insecure else path(args.ca), key=path(args.key),
         data_path=path(args.data_path), cache_dir=path(args.cache_dir), partition_id=args.partition_id,
@@ -228,10 +230,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from fl_offsite.config.keys import load_file, parse_sets, validate
-    from fl_offsite.ops.deployment import run_app
-    from fl_offsite.run.tables import round_table
-    from fl_offsite.run.folder import RunFolder
     from fl_offsite.config.settings import Settings
+    from fl_offsite.ops.deployment import run_app
+    from fl_offsite.run.folder import RunFolder
+    from fl_offsite.run.tables import round_table
 
     overrides = {**(load_file(args.config) if args.config else {}), **parse_sets(args.set)}
     config = validate(overrides)
@@ -356,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--partition-id", type=int, help="without --data-path: train on this share of the task")
     node.add_argument("--num-partitions", type=int)
     node.add_argument("--memory-budget-mb", type=float,
-                      help="memory this node can train in: it gets the largest emulator that fits (fl_offsite.app.fleet)")
+                      help="memory this node can train in: it gets the largest emulator that fits "
+                           "(fl_offsite.app.fleet)")
     node.add_argument("--emulator-layers", type=int, help="or ask for an emulator of this many middle blocks")
     node.add_argument("--port", type=int, default=9094, help="local port of the node's runtime API (one per node)")
     node.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
@@ -383,7 +386,8 @@ def _split_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     parser.add_argument("--layers", choices=CHOICES["emulator.layers"], default=DEFAULTS["emulator.layers"],
                         help="which middle blocks the emulator keeps (fl_offsite.emulator.layer_choice)")
     parser.add_argument("--corpus", default=DEFAULTS["distill.corpus"],
-                        help="the owner's public text: public | public:<source>,... | model-samples | hf:<datasets path>[:<config>]")
+                        help="the owner's public text: public | public:<source>,... | model-samples | "
+                             "hf:<datasets path>[:<config>]")
     parser.add_argument("--task", default=DEFAULTS["task"],
                         help="the task the data owners tune on: its text is refused as the corpus")
     parser.add_argument("--public-in-domain", action="store_true",

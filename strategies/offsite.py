@@ -20,10 +20,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord,
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_offsite.errors import UserError
-from fl_offsite.surgery.payload import check_payload
 from fl_offsite.emulator.realign import Realignment
+from fl_offsite.errors import UserError
 from fl_offsite.run.folder import AfterRound, Checkpoint, RunFolder
+from fl_offsite.surgery.payload import check_payload
 
 log = logging.getLogger(__name__)
 

@@ -10,18 +10,18 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fl_offsite.data.encode import pad_id
 from fl_offsite.app.delivery import node_store
-from fl_offsite.errors import UserError
 from fl_offsite.app.fleet import node_profile
-from fl_offsite.data.local_file import BadDataFile, data_path
-from fl_offsite.logs import log_to_console
 from fl_offsite.app.node_cache import ExampleSource, ModelKey, NodeCache
-from fl_offsite.surgery.payload import get_payload, set_payload
-from fl_offsite.emulator.realign import set_factors
 from fl_offsite.config.settings import DataSettings, Settings
-from fl_offsite.surgery.split import SplitPlan
+from fl_offsite.data.encode import pad_id
+from fl_offsite.data.local_file import BadDataFile, data_path
+from fl_offsite.emulator.realign import set_factors
+from fl_offsite.errors import UserError
 from fl_offsite.learn.train import train_local
+from fl_offsite.logs import log_to_console
+from fl_offsite.surgery.payload import get_payload, set_payload
+from fl_offsite.surgery.split import SplitPlan
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from fl_offsite.app.fleet import NodeProfile
-from fl_offsite.files import atomic_dir, save_tensors
 from fl_offsite.data.models import load_model, load_tokenizer
+from fl_offsite.files import atomic_dir, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class ModelPackage:
             digest.update(name.encode())
             digest.update((folder / name).read_bytes())
         with safe_open(folder / WEIGHTS_FILE, "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys() if k not in carried}
+            tensors = {k: f.get_tensor(k) for k in f if k not in carried}
         digest.update(",".join(sorted(carried)).encode())
         if dtype is not None:
             digest.update(str(dtype).encode())

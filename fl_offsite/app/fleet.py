@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fl_offsite.surgery.blocks import find_blocks
-from fl_offsite.errors import UserError
 from fl_offsite.config.settings import FleetSettings
-from fl_offsite.surgery.split import SplitPlan
+from fl_offsite.errors import UserError
 from fl_offsite.learn.train import HALF, answer_loss, freeze_except, half_frozen, precision_autocast
+from fl_offsite.surgery.blocks import find_blocks
+from fl_offsite.surgery.split import SplitPlan
 
 BUDGET_KEY, LAYERS_KEY = "memory-budget-mb", "emulator-layers"  # node config keys, and the profile's
 SMALLER_EVAL, SMALLER_SPLIT = "emulator-k", "split-k"  # a smaller emulator's scores (emulator-k2) and folder

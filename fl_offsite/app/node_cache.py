@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from fl_offsite.data.encode import encode_choice_example
-from fl_offsite.errors import UserError
-from fl_offsite.data.local_file import load_examples
 from fl_offsite.app.delivery import load_delivered
+from fl_offsite.config.settings import DataSettings
+from fl_offsite.data.encode import encode_choice_example
+from fl_offsite.data.local_file import load_examples
 from fl_offsite.data.models import best_device
 from fl_offsite.data.partition import partition_indices
-from fl_offsite.emulator.realign import RealignSettings, add_realign_lora
-from fl_offsite.config.settings import DataSettings
-from fl_offsite.surgery.split import SplitPlan
 from fl_offsite.data.tasks import ChoiceExample, load_task
+from fl_offsite.emulator.realign import RealignSettings, add_realign_lora
+from fl_offsite.errors import UserError
 from fl_offsite.learn.train import HALF, half_frozen
+from fl_offsite.surgery.split import SplitPlan
 from fl_offsite.surgery.tuning import Tuning
 
 Features = list[dict[str, list[int]]]

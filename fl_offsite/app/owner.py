@@ -10,25 +10,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from peft import PeftModel
-
+from fl_offsite.app.fleet import SMALLER_EVAL, SMALLER_SPLIT, NodeProfile, choose_layers, measure_footprint
+from fl_offsite.config.settings import Settings
 from fl_offsite.data.downloads import cache_dir
 from fl_offsite.data.encode import pad_id
+from fl_offsite.data.models import best_device, load_model, resolve_model_path
+from fl_offsite.data.tasks import TaskData, load_task
+from fl_offsite.emulator.realign import Realignment, public_blocks
 from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
 from fl_offsite.errors import UserError
-from fl_offsite.learn.evaluate import evaluate_task
-from fl_offsite.app.fleet import SMALLER_EVAL, SMALLER_SPLIT, NodeProfile, choose_layers, measure_footprint
 from fl_offsite.files import json_digest, write_json
-from fl_offsite.logs import clock_time
-from fl_offsite.data.models import best_device, load_model, resolve_model_path
-from fl_offsite.surgery.payload import extract_adapter, get_payload, set_payload
-from fl_offsite.emulator.realign import Realignment, public_blocks
-from fl_offsite.config.settings import Settings
-from fl_offsite.surgery.split import EMULATOR_DIR, SplitPlan, write_split
-from fl_offsite.data.tasks import TaskData, load_task
+from fl_offsite.learn.evaluate import evaluate_task
 from fl_offsite.learn.train import half_weights, precision_autocast
+from fl_offsite.logs import clock_time
+from fl_offsite.surgery.payload import extract_adapter, get_payload, set_payload
+from fl_offsite.surgery.split import EMULATOR_DIR, SplitPlan, write_split
 from fl_offsite.surgery.tuning import Tuning
 
 log = logging.getLogger(__name__)

@@ -10,19 +10,19 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fl_offsite.config.keys import validate
 from fl_offsite.app.delivery import ModelPackage, ask_profiles, deliver
-from fl_offsite.errors import UserError
 from fl_offsite.app.fleet import SMALLER_SPLIT
-from fl_offsite.data.local_file import task_answers
-from fl_offsite.logs import log_to_console
-from fl_offsite.surgery.lora import PEFT_DIR
-from fl_offsite.run.outputs import CARD, after_round, save_final
 from fl_offsite.app.owner import ModelOwner, lr_schedule
-from fl_offsite.run.folder import CHECKPOINT, DELIVERY, RunFolder
+from fl_offsite.config.keys import validate
 from fl_offsite.config.settings import Settings
+from fl_offsite.data.local_file import task_answers
+from fl_offsite.errors import UserError
 from fl_offsite.learn.train import HALF
+from fl_offsite.logs import log_to_console
+from fl_offsite.run.folder import CHECKPOINT, DELIVERY, RunFolder
+from fl_offsite.run.outputs import CARD, after_round, save_final
 from fl_offsite.run.tensorboard import TENSORBOARD_DIR, TensorBoardLog
+from fl_offsite.surgery.lora import PEFT_DIR
 from strategies.aggregation import aggregation_strategy
 from strategies.offsite import OffsiteStrategy, evaluation_record
 

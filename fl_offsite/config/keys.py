@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl_offsite.errors import UserError
 from fl_offsite.config.method import METHODS
+from fl_offsite.errors import UserError
 
 Value = bool | int | float | str
 
@@ -84,7 +84,7 @@ DEFAULTS: dict[str, Value] = {
     "eval.batch-size": 16,
     "eval.every": 1,  # evaluate before training, every N-th round and after the last (0 = only before and after)
     "eval.precision": "fp32",  # bf16: the owner scores under bf16 autocast (2-3x faster on CPUs with AMX)
-    "fleet.memory-budget-mb": "",  # simulated nodes' memory budgets, "a,b,..." by partition-id (see fl_offsite.app.fleet)
+    "fleet.memory-budget-mb": "",  # simulated nodes' memory budgets, "a,b,..." by partition-id (app/fleet.py)
     "fleet.emulator-layers": "",  # simulated nodes' emulator sizes (k), "a,b,..." by partition-id
     "fleet.overhead-mb": 500.0,  # a client process before it trains, in a node's footprint (CPU: 460-640 MB measured)
     "results.dir": "runs/default",

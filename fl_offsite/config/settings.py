@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fl_offsite.config.keys import DistillSettings, Value, adapter_layers, fleet_list, validate
-from fl_offsite.emulator.recipe import EmulatorRecipe
-from fl_offsite.surgery.lora import LoraSpec
 from fl_offsite.config.method import Method
 from fl_offsite.emulator.realign import RealignSettings
+from fl_offsite.emulator.recipe import EmulatorRecipe
 from fl_offsite.learn.train import TrainSettings
+from fl_offsite.surgery.lora import LoraSpec
 from fl_offsite.surgery.tuning import Tuning
 
 

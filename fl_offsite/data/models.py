@@ -6,8 +6,8 @@ import os
 import shutil
 import tempfile
 import zipfile
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OfflineModel:
-    """A pretrained model shipped as a GGUF file inside a pinned PyPI wheel (:data:`fl_offsite.data.downloads.PINNED`)."""
+    """A pretrained model shipped as a GGUF file inside a pinned PyPI wheel (see ``downloads.PINNED``)."""
 
     package: str
     gguf_member: str

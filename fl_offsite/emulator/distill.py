@@ -22,16 +22,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from fl_offsite.data.downloads import cache_dir
 from fl_offsite.config.keys import CHOICES, DistillSettings
-from fl_offsite.surgery.blocks import BlockHook, find_blocks, forward_until_stop, hooked, normalized_mse, record_output
+from fl_offsite.data.downloads import cache_dir
 from fl_offsite.data.encode import collate, lm_blocks, pad_id
 from fl_offsite.errors import UserError
-from fl_offsite.learn.evaluate import perplexity
 from fl_offsite.files import json_digest
+from fl_offsite.learn.evaluate import perplexity
+from fl_offsite.learn.train import adamw, freeze_except, half_weights, precision_autocast
+from fl_offsite.surgery.blocks import BlockHook, find_blocks, forward_until_stop, hooked, normalized_mse, record_output
 from fl_offsite.surgery.payload import extract_adapter
 from fl_offsite.surgery.split import SPLIT_FILE, SplitPlan, build_emulator, write_split
-from fl_offsite.learn.train import adamw, freeze_except, half_weights, precision_autocast
 
 log = logging.getLogger(__name__)
 EVAL_CHARS = 16_000  # held-out text per perplexity check (about 4k tokens): checks must not dominate short runs

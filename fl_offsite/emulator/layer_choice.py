@@ -22,9 +22,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fl_offsite.surgery.blocks import (BlockHook, find_blocks, forward_until_stop, hooked, normalized_mse, record_input,
-                               record_output, skip_block)
 from fl_offsite.errors import UserError
+from fl_offsite.surgery.blocks import (
+    BlockHook,
+    find_blocks,
+    forward_until_stop,
+    hooked,
+    normalized_mse,
+    record_input,
+    record_output,
+    skip_block,
+)
 
 RULES = ("uniform", "similarity", "greedy")
 
@@ -41,8 +49,8 @@ def uniform_drop(n: int, k: int) -> list[int]:
     return [round(i * stride) for i in range(k)]
 
 
-def middle_chooser(rule: str, model: nn.Module, bottom: int, top: int,
-                   batches: Sequence[dict[str, torch.Tensor]], progress: bool = True) -> Callable[[int, int], list[int]]:
+def middle_chooser(rule: str, model: nn.Module, bottom: int, top: int, batches: Sequence[dict[str, torch.Tensor]],
+                   progress: bool = True) -> Callable[[int, int], list[int]]:
     """A ``(n, k) -> kept middle indices`` function for ``plan_split`` applying ``rule`` to ``model``.
 
     ``batches`` (``input_ids`` + ``attention_mask``) is the public calibration text; unused by
@@ -66,7 +74,8 @@ def middle_chooser(rule: str, model: nn.Module, bottom: int, top: int,
 
 
 @torch.no_grad()
-def middle_outputs(model: nn.Module, bottom: int, top: int, batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+def middle_outputs(model: nn.Module, bottom: int, top: int,
+                   batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
     """Per middle block, its output at every unmasked token of ``batches`` (tokens x hidden, float32)."""
     _, blocks = find_blocks(model)
     middle = range(bottom, len(blocks) - top)
@@ -127,7 +136,7 @@ def greedy_choice(model: nn.Module, bottom: int, top: int, batches: Sequence[dic
             skipped = [blocks[i] for i in dropped + [candidate]]
             errors[candidate] = sum(float(normalized_mse(t, _middle_output(model, last, batch, skipped),
                                                          batch["attention_mask"].float()))
-                                    for t, batch in zip(targets, batches))
+                                    for t, batch in zip(targets, batches, strict=True))
         kept.remove(min(errors, key=errors.get))
         bar.update()
     bar.close()

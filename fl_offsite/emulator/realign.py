@@ -30,16 +30,16 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.config.keys import DEFAULTS
 from fl_offsite.data.corpora import check_public
 from fl_offsite.data.encode import collate, lm_blocks
 from fl_offsite.emulator.distill import alignment_losses, middle_positions, target_layers
 from fl_offsite.emulator.recipe import EmulatorRecipe, public_texts
 from fl_offsite.errors import UserError
+from fl_offsite.learn.train import adamw, freeze_except, precision_autocast
+from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.surgery.payload import get_payload, set_payload
 from fl_offsite.surgery.split import SplitPlan, block_key
-from fl_offsite.learn.train import adamw, freeze_except, precision_autocast
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fl_offsite.data.downloads import cache_dir
 from fl_offsite.config.keys import DEFAULTS, DistillSettings, adapter_layers
 from fl_offsite.data.corpora import MODEL_SAMPLES, check_public, corpus_composition, load_text_corpus, sample_texts
+from fl_offsite.data.downloads import cache_dir
 from fl_offsite.data.encode import collate, lm_blocks, pad_id
+from fl_offsite.data.models import load_model
 from fl_offsite.emulator.distill import distilled_split, ppl_summary
+from fl_offsite.emulator.layer_choice import middle_chooser, uniform_drop
 from fl_offsite.errors import UserError
 from fl_offsite.files import json_digest, write_atomic
-from fl_offsite.emulator.layer_choice import middle_chooser, uniform_drop
-from fl_offsite.data.models import load_model
 from fl_offsite.surgery.split import EMULATOR_DIR, SPLIT_FILE, SplitPlan, build_emulator, plan_split
 
 log = logging.getLogger(__name__)

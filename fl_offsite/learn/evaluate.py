@@ -103,7 +103,8 @@ def _score_group(model: nn.Module, group: Sequence[_Item], pad_id: int, device: 
     logits = model(input_ids=cont["input_ids"], attention_mask=mask, position_ids=positions,
                    **{cache_name: cache}).logits
     picked = logits.float().log_softmax(-1).gather(2, cont["labels"].clamp(min=0)[..., None])[..., 0]
-    for (g, j), tail_score in zip(rows, (picked * (cont["labels"] != IGNORE_INDEX)).sum(1).tolist()):
+    tail_scores = (picked * (cont["labels"] != IGNORE_INDEX)).sum(1).tolist()
+    for (g, j), tail_score in zip(rows, tail_scores, strict=True):
         scores[g][j] += tail_score
     return scores
 
@@ -132,7 +133,8 @@ def choice_logliks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, example
     logliks: list[list[float]] = [[] for _ in examples]
     with _inference(model):
         for group in tqdm(groups, desc=desc, unit="batch", disable=not progress, mininterval=2.0):
-            for item, scores in zip(group, _score_group(model, group, pad_id(tokenizer), device, keep_logits)):
+            scores_of = _score_group(model, group, pad_id(tokenizer), device, keep_logits)
+            for item, scores in zip(group, scores_of, strict=True):
                 logliks[item.example] = scores
     return logliks
 
@@ -167,8 +169,8 @@ def score_choices(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples
                              desc=desc)
     seconds = time.perf_counter() - begin
     correct, correct_norm = [], []
-    for ex, lls in zip(examples, logliks):
-        normed = [ll / max(1, len(choice.lstrip())) for ll, choice in zip(lls, ex.choices)]
+    for ex, lls in zip(examples, logliks, strict=True):
+        normed = [ll / max(1, len(choice.lstrip())) for ll, choice in zip(lls, ex.choices, strict=True)]
         correct.append(float(_argmax(lls) == ex.label))
         correct_norm.append(float(_argmax(normed) == ex.label))
     acc, acc_stderr = _mean_stderr(correct)

@@ -159,7 +159,8 @@ def train_local(
                 with autocast:
                     loss = answer_loss(model, batch) / settings.grad_accum
                 if anchors is not None:
-                    loss = loss + settings.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+                    drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+                    loss = loss + settings.proximal_mu / 2 * drift
                 loss.backward()
                 step_loss += loss.item()
                 tokens += int(batch["attention_mask"].sum())

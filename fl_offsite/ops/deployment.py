@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl_offsite.ops.certs import CA_CERT, SERVER_CERT, SERVER_KEY, server_names
 from fl_offsite.errors import UserError
+from fl_offsite.ops.certs import CA_CERT, SERVER_CERT, SERVER_KEY, server_names
 from fl_offsite.ops.flower_cli import (
     STARTUP_TIMEOUT_S,
     RunNotStarted,

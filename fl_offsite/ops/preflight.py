@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-from fl_offsite.errors import UserError
 from fl_offsite.config.method import OFFSITE
 from fl_offsite.config.settings import Settings
+from fl_offsite.errors import UserError
 
 
 def check_runnable(settings: Settings, num_clients: int) -> None:
@@ -14,8 +14,8 @@ def check_runnable(settings: Settings, num_clients: int) -> None:
     client."""
     from transformers import AutoConfig
 
-    from fl_offsite.data.corpora import check_public, corpus_composition
     from fl_offsite.app.fleet import check_fleet
+    from fl_offsite.data.corpora import check_public, corpus_composition
     from fl_offsite.data.models import resolve_model_path
     from fl_offsite.data.partition import partition_indices
     from fl_offsite.data.tasks import load_task

@@ -18,8 +18,8 @@ How it works (flwr 1.42), and why:
   (:data:`fl_offsite.ops.flower_cli.TAG_VAR`, inherited by all descendants); on exit, failure
   or Ctrl-C the launcher terminates, then kills, every process with its tag. A launch also
   first kills the tagged processes of launches whose launcher process is gone (crashed or
-  SIGKILLed), so they cannot eat the memory and CPUs of the next one. ``RAY_ADDRESS=local`` makes Ray start its own cluster, never
-  attach to an old one.
+  SIGKILLed), so they cannot eat the memory and CPUs of the next one. ``RAY_ADDRESS=local`` makes
+  Ray start its own cluster, never attach to an old one.
 * Offline: no ``uv sync`` of the app's dependencies (the current environment is used), no
   telemetry, no update check, no Ray usage stats. The venv's ``bin`` is put first on PATH
   because the SuperLink starts its helpers by name.
@@ -34,9 +34,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from fl_offsite.config.keys import flatten
 from fl_offsite.errors import UserError

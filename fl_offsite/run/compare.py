@@ -7,14 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl_offsite.config.keys import CHOICES, load_file, validate
-from fl_offsite.errors import UserError
 from fl_offsite.app.fleet import SMALLER_EVAL
+from fl_offsite.config.keys import CHOICES, load_file, validate
+from fl_offsite.config.settings import Settings
+from fl_offsite.errors import UserError
 from fl_offsite.files import write_atomic, write_json
 from fl_offsite.logs import clock_time
-from fl_offsite.run.tables import bytes_so_far, describe_composition, markdown_table
 from fl_offsite.run.folder import RunFolder
-from fl_offsite.config.settings import Settings
+from fl_offsite.run.tables import bytes_so_far, describe_composition, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,9 @@ def load_compare_config(path: str | Path, overrides: dict[str, Any], cpus_per_cl
 
 def run_compare(plan: ComparePlan) -> Path:
     """Run each configuration (resuming, skipping finished ones), then write the report into ``plan.out``."""
-    from fl_offsite.ops.simulation import run_simulation_app
-    from fl_offsite.ops.preflight import check_runnable
     from fl_offsite.ops.flower_cli import app_dir
+    from fl_offsite.ops.preflight import check_runnable
+    from fl_offsite.ops.simulation import run_simulation_app
 
     pending = {}
     for name, overrides in plan.runs.items():
@@ -112,7 +112,8 @@ def summarize(run_dir: Path) -> dict:
     distillation = run.distillation()
     if not clients:  # zero-shot: nothing trained, nothing sent
         return {"config": config, "rounds": evaluations, "distillation": distillation}
-    mean = lambda key: sum(c[key] for c in clients) / len(clients)
+    def mean(key):
+        return sum(c[key] for c in clients) / len(clients)
     one_time = run.package_bytes()  # what a new client downloads once (cached nodes were sent nothing)
     per_round = [sum(c["bytes_down"] + c["bytes_up"] + c.get("realign_bytes_down", 0) for c in r["clients"])
                  / len(r["clients"]) for r in rounds[1:]]
@@ -174,8 +175,9 @@ def accuracy_rows(runs: dict[str, dict]) -> list[tuple[str, dict]]:
 
     Runs are labelled by method; a variant (``[compare.runs.NAME]``) by its name.
     """
-    label = lambda name, run: LABELS.get(name, name) if name == Settings.from_config(run["config"]).method.name \
-        else name
+    def label(name, run):
+        return LABELS.get(name, name) if name == Settings.from_config(run["config"]).method.name \
+            else name
     first = next(iter(runs.values()))["rounds"][0]
     rows = [("Full zero-shot", first.get("plugin") or first.get("full"))]
     plain = next((r for r in runs.values() if "emulator" in r["rounds"][0] and not r["distillation"]), None)
@@ -239,7 +241,8 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
             lines += [f"The model owner's public corpus: {describe_composition(distilled['corpus_composition'])}.", ""]
     trained = {m: r for m, r in runs.items() if "client_peak_memory_mb" in r}
     base = trained.get(BASELINE)
-    ratio = lambda run, key: f"{run[key] / base[key]:.3f}" if base else "-"
+    def ratio(run, key):
+        return f"{run[key] / base[key]:.3f}" if base else "-"
     lines += ["## Cost per client", "", markdown_table(
         ["method", "MB down/round", "MB up/round", "one-time MB", "rounds MB, all clients", "peak MB", "train s/round",
          "tokens/s", "trainable params", f"bytes vs {BASELINE}", f"memory vs {BASELINE}", f"time vs {BASELINE}"],

@@ -11,8 +11,8 @@ import json
 import re
 from pathlib import Path
 
-from fl_offsite.files import write_atomic
 from fl_offsite.data.tasks import TaskData
+from fl_offsite.files import write_atomic
 
 
 def lm_eval_task_name(task: str, split: str) -> str:

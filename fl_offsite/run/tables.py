@@ -16,7 +16,9 @@ def round_table(rounds: list[dict]) -> str:
     rows = []
     for record in rounds:
         clients = record.get("clients", [])
-        mean = lambda key: sum(c[key] for c in clients) / len(clients) if clients else float("nan")
+
+        def mean(key: str, clients: list[dict] = clients) -> float:
+            return sum(c[key] for c in clients) / len(clients) if clients else float("nan")
         rows.append([
             str(record["round"]),
             *(f"{record['eval'][m]['acc']:.3f}" if record["eval"] else "-" for m in models),  # eval.every skips some
@@ -32,8 +34,9 @@ def round_table(rounds: list[dict]) -> str:
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in column) for column in zip(head, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    widths = [max(len(str(x)) for x in column) for column in zip(head, *rows, strict=False)]
+    def line(cells):
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 

@@ -16,7 +16,8 @@ def round_scalars(record: dict) -> dict[str, float]:
         scalars[f"eval/{model}/acc"] = metrics["acc"]
         scalars[f"eval/{model}/acc_norm"] = metrics["acc_norm"]
     if clients := record.get("clients"):
-        mean = lambda key: sum(c[key] for c in clients) / len(clients)
+        def mean(key):
+            return sum(c[key] for c in clients) / len(clients)
         scalars.update({"train/loss": mean("train-loss"), "train/client_seconds": mean("train-seconds"),
                         "train/clients": len(clients), "train/lr": record["lr"],
                         "time/round_seconds": record["seconds"]})

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
-
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -122,10 +121,8 @@ def skip_block(module, args, kwargs, output):
 
 def forward_until_stop(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
     """Run ``model`` on ``batch`` until a hook raises :class:`StopForward` (or to the end)."""
-    try:
+    with suppress(StopForward):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    except StopForward:
-        pass
 
 
 def normalized_mse(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

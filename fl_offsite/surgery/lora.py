@@ -17,9 +17,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
-from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.config.keys import DEFAULTS
 from fl_offsite.files import atomic_dir, write_atomic
+from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.surgery.split import SplitPlan, block_key
 
 PEFT_PREFIX = "base_model.model."

@@ -15,9 +15,9 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.config.keys import DEFAULTS
 from fl_offsite.errors import UserError
+from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.surgery.lora import LoraSpec, add_lora, lora_blocks, lora_names
 from fl_offsite.surgery.split import SplitPlan, adapter_names
 
