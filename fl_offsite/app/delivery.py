@@ -56,7 +56,7 @@ class ModelPackage:
             digest.update(name.encode())
             digest.update((folder / name).read_bytes())
         with safe_open(folder / WEIGHTS_FILE, "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f if k not in carried}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k not in carried}  # noqa: SIM118 (no __iter__)
         digest.update(",".join(sorted(carried)).encode())
         if dtype is not None:
             digest.update(str(dtype).encode())
