@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from fl_offsite.cli import main
+from fl_offsite.cli.main import main
 
 pytestmark = pytest.mark.slow(seconds=1)
 OFFLINE = {"HF_HUB_OFFLINE": "1"}

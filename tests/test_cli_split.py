@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fl_offsite.cli import main
+from fl_offsite.cli.main import main
 from fl_offsite.data.models import load_model
 from fl_offsite.surgery.split import ADAPTER_FILE, load_adapter, read_plan, save_adapter
 from fl_offsite.testing.models import save_tiny_model

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from fl_offsite.cli import main
+from fl_offsite.cli.main import main
 from fl_offsite.run.compare import write_report
 from fl_offsite.run.folder import RunFolder
 from fl_offsite.testing.flower import run, tiny_config

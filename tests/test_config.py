@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_offsite.cli import main
+from fl_offsite.cli.main import main
 from fl_offsite.config.keys import CHOICES, DEFAULTS, load_file, parse_sets, validate
 from fl_offsite.errors import UserError
 
@@ -179,7 +179,7 @@ def test_strategies_are_imported_by_the_server_app_alone_and_import_no_app_modul
     users = sorted(p.name for p in (ROOT / "fl_offsite").rglob("*.py")
                    if any(m.split(".")[0] == "strategies" for m in imported(p)))
     assert users == ["server_app.py"]
-    app = {"fl_offsite.app.server_app", "fl_offsite.app.client_app", "fl_offsite.cli", "fl_offsite.app.owner",
+    app = {"fl_offsite.app.server_app", "fl_offsite.app.client_app", "fl_offsite.cli.main", "fl_offsite.cli.runs", "fl_offsite.app.owner",
            "fl_offsite.run.outputs", "fl_offsite.run.compare"}
     for path in (ROOT / "strategies").glob("*.py"):
         assert not imported(path) & app, path

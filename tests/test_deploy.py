@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from fl_offsite.ops.certs import make_certs, make_node_key, server_names
-from fl_offsite.cli import main
+from fl_offsite.cli.main import main
 from fl_offsite.ops.deployment import SuperLinkSettings, SuperNodeSettings, runtime_env
 from fl_offsite.errors import UserError
 from fl_offsite.data.local_file import write_examples

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fl_offsite.emulator.distill as distill_module
-from fl_offsite.cli import main
+from fl_offsite.cli.main import main
 from fl_offsite.config.keys import DistillSettings
 from fl_offsite.emulator.distill import held_out_texts, middle_positions, normalized_mse
 from fl_offsite.learn.evaluate import perplexity

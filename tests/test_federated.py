@@ -217,7 +217,7 @@ def test_lora_runs_write_a_peft_folder_that_peft_loads_and_model_cards(tiny_lm_d
     from peft import PeftModel
     from safetensors import safe_open
 
-    from fl_offsite.cli import main
+    from fl_offsite.cli.main import main
     from fl_offsite.files import load_tensors
     from fl_offsite.surgery.lora import add_lora, lora_names
     from fl_offsite.data.models import load_model
@@ -396,7 +396,7 @@ def test_eval_limit_zero_scores_the_whole_test_split(tiny_lm_dir, tmp_path):
 def test_a_users_jsonl_task_trains_scores_and_evaluates(tiny_lm_dir, tmp_path, private_cache):
     """``jsonl:<folder>``: a federated offsite run on the user's own files, scored on the whole test file, then
     ``fl-offsite eval`` of the adapter it wrote."""
-    from fl_offsite.cli import main
+    from fl_offsite.cli.main import main
 
     folder = tmp_path / "mine"
     folder.mkdir()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fl_offsite.cli import main
+from fl_offsite.cli.main import main
 from fl_offsite.errors import UserError
 from fl_offsite.surgery.lora import LoraSpec
 from fl_offsite.app.owner import ModelOwner, final_weights

@@ -1,0 +1,34 @@
+"""What the sub-commands share: help texts, argument types, the user-input guard."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from fl_offsite.errors import UserError
+
+log = logging.getLogger("fl_offsite")
+TASK_HELP = "bbc-news, a suite task (piqa, siqa, boolq, ...), jsonl:<folder>, bigbench:<task>, hf:<name>"
+CPUS_HELP = ("CPUs of each simulated client (default: the file's compare.cpus-per-client, else 1); "
+             "clients with 2 CPUs on a 2-core machine train one at a time on 2 threads")
+
+
+def pair(text: str) -> tuple[int, int]:
+    try:
+        left, right = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers 'L,R', got {text!r}") from None
+    return left, right
+
+
+def megabytes(tensors) -> float:
+    """Size of the distinct storages (tied weights counted once)."""
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
+    return sum(unique.values()) / 1e6
+
+
+def user_input(func, *args, **kwargs):
+    """Call ``func``; its ValueErrors come from user input (an unknown task, say)."""
+    try:
+        return func(*args, **kwargs)
+    except ValueError as err:
+        raise UserError(str(err)) from err
