@@ -81,8 +81,8 @@ def precision_autocast(device: torch.device, precision: str) -> contextlib.Abstr
 def half_weights(model: nn.Module, precision: str) -> Iterator[None]:
     """For "bf16", hold ``model``'s floating-point weights in bf16 inside the block; the originals come back after.
 
-    For inference under autocast: it spares the cast of every weight on every forward pass (15% of a
-    bf16 scoring pass of smollm2-135m on 2 CPU cores). Nothing for "fp32".
+    For inference under autocast: it spares the cast of every weight on every forward pass. Nothing
+    for "fp32".
     """
     originals = {}
     if precision in HALF:
@@ -98,7 +98,7 @@ def half_weights(model: nn.Module, precision: str) -> Iterator[None]:
 
 
 def adamw(params: Sequence[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, fused where torch has the kernel: on CPU a step over 135M parameters took 0.10 s against 0.41 s."""
+    """AdamW, fused where torch has the kernel (CPU and CUDA): one kernel per step instead of one per tensor."""
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
