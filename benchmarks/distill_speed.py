@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from fl_offsite.config.keys import DistillSettings
+from fl_offsite.config.sections import DistillSettings
 from fl_offsite.emulator.distill import distill, held_out_texts
 from fl_offsite.learn.evaluate import perplexity
 from fl_offsite.surgery.split import build_emulator, plan_split
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="2-8-2", help="l-k-r")
     parser.add_argument("--corpus", default="bbc-news", help="text corpus (speed depends on its length only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, help="override DistillSettings.steps (default: the default)")
+    parser.add_argument("--steps", type=int, default=100, help="distillation steps")
     parser.add_argument("--batch-size", type=int, help="override DistillSettings.batch_size")
     parser.add_argument("--block-size", type=int, help="override DistillSettings.block_size")
     parser.add_argument("--out", help="write the result as JSON here")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common import features, status_kb
-from fl_offsite.config.keys import DEFAULTS
+from fl_offsite.config.settings import DEFAULTS
 from fl_offsite.app.delivery import load_delivered
 from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
 from fl_offsite.app.fleet import measure_footprint
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, footprint = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for k in reversed(ks):  # the largest first: the owner measures its footprint model there
-            plan, emulator, _ = prepare_emulator(args.model, model, tokenizer, EmulatorRecipe(bottom, top, k),
+            plan, emulator, _ = prepare_emulator(args.model, model, tokenizer, EmulatorRecipe((bottom, top), k),
                                                  "bbc-news", progress=False)
             if footprint is None:
                 footprint = measure_footprint(emulator, plan, set(adapter_names(emulator, plan).values()),

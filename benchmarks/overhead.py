@@ -33,7 +33,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from fl_offsite.data.models import resolve_model_path
-from fl_offsite.config.keys import validate
+from fl_offsite.config.settings import validate
 from fl_offsite.ops.simulation import run_simulation_app
 from fl_offsite.ops.flower_cli import app_dir
 from fl_offsite.run.folder import RunFolder
@@ -57,6 +57,7 @@ def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
     from fl_offsite.data.encode import pad_id
     from fl_offsite.data.models import load_model
     from fl_offsite.surgery.payload import get_payload, set_payload
+    from fl_offsite.surgery.tuning import tuned_names
     from fl_offsite.surgery.split import load_adapter, read_plan
     from fl_offsite.app.owner import lr_schedule
     from fl_offsite.learn.train import train_local
@@ -66,7 +67,7 @@ def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
     model, tokenizer = load_model(emulator_dir)
     plan = read_plan(split_dir)
     settings = Settings.from_config(config)
-    names = settings.tuning.names(model, plan)  # what the client app trains and sends (the adapter)
+    names = tuned_names(settings.tuning, model, plan)  # what the client app trains and sends (the adapter)
     adapter, _ = load_adapter(split_dir / "adapter.safetensors")
     t_model = time.perf_counter()
     cache = NodeCache()

@@ -1,4 +1,4 @@
-"""Atomic writes and checked tensor files: nothing a user produced is left half-written."""
+"""Atomic writes of files and folders: nothing a user produced is left half-written (tensors: fl_offsite.weights)."""
 from __future__ import annotations
 
 import json
@@ -9,12 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
-from fl_offsite.errors import UserError
 
 
 def json_digest(identity: Any) -> str:
@@ -62,29 +56,3 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save a state dict as safetensors, atomically, with ``{"format": "pt"}`` in its metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a missing or corrupt file is a UserError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no such weights file: {path}")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"corrupt weights file {path}: {err}; re-create it or restore a good copy") from err

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 from flwr.serverapp import strategy as fl
 
 if TYPE_CHECKING:
-    from fl_offsite.config.settings import PrivacySettings, StrategySettings
+    from fl_offsite.config.sections import PrivacySettings, StrategySettings
 
 
 def aggregation_strategy(settings: StrategySettings, dp: PrivacySettings, num_nodes: int) -> fl.Strategy:

@@ -78,10 +78,11 @@ def test_train_local_in_bf16_with_half_frozen_weights_moves_only_the_adapter(tin
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from fl_offsite.config.sections import TrainSettings
     from fl_offsite.data.encode import encode_choice_example
-    from fl_offsite.surgery.split import adapter_names, plan_split
     from fl_offsite.data.tasks import ChoiceExample
-    from fl_offsite.learn.train import TrainSettings, half_frozen, train_local
+    from fl_offsite.learn.train import half_frozen, train_local
+    from fl_offsite.surgery.split import adapter_names, plan_split
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(

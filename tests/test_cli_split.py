@@ -61,8 +61,8 @@ def test_plug_in_rejects_an_adapter_of_another_model(tiny_folder, tmp_path, caps
 @pytest.mark.slow
 def test_split_of_the_offline_model(tmp_path):
     """SmolLM2-135M 2-8-2: 12 blocks, and the emulator is a worse model than the full one."""
-    from fl_offsite.learn.evaluate import perplexity
     from fl_offsite.data.corpora import load_text_corpus
+    from fl_offsite.learn.evaluate import perplexity
 
     out = tmp_path / "split"
     assert main(["split", "smollm2-135m", "--adapter-layers", "2,2", "--emulator-layers", "8", "--out", str(out)]) == 0

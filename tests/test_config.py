@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from fl_offsite.cli.main import main
-from fl_offsite.config.keys import CHOICES, DEFAULTS, load_file, parse_sets, validate
+from fl_offsite.config.keys import load_file, parse_sets
+from fl_offsite.config.settings import CHOICES, DEFAULTS, validate
 from fl_offsite.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,9 +79,8 @@ def test_simulate_refuses_a_bad_key_in_one_line(capsys):
 
 
 def test_shipped_configs_are_valid():
-    from fl_offsite.run.compare import load_compare_config
-
     from fl_offsite.data.corpora import check_public
+    from fl_offsite.run.compare import load_compare_config
 
     plan = load_compare_config(ROOT / "simulations" / "demo.toml", {})
     runs, clients, config = plan.runs, plan.num_clients, plan.config
@@ -183,3 +183,30 @@ def test_strategies_are_imported_by_the_server_app_alone_and_import_no_app_modul
            "fl_offsite.run.outputs", "fl_offsite.run.compare"}
     for path in (ROOT / "strategies").glob("*.py"):
         assert not imported(path) & app, path
+
+
+def test_keys_lists_every_declared_key_with_its_default(capsys):
+    assert main(["keys"]) == 0
+    listed = {line.split(" = ")[0]: line.split(" = ")[1] for line in capsys.readouterr().out.splitlines()
+              if not line.startswith(" ")}
+    assert listed.keys() == DEFAULTS.keys()
+    assert listed["strategy.name"].startswith("'fedavg'  [fedavg | fedprox")
+    assert main(["keys", "lora."]) == 0
+    assert [line.split(" = ")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")] == \
+        ["lora.r", "lora.alpha", "lora.dropout"]
+
+
+def test_each_key_is_declared_once_and_read_into_its_field():
+    from dataclasses import replace
+
+    from fl_offsite.config.settings import Settings
+
+    settings = Settings.from_config({"lora.r": 7, "method": "offsite-lora", "distill.steps": 5,
+                                     "distill.block-size": 64, "split.drop-ratio": 0.5, "fleet.emulator-layers": "2,3"})
+    assert settings.tuning.lora.r == 7 and settings.emulator.distill.steps == 5
+    assert settings.realign.block_size == 64  # shared with distill.block-size, declared there
+    assert settings.emulator.drop_ratio == 0.5 and settings.emulator.emulator_layers is None
+    assert settings.fleet.emulator_layers == (2, 3)
+    defaults, seeded = Settings(), Settings.from_config({})  # the fields' defaults are the config's, but for the
+    assert seeded == replace(defaults, train=replace(defaults.train, seed=1234),  # run seed, which from_config
+                             realign=replace(defaults.realign, seed=1234))  # hands to the sections that draw

@@ -27,14 +27,14 @@ import psutil
 import pytest
 import torch
 
-from fl_offsite.ops.certs import make_certs, make_node_key, server_names
 from fl_offsite.cli.main import main
-from fl_offsite.ops.deployment import SuperLinkSettings, SuperNodeSettings, runtime_env
-from fl_offsite.errors import UserError
 from fl_offsite.data.local_file import write_examples
+from fl_offsite.data.tasks import BBC_TOPICS, ChoiceExample, load_task
+from fl_offsite.errors import UserError
+from fl_offsite.ops.certs import make_certs, make_node_key, server_names
+from fl_offsite.ops.deployment import SuperLinkSettings, SuperNodeSettings, runtime_env
 from fl_offsite.ops.flower_cli import TAG_VAR, app_dir, new_launch_tag, stop_processes, tagged_processes
 from fl_offsite.surgery.split import load_adapter
-from fl_offsite.data.tasks import BBC_TOPICS, ChoiceExample, load_task
 from fl_offsite.testing.flower import InProcessGrid, wait_until
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/environ")
@@ -303,8 +303,8 @@ def _kill_tree(pid: int) -> None:
 def _in_process(config: dict, root: Path) -> dict[str, torch.Tensor]:
     """The same job uninterrupted, on the same nodes' files, with the ServerApp and ClientApp in this process."""
     from fl_offsite.app.client_app import app as client_app
-    from fl_offsite.config.keys import validate
     from fl_offsite.app.server_app import run_federated
+    from fl_offsite.config.settings import validate
 
     config = validate({**config, "results.dir": str(root / "straight")})
     grid = InProcessGrid(client_app, 2, config)
@@ -364,7 +364,7 @@ def test_certificates_and_keys_are_what_flower_loads(tmp_path: Path) -> None:
     assert node.node_config() == f'data-path="{tmp_path}/x y.jsonl" partition-id=1'
     from flwr.common.config import parse_config_args
 
-    from fl_offsite.app.fleet import NodeProfile, node_profile
+    from fl_offsite.app.profile import NodeProfile, node_profile
     from fl_offsite.config.settings import Settings
 
     small = dataclasses.replace(node, memory_budget_mb=2048.0, emulator_layers=2)  # as Flower parses --node-config

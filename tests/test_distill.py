@@ -8,12 +8,12 @@ import torch
 
 import fl_offsite.emulator.distill as distill_module
 from fl_offsite.cli.main import main
-from fl_offsite.config.keys import DistillSettings
-from fl_offsite.emulator.distill import held_out_texts, middle_positions, normalized_mse
-from fl_offsite.learn.evaluate import perplexity
+from fl_offsite.config.sections import DistillSettings
 from fl_offsite.data.models import load_model
-from fl_offsite.surgery.split import SPLIT_FILE, build_emulator, read_plan
+from fl_offsite.emulator.distill import held_out_texts, middle_positions, normalized_mse
 from fl_offsite.emulator.recipe import public_texts
+from fl_offsite.learn.evaluate import perplexity
+from fl_offsite.surgery.split import SPLIT_FILE, build_emulator, read_plan
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

@@ -4,18 +4,25 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fl_offsite.config.sections import DistillSettings, EmulatorRecipe
+from fl_offsite.data.corpora import (
+    PublicSource,
+    _public_corpus,
+    check_public,
+    load_text_corpus,
+    public_corpus,
+    sample_texts,
+)
 from fl_offsite.data.downloads import cache_dir
-from fl_offsite.surgery.blocks import find_blocks
-from fl_offsite.config.keys import DistillSettings
-from fl_offsite.data.corpora import PublicSource, check_public, _public_corpus, load_text_corpus, public_corpus, sample_texts
-from fl_offsite.emulator.distill import distill
-from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
-from fl_offsite.errors import UserError
 from fl_offsite.data.examples import ChoiceExample
-from fl_offsite.emulator.layer_choice import linear_cka, middle_chooser, similarity_choice
 from fl_offsite.data.models import load_model
-from fl_offsite.surgery.split import build_emulator, plan_split
 from fl_offsite.data.tasks import TaskData
+from fl_offsite.emulator.distill import distill
+from fl_offsite.emulator.layer_choice import linear_cka, middle_chooser, similarity_choice
+from fl_offsite.emulator.recipe import prepare_emulator
+from fl_offsite.errors import UserError
+from fl_offsite.surgery.blocks import find_blocks
+from fl_offsite.surgery.split import build_emulator, plan_split
 from fl_offsite.testing.models import VOCAB, tiny_model
 
 REDUNDANT = (3, 4)  # blocks made the identity: a good rule drops exactly these
@@ -88,7 +95,7 @@ def test_the_tasks_own_text_is_refused_as_the_corpus():
 def test_prepare_refuses_before_any_work(tiny_lm_dir, private_cache, monkeypatch):
     model, tokenizer = load_model(str(tiny_lm_dir))
     monkeypatch.setattr("fl_offsite.emulator.recipe.load_text_corpus", lambda *a, **k: pytest.fail("read the corpus"))
-    recipe = EmulatorRecipe(1, 1, emulator_layers=2, layers="greedy", corpus="bbc-news")
+    recipe = EmulatorRecipe((1, 1), emulator_layers=2, layers="greedy", corpus="bbc-news")
     with pytest.raises(UserError, match="must not distill"):
         prepare_emulator(str(tiny_lm_dir), model, tokenizer, recipe, "bbc-news")
 
@@ -135,8 +142,8 @@ def test_cache_keys_follow_the_corpus_and_the_rule(tiny_lm_dir, private_cache, m
     calls = []
     real_distill = distill
     monkeypatch.setattr("fl_offsite.emulator.distill.distill", lambda *a, **k: calls.append(a[4].corpus) or real_distill(*a, **k))
-    recipes = [EmulatorRecipe(1, 1, emulator_layers=2, distill=settings, corpus="model-samples"),
-               EmulatorRecipe(1, 1, emulator_layers=2, distill=DistillSettings(**{**settings.__dict__,
+    recipes = [EmulatorRecipe((1, 1), emulator_layers=2, distill=settings, corpus="model-samples"),
+               EmulatorRecipe((1, 1), emulator_layers=2, distill=DistillSettings(**{**settings.__dict__,
                                                                                   "corpus": "bbc-news"}),
                               corpus="bbc-news")]
     for recipe in recipes + recipes:  # the second pass is served from the cache
@@ -146,7 +153,7 @@ def test_cache_keys_follow_the_corpus_and_the_rule(tiny_lm_dir, private_cache, m
     assert len(list(cache_dir("distilled").iterdir())) == 2
     for rule in ("greedy", "similarity", "greedy"):
         prepare_emulator(str(tiny_lm_dir), model, tokenizer,
-                         EmulatorRecipe(1, 1, emulator_layers=2, layers=rule, corpus="model-samples"), "bbc-news")
+                         EmulatorRecipe((1, 1), emulator_layers=2, layers=rule, corpus="model-samples"), "bbc-news")
     assert sorted(p.name.split("-")[0] for p in cache_dir("layer-choice").iterdir()) == ["greedy", "similarity"]
 
 

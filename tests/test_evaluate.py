@@ -9,9 +9,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from fl_offsite.data.encode import encode_pair
-from fl_offsite.learn.evaluate import choice_logliks, evaluate_task, perplexity, score_choices
 from fl_offsite.data.tasks import ChoiceExample, TaskData
+from fl_offsite.learn.evaluate import choice_logliks, evaluate_task, perplexity, score_choices
 from fl_offsite.testing.models import CHOICE_EXAMPLES
+
 
 def reference_logliks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
                       examples: list[ChoiceExample]) -> list[list[float]]:

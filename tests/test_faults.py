@@ -17,8 +17,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fl_offsite.app.client_app import app as client_app
-from fl_offsite.ops.flower_cli import tagged_processes
 from fl_offsite.app.server_app import run_federated
+from fl_offsite.ops.flower_cli import tagged_processes
 from fl_offsite.surgery.split import load_adapter
 from fl_offsite.testing.flower import Crash, InProcessGrid, crash_in_round, rounds_of, run, tiny_config, wait_until
 
@@ -159,7 +159,7 @@ def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_
     """`fl-offsite simulate` on Ray, SIGKILLed (the launcher and its session) after round 1, then run again: the
     new launch stops what the killed one left running, resumes after round 1, and ends as the same job run
     uninterrupted (in process, as the simulation's 2 nodes: partitions 0 and 1 of 2)."""
-    from fl_offsite.config.keys import validate
+    from fl_offsite.config.settings import validate
 
     run(validate({**tiny_job(tiny_lm_dir, tmp_path / "straight"), "data.num-partitions": 2}), num_nodes=2)
 

@@ -7,12 +7,11 @@ import re
 import pytest
 import torch
 
-from fl_offsite.run.folder import RunFolder
 from fl_offsite.config.settings import Settings
-from fl_offsite.surgery.split import load_adapter
 from fl_offsite.data.tasks import load_task
+from fl_offsite.run.folder import RunFolder
+from fl_offsite.surgery.split import load_adapter
 from fl_offsite.testing.flower import Crash, crash_in_round, of_type, rounds_of, run, tiny_config
-
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -218,10 +217,10 @@ def test_lora_runs_write_a_peft_folder_that_peft_loads_and_model_cards(tiny_lm_d
     from safetensors import safe_open
 
     from fl_offsite.cli.main import main
-    from fl_offsite.files import load_tensors
-    from fl_offsite.surgery.lora import add_lora, lora_names
     from fl_offsite.data.models import load_model
+    from fl_offsite.surgery.lora import add_lora, lora_names
     from fl_offsite.surgery.payload import plug_in, set_payload
+    from fl_offsite.weights import load_tensors
 
     out = tmp_path / method
     config = tiny_config(tiny_lm_dir, out, method=method, **{"num-rounds": 1, "train.lr": 2e-2})
@@ -272,7 +271,7 @@ def test_every_configured_strategy_builds_the_flower_class_it_names_and_aggregat
     from flwr.serverapp.strategy.fedopt import FedOpt
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fl_offsite.config.keys import CHOICES
+    from fl_offsite.config.settings import CHOICES
     from strategies.aggregation import aggregation_strategy
 
     assert set(FLOWER_CLASS) == set(CHOICES["strategy.name"])
@@ -380,8 +379,8 @@ def test_zero_shot_scores_are_shared_by_methods_on_the_same_weights(tiny_lm_dir,
 
 def test_eval_limit_zero_scores_the_whole_test_split(tiny_lm_dir, tmp_path):
     """On a task of short questions (cheap to score) whose test split is larger than the default limit."""
+    from fl_offsite.config.settings import DEFAULTS
     from fl_offsite.data.downloads import cache_dir
-    from fl_offsite.config.keys import DEFAULTS
 
     examples = [{"input": f"Is {i} odd?", "target_scores": {"yes": i % 2, "no": 1 - i % 2}} for i in range(1100)]
     (cache_dir("tasks", "bigbench") / "parity.json").write_text(json.dumps({"name": "parity", "examples": examples}))

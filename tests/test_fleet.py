@@ -7,10 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fl_offsite.errors import UserError
-from fl_offsite.app.fleet import (ACTIVATION_FACTOR, Footprint, NodeProfile, activation_bytes, check_fleet, choose_layers,
-                              measure_footprint, node_profile)
+from fl_offsite.app.fleet import (
+    ACTIVATION_FACTOR,
+    Footprint,
+    activation_bytes,
+    choose_layers,
+    measure_footprint,
+)
+from fl_offsite.app.profile import NodeProfile, check_fleet, node_profile
 from fl_offsite.config.settings import Settings
+from fl_offsite.errors import UserError
 from fl_offsite.surgery.split import load_adapter
 from fl_offsite.testing.flower import Crash, InProcessGrid, crash_in_round, of_type, rounds_of, run, tiny_config
 
@@ -54,14 +60,15 @@ def test_a_node_states_its_own_profile_else_the_simulations_list_gives_it_by_par
 
 def test_the_footprint_of_each_size_matches_a_measurement_of_that_emulator(tiny_lm_dir):
     """Measured once on the configured emulator, the linear model gives what a smaller one really holds."""
-    from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
+    from fl_offsite.config.sections import EmulatorRecipe
     from fl_offsite.data.models import load_model
+    from fl_offsite.emulator.recipe import prepare_emulator
     from fl_offsite.surgery.split import adapter_names
 
     model, tokenizer = load_model(str(tiny_lm_dir))
 
     def emulator(k: int):
-        plan, emu, _ = prepare_emulator(str(tiny_lm_dir), model, tokenizer, EmulatorRecipe(1, 1, emulator_layers=k),
+        plan, emu, _ = prepare_emulator(str(tiny_lm_dir), model, tokenizer, EmulatorRecipe((1, 1), emulator_layers=k),
                                         "bbc-news")
         return plan, emu, set(adapter_names(emu, plan).values())
 
@@ -158,7 +165,7 @@ def test_a_mixed_fleet_resumes_to_the_same_adapter(tiny_lm_dir, tmp_path):
 
 
 def test_fleet_lists_need_an_offsite_method():
-    from fl_offsite.config.keys import validate
+    from fl_offsite.config.settings import validate
 
     with pytest.raises(UserError, match="needs an offsite method"):
         validate({"method": "fedavg-full", "fleet.emulator-layers": "1,2"})
@@ -169,7 +176,7 @@ def test_fleet_lists_need_an_offsite_method():
 def test_a_client_process_keeps_the_emulators_of_the_fleets_nodes_it_serves(monkeypatch):
     """A Ray actor serving nodes of two emulator sizes loads each once, not at every switch."""
     from fl_offsite.app import node_cache
-    from fl_offsite.surgery.tuning import Tuning
+    from fl_offsite.config.sections import Tuning
 
     loads = []
     monkeypatch.setattr(node_cache, "_prepare_model", lambda key: loads.append(key.digest) or (key.digest, None))

@@ -18,13 +18,14 @@ import pytest
 import torch
 
 import fl_offsite.emulator.distill as distill_module
+from fl_offsite.config.sections import DistillSettings, LoraSpec, TrainSettings
 from fl_offsite.data.encode import collate
-from fl_offsite.emulator.distill import DistillSettings, distill, middle_positions
+from fl_offsite.emulator.distill import distill, middle_positions
 from fl_offsite.learn.evaluate import choice_logliks, perplexity, score_choices
-from fl_offsite.surgery.lora import LoraSpec, add_lora, lora_blocks, lora_names
+from fl_offsite.learn.train import answer_loss, half_frozen, train_local
+from fl_offsite.surgery.lora import add_lora, lora_blocks, lora_names
 from fl_offsite.surgery.payload import extract_adapter, get_payload, plug_in, set_payload
 from fl_offsite.surgery.split import adapter_names, build_emulator, plan_split
-from fl_offsite.learn.train import TrainSettings, answer_loss, half_frozen, train_local
 from fl_offsite.testing.models import CHOICE_EXAMPLES, CORPUS, VOCAB, tiny_model
 
 

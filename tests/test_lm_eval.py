@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from fl_offsite.cli.main import main
-from fl_offsite.learn.evaluate import choice_logliks, score_choices
 from fl_offsite.data.models import load_model
-from fl_offsite.surgery.split import ADAPTER_FILE, load_adapter, save_adapter
 from fl_offsite.data.tasks import load_task
+from fl_offsite.learn.evaluate import choice_logliks, score_choices
+from fl_offsite.surgery.split import ADAPTER_FILE, load_adapter, save_adapter
 
 LIMIT = 12
 

@@ -6,16 +6,15 @@ import logging
 import pytest
 from flwr.app import Context, RecordDict
 
-from fl_offsite.app import client_app
-from fl_offsite.errors import UserError
-from fl_offsite.data.local_file import BadDataFile, data_path, load_examples, task_answers, write_examples
-from fl_offsite.data.models import load_tokenizer
+from fl_offsite.app import client_app, client_training
 from fl_offsite.app.node_cache import ExampleSource, NodeCache
 from fl_offsite.app.server_app import run_federated
 from fl_offsite.config.settings import Settings
+from fl_offsite.data.local_file import BadDataFile, data_path, load_examples, task_answers, write_examples
+from fl_offsite.data.models import load_tokenizer
 from fl_offsite.data.tasks import BBC_TOPICS, ChoiceExample, TaskData, load_task
-from fl_offsite.testing.flower import InProcessGrid
-from fl_offsite.testing.flower import rounds_of, tiny_config
+from fl_offsite.errors import UserError
+from fl_offsite.testing.flower import InProcessGrid, rounds_of, tiny_config
 
 EXAMPLES = [ChoiceExample("Article: The striker scored twice.\nTopic:", [" business", " sport"], 1),
             ChoiceExample('Article: Shares "rose" 5%.\nTopic:', [" business", " sport"], 0)]
@@ -99,16 +98,16 @@ def test_client_trains_on_the_nodes_own_file(tmp_path, tiny_lm_dir):
     context = Context(run_id=1, node_id=7, node_config={"data-path": str(path), "partition-id": 3},
                       state=RecordDict(), run_config={})
     data = Settings.from_config({"data.num-partitions": 4, "data.partitioner": "iid", "train.max-length": 64}).data
-    assert client_app._partition(context, data) == (3, 1)
-    source = ExampleSource(local=client_app._local_data(context), task="bbc-news", seed=1, data=data, num_partitions=1,
+    assert client_training._partition(context, data) == (3, 1)
+    source = ExampleSource(local=client_training._local_data(context), task="bbc-news", seed=1, data=data, num_partitions=1,
                            partition_id=3, digest="tiny")
     features = NodeCache().features(source, load_tokenizer(str(tiny_lm_dir)))
     assert len(features) == 2
     assert all(len(f["input_ids"]) == len(f["labels"]) for f in features)
 
     plain = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    assert client_app._partition(plain, data) == (0, 4)
-    assert client_app._local_data(plain) is None  # another node in the same process uses the task
+    assert client_training._partition(plain, data) == (0, 4)
+    assert client_training._local_data(plain) is None  # another node in the same process uses the task
 
 
 def test_a_node_with_a_bad_file_is_refused_before_training_and_its_rows_stay_on_the_node(

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from fl_offsite.app import node_cache
-from fl_offsite.surgery.lora import LoraSpec
+from fl_offsite.config.sections import LoraSpec, Tuning
 from fl_offsite.config.settings import Settings
 from fl_offsite.surgery.split import plan_split
-from fl_offsite.surgery.tuning import Tuning
+from fl_offsite.surgery.tuning import apply_tuning
+from fl_offsite.testing.models import tiny_model
 from strategies.aggregation import aggregation_strategy
 from strategies.offsite import LEARNED, OffsiteStrategy, seeded_global_random
-from fl_offsite.testing.models import tiny_model
 
 
 @pytest.mark.parametrize("tuning", [Tuning("lora", LoraSpec()), Tuning("bottleneck", bottleneck_size=4)],
@@ -24,9 +24,9 @@ def test_adding_adapters_draws_the_same_weights_and_leaves_the_callers_generator
     plan = plan_split(full, 1, 1, emulator_layers=2)
     torch.manual_seed(5)
     before = torch.random.get_rng_state()
-    first = {k: v.clone() for k, v in tuning.apply(full, plan, seed=3).state_dict().items()}
+    first = {k: v.clone() for k, v in apply_tuning(tuning, full, plan, seed=3).state_dict().items()}
     assert torch.equal(torch.random.get_rng_state(), before)
-    again = tuning.apply(tiny_model("gpt2"), plan, seed=3).state_dict()
+    again = apply_tuning(tuning, tiny_model("gpt2"), plan, seed=3).state_dict()
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 

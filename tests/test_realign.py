@@ -8,22 +8,23 @@ import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
+from test_federated import tensorboard_scalars
 from transformers import AutoModelForCausalLM
 
-from fl_offsite.app.client_app import CACHE
-from fl_offsite.run.compare import _markdown, summarize
-from fl_offsite.config.keys import validate
+from fl_offsite.app.client_training import CACHE
+from fl_offsite.config.sections import LoraSpec, RealignSettings
+from fl_offsite.config.settings import validate
 from fl_offsite.data.encode import collate, lm_blocks, pad_id
 from fl_offsite.emulator.distill import alignment_losses, target_layers
-from fl_offsite.errors import UserError
 from fl_offsite.emulator.layer_choice import uniform_drop
-from fl_offsite.surgery.lora import LoraSpec, add_lora, lora_names
+from fl_offsite.emulator.realign import Realignment, add_realign_lora, get_factors, realign_names
+from fl_offsite.errors import UserError
+from fl_offsite.run.compare import _markdown, summarize
+from fl_offsite.surgery.lora import add_lora, lora_names
 from fl_offsite.surgery.payload import extract_adapter, plug_in
-from fl_offsite.emulator.realign import Realignment, RealignSettings, add_realign_lora, get_factors, realign_names
 from fl_offsite.surgery.split import SplitPlan, build_emulator, plan_split
 from fl_offsite.testing.flower import Crash, crash_in_round, of_type, rounds_of, run, tiny_config
 from fl_offsite.testing.models import CORPUS
-from test_federated import tensorboard_scalars
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 REALIGN = {"realign.steps": 3, "realign.pre-steps": 4, "realign.lora-r": 2, "realign.batch-size": 2,

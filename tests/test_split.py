@@ -8,12 +8,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from fl_offsite.surgery.blocks import find_blocks
-from fl_offsite.errors import UserError
 from fl_offsite.data.models import load_model
+from fl_offsite.emulator.layer_choice import uniform_drop
+from fl_offsite.errors import UserError
+from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.surgery.payload import extract_adapter, plug_in
 from fl_offsite.surgery.split import build_emulator, load_adapter, plan_split, read_plan, save_adapter, write_split
-from fl_offsite.emulator.layer_choice import uniform_drop
 from fl_offsite.testing.models import FAMILIES, LAYERS, VOCAB, save_tiny_model, tiny_model
 
 BLOCK_PATHS = {"gpt2": "transformer.h", "opt": "model.decoder.layers", "bloom": "transformer.h",

@@ -6,13 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from fl_offsite.data import suite
-
-from fl_offsite.data import tasks
-from fl_offsite.data.downloads import cache_dir
+from fl_offsite.data import suite, tasks
 from fl_offsite.data.corpora import load_text_corpus
-from fl_offsite.errors import UserError
+from fl_offsite.data.downloads import cache_dir
 from fl_offsite.data.tasks import ChoiceExample, bigbench_examples, load_task
+from fl_offsite.errors import UserError
 
 BIGBENCH_FIXTURE = {
     "name": "toy_task",

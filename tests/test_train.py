@@ -4,11 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fl_offsite.config.sections import TrainSettings
 from fl_offsite.data.encode import collate, encode_choice_example
+from fl_offsite.data.tasks import ChoiceExample
+from fl_offsite.learn.train import answer_loss, train_local
 from fl_offsite.surgery.payload import extract_adapter
 from fl_offsite.surgery.split import adapter_names, plan_split
-from fl_offsite.data.tasks import ChoiceExample
-from fl_offsite.learn.train import TrainSettings, answer_loss, train_local
 
 EXAMPLES = [ChoiceExample("Article: The striker scored twice.\nTopic:", [" sport", " tech"], 0),
             ChoiceExample("Article: The phone maker showed a faster chip and new software.\nTopic:",

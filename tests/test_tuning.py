@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fl_offsite.cli.main import main
-from fl_offsite.errors import UserError
-from fl_offsite.surgery.lora import LoraSpec
 from fl_offsite.app.owner import ModelOwner, final_weights
-from fl_offsite.surgery.payload import get_payload, plug_in, set_payload
+from fl_offsite.cli.main import main
+from fl_offsite.config.sections import LoraSpec, Tuning
 from fl_offsite.config.settings import Settings
+from fl_offsite.errors import UserError
+from fl_offsite.surgery.payload import get_payload, plug_in, set_payload
 from fl_offsite.surgery.split import build_emulator, plan_split, save_adapter
-from fl_offsite.surgery.tuning import Tuning, prepare_for_adapter
+from fl_offsite.surgery.tuning import apply_tuning, prepare_for_adapter, tuned_names
 from fl_offsite.testing.models import save_tiny_model, tiny_model
 
 TUNINGS = {
@@ -27,27 +27,27 @@ def _tuned(kind: str):
     plan = plan_split(full, 2, 1, emulator_layers=3)
     emulator = build_emulator(full, plan)
     tuning = TUNINGS[kind]
-    return plan, tuning, tuning.apply(full, plan, seed=1), tuning.apply(emulator, plan, seed=1)
+    return plan, tuning, apply_tuning(tuning, full, plan, seed=1), apply_tuning(tuning, emulator, plan, seed=1)
 
 
 @pytest.mark.parametrize("kind", TUNINGS)
 def test_payload_is_only_the_trainable_tensors_of_the_adapter_blocks(kind):
     plan, tuning, full, emulator = _tuned(kind)
-    names = tuning.names(full, plan)
-    assert names and tuning.names(emulator, plan).keys() == names.keys()  # the same travelling names
+    names = tuned_names(tuning, full, plan)
+    assert names and tuned_names(tuning, emulator, plan).keys() == names.keys()  # the same travelling names
     assert {int(n.split(".")[2]) for n in names} == set(plan.adapter_layers)  # full-model block indices
     marker = {"lora": ".lora_", "bitfit": ".bias", "bottleneck": ".bottleneck."}[kind]
     assert all(marker in name for name in names)
     others = dict(full.named_parameters())
     assert sum(others[local].numel() for local in names.values()) < 0.2 * sum(p.numel() for p in others.values())
     # Both copies start equal: the owner's initial payload fits every client's emulator.
-    set_payload(emulator, get_payload(full, names), tuning.names(emulator, plan))
+    set_payload(emulator, get_payload(full, names), tuned_names(tuning, emulator, plan))
 
 
 @pytest.mark.parametrize("kind", TUNINGS)
 def test_merged_adapter_plugged_into_the_full_model_equals_the_tuned_model(kind, tmp_path):
     plan, tuning, full, _ = _tuned(kind)
-    names = tuning.names(full, plan)
+    names = tuned_names(tuning, full, plan)
     torch.manual_seed(0)
     trained = {name: t + 0.1 * torch.randn_like(t) for name, t in get_payload(full, names).items()}
     set_payload(full, trained, names)
@@ -69,19 +69,19 @@ def test_merged_adapter_plugged_into_the_full_model_equals_the_tuned_model(kind,
                                          ("bottleneck", "bottleneck payload")])
 def test_a_refused_payload_is_named_by_its_kind(kind, named):
     plan, tuning, full, emulator = _tuned(kind)
-    payload = get_payload(full, tuning.names(full, plan))
+    payload = get_payload(full, tuned_names(tuning, full, plan))
     first = sorted(payload)[0]
     del payload[first]
     with pytest.raises(UserError, match=rf"^{named} lacks 1 tensor\(s\), first {first!r}"):
-        set_payload(emulator, payload, tuning.names(emulator, plan), tuning.payload_kind(plan))
+        set_payload(emulator, payload, tuned_names(tuning, emulator, plan), tuning.payload_kind(plan))
     assert Tuning().payload_kind(None) == "full-model payload" and Tuning().payload_kind(plan) == "adapter"
 
 
 def test_a_reply_lists_its_tensors_in_the_order_of_the_request():
     plan, tuning, full, emulator = _tuned("lora")
-    request = dict(reversed(get_payload(full, tuning.names(full, plan)).items()))
-    set_payload(emulator, request, tuning.names(emulator, plan))
-    assert list(get_payload(emulator, tuning.names(emulator, plan), order=request)) == list(request)
+    request = dict(reversed(get_payload(full, tuned_names(tuning, full, plan)).items()))
+    set_payload(emulator, request, tuned_names(tuning, emulator, plan))
+    assert list(get_payload(emulator, tuned_names(tuning, emulator, plan), order=request)) == list(request)
 
 
 def test_bottleneck_adapters_start_as_the_identity():
@@ -89,20 +89,20 @@ def test_bottleneck_adapters_start_as_the_identity():
     ids = torch.randint(0, 96, (1, 8))
     with torch.no_grad():
         before = full(input_ids=ids).logits
-        Tuning("bottleneck", bottleneck_size=4).apply(full, plan_split(full, 1, 1, emulator_layers=2))
+        apply_tuning(Tuning("bottleneck", bottleneck_size=4), full, plan_split(full, 1, 1, emulator_layers=2))
         torch.testing.assert_close(full(input_ids=ids).logits, before)
 
 
 def test_bitfit_needs_biases():
     llama = tiny_model("llama")
     with pytest.raises(UserError, match="no bias terms for BitFit"):
-        Tuning("bitfit").apply(llama, plan_split(llama, 1, 1, emulator_layers=2))
+        apply_tuning(Tuning("bitfit"), llama, plan_split(llama, 1, 1, emulator_layers=2))
 
 
 def test_plug_in_command_refuses_bottleneck_adapters(tmp_path, capsys):
     plan, tuning, full, _ = _tuned("bottleneck")
     owner = ModelOwner(Settings.from_config({}), full, None, plan, None, tmp_path, None, tuning, tmp_path)
-    _, adapter = final_weights(owner, get_payload(full, tuning.names(full, plan)))
+    _, adapter = final_weights(owner, get_payload(full, tuned_names(tuning, full, plan)))
     save_adapter(tmp_path / "adapter.safetensors", adapter, plan)
     folder = save_tiny_model("gpt2", tmp_path / "gpt2")
     assert main(["plug-in", str(folder), str(tmp_path / "adapter.safetensors"), "--out", str(tmp_path / "o")]) == 2
@@ -145,10 +145,9 @@ def test_federated_run_trains_and_sends_only_the_peft_tensors(tiny_gpt2_dir, tmp
 def test_lora_factors_are_averaged_separately_weighted_by_examples(tiny_lm_dir, tmp_path):
     """FedAvg-LoRA's rule: A and B each averaged (weighted by examples), not their product."""
     from fl_offsite.app.client_app import app as client_app
-    from fl_offsite.files import load_tensors
     from fl_offsite.app.server_app import run_federated
-    from fl_offsite.testing.flower import InProcessGrid
-    from fl_offsite.testing.flower import tiny_config
+    from fl_offsite.testing.flower import InProcessGrid, tiny_config
+    from fl_offsite.weights import load_tensors
 
     config = tiny_config(tiny_lm_dir, tmp_path / "lora", method="fedavg-lora", **{"num-rounds": 1})
     replies = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +19,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from fl_offsite.app.fleet import NodeProfile
+from fl_offsite.app.node_store import BF16_KEY, WEIGHTS_FILE
+from fl_offsite.app.profile import NodeProfile
 from fl_offsite.data.models import load_model, load_tokenizer
-from fl_offsite.files import atomic_dir, save_tensors
+from fl_offsite.weights import save_tensors
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
-BF16_KEY = "bf16-tensors"  # Flower's arrays go through NumPy, which has no bfloat16: these travel as int16 bytes
 PROFILE_QUERY, STATUS_QUERY, MODEL_QUERY = "query.node_profile", "query.model_status", "query.model"
 
 
@@ -113,26 +111,11 @@ def _checked(replies, expected: int, what: str) -> list[Message]:
     return replies
 
 
-class NodeStore:
-    """A node's on-disk cache of delivered models, one folder per digest."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-
-    def folder(self, digest: str) -> Path:
-        return self.root / f"model-{digest}"
-
-    def has(self, digest: str) -> bool:
-        return (self.folder(digest) / WEIGHTS_FILE).is_file()
-
-    def store(self, digest: str, content: RecordDict) -> Path:
-        with atomic_dir(self.folder(digest)) as tmp:
-            for name, data in content["files"].items():
-                (tmp / name).write_bytes(data)
-            bf16 = set(content["model"].get(BF16_KEY, []))
-            save_tensors(tmp / WEIGHTS_FILE, {k: t.view(torch.bfloat16) if k in bf16 else t
-                                              for k, t in content["weights"].to_torch_state_dict().items()})
-        return self.folder(digest)
+def write_weights(path: Path, content: RecordDict) -> None:
+    """The weights of a ``query.model`` message, as the safetensors file of a model folder."""
+    bf16 = set(content["model"].get(BF16_KEY, []))
+    save_tensors(path, {k: t.view(torch.bfloat16) if k in bf16 else t
+                        for k, t in content["weights"].to_torch_state_dict().items()})
 
 
 def load_delivered(folder: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
@@ -145,13 +128,3 @@ def load_delivered(folder: str | Path) -> tuple[PreTrainedModel, PreTrainedToken
         return load_model(str(folder))
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
     return model.eval(), load_tokenizer(str(folder))
-
-
-def node_store(node_config: dict, node_id: int) -> NodeStore:
-    """The node's store: ``cache-dir`` from the node config, else a per-node cache folder."""
-    from fl_offsite.data.downloads import cache_dir
-
-    if "cache-dir" in node_config:
-        return NodeStore(os.path.expanduser(str(node_config["cache-dir"])))
-    name = f"partition-{node_config['partition-id']}" if "partition-id" in node_config else f"node-{node_id}"
-    return NodeStore(cache_dir("nodes", name))

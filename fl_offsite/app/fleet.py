@@ -26,69 +26,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fl_offsite.config.settings import FleetSettings
+from fl_offsite.app.profile import NodeProfile
 from fl_offsite.errors import UserError
 from fl_offsite.learn.train import HALF, answer_loss, freeze_except, half_frozen, precision_autocast
 from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.surgery.split import SplitPlan
 
-BUDGET_KEY, LAYERS_KEY = "memory-budget-mb", "emulator-layers"  # node config keys, and the profile's
 SMALLER_EVAL, SMALLER_SPLIT = "emulator-k", "split-k"  # a smaller emulator's scores (emulator-k2) and folder
 # Peak memory per byte of saved activations: they, plus the gradients backward makes of them. Fitted to the
 # measured peaks of benchmarks/footprint.py (SmolLM2-135M, CPU, bf16: each middle block adds 72 MB measured,
 # 40 MB counting the saved activations once, 73 MB counting them twice).
 ACTIVATION_FACTOR = 2.0
 MB = 2 ** 20
-
-
-@dataclass(frozen=True)
-class NodeProfile:
-    """What a node tells the model owner at the delivery handshake (both optional)."""
-
-    memory_budget_mb: float | None = None
-    emulator_layers: int | None = None
-
-    def to_record(self) -> dict[str, float | int]:
-        return {k: v for k, v in ((BUDGET_KEY, self.memory_budget_mb), (LAYERS_KEY, self.emulator_layers))
-                if v is not None}
-
-    @classmethod
-    def from_record(cls, record) -> NodeProfile:
-        budget, layers = record.get(BUDGET_KEY), record.get(LAYERS_KEY)
-        return cls(None if budget is None else float(budget), None if layers is None else int(layers))
-
-
-def _lists(fleet: FleetSettings) -> tuple[tuple[str, tuple], ...]:
-    return (BUDGET_KEY, fleet.memory_budget_mb), (LAYERS_KEY, fleet.emulator_layers)
-
-
-def node_profile(node_config: dict, fleet: FleetSettings) -> NodeProfile:
-    """The node's own ``memory-budget-mb`` / ``emulator-layers``, else its entry in the run config's
-    ``fleet.memory-budget-mb`` / ``fleet.emulator-layers`` lists (simulation: one per partition-id)."""
-    values = {}
-    for key, listed in _lists(fleet):
-        if key in node_config:
-            values[key] = node_config[key]
-        elif listed:
-            pid = int(node_config.get("partition-id", -1))
-            if not 0 <= pid < len(listed):
-                raise UserError(f"fleet.{key} names {len(listed)} value(s), one per simulated node by "
-                                f"partition-id, but this node has partition-id {pid}: give one per node")
-            values[key] = listed[pid]
-    return NodeProfile.from_record(values)
-
-
-def check_fleet(fleet: FleetSettings, num_nodes: int, cap: int | None) -> None:
-    """Before a simulation starts: the ``fleet.*`` lists name one value per simulated node, and no forced
-    emulator size exceeds ``cap``, the configured emulator's (None: not known before the model is split)."""
-    for key, listed in _lists(fleet):
-        if listed and len(listed) != num_nodes:
-            raise UserError(f"fleet.{key} names {len(listed)} value(s) for {num_nodes} simulated nodes: "
-                            "give one per node")
-    if cap is not None and any(k > cap for k in fleet.emulator_layers):
-        raise UserError(f"fleet.emulator-layers asks for {max(fleet.emulator_layers)} middle blocks, but the "
-                        f"configured emulator (split.emulator-layers) has {cap}: the model owner gives out no "
-                        "larger one")
 
 
 @dataclass(frozen=True)

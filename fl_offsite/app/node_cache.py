@@ -18,17 +18,17 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fl_offsite.app.delivery import load_delivered
-from fl_offsite.config.settings import DataSettings
+from fl_offsite.config.sections import DataSettings, RealignSettings, Tuning
 from fl_offsite.data.encode import encode_choice_example
 from fl_offsite.data.local_file import load_examples
 from fl_offsite.data.models import best_device
 from fl_offsite.data.partition import partition_indices
 from fl_offsite.data.tasks import ChoiceExample, load_task
-from fl_offsite.emulator.realign import RealignSettings, add_realign_lora
+from fl_offsite.emulator.realign import add_realign_lora
 from fl_offsite.errors import UserError
 from fl_offsite.learn.train import HALF, half_frozen
 from fl_offsite.surgery.split import SplitPlan
-from fl_offsite.surgery.tuning import Tuning
+from fl_offsite.surgery.tuning import apply_tuning, tuned_names
 
 Features = list[dict[str, list[int]]]
 
@@ -111,9 +111,9 @@ class NodeCache:
 def _prepare_model(key: ModelKey) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     model, tokenizer = load_delivered(key.folder)
     plan = SplitPlan.from_json(json.loads(key.plan_json)) if key.plan_json else None
-    model = key.tuning.apply(model.to(best_device()), plan, seed=key.seed)
+    model = apply_tuning(key.tuning, model.to(best_device()), plan, seed=key.seed)
     if key.precision != "fp32":  # frozen weights in half precision (trainable ones stay fp32)
-        half_frozen(model, set(key.tuning.names(model, plan).values()), HALF[key.precision])
+        half_frozen(model, set(tuned_names(key.tuning, model, plan).values()), HALF[key.precision])
     if key.realign is not None:
         add_realign_lora(model, plan, key.realign)
     return model, tokenizer

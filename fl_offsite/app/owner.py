@@ -13,14 +13,16 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fl_offsite.app.fleet import SMALLER_EVAL, SMALLER_SPLIT, NodeProfile, choose_layers, measure_footprint
+from fl_offsite.app.fleet import SMALLER_EVAL, SMALLER_SPLIT, choose_layers, measure_footprint
+from fl_offsite.app.profile import NodeProfile
+from fl_offsite.config.sections import EmulatorRecipe, Tuning
 from fl_offsite.config.settings import Settings
 from fl_offsite.data.downloads import cache_dir
 from fl_offsite.data.encode import pad_id
 from fl_offsite.data.models import best_device, load_model, resolve_model_path
 from fl_offsite.data.tasks import TaskData, load_task
 from fl_offsite.emulator.realign import Realignment, public_blocks
-from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
+from fl_offsite.emulator.recipe import prepare_emulator
 from fl_offsite.errors import UserError
 from fl_offsite.files import json_digest, write_json
 from fl_offsite.learn.evaluate import evaluate_task
@@ -28,7 +30,7 @@ from fl_offsite.learn.train import half_weights, precision_autocast
 from fl_offsite.logs import clock_time
 from fl_offsite.surgery.payload import extract_adapter, get_payload, set_payload
 from fl_offsite.surgery.split import EMULATOR_DIR, SplitPlan, write_split
-from fl_offsite.surgery.tuning import Tuning
+from fl_offsite.surgery.tuning import apply_tuning, tuned_names
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,8 @@ class ModelOwner:
             log.info("model owner: emulator (%s) ready after %s", settings.emulator.describe(),
                      clock_time(time.perf_counter() - began))
         tuning = settings.tuning
-        model = tuning.apply(model, plan, seed=settings.seed)
-        emulator = emulator and tuning.apply(emulator, plan, seed=settings.seed)
+        model = apply_tuning(tuning, model, plan, seed=settings.seed)
+        emulator = emulator and apply_tuning(tuning, emulator, plan, seed=settings.seed)
         return cls(settings, model, tokenizer, plan, emulator, base_folder, task, tuning, run_dir)
 
     def emulator_for(self, k: int) -> Emulator:
@@ -94,7 +96,7 @@ class ModelOwner:
             recipe = replace(self.settings.emulator, emulator_layers=k, drop_ratio=None)
             plan, emulator, folder = _emulator_split(self.settings, recipe, self.model_without_tuning(), self.tokenizer,
                                                      self.run_dir / f"{SMALLER_SPLIT}{k}")
-            self.smaller[k] = Emulator(plan, self.tuning.apply(emulator, plan, seed=self.settings.seed), folder)
+            self.smaller[k] = Emulator(plan, apply_tuning(self.tuning, emulator, plan, seed=self.settings.seed), folder)
             log.info("model owner: emulator %s for the fleet ready in %s", plan.name,
                      clock_time(time.perf_counter() - began))
         return self.smaller[k]
@@ -145,7 +147,7 @@ class ModelOwner:
     def payload_names(self, model: PreTrainedModel, plan: SplitPlan | None = None) -> dict[str, str]:
         """Travelling name -> parameter name in ``model``: the full model, or an emulator of ``plan`` (the
         configured emulator's by default)."""
-        return self.tuning.names(model, plan or self.plan)
+        return tuned_names(self.tuning, model, plan or self.plan)
 
     def load_payload(self, model: PreTrainedModel, payload: dict[str, torch.Tensor],
                      plan: SplitPlan | None = None) -> None:

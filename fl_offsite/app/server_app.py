@@ -13,8 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_offsite.app.delivery import ModelPackage, ask_profiles, deliver
 from fl_offsite.app.fleet import SMALLER_SPLIT
 from fl_offsite.app.owner import ModelOwner, lr_schedule
-from fl_offsite.config.keys import validate
-from fl_offsite.config.settings import Settings
+from fl_offsite.config.settings import Settings, validate
 from fl_offsite.data.local_file import task_answers
 from fl_offsite.errors import UserError
 from fl_offsite.learn.train import HALF

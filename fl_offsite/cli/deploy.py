@@ -57,8 +57,8 @@ def cmd_supernode(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from fl_offsite.config.keys import load_file, parse_sets, validate
-    from fl_offsite.config.settings import Settings
+    from fl_offsite.config.keys import load_file, parse_sets
+    from fl_offsite.config.settings import Settings, validate
     from fl_offsite.ops.deployment import run_app
     from fl_offsite.run.folder import RunFolder
     from fl_offsite.run.tables import round_table

@@ -5,15 +5,20 @@ import argparse
 import time
 
 from fl_offsite.cli.common import TASK_HELP, megabytes, pair, user_input
-from fl_offsite.config.keys import CHOICES, DEFAULTS, DISTILL_COMMAND_STEPS, DistillSettings, adapter_layers
+from fl_offsite.config.sections import DistillSettings, EmulatorRecipe
+from fl_offsite.config.settings import CHOICES, DEFAULTS
 from fl_offsite.errors import UserError
+
+# ``distill --steps``'s default: in a run config distill.steps = 0 means no distillation, which this command,
+# whose job is to distil, has no use for.
+DISTILL_COMMAND_STEPS = 100
 
 
 def cmd_split(args: argparse.Namespace) -> None:
     """``split`` and ``distill``: the model owner's emulator recipe, written as a split folder."""
     from fl_offsite.data.models import load_model
     from fl_offsite.emulator.distill import ppl_summary
-    from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
+    from fl_offsite.emulator.recipe import prepare_emulator
     from fl_offsite.run.tables import describe_composition
     from fl_offsite.surgery.payload import extract_adapter
     from fl_offsite.surgery.split import write_split
@@ -25,7 +30,7 @@ def cmd_split(args: argparse.Namespace) -> None:
                                   targets=args.targets, kl_weight=args.kl_weight, batch_size=args.batch_size,
                                   block_size=args.block_size, precision=args.precision, eval_every=args.eval_every,
                                   seed=args.seed)
-    recipe = EmulatorRecipe(*args.adapter_layers, emulator_layers=args.emulator_layers, drop_ratio=args.drop_ratio,
+    recipe = EmulatorRecipe(args.adapter_layers, emulator_layers=args.emulator_layers, drop_ratio=args.drop_ratio,
                             layers=args.layers, distill=distill, corpus=args.corpus,
                             public_in_domain=args.public_in_domain)
     model, tokenizer = load_model(args.model)
@@ -164,7 +169,7 @@ def _split_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     """A sub-command that splits a model: model, --adapter-layers, --emulator-layers | --drop-ratio, --out."""
     parser = sub.add_parser(name, help=help_text)
     parser.add_argument("model", help="local folder, hub id, or offline alias (smollm2-135m)")
-    parser.add_argument("--adapter-layers", type=pair, default=adapter_layers(DEFAULTS), metavar="L,R",
+    parser.add_argument("--adapter-layers", type=pair, default=EmulatorRecipe().adapter, metavar="L,R",
                         help=f"bottom,top blocks forming the adapter (default {DEFAULTS['split.adapter-layers']})")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--emulator-layers", type=int, metavar="K", help="middle blocks the emulator keeps")

@@ -10,8 +10,8 @@ from fl_offsite.ops.flower_cli import app_dir
 def cmd_simulate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from fl_offsite.config.keys import load_file, parse_sets, validate
-    from fl_offsite.config.settings import Settings
+    from fl_offsite.config.keys import load_file, parse_sets
+    from fl_offsite.config.settings import Settings, validate
     from fl_offsite.ops.preflight import check_runnable
     from fl_offsite.ops.simulation import run_simulation_app
     from fl_offsite.run.folder import RunFolder
@@ -48,6 +48,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cmd_compare(args)
 
 
+def cmd_keys(args: argparse.Namespace) -> None:
+    """Every run-config key with its default, allowed values and help, as declared on the settings fields."""
+    from fl_offsite.config.settings import OPTIONS
+
+    for key, declared in OPTIONS.items():
+        if args.prefix and not key.startswith(args.prefix):
+            continue
+        allowed = f"  [{' | '.join(declared.choices)}]" if declared.choices else ""
+        print(f"{key} = {declared.default!r}{allowed}" + (f"\n    {declared.help}" if declared.help else ""))
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """This module's sub-commands, each bound to its handler above."""
     simulate = sub.add_parser("simulate", help="run the federated app on Flower's simulation engine (Ray)")
@@ -69,3 +80,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     demo.add_argument("--cpus-per-client", type=int, help=CPUS_HELP)
     demo.set_defaults(func=cmd_demo)
+
+    keys = sub.add_parser("keys", help="list the run-config keys: default, allowed values, meaning")
+    keys.add_argument("prefix", nargs="?", default="", help="only the keys starting with this, e.g. train.")
+    keys.set_defaults(func=cmd_keys)

@@ -39,6 +39,11 @@ class Method:
         return self.kind != ZERO_SHOT
 
     @property
+    def tunes_adapter(self) -> bool:
+        """Offsite-tuning: clients tune the adapter inside an emulator."""
+        return self.kind == OFFSITE
+
+    @property
     def trains_full_model(self) -> bool:
         """Clients hold and tune the full model (no split, no emulator)."""
         return self.kind == FEDAVG

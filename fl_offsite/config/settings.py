@@ -1,162 +1,139 @@
-"""Typed, frozen settings built once from a validated run config (the only reader of its dotted keys).
+"""A run's settings, and the run-config table they declare: defaults, choices, validation, ``from_config``.
 
-Flower carries the flat dict (``context.run_config``); each side builds :class:`Settings` from it
-with :meth:`Settings.from_config`. Every default comes from ``fl_offsite.config.keys.DEFAULTS``.
+Flower carries the flat dict (``context.run_config``); each side builds :class:`Settings` from it with
+:meth:`Settings.from_config`. Each key is declared once, on its field (``fl_offsite.config.sections``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
 
-from fl_offsite.config.keys import DistillSettings, Value, adapter_layers, fleet_list, validate
-from fl_offsite.config.method import Method
-from fl_offsite.emulator.realign import RealignSettings
-from fl_offsite.emulator.recipe import EmulatorRecipe
-from fl_offsite.learn.train import TrainSettings
-from fl_offsite.surgery.lora import LoraSpec
-from fl_offsite.surgery.tuning import Tuning
-
-
-@dataclass(frozen=True)
-class StrategySettings:
-    """The aggregation strategy and the checks on what clients send (``strategy.*``)."""
-
-    name: str
-    fraction_train: float
-    min_train_nodes: int
-    min_available_nodes: int
-    round_timeout: float  # seconds to wait for the replies of a round
-    proximal_mu: float  # fedprox
-    server_lr: float  # fedavgm
-    server_momentum: float  # fedavgm
-    eta: float  # fedadam, fedyogi, fedadagrad
-    trim_beta: float  # fedtrimmedavg
-    num_malicious: int  # krum
-    max_update_norm: float  # 0 = off
-
-
-@dataclass(frozen=True)
-class PrivacySettings:
-    """Differential privacy (``dp.*``): client-side clipping and server noise when ``noise_multiplier`` > 0."""
-
-    noise_multiplier: float
-    clipping_norm: float
-    delta: float
-    max_epsilon: float  # 0 = no limit
-
-    @property
-    def enabled(self) -> bool:
-        return self.noise_multiplier > 0
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    """The data owners' examples (``data.*``, ``train.max-length``)."""
-
-    partitioner: str
-    alpha: float
-    num_partitions: int  # used when a node does not give num-partitions
-    max_length: int  # tokens per training example
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What the model owner scores (``eval.*``): how many test examples, in which rounds, at which precision."""
-
-    limit: int  # held-out test examples the model owner evaluates; 0 = the whole test split
-    batch_size: int
-    every: int  # rounds between evaluations; 0 = only before the first round and after the last
-    precision: str
-
-    def due(self, rnd: int, num_rounds: int) -> bool:
-        """Whether round ``rnd`` (0: before training) is evaluated."""
-        return rnd in (0, num_rounds) or (self.every > 0 and rnd % self.every == 0)
-
-
-@dataclass(frozen=True)
-class FleetSettings:
-    """Simulated nodes' budgets or emulator sizes by partition-id, and the runtime overhead (``fleet.*``)."""
-
-    memory_budget_mb: tuple[float, ...]
-    emulator_layers: tuple[int, ...]
-    overhead_mb: float  # a client process before it trains, in a node's footprint (fl_offsite.app.fleet)
-
-
-@dataclass(frozen=True)
-class ResultsSettings:
-    dir: str
-    resume: bool
-    tensorboard: bool
+from fl_offsite.config.method import METHODS, Method
+from fl_offsite.config.options import Option, Value, declared_options, option, section_from
+from fl_offsite.config.sections import (
+    DataSettings,
+    DistillSettings,
+    EmulatorRecipe,
+    EvalSettings,
+    FleetSettings,
+    LoraSpec,
+    PrivacySettings,
+    RealignSettings,
+    ResultsSettings,
+    StrategySettings,
+    TrainSettings,
+    Tuning,
+)
+from fl_offsite.errors import UserError
 
 
 @dataclass(frozen=True)
 class Settings:
     """One run: the model, task and method, and a section per group of keys."""
 
-    model: str
-    task: str
-    method: Method
-    num_rounds: int
-    seed: int
-    emulator: EmulatorRecipe  # split.*, emulator.*, distill.*
-    tuning: Tuning  # what trains: the method's tuning, lora.*, bottleneck.size
-    strategy: StrategySettings
-    dp: PrivacySettings
-    train: TrainSettings  # train.* at the base learning rate; per round: TrainSettings.for_round
-    lr_schedule: str  # across rounds: constant | cosine | linear
-    data: DataSettings
-    eval: EvalSettings
-    results: ResultsSettings
-    fleet: FleetSettings
-    realign: RealignSettings  # the owner's per-round re-alignment of the emulator (FedBiOT)
+    model: str = option("model", "smollm2-135m", "local folder, hub id, or offline alias")
+    task: str = option("task", "bbc-news", "see fl_offsite.data.tasks")
+    method: Method = option("method", "offsite", "see fl_offsite.config.method; -lora/-bitfit/-bottleneck: what of "
+                            "the adapter trains", choices=tuple(METHODS), parse=Method.parse)
+    num_rounds: int = option("num-rounds", 3, minimum=1)
+    seed: int = option("seed", 1234)
+    lr_schedule: str = option("train.lr-schedule", "cosine", "across rounds", choices=("constant", "cosine", "linear"))
+    emulator: EmulatorRecipe = field(default_factory=EmulatorRecipe)
+    tuning: Tuning = field(default_factory=Tuning)  # what trains: the method's tuning, lora.*, bottleneck.size
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+    dp: PrivacySettings = field(default_factory=PrivacySettings)
+    train: TrainSettings = field(default_factory=TrainSettings)  # at the base learning rate; per round: for_round
+    data: DataSettings = field(default_factory=DataSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    results: ResultsSettings = field(default_factory=ResultsSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    realign: RealignSettings = field(default_factory=RealignSettings)  # the owner's per-round re-alignment (FedBiOT)
 
     @classmethod
-    def from_config(cls, config: dict[str, Value]) -> Settings:
+    def from_config(cls, config: dict[str, Any]) -> Settings:
         """The settings of ``config`` (validated here, so a raw run config works too)."""
         c = validate(config)
-        method = Method.parse(c["method"])
-        drop = c["split.drop-ratio"]
-        distill = DistillSettings(
-            steps=c["distill.steps"], corpus=c["distill.corpus"], lr=c["distill.lr"], kd_weight=c["distill.kd-weight"],
-            targets=c["distill.targets"], kl_weight=c["distill.kl-weight"], batch_size=c["distill.batch-size"],
-            block_size=c["distill.block-size"], precision=c["distill.precision"], eval_every=c["distill.eval-every"],
-            seed=c["seed"])
-        emulator = EmulatorRecipe(
-            *adapter_layers(c), emulator_layers=None if drop > 0 else c["split.emulator-layers"],
-            drop_ratio=drop if drop > 0 else None, layers=c["emulator.layers"],
-            distill=distill if distill.steps > 0 else None, corpus=c["distill.corpus"],
-            public_in_domain=c["distill.public-in-domain"])
-        lora = LoraSpec(r=c["lora.r"], alpha=c["lora.alpha"], dropout=c["lora.dropout"])
-        return cls(
-            model=c["model"], task=c["task"], method=method, num_rounds=c["num-rounds"], seed=c["seed"],
-            emulator=emulator,
-            tuning=Tuning(method.tuning, lora if method.tuning == "lora" else None, c["bottleneck.size"]),
-            strategy=StrategySettings(
-                name=c["strategy.name"], fraction_train=c["strategy.fraction-train"],
-                min_train_nodes=c["strategy.min-train-nodes"], min_available_nodes=c["strategy.min-available-nodes"],
-                round_timeout=c["strategy.round-timeout"], proximal_mu=c["strategy.proximal-mu"],
-                server_lr=c["strategy.server-lr"], server_momentum=c["strategy.server-momentum"],
-                eta=c["strategy.eta"], trim_beta=c["strategy.trim-beta"], num_malicious=c["strategy.num-malicious"],
-                max_update_norm=c["strategy.max-update-norm"]),
-            dp=PrivacySettings(noise_multiplier=c["dp.noise-multiplier"], clipping_norm=c["dp.clipping-norm"],
-                               delta=c["dp.delta"], max_epsilon=c["dp.max-epsilon"]),
-            train=TrainSettings(
-                lr=c["train.lr"], batch_size=c["train.batch-size"], grad_accum=c["train.grad-accum"],
-                local_steps=c["train.local-steps"], local_epochs=c["train.local-epochs"],
-                weight_decay=c["train.weight-decay"], grad_clip=c["train.grad-clip"], seed=c["seed"],
-                precision=c["train.precision"]),
-            lr_schedule=c["train.lr-schedule"],
-            data=DataSettings(partitioner=c["data.partitioner"], alpha=c["data.alpha"],
-                              num_partitions=c["data.num-partitions"], max_length=c["train.max-length"]),
-            eval=EvalSettings(limit=c["eval.limit"], batch_size=c["eval.batch-size"], every=c["eval.every"],
-                              precision=c["eval.precision"]),
-            results=ResultsSettings(dir=c["results.dir"], resume=c["results.resume"],
-                                    tensorboard=c["results.tensorboard"]),
-            fleet=FleetSettings(
-                memory_budget_mb=tuple(fleet_list(c["fleet.memory-budget-mb"], "fleet.memory-budget-mb")),
-                emulator_layers=tuple(int(k) for k in fleet_list(c["fleet.emulator-layers"], "fleet.emulator-layers")),
-                overhead_mb=c["fleet.overhead-mb"]),
-            realign=RealignSettings(
-                steps=c["realign.steps"], pre_steps=c["realign.pre-steps"], lr=c["realign.lr"],
-                lora_r=c["realign.lora-r"], lora_alpha=c["realign.lora-alpha"], batch_size=c["realign.batch-size"],
-                block_size=c["distill.block-size"], targets=c["realign.targets"], kl_weight=c["realign.kl-weight"],
-                precision=c["realign.precision"], seed=c["seed"]))
+        method, seed = Method.parse(str(c["method"])), c["seed"]
+        distill = section_from(DistillSettings, c, seed=seed) if c["distill.steps"] else None
+        emulator = section_from(EmulatorRecipe, c, distill=distill,
+                                emulator_layers=None if c["split.drop-ratio"] > 0 else c["split.emulator-layers"])
+        lora = section_from(LoraSpec, c) if method.tuning == "lora" else None
+        return section_from(cls, c, emulator=emulator, tuning=section_from(Tuning, c, kind=method.tuning, lora=lora),
+                            train=section_from(TrainSettings, c, seed=seed),
+                            realign=section_from(RealignSettings, c, seed=seed))
+
+
+OPTIONS: dict[str, Option] = {}
+for _option in declared_options(Settings):
+    if _option.key in OPTIONS:
+        raise TypeError(f"config key {_option.key} is declared twice; the second field should use same_key")
+    OPTIONS[_option.key] = _option
+
+DEFAULTS: dict[str, Value] = {key: o.default for key, o in OPTIONS.items()}
+CHOICES: dict[str, tuple[str, ...]] = {key: o.choices for key, o in OPTIONS.items() if o.choices}
+
+
+def validate(overrides: dict[str, Any]) -> dict[str, Value]:
+    """Defaults updated with ``overrides``; unknown keys, wrong types, bad choices and bounds are UserErrors."""
+    config = dict(DEFAULTS)
+    for key, value in overrides.items():
+        if key not in OPTIONS:
+            close = difflib.get_close_matches(key, OPTIONS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(OPTIONS)}"
+            raise UserError(f"unknown config key {key!r}{hint}")
+        config[key] = _coerce(key, value)
+    for key, declared in OPTIONS.items():
+        if declared.choices and config[key] not in declared.choices:
+            raise UserError(f"{key} = {config[key]!r} is not one of {', '.join(declared.choices)}")
+        if declared.minimum is not None and config[key] < declared.minimum:
+            raise UserError(f"{key} must be >= {declared.minimum:g}, got {config[key]}")
+        declared.value(config[key])
+    _check_together(config)
+    return config
+
+
+def _check_together(config: dict[str, Any]) -> None:
+    """The rules that tie several keys together."""
+    if config["train.local-steps"] <= 0 and config["train.local-epochs"] <= 0:
+        raise UserError("set train.local-steps or train.local-epochs to a positive number")
+    if not 0.0 < config["strategy.fraction-train"] <= 1.0:
+        raise UserError(f"strategy.fraction-train must be in (0, 1], got {config['strategy.fraction-train']}")
+    if config["dp.noise-multiplier"] > 0:
+        if config["strategy.name"] != "fedavg":
+            raise UserError("differential privacy (dp.noise-multiplier > 0) needs strategy.name = fedavg: "
+                            "its accountant assumes plain, equally weighted averaging")
+        if config["train.local-steps"] <= 0:
+            raise UserError("differential privacy weighs every client equally: set train.local-steps > 0")
+        if not 0 < config["dp.delta"] < 1 or config["dp.clipping-norm"] <= 0:
+            raise UserError("dp.delta must be in (0, 1) and dp.clipping-norm > 0")
+    method = Method.parse(config["method"])
+    for key in ("fleet.memory-budget-mb", "fleet.emulator-layers"):
+        if OPTIONS[key].value(config[key]) and not method.tunes_adapter:
+            raise UserError(f"{key} gives simulated nodes emulators of different sizes: it needs an offsite method, "
+                            f"not {method.name}; set it in the offsite run only")
+    if (config["realign.steps"] or config["realign.pre-steps"]) and not method.tunes_adapter:
+        raise UserError(f"realign.* re-aligns an emulator: it needs an offsite method, not {method.name}; "
+                        "set realign.steps = 0 for this run")
+    if (config["realign.steps"] or config["realign.pre-steps"]) and config["realign.lr"] <= 0:
+        raise UserError("re-alignment needs realign.lr > 0")
+
+
+def _coerce(key: str, value: Any) -> Value:
+    """``value`` as the type of the key's default (strings from the command line are parsed)."""
+    kind = type(DEFAULTS[key])
+    if isinstance(value, str) and kind is not str:
+        text = value.strip().lower()
+        if kind is bool:
+            if text not in ("true", "false", "1", "0"):
+                raise UserError(f"{key} must be true or false, got {value!r}")
+            return text in ("true", "1")
+        try:
+            return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
+        except ValueError:
+            raise UserError(f"{key} must be {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"{key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value

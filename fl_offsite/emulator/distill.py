@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from fl_offsite.config.keys import CHOICES, DistillSettings
+from fl_offsite.config.sections import TARGETS, DistillSettings
 from fl_offsite.data.downloads import cache_dir
 from fl_offsite.data.encode import collate, lm_blocks, pad_id
 from fl_offsite.errors import UserError
@@ -51,8 +51,8 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, 
         raise UserError(f"split {plan.name} keeps no middle block: there is nothing to distill")
     if settings.steps < 1:
         raise UserError(f"distillation needs at least one step (got {settings.steps})")
-    if settings.targets not in CHOICES["distill.targets"]:
-        raise UserError(f"distill.targets = {settings.targets!r} is not one of {', '.join(CHOICES['distill.targets'])}")
+    if settings.targets not in TARGETS:
+        raise UserError(f"distill.targets = {settings.targets!r} is not one of {', '.join(TARGETS)}")
     device = next(emulator.parameters()).device
     train = [b for b in lm_blocks(tokenizer, train_texts, settings.block_size,  # one block per draw: no repeats
                                   max_blocks=settings.steps * settings.batch_size)

@@ -30,11 +30,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from fl_offsite.config.keys import DEFAULTS
+from fl_offsite.config.sections import EmulatorRecipe, RealignSettings
 from fl_offsite.data.corpora import check_public
 from fl_offsite.data.encode import collate, lm_blocks
 from fl_offsite.emulator.distill import alignment_losses, middle_positions, target_layers
-from fl_offsite.emulator.recipe import EmulatorRecipe, public_texts
+from fl_offsite.emulator.recipe import public_texts
 from fl_offsite.errors import UserError
 from fl_offsite.learn.train import adamw, freeze_except, precision_autocast
 from fl_offsite.surgery.blocks import find_blocks
@@ -46,26 +46,6 @@ log = logging.getLogger(__name__)
 ADAPTER = "realign"  # PEFT adapter name of the emulator's re-alignment factors
 KIND = "emulator re-alignment"  # what the factors are, in error messages
 
-
-@dataclass(frozen=True)
-class RealignSettings:
-    """The owner's re-alignment (``realign.*``); its text is the distillation corpus (``distill.corpus``)."""
-
-    steps: int = DEFAULTS["realign.steps"]  # before every round; 0 (and no pre-steps) = off
-    pre_steps: int = DEFAULTS["realign.pre-steps"]  # once, before round 1 (and before round 0's evaluation)
-    lr: float = DEFAULTS["realign.lr"]
-    lora_r: int = DEFAULTS["realign.lora-r"]
-    lora_alpha: int = DEFAULTS["realign.lora-alpha"]
-    batch_size: int = DEFAULTS["realign.batch-size"]
-    block_size: int = DEFAULTS["distill.block-size"]
-    targets: str = DEFAULTS["realign.targets"]  # "output" (the middle's output) | "per-block"
-    kl_weight: float = DEFAULTS["realign.kl-weight"]
-    precision: str = DEFAULTS["realign.precision"]
-    seed: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.steps > 0 or self.pre_steps > 0
 
 
 def add_realign_lora(emulator: nn.Module, plan: SplitPlan, settings: RealignSettings) -> None:

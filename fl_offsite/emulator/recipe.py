@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fl_offsite.config.keys import DEFAULTS, DistillSettings, adapter_layers
+from fl_offsite.config.sections import EmulatorRecipe
 from fl_offsite.data.corpora import MODEL_SAMPLES, check_public, corpus_composition, load_text_corpus, sample_texts
 from fl_offsite.data.downloads import cache_dir
 from fl_offsite.data.encode import collate, lm_blocks, pad_id
@@ -30,32 +29,6 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_SEQUENCES, CALIBRATION_TOKENS = 8, 128  # public text the layer rules look at
 
-
-@dataclass(frozen=True)
-class EmulatorRecipe:
-    """How the model owner builds the emulator (config keys ``split.*``, ``emulator.*``, ``distill.*``)."""
-
-    adapter_bottom: int = adapter_layers(DEFAULTS)[0]
-    adapter_top: int = adapter_layers(DEFAULTS)[1]
-    emulator_layers: int | None = DEFAULTS["split.emulator-layers"]  # k; None when drop_ratio is given
-    drop_ratio: float | None = None
-    layers: str = DEFAULTS["emulator.layers"]  # the layer rule: see fl_offsite.emulator.layer_choice
-    distill: DistillSettings | None = None  # None: no distillation
-    corpus: str = DEFAULTS["distill.corpus"]  # the owner's public text, for the layer rule and distillation
-    public_in_domain: bool = DEFAULTS["distill.public-in-domain"]  # the owner holds public text of the task's domain
-
-    @property
-    def uses_corpus(self) -> bool:
-        return self.layers != "uniform" or self.distill is not None
-
-    def describe(self) -> str:
-        parts = [f"layers {self.layers}"]
-        if self.distill:
-            parts.append(f"distilled {self.distill.steps} steps ({self.distill.targets} targets"
-                         f"{f', KL {self.distill.kl_weight:g}' if self.distill.kl_weight else ''})")
-        if self.uses_corpus:
-            parts.append(f"corpus {self.corpus}")
-        return ", ".join(parts)
 
 
 def prepare_emulator(model_name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

@@ -3,45 +3,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import resource
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fl_offsite.config.keys import DEFAULTS
+from fl_offsite.config.sections import TrainSettings
 from fl_offsite.data.encode import IGNORE_INDEX, collate
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class TrainSettings:
-    lr: float
-    batch_size: int = DEFAULTS["train.batch-size"]
-    grad_accum: int = DEFAULTS["train.grad-accum"]
-    local_steps: int = DEFAULTS["train.local-steps"]  # optimizer steps; 0 = use local_epochs
-    local_epochs: float = DEFAULTS["train.local-epochs"]
-    weight_decay: float = DEFAULTS["train.weight-decay"]
-    grad_clip: float = DEFAULTS["train.grad-clip"]
-    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 (the server sends it each round)
-    seed: int = 0
-    precision: str = DEFAULTS["train.precision"]  # "bf16": forward under bf16 autocast (see half_frozen)
-
-    def for_round(self, rnd: int, partition_id: int, lr: float, proximal_mu: float = 0.0) -> TrainSettings:
-        """Client ``partition_id``'s settings in round ``rnd`` of a run seeded ``self.seed``: the server's
-        learning rate and FedProx mu, and a seed of its own."""
-        return replace(self, lr=lr, proximal_mu=proximal_mu, seed=self.seed * 7919 + rnd * 131 + partition_id)
-
-    def steps_for(self, num_examples: int) -> int:
-        if self.local_steps > 0:
-            return self.local_steps
-        return max(1, math.ceil(self.local_epochs * num_examples / (self.batch_size * self.grad_accum)))
 
 
 @dataclass(frozen=True)

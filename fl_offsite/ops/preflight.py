@@ -14,7 +14,7 @@ def check_runnable(settings: Settings, num_clients: int) -> None:
     client."""
     from transformers import AutoConfig
 
-    from fl_offsite.app.fleet import check_fleet
+    from fl_offsite.app.profile import check_fleet
     from fl_offsite.data.corpora import check_public, corpus_composition
     from fl_offsite.data.models import resolve_model_path
     from fl_offsite.data.partition import partition_indices

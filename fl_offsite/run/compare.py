@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from fl_offsite.app.fleet import SMALLER_EVAL
-from fl_offsite.config.keys import CHOICES, load_file, validate
-from fl_offsite.config.settings import Settings
+from fl_offsite.config.keys import load_file
+from fl_offsite.config.settings import CHOICES, Settings, validate
 from fl_offsite.errors import UserError
 from fl_offsite.files import write_atomic, write_json
 from fl_offsite.logs import clock_time

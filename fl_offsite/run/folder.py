@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from fl_offsite.errors import UserError
-from fl_offsite.files import atomic_dir, load_tensors, save_tensors, write_atomic, write_json
+from fl_offsite.files import atomic_dir, write_atomic, write_json
 from fl_offsite.surgery.split import SPLIT_FILE
+from fl_offsite.weights import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,14 @@ from peft import PeftModel
 
 from fl_offsite.app.owner import ModelOwner, final_weights
 from fl_offsite.data.models import resolve_model_path
-from fl_offsite.files import save_tensors, write_atomic
+from fl_offsite.files import write_atomic
 from fl_offsite.logs import clock_time
 from fl_offsite.run.card import model_card, run_record, usage
 from fl_offsite.run.folder import AfterRound, RunFolder
 from fl_offsite.run.tensorboard import TensorBoardLog
 from fl_offsite.surgery.lora import PEFT_DIR, save_peft_folder
 from fl_offsite.surgery.split import RUN_METADATA, save_adapter
+from fl_offsite.weights import save_tensors
 
 log = logging.getLogger(__name__)
 CARD = "README.md"  # the run's model card

@@ -10,14 +10,13 @@ close for the few local steps of a round; the owner evaluates exactly the averag
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
-from fl_offsite.config.keys import DEFAULTS
+from fl_offsite.config.sections import LoraSpec
 from fl_offsite.files import atomic_dir, write_atomic
 from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.surgery.split import SplitPlan, block_key
@@ -25,12 +24,6 @@ from fl_offsite.surgery.split import SplitPlan, block_key
 PEFT_PREFIX = "base_model.model."
 PEFT_DIR = "peft"  # a run's PEFT adapter folder (LoRA methods)
 
-
-@dataclass(frozen=True)
-class LoraSpec:
-    r: int = DEFAULTS["lora.r"]
-    alpha: int = DEFAULTS["lora.alpha"]
-    dropout: float = DEFAULTS["lora.dropout"]
 
 
 def add_lora(model: torch.nn.Module, spec: LoraSpec, blocks: list[int], seed: int = 0) -> PeftModel:

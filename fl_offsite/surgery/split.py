@@ -21,8 +21,9 @@ from transformers import PreTrainedModel
 
 from fl_offsite.emulator.layer_choice import uniform_drop
 from fl_offsite.errors import UserError
-from fl_offsite.files import atomic_dir, load_tensors, save_tensors, write_json
+from fl_offsite.files import atomic_dir, write_json
 from fl_offsite.surgery.blocks import find_blocks, resize_config
+from fl_offsite.weights import load_tensors, save_tensors
 
 ADAPTER_FILE = "adapter.safetensors"
 SPLIT_FILE = "split.json"

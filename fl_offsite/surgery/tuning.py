@@ -9,58 +9,43 @@ clients and the owner's full model agree on them; ``fl_offsite.surgery.payload``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from peft import PeftModel
 from torch import nn
 
-from fl_offsite.config.keys import DEFAULTS
+from fl_offsite.config.sections import LoraSpec, Tuning
 from fl_offsite.errors import UserError
 from fl_offsite.surgery.blocks import find_blocks
-from fl_offsite.surgery.lora import LoraSpec, add_lora, lora_blocks, lora_names
+from fl_offsite.surgery.lora import add_lora, lora_blocks, lora_names
 from fl_offsite.surgery.split import SplitPlan, adapter_names
 
 BOTTLENECK = "bottleneck"  # name of the module added to a block
 
 
-@dataclass(frozen=True)
-class Tuning:
-    kind: str = "all"  # all | lora | bitfit | bottleneck
-    lora: LoraSpec | None = None
-    bottleneck_size: int = DEFAULTS["bottleneck.size"]
+def apply_tuning(tuning: Tuning, model: nn.Module, plan: SplitPlan | None, seed: int = 0) -> nn.Module:
+    """``model`` ready for ``tuning``: wrapped in LoRA, or with bottleneck adapters added."""
+    if tuning.kind == "lora":
+        return add_lora(model, tuning.lora or LoraSpec(), lora_blocks(model, plan), seed=seed)
+    if tuning.kind == "bottleneck":
+        add_bottlenecks(model, lora_blocks(model, plan), tuning.bottleneck_size, seed=seed)
+    if tuning.kind == "bitfit" and not tuned_names(tuning, model, plan):
+        raise UserError(f"{type(model).__name__}'s adapter blocks have no bias terms for BitFit: "
+                        "use method offsite-lora or offsite-bottleneck for this model")
+    return model
 
-    def apply(self, model: nn.Module, plan: SplitPlan | None, seed: int = 0) -> nn.Module:
-        """``model`` ready for this tuning: wrapped in LoRA, or with bottleneck adapters added."""
-        if self.kind == "lora":
-            return add_lora(model, self.lora, lora_blocks(model, plan), seed=seed)
-        if self.kind == "bottleneck":
-            add_bottlenecks(model, lora_blocks(model, plan), self.bottleneck_size, seed=seed)
-        if self.kind == "bitfit" and not self.names(model, plan):
-            raise UserError(f"{type(model).__name__}'s adapter blocks have no bias terms for BitFit: "
-                            "use method offsite-lora or offsite-bottleneck for this model")
-        return model
 
-    def payload_kind(self, plan: SplitPlan | None) -> str:
-        """What this tuning's payload is, for error messages (``fl_offsite.surgery.payload.check_payload``)."""
-        if self.kind == "lora":
-            return "LoRA payload"
-        if plan is None:
-            return "full-model payload"
-        return {"all": "adapter", "bitfit": "BitFit payload", "bottleneck": "bottleneck payload"}[self.kind]
-
-    def names(self, model: nn.Module, plan: SplitPlan | None) -> dict[str, str]:
-        """Map travelling name -> parameter name in ``model`` for the tensors this tuning trains."""
-        if isinstance(model, PeftModel):
-            return lora_names(model, plan)
-        if plan is None:
-            return {name: name for name, _ in model.named_parameters()}  # tied weights once
-        names = adapter_names(model, plan)
-        if self.kind == "bitfit":
-            return {k: v for k, v in names.items() if k.endswith(".bias")}
-        if self.kind == "bottleneck":
-            return {k: v for k, v in names.items() if f".{BOTTLENECK}." in k}
-        return {k: v for k, v in names.items() if f".{BOTTLENECK}." not in k}
+def tuned_names(tuning: Tuning, model: nn.Module, plan: SplitPlan | None) -> dict[str, str]:
+    """Map travelling name -> parameter name in ``model`` for the tensors ``tuning`` trains."""
+    if isinstance(model, PeftModel):
+        return lora_names(model, plan)
+    if plan is None:
+        return {name: name for name, _ in model.named_parameters()}  # tied weights once
+    names = adapter_names(model, plan)
+    if tuning.kind == "bitfit":
+        return {k: v for k, v in names.items() if k.endswith(".bias")}
+    if tuning.kind == "bottleneck":
+        return {k: v for k, v in names.items() if f".{BOTTLENECK}." in k}
+    return {k: v for k, v in names.items() if f".{BOTTLENECK}." not in k}
 
 
 class Bottleneck(nn.Module):

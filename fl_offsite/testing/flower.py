@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_offsite.config.keys import validate
+from fl_offsite.config.settings import validate
 
 
 class InProcessGrid(Grid):

@@ -1,0 +1,84 @@
+"""A data owner's training round: load the delivered model (cached), plug in the round's tensors, train, reply."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from fl_offsite.app.node_cache import ExampleSource, ModelKey, NodeCache
+from fl_offsite.app.node_store import node_store
+from fl_offsite.config.sections import DataSettings
+from fl_offsite.config.settings import Settings
+from fl_offsite.data.encode import pad_id
+from fl_offsite.data.local_file import BadDataFile, data_path
+from fl_offsite.emulator.realign import set_factors
+from fl_offsite.errors import UserError
+from fl_offsite.learn.train import train_local
+from fl_offsite.surgery.payload import get_payload, set_payload
+from fl_offsite.surgery.split import SplitPlan
+from fl_offsite.surgery.tuning import tuned_names
+
+log = logging.getLogger(__name__)
+
+CACHE = NodeCache()  # this process's prepared model and tokenized examples, kept between messages
+
+
+def train_round(msg: Message, context: Context) -> Message:
+    """Train what the owner's message carries on this node's examples; reply with it and the metrics."""
+    settings = Settings.from_config(dict(context.run_config))
+    round_config = msg.content["config"]
+    store = node_store(context.node_config, context.node_id)
+    digest = round_config["digest"]
+    if not store.has(digest):
+        raise UserError(f"node {context.node_id} has no model {digest}: it must be delivered before training")
+    plan = SplitPlan.from_json(json.loads(round_config["split-plan"])) if round_config["split-plan"] else None
+    tuning, folder = settings.tuning, str(store.folder(digest))
+    realigned = "realign" in msg.content.array_records
+    model, tokenizer = CACHE.model(ModelKey(digest, folder, tuning, round_config["split-plan"], settings.seed,
+                                            settings.train.precision, settings.realign if realigned else None))
+    names = tuned_names(tuning, model, plan)
+    request = msg.content["arrays"].to_torch_state_dict()
+    set_payload(model, request, names, tuning.payload_kind(plan))
+    if realigned:  # the owner re-aligned this emulator to the round's adapter
+        set_factors(model, plan, msg.content["realign"].to_torch_state_dict())
+
+    partition_id, num_partitions = _partition(context, settings.data)
+    answers = tuple(json.loads(round_config["task-answers"])) if round_config.get("task-answers") else None
+    try:
+        features = CACHE.features(ExampleSource(_local_data(context), settings.task, settings.seed, settings.data,
+                                                num_partitions, partition_id, digest, answers), tokenizer)
+    except BadDataFile as err:  # the rows stay on this node: the model owner learns only how many
+        log.error("%s", err)
+        raise UserError(f"the data owner's file was refused ({err.summary}); the rows and what to fix are in "
+                        "the node's log") from None
+    rnd = int(round_config["round"])
+    train_settings = settings.train.for_round(rnd, partition_id, lr=float(round_config["lr"]),
+                                              proximal_mu=float(round_config.get("proximal-mu", 0.0)))
+    stats = train_local(model, set(names.values()), features, train_settings, pad_id(tokenizer),
+                        desc=f"client {partition_id} round {rnd}")
+    log.info("client %d round %d: loss %.4f, %d steps, %.1f s, %.0f tokens/s, peak %.0f MB", partition_id, rnd,
+             stats.loss, stats.steps, stats.seconds, stats.tokens_per_s, stats.peak_memory_mb)
+    metrics = MetricRecord({
+        "num-examples": len(features), "partition-id": partition_id, "round": rnd, "train-loss": stats.loss,
+        "train-steps": stats.steps, "train-seconds": stats.seconds, "tokens-per-s": stats.tokens_per_s,
+        "peak-memory-mb": stats.peak_memory_mb, "trainable-params": stats.trainable_params})
+    arrays = ArrayRecord(get_payload(model, names, order=request))
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _partition(context: Context, data: DataSettings) -> tuple[int, int]:
+    node = context.node_config
+    if data_path(node):  # a data owner with its own data: partition-id only names it in the records
+        return int(node.get("partition-id", 0)), 1
+    if "partition-id" not in node:
+        raise UserError(f"node {context.node_id} has no partition-id: start it with "
+                        "--node-config 'partition-id=N num-partitions=M'")
+    return int(node["partition-id"]), int(node.get("num-partitions", data.num_partitions))
+
+
+def _local_data(context: Context) -> tuple[str, int] | None:
+    """The node's own data file and its modification time (a changed file is read again), if it has one."""
+    path = data_path(context.node_config)
+    return (path, os.stat(path).st_mtime_ns) if path else None
