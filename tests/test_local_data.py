@@ -10,7 +10,7 @@ from fl_offsite.app import client_app, client_training
 from fl_offsite.app.node_cache import ExampleSource, NodeCache
 from fl_offsite.app.server_app import run_federated
 from fl_offsite.config.settings import Settings
-from fl_offsite.data.local_file import BadDataFile, data_path, load_examples, task_answers, write_examples
+from fl_offsite.data.local_file import BadDataFile, data_path, load_examples, write_examples
 from fl_offsite.data.models import load_tokenizer
 from fl_offsite.data.tasks import BBC_TOPICS, ChoiceExample, TaskData, load_task
 from fl_offsite.errors import UserError
@@ -72,7 +72,7 @@ def test_an_unreadable_file_is_refused(tmp_path):
 
 
 def test_labels_outside_the_tasks_answers_are_refused(tmp_path):
-    answers = task_answers(load_task("bbc-news"))
+    answers = load_task("bbc-news").answers()
     assert answers == [f" {t}" for t in BBC_TOPICS]
     path = write_examples(tmp_path / "mine.jsonl", [
         ChoiceExample("Article: a\nTopic:", [" business", " weather"], 0),
@@ -82,7 +82,7 @@ def test_labels_outside_the_tasks_answers_are_refused(tmp_path):
                                           r"task's answers \[' business'"):
         load_examples(path, answers)
     varied = TaskData("mc", [ChoiceExample("q", [" a", " b"], 0)], [ChoiceExample("q", [" c", " d"], 1)], [])
-    assert task_answers(varied) is None
+    assert varied.answers() is None
 
 
 def test_data_path_must_be_an_absolute_existing_file(tmp_path):

@@ -22,7 +22,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from fl_offsite.app.node_store import BF16_KEY, WEIGHTS_FILE
 from fl_offsite.app.profile import NodeProfile
 from fl_offsite.data.models import load_model, load_tokenizer
-from fl_offsite.weights import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +108,6 @@ def _checked(replies, expected: int, what: str) -> list[Message]:
         raise RuntimeError(f"{what} failed: {len(replies) - len(errors)}/{expected} nodes replied; "
                            + "; ".join(errors or ["the others timed out"]))
     return replies
-
-
-def write_weights(path: Path, content: RecordDict) -> None:
-    """The weights of a ``query.model`` message, as the safetensors file of a model folder."""
-    bf16 = set(content["model"].get(BF16_KEY, []))
-    save_tensors(path, {k: t.view(torch.bfloat16) if k in bf16 else t
-                        for k, t in content["weights"].to_torch_state_dict().items()})
 
 
 def load_delivered(folder: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:

@@ -1,7 +1,7 @@
 """A node's on-disk cache of delivered models, one folder per digest.
 
 Stdlib only: a node answers ``query.model_status`` without importing torch; only storing the weights of a
-``query.model`` message needs it (fl_offsite.app.delivery.write_weights).
+``query.model`` message needs it.
 """
 from __future__ import annotations
 
@@ -31,12 +31,16 @@ class NodeStore:
 
     def store(self, digest: str, content: RecordDict) -> Path:
         """Write the model folder a ``query.model`` message carries (its files and weights)."""
-        from fl_offsite.app.delivery import write_weights  # torch: only the message that carries weights
+        import torch  # only the message that carries weights needs it
+
+        from fl_offsite.weights import save_tensors
 
         with atomic_dir(self.folder(digest)) as tmp:
             for name, data in content["files"].items():
                 (tmp / name).write_bytes(data)
-            write_weights(tmp / WEIGHTS_FILE, content)
+            bf16 = set(content["model"].get(BF16_KEY, []))
+            save_tensors(tmp / WEIGHTS_FILE, {k: t.view(torch.bfloat16) if k in bf16 else t
+                                              for k, t in content["weights"].to_torch_state_dict().items()})
         return self.folder(digest)
 
 

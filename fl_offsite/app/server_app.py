@@ -14,7 +14,6 @@ from fl_offsite.app.delivery import ModelPackage, ask_profiles, deliver
 from fl_offsite.app.fleet import SMALLER_SPLIT
 from fl_offsite.app.owner import ModelOwner, lr_schedule
 from fl_offsite.config.settings import Settings, validate
-from fl_offsite.data.local_file import task_answers
 from fl_offsite.errors import UserError
 from fl_offsite.learn.train import HALF
 from fl_offsite.logs import log_to_console
@@ -79,7 +78,7 @@ def run_federated(grid: Grid, config: dict) -> Path:
                         sent, refused)
     tracker = TensorBoardLog(run.root / TENSORBOARD_DIR, first_round=done + 1 if done else 0) \
         if settings.results.tensorboard else None
-    answers = task_answers(owner.task)
+    answers = owner.task.answers()
     strategy = OffsiteStrategy(
         aggregation_strategy(settings.strategy, settings.dp, len(packages)), reference=payload,
         evaluate_payload=owner.evaluate, run=run,

@@ -16,13 +16,9 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fl_offsite.data.examples import ChoiceExample
 from fl_offsite.errors import UserError
-
-if TYPE_CHECKING:
-    from fl_offsite.data.tasks import TaskData
 
 NODE_KEY = "data-path"
 FORMAT_HINT = 'one JSON object per line: {"context": "...", "choices": [" a", " b"], "label": 0}'
@@ -54,8 +50,8 @@ class BadDataFile(UserError):
 def load_examples(path: str | Path, answers: Sequence[str] | None = None) -> list[ChoiceExample]:
     """Read and check a JSONL file of examples; every bad row is reported by its line number in one error.
 
-    ``answers`` are the task's fixed answers (:func:`task_answers`): a row whose labelled answer is
-    not one of them is refused. Messages say what is wrong, never what a row holds (it is private).
+    ``answers`` are the task's fixed answers (``TaskData.answers``): a row whose labelled answer is not one
+    of them is refused. Messages say what is wrong, never what a row holds (it is private).
     """
     path = Path(path)
     try:
@@ -81,13 +77,6 @@ def load_examples(path: str | Path, answers: Sequence[str] | None = None) -> lis
     if not examples:
         raise BadDataFile(f"{path} holds no examples; expected {FORMAT_HINT}", "no examples")
     return examples
-
-
-def task_answers(task: TaskData) -> list[str] | None:
-    """The answers every example of ``task`` chooses from (bbc-news: the five topics), or None when
-    each example has its own (as in most multiple-choice tasks)."""
-    choices = {tuple(ex.choices) for split in (task.train, task.validation, task.test) for ex in split}
-    return list(choices.pop()) if len(choices) == 1 else None
 
 
 def write_examples(path: str | Path, examples: Iterable[ChoiceExample]) -> Path:

@@ -55,6 +55,12 @@ class TaskData:
         """The examples of ``split`` ("train", "validation" or "test")."""
         return getattr(self, check_split(split))
 
+    def answers(self) -> list[str] | None:
+        """The answers every example chooses from (bbc-news: the five topics), or None when each example
+        has its own (as in most multiple-choice tasks)."""
+        choices = {tuple(ex.choices) for split in (self.train, self.validation, self.test) for ex in split}
+        return list(choices.pop()) if len(choices) == 1 else None
+
     def labels(self, split: str = "train") -> list[int]:
         """Gold labels of ``split``, e.g. for label-skewed (Dirichlet) partitioning."""
         return [ex.label for ex in self.split(split)]

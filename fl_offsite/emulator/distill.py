@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -45,30 +46,16 @@ def middle_positions(emulator: nn.Module, plan: SplitPlan) -> list[int]:
 
 def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, tokenizer: PreTrainedTokenizerBase,
             settings: DistillSettings, train_texts: list[str], held_out: list[str], progress: bool = True) -> dict:
-    """Train ``emulator``'s middle blocks in place on the owner's public text; return the record."""
-    middle = middle_positions(emulator, plan)
-    if not middle:
-        raise UserError(f"split {plan.name} keeps no middle block: there is nothing to distill")
-    if settings.steps < 1:
-        raise UserError(f"distillation needs at least one step (got {settings.steps})")
-    if settings.targets not in TARGETS:
-        raise UserError(f"distill.targets = {settings.targets!r} is not one of {', '.join(TARGETS)}")
-    device = next(emulator.parameters()).device
-    train = [b for b in lm_blocks(tokenizer, train_texts, settings.block_size,  # one block per draw: no repeats
-                                  max_blocks=settings.steps * settings.batch_size)
-             if len(b["input_ids"]) == settings.block_size]
-    held_out = held_out_texts(held_out, settings)
-    if not train or not held_out:
-        raise UserError(f"corpus {settings.corpus!r} gives no training blocks or no held-out text")
+    """Train ``emulator``'s middle blocks in place on the owner's public text; return the record.
 
+    The emulator with the best held-out perplexity (measured every ``eval_every`` steps) is the one kept.
+    """
+    middle = middle_positions(emulator, plan)
+    train, held_out = _checked_text(plan, middle, tokenizer, settings, train_texts, held_out)
     _, student_blocks = find_blocks(emulator)
-    targets = target_layers(plan, settings.targets)
     prefixes = tuple(f"{plan.block_prefix}.{pos}." for pos in middle)
     params = freeze_except(emulator, {name for name, _ in emulator.named_parameters() if name.startswith(prefixes)})
-    optimizer = adamw(params, settings.lr, 0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, min(settings.warmup_steps, settings.steps // 10),
-                                               settings.steps)
-    autocast = precision_autocast(device, settings.precision)
+    step_once = _trainer(model, emulator, plan, params, settings)
 
     def held_out_ppl(m: nn.Module) -> float:
         return perplexity(m, tokenizer, held_out, block_size=256, progress=False)["ppl"]
@@ -78,38 +65,19 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, 
     best_ppl = before_ppl = held_out_ppl(emulator)
     best_state, best_step = _middle_state(student_blocks, middle), 0
     curve, losses, eval_seconds = [{"step": 0, "ppl": before_ppl}], [], time.perf_counter() - start
-    generator = torch.Generator().manual_seed(settings.seed)
-    order: list[int] = []
     model.eval()
     with half_weights(model, settings.precision):  # the teacher only runs forward
         bar = tqdm(range(1, settings.steps + 1), desc="distill", unit="step", disable=not progress)
-        for step in bar:
-            if len(order) < settings.batch_size:
-                order += torch.randperm(len(train), generator=generator).tolist()
-            batch = collate([train[i] for i in order[:settings.batch_size]], pad_id(tokenizer))
-            del order[:settings.batch_size]
-            batch = {k: v.to(device) for k, v in batch.items()}
-            emulator.train()
-            with autocast:
-                out, kd_loss, kl_loss = alignment_losses(model, emulator, plan, batch, targets, settings.kl_weight,
-                                                         lm=True)
-                loss = out.loss + settings.kd_weight * kd_loss + settings.kl_weight * kl_loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            emulator.eval()
-            losses.append({"step": step, "loss": loss.item(), "lm_loss": out.loss.item(), "kd_loss": kd_loss.item(),
-                           "kl_loss": kl_loss.item()})
+        for step, batch in zip(bar, _batches(train, settings, pad_id(tokenizer)), strict=False):
+            losses.append({"step": step, **step_once({k: v.to(params[0].device) for k, v in batch.items()})})
             if step % settings.eval_every == 0 or step == settings.steps:
                 started = time.perf_counter()
-                ppl = held_out_ppl(emulator)
+                curve.append({"step": step, "ppl": held_out_ppl(emulator)})
                 eval_seconds += time.perf_counter() - started
-                curve.append({"step": step, "ppl": ppl})
-                if ppl < best_ppl:
-                    best_ppl, best_step, best_state = ppl, step, _middle_state(student_blocks, middle)
-            bar.set_postfix(lm=f"{out.loss.item():.2f}", kd=f"{kd_loss.item():.3f}", ppl=f"{curve[-1]['ppl']:.0f}")
+                if curve[-1]["ppl"] < best_ppl:
+                    best_ppl, best_step, best_state = curve[-1]["ppl"], step, _middle_state(student_blocks, middle)
+            bar.set_postfix(lm=f"{losses[-1]['lm_loss']:.2f}", kd=f"{losses[-1]['kd_loss']:.3f}",
+                            ppl=f"{curve[-1]['ppl']:.0f}")
     _load_middle_state(student_blocks, best_state)
     for param in emulator.parameters():
         param.requires_grad_(True)
@@ -121,6 +89,60 @@ def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, 
     log.info("distilled %s for %d steps in %.0f s: held-out perplexity %.1f -> %.1f (full model %.1f, best step %d)",
              plan.name, settings.steps, record["seconds"], before_ppl, best_ppl, full_ppl, best_step)
     return record
+
+
+def _checked_text(plan: SplitPlan, middle: list[int], tokenizer: PreTrainedTokenizerBase, settings: DistillSettings,
+                  train_texts: list[str], held_out: list[str]) -> tuple[list[dict], list[str]]:
+    """The training blocks (one per draw: no repeats) and held-out texts; UserErrors for what cannot distil."""
+    if not middle:
+        raise UserError(f"split {plan.name} keeps no middle block: there is nothing to distill")
+    if settings.steps < 1:
+        raise UserError(f"distillation needs at least one step (got {settings.steps})")
+    if settings.targets not in TARGETS:
+        raise UserError(f"distill.targets = {settings.targets!r} is not one of {', '.join(TARGETS)}")
+    train = [b for b in lm_blocks(tokenizer, train_texts, settings.block_size,
+                                  max_blocks=settings.steps * settings.batch_size)
+             if len(b["input_ids"]) == settings.block_size]
+    held_out = held_out_texts(held_out, settings)
+    if not train or not held_out:
+        raise UserError(f"corpus {settings.corpus!r} gives no training blocks or no held-out text")
+    return train, held_out
+
+
+def _batches(train: list[dict], settings: DistillSettings, pad: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of ``train`` in seeded random order, reshuffled each time it runs out."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    order: list[int] = []
+    while True:
+        if len(order) < settings.batch_size:
+            order += torch.randperm(len(train), generator=generator).tolist()
+        yield collate([train[i] for i in order[:settings.batch_size]], pad)
+        del order[:settings.batch_size]
+
+
+def _trainer(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, params: list[nn.Parameter],
+             settings: DistillSettings) -> Callable[[dict[str, torch.Tensor]], dict[str, float]]:
+    """One distillation step on a batch (AdamW, cosine schedule with warm-up, clipped): its losses."""
+    optimizer = adamw(params, settings.lr, 0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(settings.warmup_steps, settings.steps // 10),
+                                               settings.steps)
+    autocast = precision_autocast(params[0].device, settings.precision)
+    targets = target_layers(plan, settings.targets)
+
+    def step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        emulator.train()
+        with autocast:
+            out, kd_loss, kl_loss = alignment_losses(model, emulator, plan, batch, targets, settings.kl_weight, lm=True)
+            loss = out.loss + settings.kd_weight * kd_loss + settings.kl_weight * kl_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        emulator.eval()
+        return {"loss": loss.item(), "lm_loss": out.loss.item(), "kd_loss": kd_loss.item(), "kl_loss": kl_loss.item()}
+
+    return step
 
 
 def target_layers(plan: SplitPlan, targets: str) -> list[int]:
