@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fl_offsite.app import wire
 from fl_offsite.app.node_store import node_store
 from fl_offsite.app.profile import node_profile
 from fl_offsite.config.settings import Settings
@@ -33,20 +34,20 @@ app = ClientApp(mods=[dp_clipping])
 @app.query("node_profile")
 def report_profile(msg: Message, context: Context) -> Message:
     profile = node_profile(context.node_config, Settings.from_config(dict(context.run_config)).fleet)
-    return Message(RecordDict({"profile": ConfigRecord(profile.to_record())}), reply_to=msg)
+    return Message(RecordDict({"profile": ConfigRecord(dict(profile.to_record()))}), reply_to=msg)
 
 
 @app.query("model_status")
 def model_status(msg: Message, context: Context) -> Message:
     store = node_store(context.node_config, context.node_id)
-    has = store.has(msg.content["model"]["digest"])
+    has = store.has(wire.text(wire.config_record(msg, "model"), "digest", pattern=wire.DIGEST))
     return Message(RecordDict({"model": ConfigRecord({"has": has})}), reply_to=msg)
 
 
 @app.query("model")
 def receive_model(msg: Message, context: Context) -> Message:
     store = node_store(context.node_config, context.node_id)
-    folder = store.store(msg.content["model"]["digest"], msg.content)
+    folder = store.store(msg)
     log.info("node %s cached the delivered model in %s", context.node_id, folder)
     return Message(RecordDict({"model": ConfigRecord({"has": True})}), reply_to=msg)
 

@@ -5,8 +5,9 @@ import json
 import logging
 import os
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fl_offsite.app import wire
 from fl_offsite.app.node_cache import ExampleSource, ModelKey, NodeCache
 from fl_offsite.app.node_store import node_store
 from fl_offsite.config.sections import DataSettings
@@ -28,24 +29,27 @@ CACHE = NodeCache()  # this process's prepared model and tokenized examples, kep
 def train_round(msg: Message, context: Context) -> Message:
     """Train what the owner's message carries on this node's examples; reply with it and the metrics."""
     settings = Settings.from_config(dict(context.run_config))
-    round_config = msg.content["config"]
+    round_config = wire.config_record(msg, "config")
     store = node_store(context.node_config, context.node_id)
-    digest = round_config["digest"]
+    digest = wire.text(round_config, "digest", pattern=wire.DIGEST)
     if not store.has(digest):
         raise UserError(f"node {context.node_id} has no model {digest}: it must be delivered before training")
-    plan = SplitPlan.from_json(json.loads(round_config["split-plan"])) if round_config["split-plan"] else None
+    plan_json = wire.text(round_config, "split-plan")
+    plan = _plan(plan_json)
     tuning, folder = settings.tuning, str(store.folder(digest))
     realigned = "realign" in msg.content.array_records
-    model, tokenizer = CACHE.model(ModelKey(digest, folder, tuning, round_config["split-plan"], settings.seed,
+    model, tokenizer = CACHE.model(ModelKey(digest, folder, tuning, plan_json, settings.seed,
                                             settings.train.precision, settings.realign if realigned else None))
     names = tuned_names(tuning, model, plan)
-    request = msg.content["arrays"].to_torch_state_dict()
+    request = wire.array_record(msg, "arrays").to_torch_state_dict()
     set_payload(model, request, names, tuning.payload_kind(plan))
     if realigned:  # the owner re-aligned this emulator to the round's adapter
-        set_factors(model, plan, msg.content["realign"].to_torch_state_dict())
+        if plan is None:
+            raise wire.BadMessage("re-alignment factors came with a full model (no split plan)")
+        set_factors(model, plan, wire.array_record(msg, "realign").to_torch_state_dict())
 
     partition_id, num_partitions = _partition(context, settings.data)
-    answers = tuple(json.loads(round_config["task-answers"])) if round_config.get("task-answers") else None
+    answers = _answers(round_config)
     try:
         features = CACHE.features(ExampleSource(_local_data(context), settings.task, settings.seed, settings.data,
                                                 num_partitions, partition_id, digest, answers), tokenizer)
@@ -53,9 +57,10 @@ def train_round(msg: Message, context: Context) -> Message:
         log.error("%s", err)
         raise UserError(f"the data owner's file was refused ({err.summary}); the rows and what to fix are in "
                         "the node's log") from None
-    rnd = int(round_config["round"])
-    train_settings = settings.train.for_round(rnd, partition_id, lr=float(round_config["lr"]),
-                                              proximal_mu=float(round_config.get("proximal-mu", 0.0)))
+    rnd = wire.integer(round_config, "round", low=1, high=1_000_000)
+    train_settings = settings.train.for_round(rnd, partition_id, lr=wire.number(round_config, "lr", low=0, high=1),
+                                              proximal_mu=wire.number(round_config, "proximal-mu", low=0, high=1e6,
+                                                                      default=0.0))
     stats = train_local(model, set(names.values()), features, train_settings, pad_id(tokenizer),
                         desc=f"client {partition_id} round {rnd}")
     log.info("client %d round %d: loss %.4f, %d steps, %.1f s, %.0f tokens/s, peak %.0f MB", partition_id, rnd,
@@ -66,6 +71,26 @@ def train_round(msg: Message, context: Context) -> Message:
         "peak-memory-mb": stats.peak_memory_mb, "trainable-params": stats.trainable_params})
     arrays = ArrayRecord(get_payload(model, names, order=request))
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _plan(plan_json: str) -> SplitPlan | None:
+    """The round's split plan (None: the full model trains)."""
+    if not plan_json:
+        return None
+    try:
+        return SplitPlan.from_json(json.loads(plan_json))
+    except (ValueError, KeyError, TypeError):
+        raise wire.BadMessage("split-plan is not a split plan") from None
+
+
+def _answers(round_config: ConfigRecord) -> tuple[str, ...] | None:
+    """The task's fixed answers, if the owner sent them (a data owner's file is checked against them)."""
+    answers = wire.json_value(round_config, "task-answers", default="")
+    if answers is None:
+        return None
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise wire.BadMessage("task-answers must be a JSON list of strings")
+    return tuple(answers)
 
 
 def _partition(context: Context, data: DataSettings) -> tuple[int, int]:

@@ -22,9 +22,11 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from fl_offsite.app.profile import NodeProfile
 from fl_offsite.errors import UserError
@@ -94,7 +96,7 @@ def activation_bytes(model: nn.Module, trainable: set[str], batch_size: int, seq
         b.register_forward_pre_hook(lambda *_, i=i: where.__setitem__(0, i)),
         b.register_forward_hook(lambda *_: where.__setitem__(0, None)))]
     device = next(probe.parameters()).device
-    ids = torch.randint(0, probe.config.vocab_size, (batch_size, seq_len), device=device,
+    ids = torch.randint(0, int(cast(PretrainedConfig, probe.config).vocab_size), (batch_size, seq_len), device=device,
                         generator=torch.Generator(device).manual_seed(0))
     labels = torch.full_like(ids, -100)
     labels[:, -2:] = ids[:, -2:]
@@ -117,7 +119,7 @@ def choose_layers(node: int, profile: NodeProfile, footprint: Footprint | None, 
             raise UserError(f"node {node} asks for emulator-layers = {profile.emulator_layers}, but the model "
                             f"owner gives out emulators of 1 to {cap} middle blocks (its configured emulator's)")
         return profile.emulator_layers
-    if profile.memory_budget_mb is None:
+    if profile.memory_budget_mb is None or footprint is None:
         return cap
     fits = [k for k in range(cap, 0, -1) if footprint.mb(k) <= profile.memory_budget_mb]
     if not fits:

@@ -21,7 +21,7 @@ from fl_offsite.app.delivery import load_delivered
 from fl_offsite.config.sections import DataSettings, RealignSettings, Tuning
 from fl_offsite.data.encode import encode_choice_example
 from fl_offsite.data.local_file import load_examples
-from fl_offsite.data.models import best_device
+from fl_offsite.data.models import best_device, placed
 from fl_offsite.data.partition import partition_indices
 from fl_offsite.data.tasks import ChoiceExample, load_task
 from fl_offsite.emulator.realign import add_realign_lora
@@ -109,12 +109,16 @@ class NodeCache:
 
 
 def _prepare_model(key: ModelKey) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    model, tokenizer = load_delivered(key.folder)
+    delivered, tokenizer = load_delivered(key.folder)
+    if tokenizer is None:
+        raise UserError(f"the model delivered to {key.folder} has no tokenizer: the owner's package is incomplete")
     plan = SplitPlan.from_json(json.loads(key.plan_json)) if key.plan_json else None
-    model = apply_tuning(key.tuning, model.to(best_device()), plan, seed=key.seed)
+    model = apply_tuning(key.tuning, placed(delivered, best_device()), plan, seed=key.seed)
     if key.precision != "fp32":  # frozen weights in half precision (trainable ones stay fp32)
         half_frozen(model, set(tuned_names(key.tuning, model, plan).values()), HALF[key.precision])
     if key.realign is not None:
+        if plan is None:
+            raise UserError("re-alignment factors came for a model without a split (full fine-tuning)")
         add_realign_lora(model, plan, key.realign)
     return model, tokenizer
 

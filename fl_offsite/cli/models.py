@@ -97,9 +97,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         plug_in(prepare_for_adapter(model, adapter, plan), adapter, plan)
     task = user_input(load_task, args.task, seed=args.seed)
     result = evaluate_task(model, tokenizer, task, split=args.split, limit=args.limit, batch_size=args.batch_size)
-    result = {"model": args.model, "adapter": args.adapter, **result}
+    result = {"model": args.model, "adapter": args.adapter or "", **result}
     print(markdown_table(["model", "task", "n", "acc", "acc_norm", "examples/s"], [[
-        args.model, result["task"], str(result["n"]), f"{result['acc']:.3f} ± {result['acc_stderr']:.3f}",
+        args.model, str(result["task"]), str(result["n"]), f"{result['acc']:.3f} ± {result['acc_stderr']:.3f}",
         f"{result['acc_norm']:.3f} ± {result['acc_norm_stderr']:.3f}", f"{result['examples_per_s']:.1f}"]]))
     if args.json:
         write_json(args.json, result)

@@ -53,7 +53,7 @@ class Settings:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Settings:
         """The settings of ``config`` (validated here, so a raw run config works too)."""
-        c = validate(config)
+        c: dict[str, Any] = validate(config)
         method, seed = Method.parse(str(c["method"])), c["seed"]
         distill = section_from(DistillSettings, c, seed=seed) if c["distill.steps"] else None
         emulator = section_from(EmulatorRecipe, c, distill=distill,
@@ -76,7 +76,7 @@ CHOICES: dict[str, tuple[str, ...]] = {key: o.choices for key, o in OPTIONS.item
 
 def validate(overrides: dict[str, Any]) -> dict[str, Value]:
     """Defaults updated with ``overrides``; unknown keys, wrong types, bad choices and bounds are UserErrors."""
-    config = dict(DEFAULTS)
+    config: dict[str, Any] = dict(DEFAULTS)
     for key, value in overrides.items():
         if key not in OPTIONS:
             close = difflib.get_close_matches(key, OPTIONS, n=1)

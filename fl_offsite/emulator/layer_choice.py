@@ -137,7 +137,7 @@ def greedy_choice(model: nn.Module, bottom: int, top: int, batches: Sequence[dic
             errors[candidate] = sum(float(normalized_mse(t, _middle_output(model, last, batch, skipped),
                                                          batch["attention_mask"].float()))
                                     for t, batch in zip(targets, batches, strict=True))
-        kept.remove(min(errors, key=errors.get))
+        kept.remove(min(errors, key=errors.__getitem__))
         bar.update()
     bar.close()
     return [i - bottom for i in kept]

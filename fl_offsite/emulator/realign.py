@@ -22,12 +22,13 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from fl_offsite.config.sections import EmulatorRecipe, RealignSettings
@@ -39,7 +40,7 @@ from fl_offsite.errors import UserError
 from fl_offsite.learn.train import adamw, freeze_except, precision_autocast
 from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.surgery.payload import get_payload, set_payload
-from fl_offsite.surgery.split import SplitPlan, block_key
+from fl_offsite.surgery.split import SplitPlan, block_part
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def add_realign_lora(emulator: nn.Module, plan: SplitPlan, settings: RealignSett
     in place (also inside a PEFT-wrapped emulator); nothing when they are there already."""
     if realign_names(emulator, plan):
         return
-    inner = emulator.base_model.model if isinstance(emulator, PeftModel) else emulator
+    inner = cast(nn.Module, emulator.base_model.model) if isinstance(emulator, PeftModel) else emulator
     prefix, blocks = find_blocks(inner)
     middle = middle_positions(inner, plan)
     if not middle:
@@ -85,10 +86,10 @@ def realign_names(emulator: nn.Module, plan: SplitPlan) -> dict[str, str]:
     """Travelling name (``<full index>.<module>.lora_A.weight``) -> parameter name in ``emulator``."""
     prefix, _ = find_blocks(emulator)
     original = {pos: orig for orig, pos in plan.positions(emulator).items()}
-    names = {}
+    names: dict[str, str] = {}
     for local, _ in emulator.named_parameters():
         if f".{ADAPTER}." in local:
-            position, rest = block_key(prefix, local)
+            position, rest = block_part(prefix, local)
             names[f"{original[position]}.{rest.replace(f'.{ADAPTER}.', '.')}"] = local
     return names
 
@@ -102,7 +103,7 @@ def set_factors(emulator: nn.Module, plan: SplitPlan, factors: dict[str, torch.T
     set_payload(emulator, factors, realign_names(emulator, plan), KIND)
 
 
-def public_blocks(settings: RealignSettings, recipe: EmulatorRecipe, model: nn.Module,
+def public_blocks(settings: RealignSettings, recipe: EmulatorRecipe, model: PreTrainedModel,
                   tokenizer: PreTrainedTokenizerBase, task: str, num_rounds: int) -> list[dict[str, list[int]]]:
     """The owner's tokenized public text for a run of ``num_rounds``: ``recipe``'s corpus (the distillation's,
     refused when it is the task's own text), in sequences of ``settings.block_size`` tokens."""
@@ -148,7 +149,7 @@ class Realignment:
             return None
         began = time.perf_counter()
         self.plug(self.model, payload, None)
-        record = {"steps": steps, "emulators": {}}
+        record: dict[str, Any] = {"steps": steps, "emulators": {}}
         for k, (plan, emulator) in sorted(self.emulators.items()):
             self.plug(emulator, payload, plan)
             record["emulators"][str(k)] = self._train(emulator, plan, self._batches(rnd, steps))

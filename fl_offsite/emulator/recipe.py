@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -18,7 +19,7 @@ from fl_offsite.config.sections import EmulatorRecipe
 from fl_offsite.data.corpora import MODEL_SAMPLES, check_public, corpus_composition, load_text_corpus, sample_texts
 from fl_offsite.data.downloads import cache_dir
 from fl_offsite.data.encode import collate, lm_blocks, pad_id
-from fl_offsite.data.models import load_model
+from fl_offsite.data.models import load_model, placed
 from fl_offsite.emulator.distill import distilled_split, ppl_summary
 from fl_offsite.emulator.layer_choice import middle_chooser, uniform_drop
 from fl_offsite.errors import UserError
@@ -48,11 +49,11 @@ def prepare_emulator(model_name: str, model: PreTrainedModel, tokenizer: PreTrai
     log.info("Split %s of %s (%s): adapter blocks %s, emulator keeps %s", plan.name, model_name, recipe.describe(),
              list(plan.adapter_layers), list(plan.kept_layers))
     composition = corpus_composition(recipe.corpus, task) if recipe.uses_corpus else None
-    record = {"source_model": model_name, "layer_rule": recipe.layers,
+    record: dict[str, Any] = {"source_model": model_name, "layer_rule": recipe.layers,
               "corpus": recipe.corpus if recipe.uses_corpus else None}
     if recipe.distill is None:
         record |= {"corpus_composition": composition} if composition else {}
-        return plan, build_emulator(model, plan).to(model.device), record
+        return plan, placed(build_emulator(model, plan), model.device), record
     settings = recipe.distill
     if plan.emulator_layers == 0:
         raise UserError(f"split {plan.name} keeps no middle block: there is nothing to distill")
@@ -64,7 +65,8 @@ def prepare_emulator(model_name: str, model: PreTrainedModel, tokenizer: PreTrai
     emulator, _ = load_model(str(folder / EMULATOR_DIR), with_tokenizer=False)
     distillation = {**json.loads((folder / SPLIT_FILE).read_text())["distillation"], "corpus_composition": composition}
     log.info("Distilled emulator: %s", ppl_summary(distillation))
-    return plan, emulator.to(model.device), {**record, "distillation": distillation, "distilled_cache": str(folder)}
+    record |= {"distillation": distillation, "distilled_cache": str(folder)}
+    return plan, placed(emulator, model.device), record
 
 
 def public_texts(corpus: str, split: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: str,

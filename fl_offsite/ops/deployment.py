@@ -304,7 +304,11 @@ def _run_supernode(s: SuperNodeSettings) -> tuple[int, str]:
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
                                errors="replace")
     seen: list[str] = []
-    forward = forward_output(process, lambda line: seen.append(line) or None)
+
+    def keep(line: str) -> None:
+        seen.append(line)
+
+    forward = forward_output(process, keep)
     try:
         return wait_foreground(process, forward), "".join(seen)
     finally:

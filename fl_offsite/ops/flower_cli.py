@@ -166,7 +166,7 @@ def stream_run(command: list[str], env: dict[str, str], log_path: Path, stream: 
     with log_path.open("w", encoding="utf-8") as log_file, subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, encoding="utf-8", errors="replace") as process:
-        for line in process.stdout:
+        for line in process.stdout or ():
             log_file.write(line)
             tail.append(line)
             if stream:
@@ -202,7 +202,7 @@ def run_status(run_id: int, env: dict[str, str], connection: str) -> tuple[str, 
 def forward_output(process: subprocess.Popen, note: Callable[[str], str | None]) -> threading.Thread:
     """Copy the child's output to ours in a thread; ``note(line)`` may add a line of explanation."""
     def pump() -> None:
-        for line in process.stdout:
+        for line in process.stdout or ():
             sys.stdout.write(line)
             if extra := note(line):
                 sys.stdout.write(extra + "\n")

@@ -76,7 +76,7 @@ def run_simulation_app(app_dir: Path, run_config: dict[str, ConfigValue], num_su
     _check_app(app_dir, run_config)
     cpus = _check_resources(num_supernodes, cpus_per_client, gpus_per_client)
     temporary = flwr_home is None
-    home = Path(tempfile.mkdtemp(prefix="fl-offsite-flwr-")) if temporary else Path(flwr_home).resolve()
+    home = Path(tempfile.mkdtemp(prefix="fl-offsite-flwr-")) if flwr_home is None else Path(flwr_home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     stop_stale_launches()
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fl_offsite.config.sections import LoraSpec
 from fl_offsite.files import atomic_dir, write_atomic
 from fl_offsite.surgery.blocks import find_blocks
-from fl_offsite.surgery.split import SplitPlan, block_key
+from fl_offsite.surgery.split import SplitPlan, block_part
 
 PEFT_PREFIX = "base_model.model."
 PEFT_DIR = "peft"  # a run's PEFT adapter folder (LoRA methods)
@@ -52,14 +54,14 @@ def lora_blocks(model: torch.nn.Module, plan: SplitPlan | None) -> list[int]:
 
 def lora_names(model: PeftModel, plan: SplitPlan | None) -> dict[str, str]:
     """Map travelling name (full-model module + ``lora_A.weight``) -> parameter name in ``model``."""
-    original = plan.full_index(model.base_model.model) if plan else None
+    original = plan.full_index(cast(nn.Module, model.base_model.model)) if plan else None
     names = {}
     for local, _ in model.named_parameters():
         if ".lora_" not in local or ".default." not in local:  # not another adapter's (fl_offsite.emulator.realign)
             continue
         name = local.removeprefix(PEFT_PREFIX).replace(".default.", ".")
-        if original is not None:
-            position, rest = block_key(plan.block_prefix, name)
+        if plan is not None and original is not None:
+            position, rest = block_part(plan.block_prefix, name)
             name = f"{plan.block_prefix}.{original[position]}.{rest}"
         names[name] = local
     return names
@@ -72,6 +74,6 @@ def save_peft_folder(model: PeftModel, folder: str | Path, card: str) -> Path:
     factors sit on the full model's module names (for offsite-lora, the adapter blocks').
     """
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(str(tmp))
         write_atomic(tmp / "README.md", card)
     return Path(folder)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from fl_offsite.data.models import placed
 from fl_offsite.emulator.layer_choice import uniform_drop
 from fl_offsite.errors import UserError
 from fl_offsite.files import atomic_dir, write_json
@@ -111,6 +112,7 @@ def plan_split(
         if not 0.0 <= drop_ratio < 1.0:
             raise UserError(f"drop ratio must be in [0, 1), got {drop_ratio}")
         emulator_layers = max(1, round(middle * (1.0 - drop_ratio))) if middle else 0
+    assert emulator_layers is not None  # one of the two was given (checked above)
     chosen = list(choose_middle(middle, emulator_layers))
     if len(chosen) != emulator_layers or chosen != sorted(set(chosen)) or not all(0 <= i < middle for i in chosen):
         raise ValueError(f"choose_middle({middle}, {emulator_layers}) gave {chosen}: not {emulator_layers} "
@@ -124,6 +126,14 @@ def block_key(prefix: str, key: str) -> tuple[int, str] | None:
     """``(block index, rest of the name)`` when ``key`` names a tensor of a block under ``prefix``, else None."""
     match = re.match(rf"{re.escape(prefix)}\.(\d+)\.(.+)$", key)
     return (int(match.group(1)), match.group(2)) if match else None
+
+
+def block_part(prefix: str, key: str) -> tuple[int, str]:
+    """:func:`block_key` of a name that must be a block's (a ValueError otherwise)."""
+    found = block_key(prefix, key)
+    if found is None:
+        raise ValueError(f"{key} is not a tensor of a block under {prefix}")
+    return found
 
 
 def plan_from_names(model: torch.nn.Module, names: Iterable[str]) -> SplitPlan:
@@ -171,7 +181,7 @@ def build_emulator(model: PreTrainedModel, plan: SplitPlan) -> PreTrainedModel:
     plan.positions(model)  # checks that ``model`` is the full model of this plan
     config = resize_config(model.config, plan.num_layers, list(plan.kept_layers))
     with torch.device(model.device):  # on the model's device: a GPU model gets a GPU emulator, built there
-        emulator = type(model)(config).to(model.dtype)
+        emulator = placed(type(model)(config), model.dtype)
     position = {orig: pos for pos, orig in enumerate(plan.kept_layers)}
     state = {}
     for key, tensor in model.state_dict().items():

@@ -9,9 +9,12 @@ clients and the owner's full model agree on them; ``fl_offsite.surgery.payload``
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from peft import PeftModel
 from torch import nn
+from transformers import PretrainedConfig
 
 from fl_offsite.config.sections import LoraSpec, Tuning
 from fl_offsite.errors import UserError
@@ -65,7 +68,7 @@ class Bottleneck(nn.Module):
 def add_bottlenecks(model: nn.Module, blocks: list[int], size: int, seed: int = 0) -> None:
     """Add a :class:`Bottleneck` to the blocks at ``blocks``, applied to each block's hidden-state output."""
     _, block_list = find_blocks(model)
-    hidden = model.config.hidden_size
+    hidden = int(cast(PretrainedConfig, model.config).hidden_size)
     with torch.random.fork_rng():  # the same initial adapters on every call; the caller's generators untouched
         torch.manual_seed(seed)
         for pos in blocks:

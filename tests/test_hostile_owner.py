@@ -1,0 +1,80 @@
+"""A data owner's node refuses what a hostile model owner could send: paths out of its store, bad values."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fl_offsite.app import client_app, client_training, wire
+from fl_offsite.app.node_store import NodeStore
+
+DIGEST = "0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """What Flower's runtime sets before a message is built (InProcessGrid does the same)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 7
+
+
+def _model_message(digest: str = DIGEST, files: dict | None = None, bf16=None) -> Message:
+    model = {"digest": digest, **({"bf16-tensors": bf16} if bf16 is not None else {})}
+    content = RecordDict({"model": ConfigRecord(model),
+                          "files": ConfigRecord(files if files is not None else {"config.json": b"{}"}),
+                          "weights": ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})})
+    return Message(content, dst_node_id=7, message_type="query.model")
+
+
+def test_a_delivered_package_lands_in_the_store(tmp_path):
+    folder = NodeStore(tmp_path / "store").store(_model_message())
+    assert folder == tmp_path / "store" / f"model-{DIGEST}"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("files", [{"../escaped": b"x"}, {"/tmp/abs": b"x"}, {"a/b": b"x"}, {".pth": b"x"},
+                                   {"model.safetensors": b"x"}, {"config.json": "not bytes"},
+                                   {f"f{i}": b"" for i in range(65)}])
+def test_file_names_that_leave_the_folder_or_replace_the_weights_are_refused(tmp_path, files):
+    with pytest.raises(wire.BadMessage):
+        NodeStore(tmp_path / "store").store(_model_message(files=files))
+    assert not (tmp_path / "escaped").exists() and not list((tmp_path / "store").glob("model-*"))
+
+
+@pytest.mark.parametrize("digest", ["../../home", "/abs/olute", "0123456789ABCDEF", "short", DIGEST + "0"])
+def test_a_digest_is_sixteen_hex_digits_or_refused(tmp_path, digest):
+    with pytest.raises(wire.BadMessage, match="digest"):
+        NodeStore(tmp_path / "store").store(_model_message(digest=digest))
+    status = Message(RecordDict({"model": ConfigRecord({"digest": digest})}), dst_node_id=7,
+                     message_type="query.model_status")
+    context = Context(run_id=1, node_id=7, node_config={"cache-dir": str(tmp_path / "store")}, state=RecordDict(),
+                      run_config={})
+    with pytest.raises(wire.BadMessage, match="digest"):
+        client_app.model_status(status, context)
+
+
+def test_oversized_files_and_bad_bf16_lists_are_refused(tmp_path):
+    with pytest.raises(wire.BadMessage, match="MB"):
+        NodeStore(tmp_path).store(_model_message(files={"tokenizer.json": b"x" * (256 * 2**20 + 1)}))
+    with pytest.raises(wire.BadMessage, match="bf16-tensors"):
+        NodeStore(tmp_path).store(_model_message(bf16="w"))
+
+
+def test_round_values_are_typed_and_bounded():
+    config = ConfigRecord({"lr": math.nan, "round": -1, "split-plan": "{not json", "task-answers": "[1, 2]",
+                           "digest": DIGEST, "big": 1e300})
+    with pytest.raises(wire.BadMessage, match="lr"):
+        wire.number(config, "lr", low=0, high=1)
+    with pytest.raises(wire.BadMessage, match="round"):
+        wire.integer(config, "round", low=1, high=10)
+    with pytest.raises(wire.BadMessage, match="split-plan"):
+        client_training._plan(wire.text(config, "split-plan"))
+    with pytest.raises(wire.BadMessage, match="task-answers"):
+        client_training._answers(config)
+    with pytest.raises(wire.BadMessage, match="missing"):
+        wire.text(config, "missing")
+    assert client_training._answers(ConfigRecord({})) is None and client_training._plan("") is None
+    assert wire.text(config, "digest", pattern=wire.DIGEST) == DIGEST
