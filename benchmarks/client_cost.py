@@ -54,8 +54,10 @@ from fl_offsite.surgery.split import adapter_names, build_emulator, plan_split
 import fl_offsite.learn.train as train_mod
 from fl_offsite.learn.train import TrainSettings, freeze_except, half_frozen, train_local
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import features, status_kb  # noqa: E402
+if __package__:  # python -m benchmarks.client_cost, or imported
+    from .common import features, status_kb
+else:  # python benchmarks/client_cost.py: this folder is sys.path[0]
+    from common import features, status_kb
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

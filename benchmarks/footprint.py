@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from common import features, status_kb
 from fl_offsite.config.keys import DEFAULTS
 from fl_offsite.app.delivery import load_delivered
 from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
@@ -31,6 +30,11 @@ from fl_offsite.data.models import load_model
 from fl_offsite.surgery.payload import extract_adapter
 from fl_offsite.surgery.split import EMULATOR_DIR, adapter_names, read_plan, write_split
 from fl_offsite.learn.train import HALF, TrainSettings, half_frozen, train_local
+
+if __package__:  # python -m benchmarks.footprint, or imported
+    from .common import features, status_kb
+else:  # python benchmarks/footprint.py: this folder is sys.path[0]
+    from common import features, status_kb
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -39,8 +39,11 @@ from fl_offsite.ops.flower_cli import app_dir
 from fl_offsite.run.folder import RunFolder
 from fl_offsite.config.settings import Settings
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Stamped, fresh_node_cache, tiny_model_folder  # noqa: E402
+if __package__:  # python -m benchmarks.overhead, or imported
+    from .common import Stamped, fresh_node_cache, tiny_model_folder
+else:  # python benchmarks/overhead.py: this folder is sys.path[0]
+    from common import Stamped, fresh_node_cache, tiny_model_folder
+
 
 def simulate(config: dict, clients: int, echo: bool) -> tuple[float, list[tuple[float, str]]]:
     start = time.perf_counter()

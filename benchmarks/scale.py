@@ -37,8 +37,10 @@ from fl_offsite.ops.simulation import run_simulation_app
 from fl_offsite.ops.flower_cli import app_dir, tagged_processes
 from fl_offsite.run.folder import RunFolder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Stamped, fresh_node_cache, status_kb, tiny_model_folder  # noqa: E402
+if __package__:  # python -m benchmarks.scale, or imported
+    from .common import Stamped, fresh_node_cache, status_kb, tiny_model_folder
+else:  # python benchmarks/scale.py: this folder is sys.path[0]
+    from common import Stamped, fresh_node_cache, status_kb, tiny_model_folder
 
 GROUPS = [("flwr-simulation", "ServerApp + simulation engine (flwr-simulation)"),
           ("ClientAppActor", "Ray client actors"), ("ray::", "Ray workers (other)"),
