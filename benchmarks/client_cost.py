@@ -32,7 +32,7 @@ to when every FLOP costs the same.
 from __future__ import annotations
 
 import argparse
-import warnings
+import contextlib
 import copy
 import ctypes
 import gc
@@ -40,9 +40,9 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,9 +55,9 @@ import fl_offsite.learn.train as train_mod
 from fl_offsite.learn.train import TrainSettings, freeze_except, half_frozen, train_local
 
 if __package__:  # python -m benchmarks.client_cost, or imported
-    from .common import features, status_kb
+    from .common import features, in_fresh_process, status_kb
 else:  # python benchmarks/client_cost.py: this folder is sys.path[0]
-    from common import features, status_kb
+    from common import features, in_fresh_process, status_kb
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -303,39 +303,31 @@ def tensor_memory(model, trainable, rows, args, method) -> dict[str, float]:
             "activations_mb": act_bytes / mb, "total_mb": (param_bytes + grad_bytes + optim_bytes + act_bytes) / mb}
 
 
-def rss_child(args) -> None:
-    """Subprocess mode: build one method's model, reset the peak RSS, train, print VmHWM."""
-    method = args.rss_child
+def rss_child(method: str, args) -> dict[str, float]:
+    """Run in a fresh process: build ``method``'s model alone, reset the peak RSS, train one round; RSS in MB."""
+    torch.set_num_threads(args.threads)
     full = AutoModelForCausalLM.from_config(model_config(args.model), dtype=torch.float32)
     model, trainable = build(method, full, args)
     if precision_of(method, args) == "bf16":
         half_frozen(model, trainable)
     del full
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
     rows = features(model.config.vocab_size, args.batch * args.steps, args.seq, args.answer)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = status_kb("VmRSS")
     run_round(method, model, trainable, rows, args, torch.device("cpu"))
-    print(json.dumps({"rss_before_mb": base / 1024, "peak_rss_mb": status_kb("VmHWM") / 1024}))
+    return {"rss_before_mb": base / 1024, "peak_rss_mb": status_kb("VmHWM") / 1024}
 
 
 def measure_rss(method: str, args) -> dict[str, float] | None:
+    """Peak RSS of ``rss_child`` in a fresh process, at this process's torch threads; None without Linux /proc."""
     if not Path("/proc/self/clear_refs").exists():
         return None
-    cmd = [sys.executable, __file__, "--rss-child", method, "--model", args.model, "--batch", str(args.batch),
-           "--threads", str(torch.get_num_threads()),
-           "--seq", str(args.seq), "--answer", str(args.answer), "--steps", str(args.steps),
-           "--precision", args.precision, "--lora-r", str(args.lora_r)]
-    if args.split:
-        cmd += ["--split", args.split]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                         env={**os.environ, "TQDM_DISABLE": "1"}).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    child_args = argparse.Namespace(**{**vars(args), "threads": torch.get_num_threads()})
+    return in_fresh_process(rss_child, method, child_args, env={"TQDM_DISABLE": "1"})
 
 
 # ---------------------------------------------------------------- FLOPs -----------------------------------------
@@ -414,7 +406,6 @@ def main(argv=None) -> int:
     parser.add_argument("--resident", action="store_true",
                         help="GPU: keep every model on the GPU (no transfers between rounds; peaks net of the others)")
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for key, value in PROTOCOLS[args.protocol].items():
         if getattr(args, key) is None:
@@ -426,9 +417,6 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     global PARK
     PARK = not args.resident
-    if args.rss_child:
-        rss_child(args)
-        return 0
     methods = [m for m in args.methods.split(",") if m]
     unknown = {m.partition("@")[0] for m in methods} - set(METHODS) | \
         {m for m in methods if m.partition("@")[2] not in ("", "fp32", "bf16")}

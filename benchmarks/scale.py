@@ -38,9 +38,9 @@ from fl_offsite.ops.flower_cli import app_dir, tagged_processes
 from fl_offsite.run.folder import RunFolder
 
 if __package__:  # python -m benchmarks.scale, or imported
-    from .common import Stamped, fresh_node_cache, status_kb, tiny_model_folder
+    from .common import Stamped, fresh_node_cache, in_fresh_process, status_kb, tiny_model_folder
 else:  # python benchmarks/scale.py: this folder is sys.path[0]
-    from common import Stamped, fresh_node_cache, status_kb, tiny_model_folder
+    from common import Stamped, fresh_node_cache, in_fresh_process, status_kb, tiny_model_folder
 
 GROUPS = [("flwr-simulation", "ServerApp + simulation engine (flwr-simulation)"),
           ("ClientAppActor", "Ray client actors"), ("ray::", "Ray workers (other)"),
@@ -146,17 +146,11 @@ def aggregation_memory(payload_mb: float, counts: list[int]) -> list[dict]:
     reset (/proc/self/clear_refs), aggregate_train runs, and VmHWM - VmRSS(before) is its peak
     extra resident memory (torch and numpy alike); tracemalloc gives the numpy/Python part.
     """
-    import subprocess
-
-    out = []
-    for n in counts:
-        proc = subprocess.run([sys.executable, __file__, "--aggregation-child", str(n), "--aggregation-mb",
-                               str(payload_mb)], capture_output=True, text=True, check=True)
-        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return out
+    return [in_fresh_process(aggregation_child, payload_mb, [n])[0] for n in counts]
 
 
 def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
+    """Run in a fresh process (one N each, by ``aggregation_memory``): the rows of ``aggregation_memory``."""
     import torch
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.serverapp.strategy import FedAvg
@@ -223,14 +217,10 @@ def main(argv=None) -> int:
     parser.add_argument("--aggregation-mb", type=float, default=16.0, help="payload size for the aggregation test")
     parser.add_argument("--aggregation-replies", default="1,10,25,50,100")
     parser.add_argument("--skip-simulation", action="store_true")
-    parser.add_argument("--aggregation-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--echo", action="store_true", help="show Flower's log")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     result: dict = {"args": vars(args)}
-    if args.aggregation_child:
-        print(json.dumps(aggregation_child(args.aggregation_mb, [args.aggregation_child])[0]))
-        return 0
 
     if not args.skip_simulation:
         with tempfile.TemporaryDirectory(prefix="fl-offsite-scale-") as tmp:
