@@ -21,7 +21,7 @@ import torch
 from fl_offsite.config.keys import DEFAULTS
 from fl_offsite.app.delivery import load_delivered
 from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
-from fl_offsite.app.fleet import measure_footprint
+from fl_offsite.app.fleet import Footprint, measure_footprint
 from fl_offsite.files import write_json
 from fl_offsite.data.models import load_model
 from fl_offsite.surgery.payload import extract_adapter
@@ -70,9 +70,8 @@ def measure(folder: Path, args: argparse.Namespace) -> dict[str, float]:
     return in_fresh_process(child, str(folder), args, env=env)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+def measure_rows(args: argparse.Namespace) -> tuple[list[dict], Footprint]:
+    """Per emulator size, the owner's estimate beside a fresh node's measured peak; the footprint model."""
     ks = sorted(int(k) for k in args.ks.split(","))
     bottom, top = (int(n) for n in args.adapter_layers.split(","))
     model, tokenizer = load_model(args.model)
@@ -91,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
                          **{key: round(v) for key, v in measured.items()},
                          "estimate_over_peak": round(footprint.mb(k) / measured["peak_mb"], 3)})
     rows.reverse()
+    assert footprint is not None  # ks is not empty
+    return rows, footprint
+
+
+def report(args: argparse.Namespace, rows: list[dict], footprint: Footprint) -> None:
     print(f"\n{args.model}, batch {args.batch_size} x {args.max_length} tokens, {args.precision}, "
           f"fleet.overhead-mb = {args.overhead_mb:g}\n")
     print("| k | split | estimate MB | measured peak MB | estimate / peak | runtime before loading MB |")
@@ -101,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     write_json(Path(args.out), {"settings": vars(args), "rows": rows,
                                 "footprint": {"fixed_mb": footprint.fixed / 2**20,
                                               "per_block_mb": footprint.per_block / 2**20}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report(args, *measure_rows(args))
     return 0
 
 
