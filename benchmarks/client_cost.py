@@ -49,11 +49,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import fl_offsite.learn.train as train_mod
+from fl_offsite.learn.train import TrainSettings, freeze_except, half_frozen, train_local
 from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.surgery.lora import LoraSpec, add_lora, lora_blocks, lora_names
 from fl_offsite.surgery.split import adapter_names, build_emulator, plan_split
-import fl_offsite.learn.train as train_mod
-from fl_offsite.learn.train import TrainSettings, freeze_except, half_frozen, train_local
 
 if __package__:  # python -m benchmarks.client_cost, or imported
     from .common import features, in_fresh_process, status_kb
@@ -371,7 +371,7 @@ def flops_per_row(model, trainable: set[str], seq: int, answer: int, head_all: b
     prefix, blocks = find_blocks(model)
     cfg = model.config.get_text_config()
     hidden = cfg.hidden_size
-    heads = getattr(cfg, "num_attention_heads")
+    heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     d_attn = heads * head_dim
     names = {p: n for n, p in model.named_parameters()}
@@ -653,17 +653,18 @@ def print_table(methods: list[str], measured: Measurements) -> None:
             speed = statistics.median(times[base]) / step
             compute = (statistics.median(times[base]) - optim[base]) / max(step - optim[m], 1e-9)
             row += [f"{step:.3f}", f"{statistics.median(tps[m]):.0f}", f"{speed:.2f}x", f"{100 * speed / limit:.0f}%",
-                    f"{optim[m]:.3f}", f"{compute:.2f}x", f"{mem[m]['total_mb']:.0f}", f"{mem[m]['total_mb'] / mem[base]['total_mb']:.3f}"]
+                    f"{optim[m]:.3f}", f"{compute:.2f}x", f"{mem[m]['total_mb']:.0f}",
+                    f"{mem[m]['total_mb'] / mem[base]['total_mb']:.3f}"]
             if peak:
                 p = peak[m] if isinstance(peak[m], float) else peak[m]["peak_rss_mb"]
                 b = peak[base] if isinstance(peak[base], float) else peak[base]["peak_rss_mb"]
                 row += [f"{p:.0f}", f"{p / b:.3f}"]
         rows.append(row)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
-        print("| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |")
+        print("| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) + " |")
     if mem:
         print("tensor memory (MB): " + "; ".join(
             f"{m}: weights {mem[m]['weights_mb']:.0f} + grads {mem[m]['grads_mb']:.0f} + AdamW "

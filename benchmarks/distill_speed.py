@@ -23,11 +23,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fl_offsite.config.keys import DistillSettings
+from fl_offsite.data.corpora import load_text_corpus
 from fl_offsite.emulator.distill import distill, held_out_texts
 from fl_offsite.learn.evaluate import perplexity
 from fl_offsite.surgery.split import build_emulator, plan_split
-
-from fl_offsite.data.corpora import load_text_corpus
 
 
 def run(model, tokenizer, plan, settings, device) -> dict:

@@ -41,19 +41,19 @@ from typing import Any
 
 import torch
 
-from fl_offsite.data.encode import encode_choice_example, pad_id
-from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
-from fl_offsite.learn.evaluate import evaluate_task
-from fl_offsite.files import write_json
-from fl_offsite.data.models import load_model
 from fl_offsite.app.owner import lr_schedule
-from fl_offsite.data.partition import partition_indices
-from fl_offsite.surgery.payload import plug_in
-from fl_offsite.emulator.realign import RealignSettings, Realignment, add_realign_lora, public_blocks, set_factors
 from fl_offsite.config.settings import Settings
-from fl_offsite.surgery.split import adapter_names
+from fl_offsite.data.encode import encode_choice_example, pad_id
+from fl_offsite.data.models import load_model
+from fl_offsite.data.partition import partition_indices
 from fl_offsite.data.tasks import load_task
+from fl_offsite.emulator.realign import Realignment, RealignSettings, add_realign_lora, public_blocks, set_factors
+from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
+from fl_offsite.files import write_json
+from fl_offsite.learn.evaluate import evaluate_task
 from fl_offsite.learn.train import HALF, TrainSettings, half_frozen, train_local
+from fl_offsite.surgery.payload import plug_in
+from fl_offsite.surgery.split import adapter_names
 
 log = logging.getLogger("fidelity")
 TASK_SEED = 1234  # the test split is the same for every federated seed
@@ -127,8 +127,8 @@ def fleets_of(specs: list[str], recipes: dict, clients: int) -> dict[str, list[s
 
 class OwnerRealignment:
     """The model owner's per-round re-alignment (``realign.*`` in a recipe) of each such emulator of a run, as
-    ``fl_offsite.emulator.realign`` does in a federated run: the owner's copies of the full model and the emulator get the
-    global adapter, the emulator's LoRA factors train, and its clients' copies get the factors.
+    ``fl_offsite.emulator.realign`` does in a federated run: the owner's copies of the full model and the emulator get
+    the global adapter, the emulator's LoRA factors train, and its clients' copies get the factors.
 
     ``members``: recipe name -> (recipe, re-alignment, plan, emulator, the clients' copy, how many clients)."""
 
@@ -236,7 +236,7 @@ def fedavg(models: list[torch.nn.Module], names: list[dict[str, str]], data: lis
                     total[full] += params[pid][local].detach().float() * (len(features) / weight)
         global_state = {full: tensor.to(global_state[full].dtype) for full, tensor in total.items()}
         log.info("%s round %d: mean client loss %.4f", label, rnd, statistics.fmean(losses[-len(data):]))
-    for p, n in zip(params, names):
+    for p, n in zip(params, names, strict=True):
         _load(p, n, global_state)
     return {"train_seconds": round(train_seconds, 1), "final_loss": statistics.fmean(losses[-len(data):])}
 
@@ -433,7 +433,7 @@ def summarise(data: dict, recipes: list[str], fleets: dict[str, list[str]], seed
                                                                       "values": [full_zs - zs["acc"]]}
         if with_ft:
             out[f"{name}: FT - plug-in"] = mean_se([units[f"fedavg-full/{s}"]["acc"] - r["plugin"]["acc"]
-                                                    for s, r in zip(seeds, runs)])
+                                                    for s, r in zip(seeds, runs, strict=True)])
     for fleet, members in fleets.items():
         runs = [units[f"fleet:{fleet}/{s}"] for s in seeds]
         out[f"fleet {fleet}: plug-in"] = mean_se([r["plugin"]["acc"] for r in runs])
@@ -442,7 +442,7 @@ def summarise(data: dict, recipes: list[str], fleets: dict[str, list[str]], seed
                 [r["emulators"][member]["acc"] for r in runs])
         if with_ft:
             out[f"fleet {fleet}: FT - plug-in"] = mean_se([units[f"fedavg-full/{s}"]["acc"] - r["plugin"]["acc"]
-                                                           for s, r in zip(seeds, runs)])
+                                                           for s, r in zip(seeds, runs, strict=True)])
     return out
 
 
@@ -504,7 +504,7 @@ def plot(summary: dict, path: Path, args) -> None:
     colors = ["#999999" if "zero-shot" in n else "#d62728" if "FedAvg" in n else
               "#1f77b4" if "plug-in" in n else "#ff7f0e" for n in names]
     ax.barh(names, means, xerr=errors, color=colors, capsize=3)
-    for y, (m, e) in enumerate(zip(means, errors)):
+    for y, (m, e) in enumerate(zip(means, errors, strict=True)):
         ax.text(m + e + 0.01, y, f"{m:.3f}", va="center", fontsize=8)  # clear of the error bar
     ax.set_xlim(0, 1.08)
     ax.set_xlabel("accuracy (whole test split)")

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from fl_offsite.config.keys import DEFAULTS
 from fl_offsite.app.delivery import load_delivered
-from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
 from fl_offsite.app.fleet import Footprint, measure_footprint
-from fl_offsite.files import write_json
+from fl_offsite.config.keys import DEFAULTS
 from fl_offsite.data.models import load_model
+from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
+from fl_offsite.files import write_json
+from fl_offsite.learn.train import HALF, TrainSettings, half_frozen, train_local
 from fl_offsite.surgery.payload import extract_adapter
 from fl_offsite.surgery.split import EMULATOR_DIR, adapter_names, read_plan, write_split
-from fl_offsite.learn.train import HALF, TrainSettings, half_frozen, train_local
 
 if __package__:  # python -m benchmarks.footprint, or imported
     from .common import features, in_fresh_process, status_kb

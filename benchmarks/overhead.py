@@ -32,12 +32,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch
 from transformers.utils import logging as hf_logging
 
-from fl_offsite.data.models import resolve_model_path
 from fl_offsite.config.keys import validate
-from fl_offsite.ops.simulation import run_simulation_app
-from fl_offsite.ops.flower_cli import app_dir
-from fl_offsite.run.folder import RunFolder
 from fl_offsite.config.settings import Settings
+from fl_offsite.data.models import resolve_model_path
+from fl_offsite.ops.flower_cli import app_dir
+from fl_offsite.ops.simulation import run_simulation_app
+from fl_offsite.run.folder import RunFolder
 
 if __package__:  # python -m benchmarks.overhead, or imported
     from .common import Stamped, fresh_node_cache, tiny_model_folder
@@ -57,12 +57,12 @@ def simulate(config: dict, clients: int, echo: bool) -> tuple[float, list[tuple[
 def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
     """The clients' work in one process, one after the other (what the simulation distributes)."""
     from fl_offsite.app.node_cache import ExampleSource, NodeCache
+    from fl_offsite.app.owner import lr_schedule
     from fl_offsite.data.encode import pad_id
     from fl_offsite.data.models import load_model
+    from fl_offsite.learn.train import train_local
     from fl_offsite.surgery.payload import get_payload, set_payload
     from fl_offsite.surgery.split import load_adapter, read_plan
-    from fl_offsite.app.owner import lr_schedule
-    from fl_offsite.learn.train import train_local
 
     t0 = time.perf_counter()
     emulator_dir = str(split_dir / "emulator")
@@ -116,7 +116,7 @@ def timeline(lines: list[tuple[float, str]], num_rounds: int, total: float) -> l
         points.append((label, lines[j][0]))
         i = j + 1
     points.append(("launcher: run status, processes stopped", total))
-    return [(label, t - prev) for (_, prev), (label, t) in zip(points, points[1:])]
+    return [(label, t - prev) for (_, prev), (label, t) in zip(points, points[1:], strict=False)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

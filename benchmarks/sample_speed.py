@@ -13,10 +13,11 @@ import time
 import torch
 
 from fl_offsite.data.corpora import sample_texts
-from fl_offsite.files import write_json
 from fl_offsite.data.models import best_device, load_model
+from fl_offsite.files import write_json
 
-SETTINGS = {"before: fp32, batch 32": ("fp32", 32), "bf16, batch 32": ("bf16", 32), "after: bf16, batch 64": ("bf16", 64)}
+SETTINGS = {"before: fp32, batch 32": ("fp32", 32), "bf16, batch 32": ("bf16", 32),
+            "after: bf16, batch 64": ("bf16", 64)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -33,8 +33,8 @@ from pathlib import Path
 import psutil
 
 from fl_offsite.config.keys import validate
-from fl_offsite.ops.simulation import run_simulation_app
 from fl_offsite.ops.flower_cli import app_dir, tagged_processes
+from fl_offsite.ops.simulation import run_simulation_app
 from fl_offsite.run.folder import RunFolder
 
 if __package__:  # python -m benchmarks.scale, or imported
@@ -192,8 +192,8 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
             rss_peak = (status_kb("VmHWM") - rss_before) / 1024
             expected = sum((10 + i) * i for i in range(n)) / sum(10 + i for i in range(n))
             assert abs(float(arrays.to_torch_state_dict()["layers.0.weight"][0]) - expected) < 1e-3
-            out.append({"replies": n, "replies_held_mb": held, "aggregate_peak_extra_mb": peak / 2**20, "rss_peak_extra_mb": rss_peak,
-                        "seconds": seconds})
+            out.append({"replies": n, "replies_held_mb": held, "aggregate_peak_extra_mb": peak / 2**20,
+                        "rss_peak_extra_mb": rss_peak, "seconds": seconds})
             del replies, arrays
     return out
 
@@ -319,7 +319,7 @@ def _slope(xs, ys) -> float:
         return 0.0
     mx, my = statistics.mean(xs), statistics.mean(ys)
     den = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
 
 
 if __name__ == "__main__":
