@@ -32,7 +32,7 @@ to when every FLOP costs the same.
 from __future__ import annotations
 
 import argparse
-import warnings
+import contextlib
 import copy
 import ctypes
 import gc
@@ -40,22 +40,25 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import fl_offsite.learn.train as train_mod
+from fl_offsite.learn.train import TrainSettings, freeze_except, half_frozen, train_local
 from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.surgery.lora import LoraSpec, add_lora, lora_blocks, lora_names
 from fl_offsite.surgery.split import adapter_names, build_emulator, plan_split
-import fl_offsite.learn.train as train_mod
-from fl_offsite.learn.train import TrainSettings, freeze_except, half_frozen, train_local
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import features, status_kb  # noqa: E402
+if __package__:  # python -m benchmarks.client_cost, or imported
+    from .common import features, in_fresh_process, status_kb
+else:  # python benchmarks/client_cost.py: this folder is sys.path[0]
+    from common import features, in_fresh_process, status_kb
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -75,10 +78,6 @@ CONFIGS = {
 # Split defaults: smollm2 as the demo (2-8-2); the paper's medium models keep half the middle.
 SPLITS = {"smollm2-135m": (2, 2, 8, None), "gpt2-xl": (2, 2, None, 0.5), "opt-1.3b": (2, 2, None, 0.5),
           "tiny": (1, 1, 2, None)}
-# On a GPU each method's model is parked on the CPU between its rounds, so that the allocator's peak
-# is that method's alone; --resident keeps every model on the GPU (no transfers, much faster) and
-# subtracts the other models' resident bytes from the peak instead.
-PARK = True
 PROTOCOLS = {  # batch, seq, answer tokens (0 = every token, plain LM), steps per round, rounds
     "cpu": dict(batch=4, seq=128, answer=2, steps=2, rounds=5, precision="fp32"),
     "paper": dict(batch=1, seq=512, answer=0, steps=4, rounds=5, precision="bf16"),
@@ -137,16 +136,44 @@ def full_logits_loss(model, batch):
     return train_mod.token_cross_entropy(logits, batch["labels"][:, 1:])
 
 
-def to_gpu(model, device) -> None:
-    if device.type == "cuda" and PARK:
-        model.to(device)
-        torch.cuda.empty_cache()
+@dataclass(frozen=True)
+class Placement:
+    """Where the models train. On a GPU each method's model is parked on the CPU between its rounds (``park``),
+    so that the allocator's peak is that method's alone; --resident keeps every model on the GPU (no transfers,
+    much faster) and subtracts the other models' resident bytes from the peak instead."""
 
+    device: torch.device
+    park: bool = True
 
-def park(model, device) -> None:
-    if device.type == "cuda" and PARK:
-        model.to("cpu")
-        torch.cuda.empty_cache()
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def enter(self, model) -> None:
+        """Move a parked model to the GPU for its round."""
+        if self.cuda and self.park:
+            model.to(self.device)
+            torch.cuda.empty_cache()
+
+    def leave(self, model) -> None:
+        """Park the model on the CPU again after its round."""
+        if self.cuda and self.park:
+            model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def call(self, fn, model, *args):
+        """``fn(*args)`` with ``model`` on the device for the call."""
+        self.enter(model)
+        try:
+            return fn(*args)
+        finally:
+            self.leave(model)
+
+    def others_bytes(self, model) -> int:
+        """Bytes on the GPU that are not ``model``'s round: the other models (none unless resident); 0 on the CPU."""
+        if not self.cuda:
+            return 0
+        return torch.cuda.memory_allocated(self.device) - resident_bytes(model) * (not self.park)
 
 
 def resident_bytes(model) -> int:
@@ -156,7 +183,8 @@ def resident_bytes(model) -> int:
     return sum(tensors.values())
 
 
-def run_round(method: str, model, trainable, rows, args, device, move: bool = True) -> train_mod.TrainStats:
+def run_round(method: str, model, trainable, rows, args, placement: Placement,
+              move: bool = True) -> train_mod.TrainStats:
     """One round of ``args.steps`` steps; on a GPU the model goes there for the round and back (``move``)."""
     settings = TrainSettings(lr=1e-5, batch_size=args.batch, local_steps=args.steps,
                              precision=precision_of(method, args))
@@ -165,59 +193,60 @@ def run_round(method: str, model, trainable, rows, args, device, move: bool = Tr
         train_mod.answer_loss = full_logits_loss
     try:
         if move:
-            to_gpu(model, device)
-        if device.type == "cuda":
+            placement.enter(model)
+        if placement.cuda:
             torch.cuda.synchronize()
         stats = train_local(model, trainable, rows, settings, pad_id=0, desc=method)
-        if device.type == "cuda":
+        if placement.cuda:
             torch.cuda.synchronize()
         for param in model.parameters():
             param.grad = None  # train_local leaves the last step's gradients
         if move:
-            park(model, device)
+            placement.leave(model)
         return stats
     finally:
         train_mod.answer_loss = original
 
 
-def on_device(fn, model, device, *args):
-    """``fn(*args)`` with ``model`` moved to ``device`` for the call (a CUDA device; the CPU: as is)."""
-    to_gpu(model, device)
-    try:
-        return fn(*args)
-    finally:
-        park(model, device)
+# Op kinds of the profile's breakdown, by substrings of the op or kernel name (the first kind that matches).
+OP_KINDS = {"log-softmax / cross-entropy": ("softmax", "nll_loss", "cunn_spatial"),
+            "matmul": ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "aten::mm", "aten::addmm", "aten::bmm"),
+            "attention": ("flash", "fmha", "attention", "sdpa"),
+            "optimizer (AdamW, clip)": ("multi_tensor", "adam", "_foreach"),
+            "copies / casts": ("memcpy", "memset", "copy", "aten::to", "aten::cat")}
 
 
-def profile_step(method: str, model, trainable, rows, args, device, top: int = 15) -> dict:
+def profile_step(method: str, model, trainable, rows, args, placement: Placement, top: int = 15) -> dict:
     """One round of 2 steps under torch.profiler: the top ops by device time and a time breakdown."""
     from torch.profiler import ProfilerActivity, profile
 
-    saved = args.steps
-    args.steps = 2
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    two_steps = argparse.Namespace(**{**vars(args), "steps": 2})
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if placement.cuda else [])
 
     def profiled():
         with profile(activities=activities) as prof:
-            stats = run_round(method, model, trainable, rows, args, device, move=False)
+            stats = run_round(method, model, trainable, rows, two_steps, placement, move=False)
         return prof, stats
 
-    try:
-        prof, stats = on_device(profiled, model, device)
-    finally:
-        args.steps = saved
+    prof, stats = placement.call(profiled, model)
     events = prof.key_averages()
-    cuda = device.type == "cuda"
-    self_time = "self_device_time_total" if cuda else "self_cpu_time_total"
+    self_time = "self_device_time_total" if placement.cuda else "self_cpu_time_total"
     table = events.table(sort_by=self_time, row_limit=top)
-    # GPU: the kernels themselves (each once; the aten ops that launch them are not counted again).
-    # CPU: every op's self time.
-    kinds = {"log-softmax / cross-entropy": ("softmax", "nll_loss", "cunn_spatial"),
-             "matmul": ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "aten::mm", "aten::addmm", "aten::bmm"),
-             "attention": ("flash", "fmha", "attention", "sdpa"),
-             "optimizer (AdamW, clip)": ("multi_tensor", "adam", "_foreach"),
-             "copies / casts": ("memcpy", "memset", "copy", "aten::to", "aten::cat"),
-             }
+    ops, breakdown = _op_times(events, self_time, placement.cuda)
+    total = sum(breakdown.values())
+    return {"wall_s_per_step": stats.seconds / stats.steps, "device_ms_per_step": total / 1e3 / stats.steps,
+            "breakdown_ms_per_step": {k: v / 1e3 / stats.steps
+                                      for k, v in sorted(breakdown.items(), key=lambda x: -x[1])},
+            "top_ops_ms_per_step": [(k[:120], t / 1e3 / stats.steps) for k, t in ops[:top]], "table": table,
+            "peak_mb": stats.peak_memory_mb}
+
+
+def _op_times(events, self_time: str, cuda: bool) -> tuple[list[tuple[str, float]], dict[str, float]]:
+    """(op, self time) by descending time, and the time per OP_KINDS kind, in microseconds.
+
+    GPU: the kernels themselves (each once; the aten ops that launch them are not counted again).
+    CPU: every op's self time.
+    """
     breakdown: dict[str, float] = {}
     ops = []
     for e in events:
@@ -228,38 +257,35 @@ def profile_step(method: str, model, trainable, rows, args, device, top: int = 1
             continue
         ops.append((e.key, t))
         name = e.key.lower()
-        kind = next((k for k, keys in kinds.items() if any(x in name for x in keys)), "other (elementwise, norms, ...)")
+        kind = next((k for k, keys in OP_KINDS.items() if any(x in name for x in keys)),
+                    "other (elementwise, norms, ...)")
         breakdown[kind] = breakdown.get(kind, 0.0) + t
     ops.sort(key=lambda x: -x[1])
-    total = sum(breakdown.values())
-    return {"wall_s_per_step": stats.seconds / stats.steps, "device_ms_per_step": total / 1e3 / stats.steps,
-            "breakdown_ms_per_step": {k: v / 1e3 / stats.steps for k, v in sorted(breakdown.items(), key=lambda x: -x[1])},
-            "top_ops_ms_per_step": [(k[:120], t / 1e3 / stats.steps) for k, t in ops[:top]], "table": table,
-            "peak_mb": stats.peak_memory_mb}
+    return ops, breakdown
 
 
-def optimizer_seconds(model, trainable, device, reps: int = 3) -> float:
+def optimizer_seconds(model, trainable, placement: Placement, reps: int = 3) -> float:
     """Median seconds of what train_local does per step besides forward/backward: grad clipping + AdamW step."""
     params = freeze_except(model, trainable)
-    to_gpu(model, device)
+    placement.enter(model)
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     optimizer.step()  # allocates the state
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
+        if placement.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if device.type == "cuda":
+        if placement.cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     for p in params:
         p.grad = None
         p.requires_grad_(False)
-    park(model, device)
+    placement.leave(model)
     return statistics.median(times)
 
 
@@ -301,39 +327,31 @@ def tensor_memory(model, trainable, rows, args, method) -> dict[str, float]:
             "activations_mb": act_bytes / mb, "total_mb": (param_bytes + grad_bytes + optim_bytes + act_bytes) / mb}
 
 
-def rss_child(args) -> None:
-    """Subprocess mode: build one method's model, reset the peak RSS, train, print VmHWM."""
-    method = args.rss_child
+def rss_child(method: str, args) -> dict[str, float]:
+    """Run in a fresh process: build ``method``'s model alone, reset the peak RSS, train one round; RSS in MB."""
+    torch.set_num_threads(args.threads)
     full = AutoModelForCausalLM.from_config(model_config(args.model), dtype=torch.float32)
     model, trainable = build(method, full, args)
     if precision_of(method, args) == "bf16":
         half_frozen(model, trainable)
     del full
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
     rows = features(model.config.vocab_size, args.batch * args.steps, args.seq, args.answer)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = status_kb("VmRSS")
-    run_round(method, model, trainable, rows, args, torch.device("cpu"))
-    print(json.dumps({"rss_before_mb": base / 1024, "peak_rss_mb": status_kb("VmHWM") / 1024}))
+    run_round(method, model, trainable, rows, args, Placement(torch.device("cpu")))
+    return {"rss_before_mb": base / 1024, "peak_rss_mb": status_kb("VmHWM") / 1024}
 
 
 def measure_rss(method: str, args) -> dict[str, float] | None:
+    """Peak RSS of ``rss_child`` in a fresh process, at this process's torch threads; None without Linux /proc."""
     if not Path("/proc/self/clear_refs").exists():
         return None
-    cmd = [sys.executable, __file__, "--rss-child", method, "--model", args.model, "--batch", str(args.batch),
-           "--threads", str(torch.get_num_threads()),
-           "--seq", str(args.seq), "--answer", str(args.answer), "--steps", str(args.steps),
-           "--precision", args.precision, "--lora-r", str(args.lora_r)]
-    if args.split:
-        cmd += ["--split", args.split]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                         env={**os.environ, "TQDM_DISABLE": "1"}).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    child_args = argparse.Namespace(**{**vars(args), "threads": torch.get_num_threads()})
+    return in_fresh_process(rss_child, method, child_args, env={"TQDM_DISABLE": "1"})
 
 
 # ---------------------------------------------------------------- FLOPs -----------------------------------------
@@ -353,7 +371,7 @@ def flops_per_row(model, trainable: set[str], seq: int, answer: int, head_all: b
     prefix, blocks = find_blocks(model)
     cfg = model.config.get_text_config()
     hidden = cfg.hidden_size
-    heads = getattr(cfg, "num_attention_heads")
+    heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     d_attn = heads * head_dim
     names = {p: n for n, p in model.named_parameters()}
@@ -389,8 +407,9 @@ def flops_per_row(model, trainable: set[str], seq: int, answer: int, head_all: b
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
 
 
-# ---------------------------------------------------------------- main ------------------------------------------
-def main(argv=None) -> int:
+# ---------------------------------------------------------------- parse -----------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, the protocol's defaults filled in; ``methods`` becomes a list."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gpt2-xl, opt-1.3b, tiny, or a folder")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="cpu")
@@ -412,7 +431,6 @@ def main(argv=None) -> int:
     parser.add_argument("--resident", action="store_true",
                         help="GPU: keep every model on the GPU (no transfers between rounds; peaks net of the others)")
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for key, value in PROTOCOLS[args.protocol].items():
         if getattr(args, key) is None:
@@ -420,126 +438,189 @@ def main(argv=None) -> int:
     if args.device == "cpu" and args.precision == "bf16" and args.protocol == "paper" and "--precision" not in \
             (argv or sys.argv):
         args.precision = "fp32"  # bf16 on CPU is fast only with AVX512-BF16 or AMX: ask for it with --precision
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    global PARK
-    PARK = not args.resident
-    if args.rss_child:
-        rss_child(args)
-        return 0
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = {m.partition("@")[0] for m in methods} - set(METHODS) | \
-        {m for m in methods if m.partition("@")[2] not in ("", "fp32", "bf16")}
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = {m.partition("@")[0] for m in args.methods} - set(METHODS) | \
+        {m for m in args.methods if m.partition("@")[2] not in ("", "fp32", "bf16")}
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    device = torch.device(args.device)
+    return args
 
+
+# ---------------------------------------------------------------- build -----------------------------------------
+def build_models(args, placement: Placement) -> dict[str, tuple[torch.nn.Module, set[str]]]:
+    """Each method's model (seed 0, random weights) and trainable names; on a GPU, parked unless resident."""
     torch.manual_seed(0)
-    t0 = time.perf_counter()
     # --flops-only needs the structure only: build on the meta device (no memory, any model size).
     # On a GPU the models are built there (random init of 1.5B parameters takes a while on CPUs) and
     # then parked on the CPU: each method's round moves only its own model to the GPU.
-    build_device = "meta" if args.flops_only else device
-    with torch.device(build_device):
+    with torch.device("meta" if args.flops_only else placement.device):
         full = AutoModelForCausalLM.from_config(model_config(args.model), dtype=torch.float32)
         models = {}
-        for method in methods:
+        for method in args.methods:
             model, trainable = build(method, full, args)
             if precision_of(method, args) == "bf16" and not args.flops_only:
                 half_frozen(model, trainable)
-            if device.type == "cuda" and not args.flops_only:
-                park(model, device)
+            if not args.flops_only:
+                placement.leave(model)
             models[method] = (model, trainable)
     del full
     gc.collect()
-    if device.type == "cuda":
+    if placement.cuda:
         torch.cuda.empty_cache()
-    vocab = next(iter(models.values()))[0].config.get_text_config().vocab_size
-    rows = [] if args.flops_only else features(vocab, args.batch * args.steps, args.seq, args.answer)
-    split = "-".join(str(x) for x in _split_name(models, args))
+    return models
 
+
+def build_rows(models, args) -> list[dict[str, list[int]]]:
+    """The random training rows of one round (none for --flops-only)."""
+    if args.flops_only:
+        return []
+    vocab = next(iter(models.values()))[0].config.get_text_config().vocab_size
+    return features(vocab, args.batch * args.steps, args.seq, args.answer)
+
+
+# ---------------------------------------------------------------- measure ---------------------------------------
+@dataclass
+class Measurements:
+    """What the benchmark measures, each a dict keyed by method; the training ones stay empty for --flops-only."""
+
+    params: dict[str, tuple[int, int]]  # all parameters, trainable ones
+    flops: dict[str, dict[str, float]]
+    times: dict[str, list[float]] = field(default_factory=dict)  # seconds per step, one per round
+    tps: dict[str, list[float]] = field(default_factory=dict)  # tokens per second, one per round
+    mem: dict[str, dict[str, float]] = field(default_factory=dict)  # tensor_memory
+    peak: dict | None = None  # the GPU allocator's peak MB, or the CPU peak RSS (measure_rss); None: not measured
+    optim: dict[str, float] = field(default_factory=dict)  # clip + AdamW seconds per step
+    profiles: dict[str, dict] = field(default_factory=dict)
+
+
+def measure_structure(models, args) -> Measurements:
+    """Parameter counts and FLOPs per row: no training needed."""
     flops = {m: flops_per_row(model, trainable, args.seq, args.answer, head_all=m.startswith("offsite-head"))
              for m, (model, trainable) in models.items()}
     params = {m: (sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
                   sum(p.numel() for n, p in model.named_parameters() if n in trainable))
               for m, (model, trainable) in models.items()}
-    print(f"model {args.model} (random weights), split {split}, protocol {args.protocol}: batch {args.batch} x "
-          f"{args.seq} tokens, loss on {'every token' if args.answer == 0 else f'the last {args.answer} tokens'}, "
-          f"{args.precision}, {args.steps} steps/round, {args.rounds} rounds, device {device}"
-          f"{'' if device.type == 'cuda' else f' ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads)'}; "
-          f"built in {time.perf_counter() - t0:.0f} s")
-    if args.flops_only:
-        _print_table(methods, params, flops, None, None, None, None, None)
-        return 0
+    return Measurements(params, flops)
 
-    mem = {m: on_device(tensor_memory, model, device, model, trainable, rows, args, m)
-           for m, (model, trainable) in models.items()}
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    tps: dict[str, list[float]] = {m: [] for m in methods}
+
+def measure_training(models, rows, args, placement: Placement, measured: Measurements) -> None:
+    """Tensor memory, the interleaved timed rounds, the optimizer's share and the peaks, into ``measured``."""
+    measured.mem = {m: placement.call(tensor_memory, model, model, trainable, rows, args, m)
+                    for m, (model, trainable) in models.items()}
+    gpu_peak = measure_rounds(models, rows, args, placement, measured)
+    measured.optim = {m: optimizer_seconds(*models[m], placement) for m in args.methods}
+    rss = None
+    if placement.device.type == "cpu" and not args.no_rss:
+        rss = {m: measure_rss(m, args) for m in args.methods}
+    measured.peak = gpu_peak or rss
+
+
+def measure_rounds(models, rows, args, placement: Placement, measured: Measurements) -> dict[str, float]:
+    """``args.rounds`` timed rounds after a warm-up, the methods in alternating order; the GPU peaks (MB)."""
+    methods = args.methods
+    measured.times = {m: [] for m in methods}
+    measured.tps = {m: [] for m in methods}
     gpu_peak: dict[str, float] = {}
     last: dict[str, float] = {}
     for rnd in range(args.rounds + 1):  # round 0 warms up (allocator, kernels) and is not counted
         for method in (methods if rnd % 2 else methods[::-1]):  # A B C D, D C B A, ...: drift falls on all
             model, trainable = models[method]
-            # the other models' bytes on the GPU (none unless --resident): not this method's memory
-            others = torch.cuda.memory_allocated(device) - resident_bytes(model) * (not PARK) \
-                if device.type == "cuda" else 0
-            stats = run_round(method, model, trainable, rows, args, device)
+            others = placement.others_bytes(model)  # not this method's memory
+            stats = run_round(method, model, trainable, rows, args, placement)
             if rnd:
-                times[method].append(stats.seconds / stats.steps)
-                tps[method].append(stats.tokens_per_s)
-                if device.type == "cuda":
+                measured.times[method].append(stats.seconds / stats.steps)
+                measured.tps[method].append(stats.tokens_per_s)
+                if placement.cuda:
                     peak = stats.peak_memory_mb - others / 2**20
                     gpu_peak[method] = max(gpu_peak.get(method, 0.0), peak)
             last[method] = stats.seconds / stats.steps
         print(f"  round {rnd}{' (warm-up, not counted)' if rnd == 0 else ''}: " +
               ", ".join(f"{m} {last[m]:.2f}" for m in methods) + " s/step", flush=True)
-    optim = {m: optimizer_seconds(*models[m], device) for m in methods}
-    rss = None
-    if device.type == "cpu" and not args.no_rss:
-        rss = {m: measure_rss(m, args) for m in methods}
-    _print_table(methods, params, flops, times, tps, mem, gpu_peak or rss, optim)
-    if device.type == "cuda":
-        note = (f"Timings interleaved round by round (alternating order) on {torch.cuda.get_device_name(device)}, "
-                "medians over rounds; " + ("each method's model alone on the GPU during its round." if PARK else
-                                           "every model resident on the GPU, peaks net of the other models' bytes."))
-    else:
-        note = ("Timings interleaved round by round (alternating order) on a machine shared with other jobs; "
-                "medians over rounds. Absolute numbers are noisy, the ratios much less so.")
+    return gpu_peak
+
+
+def measure_profiles(models, rows, args, placement: Placement) -> dict[str, dict]:
+    """``profile_step`` of the methods --profile names, each printed as it finishes."""
+    profiles = {}
+    for m in [m for m in args.methods if args.profile == "all" or m in args.profile.split(",")]:
+        p = profiles[m] = profile_step(m, *models[m], rows, args, placement)
+        p["peak_mb"] -= placement.others_bytes(models[m][0]) / 2**20
+        print(f"profile {m}: {p['wall_s_per_step'] * 1e3:.1f} ms/step wall, {p['device_ms_per_step']:.1f} ms/step "
+              f"of {'GPU kernels' if placement.cuda else 'CPU ops'}: " +
+              ", ".join(f"{k} {v:.1f}" for k, v in p["breakdown_ms_per_step"].items()), flush=True)
+        print(p["table"], flush=True)
+    return profiles
+
+
+# ---------------------------------------------------------------- report ----------------------------------------
+def print_header(args, split: str, placement: Placement, seconds: float) -> None:
+    device = placement.device
+    print(f"model {args.model} (random weights), split {split}, protocol {args.protocol}: batch {args.batch} x "
+          f"{args.seq} tokens, loss on {'every token' if args.answer == 0 else f'the last {args.answer} tokens'}, "
+          f"{args.precision}, {args.steps} steps/round, {args.rounds} rounds, device {device}"
+          f"{'' if placement.cuda else f' ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads)'}; "
+          f"built in {seconds:.0f} s")
+
+
+def note_of(placement: Placement) -> str:
+    """How the timings were taken, printed under the table and kept in the JSON."""
+    if placement.cuda:
+        return (f"Timings interleaved round by round (alternating order) on "
+                f"{torch.cuda.get_device_name(placement.device)}, medians over rounds; " +
+                ("each method's model alone on the GPU during its round." if placement.park else
+                 "every model resident on the GPU, peaks net of the other models' bytes."))
+    return ("Timings interleaved round by round (alternating order) on a machine shared with other jobs; "
+            "medians over rounds. Absolute numbers are noisy, the ratios much less so.")
+
+
+def result_json(args, split: str, placement: Placement, note: str, measured: Measurements) -> dict:
+    device = placement.device
+    return {"model": args.model, "split": split, "protocol": args.protocol, "batch": args.batch,
+            "seq": args.seq, "answer": args.answer, "precision": args.precision, "steps": args.steps,
+            "rounds": args.rounds, "device": str(device), "resident": not placement.park, "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "machine": platform.platform(), "note": note,
+            "gpu": torch.cuda.get_device_name(device) if placement.cuda else None,
+            "torch": torch.__version__,
+            "methods": {m: {"params": measured.params[m][0], "trainable": measured.params[m][1],
+                            "flops_per_row": measured.flops[m], "seconds_per_step": measured.times[m],
+                            "tokens_per_s": measured.tps[m], "tensor_memory": measured.mem[m],
+                            "peak": (measured.peak or {}).get(m), "clip_adamw_s": measured.optim[m]}
+                        for m in args.methods},
+            "profiles": {m: {k: v for k, v in p.items() if k != "table"} for m, p in measured.profiles.items()}}
+
+
+def write(path: str | None, result: dict) -> None:
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}", flush=True)
+
+
+# ---------------------------------------------------------------- main ------------------------------------------
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    placement = Placement(torch.device(args.device), park=not args.resident)
+    t0 = time.perf_counter()
+    models = build_models(args, placement)
+    rows = build_rows(models, args)
+    split = "-".join(str(x) for x in _split_name(models, args))
+    measured = measure_structure(models, args)
+    print_header(args, split, placement, time.perf_counter() - t0)
+    if args.flops_only:
+        print_table(args.methods, measured)
+        return 0
+    measure_training(models, rows, args, placement, measured)
+    print_table(args.methods, measured)
+    note = note_of(placement)
     print(note)
-    profiles: dict[str, dict] = {}
-
-    def write() -> None:
-        if not args.out:
-            return
-        result = {"model": args.model, "split": split, "protocol": args.protocol, "batch": args.batch,
-                  "seq": args.seq, "answer": args.answer, "precision": args.precision, "steps": args.steps,
-                  "rounds": args.rounds, "device": str(device), "resident": not PARK, "cpus": os.cpu_count(),
-                  "threads": torch.get_num_threads(), "machine": platform.platform(), "note": note,
-                  "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                  "torch": torch.__version__,
-                  "methods": {m: {"params": params[m][0], "trainable": params[m][1], "flops_per_row": flops[m],
-                                  "seconds_per_step": times[m], "tokens_per_s": tps[m],
-                                  "tensor_memory": mem[m], "peak": (gpu_peak or rss or {}).get(m),
-                                  "clip_adamw_s": optim[m]}
-                              for m in methods},
-                  "profiles": {m: {k: v for k, v in p.items() if k != "table"} for m, p in profiles.items()}}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}", flush=True)
-
-    write()  # before the profile, so that the measurements survive a timeout there
+    # written before the profile too, so that the measurements survive a timeout there
+    write(args.out, result_json(args, split, placement, note, measured))
     if args.profile:
-        for m in [m for m in methods if args.profile == "all" or m in args.profile.split(",")]:
-            profiles[m] = profile_step(m, *models[m], rows, args, device)
-            p = profiles[m]
-            p["peak_mb"] -= (torch.cuda.memory_allocated(device) - resident_bytes(models[m][0]) * (not PARK)) / 2**20 \
-                if device.type == "cuda" else 0
-            print(f"profile {m}: {p['wall_s_per_step'] * 1e3:.1f} ms/step wall, {p['device_ms_per_step']:.1f} ms/step "
-                  f"of {'GPU kernels' if device.type == 'cuda' else 'CPU ops'}: " +
-                  ", ".join(f"{k} {v:.1f}" for k, v in p["breakdown_ms_per_step"].items()), flush=True)
-            print(p["table"], flush=True)
-        write()
+        measured.profiles = measure_profiles(models, rows, args, placement)
+        write(args.out, result_json(args, split, placement, note, measured))
     return 0
 
 
@@ -551,7 +632,10 @@ def _split_name(models, args):
     return bottom, (k if k is not None else f"drop{drop}"), top
 
 
-def _print_table(methods, params, flops, times, tps, mem, peak, optim) -> None:
+def print_table(methods: list[str], measured: Measurements) -> None:
+    """The per-method table (structure only for --flops-only) and the tensor memory's parts."""
+    params, flops, times, tps = measured.params, measured.flops, measured.times, measured.tps
+    mem, peak, optim = measured.mem, measured.peak, measured.optim
     base = "full" if "full" in methods else methods[0]
     head = ["method", "params", "trainable", "GFLOP/row", "FLOP speed-up limit"]
     if times:
@@ -569,17 +653,18 @@ def _print_table(methods, params, flops, times, tps, mem, peak, optim) -> None:
             speed = statistics.median(times[base]) / step
             compute = (statistics.median(times[base]) - optim[base]) / max(step - optim[m], 1e-9)
             row += [f"{step:.3f}", f"{statistics.median(tps[m]):.0f}", f"{speed:.2f}x", f"{100 * speed / limit:.0f}%",
-                    f"{optim[m]:.3f}", f"{compute:.2f}x", f"{mem[m]['total_mb']:.0f}", f"{mem[m]['total_mb'] / mem[base]['total_mb']:.3f}"]
+                    f"{optim[m]:.3f}", f"{compute:.2f}x", f"{mem[m]['total_mb']:.0f}",
+                    f"{mem[m]['total_mb'] / mem[base]['total_mb']:.3f}"]
             if peak:
                 p = peak[m] if isinstance(peak[m], float) else peak[m]["peak_rss_mb"]
                 b = peak[base] if isinstance(peak[base], float) else peak[base]["peak_rss_mb"]
                 row += [f"{p:.0f}", f"{p / b:.3f}"]
         rows.append(row)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
-        print("| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |")
+        print("| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) + " |")
     if mem:
         print("tensor memory (MB): " + "; ".join(
             f"{m}: weights {mem[m]['weights_mb']:.0f} + grads {mem[m]['grads_mb']:.0f} + AdamW "

@@ -1,17 +1,24 @@
 """Helpers shared by the benchmarks: time-stamped log capture, small model folders, a fresh node cache, /proc
-memory fields, random training rows."""
+memory fields, a fresh process for a measurement, random training rows."""
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
+import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
 from fl_offsite.data.downloads import cache_dir
 from fl_offsite.data.encode import IGNORE_INDEX
 from fl_offsite.testing.models import byte_bpe_tokenizer
+
+T = TypeVar("T")
 
 
 class Stamped(io.TextIOBase):
@@ -61,6 +68,34 @@ def status_kb(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def in_fresh_process(fn: Callable[..., T], *args: Any, env: dict[str, str] | None = None) -> T:
+    """``fn(*args)`` in a new interpreter (spawned, not forked), with ``env`` added to its environment; its result.
+
+    For peak-memory measurements: the child's heap holds nothing of this process. The child's output is discarded.
+    """
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})  # a spawned child inherits the environment as it is when it starts
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_quietly, fn, *args).result()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _quietly(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with this process's stdout and stderr sent to /dev/null (file descriptors 1 and 2)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    return fn(*args)
 
 
 def fresh_node_cache(folder: Path) -> None:

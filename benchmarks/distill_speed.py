@@ -23,11 +23,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fl_offsite.config.sections import DistillSettings
+from fl_offsite.data.corpora import load_text_corpus
 from fl_offsite.emulator.distill import distill, held_out_texts
 from fl_offsite.learn.evaluate import perplexity
 from fl_offsite.surgery.split import build_emulator, plan_split
-
-from fl_offsite.data.corpora import load_text_corpus
 
 
 def run(model, tokenizer, plan, settings, device) -> dict:
@@ -69,7 +68,7 @@ def run(model, tokenizer, plan, settings, device) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="folder with config.json and a tokenizer (weights unused)")
     parser.add_argument("--split", default="2-8-2", help="l-k-r")
@@ -79,18 +78,26 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, help="override DistillSettings.batch_size")
     parser.add_argument("--block-size", type=int, help="override DistillSettings.block_size")
     parser.add_argument("--out", help="write the result as JSON here")
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
-                                   ("block_size", args.block_size)) if v is not None}
-    settings = dataclasses.replace(DistillSettings(), corpus=args.corpus, **overrides)
-    device = torch.device(args.device)
-    bottom, k, top = (int(x) for x in args.split.split("-"))
+    return parser.parse_args(argv)
 
+
+def build(args, device: torch.device):
+    """The model (random weights, seed 0, on ``device``), its tokenizer and the split plan."""
+    bottom, k, top = (int(x) for x in args.split.split("-"))
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32).eval()
-    plan = plan_split(model, bottom, top, emulator_layers=k)
+    return model, tokenizer, plan_split(model, bottom, top, emulator_layers=k)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                   ("block_size", args.block_size)) if v is not None}
+    settings = dataclasses.replace(DistillSettings(), corpus=args.corpus, **overrides)
+    device = torch.device(args.device)
+    model, tokenizer, plan = build(args, device)
     print(f"distilling {args.model} (random weights), split {plan.name}, on {device}: {settings}", flush=True)
     result = {"model": args.model, "split": plan.name, "device": str(device),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -35,24 +35,25 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from fl_offsite.data.encode import encode_choice_example, pad_id
-from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
-from fl_offsite.learn.evaluate import evaluate_task
-from fl_offsite.files import write_json
-from fl_offsite.data.models import load_model
 from fl_offsite.app.owner import lr_schedule
-from fl_offsite.data.partition import partition_indices
-from fl_offsite.surgery.payload import plug_in
-from fl_offsite.emulator.realign import RealignSettings, Realignment, add_realign_lora, public_blocks, set_factors
 from fl_offsite.config.settings import Settings
-from fl_offsite.surgery.split import adapter_names
+from fl_offsite.data.encode import encode_choice_example, pad_id
+from fl_offsite.data.models import load_model
+from fl_offsite.data.partition import partition_indices
 from fl_offsite.data.tasks import load_task
+from fl_offsite.emulator.realign import Realignment, RealignSettings, add_realign_lora, public_blocks, set_factors
+from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
+from fl_offsite.files import write_json
+from fl_offsite.learn.evaluate import evaluate_task
 from fl_offsite.learn.train import HALF, TrainSettings, half_frozen, train_local
+from fl_offsite.surgery.payload import plug_in
+from fl_offsite.surgery.split import adapter_names
 
 log = logging.getLogger("fidelity")
 TASK_SEED = 1234  # the test split is the same for every federated seed
@@ -126,8 +127,8 @@ def fleets_of(specs: list[str], recipes: dict, clients: int) -> dict[str, list[s
 
 class OwnerRealignment:
     """The model owner's per-round re-alignment (``realign.*`` in a recipe) of each such emulator of a run, as
-    ``fl_offsite.emulator.realign`` does in a federated run: the owner's copies of the full model and the emulator get the
-    global adapter, the emulator's LoRA factors train, and its clients' copies get the factors.
+    ``fl_offsite.emulator.realign`` does in a federated run: the owner's copies of the full model and the emulator get
+    the global adapter, the emulator's LoRA factors train, and its clients' copies get the factors.
 
     ``members``: recipe name -> (recipe, re-alignment, plan, emulator, the clients' copy, how many clients)."""
 
@@ -235,7 +236,7 @@ def fedavg(models: list[torch.nn.Module], names: list[dict[str, str]], data: lis
                     total[full] += params[pid][local].detach().float() * (len(features) / weight)
         global_state = {full: tensor.to(global_state[full].dtype) for full, tensor in total.items()}
         log.info("%s round %d: mean client loss %.4f", label, rnd, statistics.fmean(losses[-len(data):]))
-    for p, n in zip(params, names):
+    for p, n in zip(params, names, strict=True):
         _load(p, n, global_state)
     return {"train_seconds": round(train_seconds, 1), "final_loss": statistics.fmean(losses[-len(data):])}
 
@@ -256,9 +257,29 @@ def score(model, tokenizer, task, args) -> dict:
             "n": result["n"]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+@dataclass
+class Setup:
+    """What every unit of a run shares: the arguments, recipes, fleets, seeds, results, device, full model, task."""
+
+    args: argparse.Namespace
+    recipes: dict[str, tuple[dict, EmulatorRecipe, RealignSettings, float]]
+    fleets: dict[str, list[str]]
+    seeds: list[int]
+    results: Results
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: Any
+    task: Any
+
+    def client_data(self, seed: int) -> list[list[dict]]:
+        """Each client's encoded partition of the train split for ``seed`` (one client with --centralised)."""
+        a = self.args
+        return [[encode_choice_example(self.tokenizer, ex, a.max_length) for ex in part]
+                for part in partitions(self.task, a.clients, a.alpha, seed, a.centralised)]
+
+
+def build(args: argparse.Namespace) -> Setup:
+    """Check the recipes and fleets, open (or resume) the output JSON, load the model and the task."""
     recipes = recipes_of(args.recipe)
     fleets = fleets_of(args.fleet, recipes, args.clients)
     if fleets and args.centralised:
@@ -279,72 +300,104 @@ def main(argv: list[str] | None = None) -> int:
     log.info("running on %s", results.data["devices"][device.type])
     args.pad_id = pad_id(tokenizer)
     task = load_task(args.task, seed=TASK_SEED)
-    encode = lambda examples: [encode_choice_example(tokenizer, ex, args.max_length) for ex in examples]
+    return Setup(args, recipes, fleets, seeds, results, device, model, tokenizer, task)
 
+
+def measure_full(setup: Setup) -> None:
+    """The full model zero-shot, then FedAvg full fine-tuning per seed (unless --no-ft)."""
+    args, results = setup.args, setup.results
     if not results.get("full-zero-shot"):
-        results.put("full-zero-shot", score(model, tokenizer, task, args))
-    for seed in seeds if not args.no_ft else []:
+        results.put("full-zero-shot", score(setup.model, setup.tokenizer, setup.task, args))
+    for seed in setup.seeds if not args.no_ft else []:
         key = f"fedavg-full/{seed}"
         if results.get(key):
             continue
         full, _ = load_model(args.model)
-        full.to(device)
-        data = [encode(p) for p in partitions(task, args.clients, args.alpha, seed, args.centralised)]
+        full.to(setup.device)
+        data = setup.client_data(seed)
         everything = {n: n for n, _ in full.named_parameters()}
         run = fedavg([full] * len(data), [everything] * len(data), data, args, args.ft_lr, seed,
                      f"fedavg-full s{seed}")
-        results.put(key, {**score(full, tokenizer, task, args), **run})
+        results.put(key, {**score(full, setup.tokenizer, setup.task, args), **run})
         del full
 
-    emulators = {}  # recipe -> (plan, emulator, full-model name -> name in the emulator)
-    for name, (_, recipe, _, _) in recipes.items():
+
+def prepare_emulators(setup: Setup) -> dict[str, tuple]:
+    """Each recipe's emulator, scored zero-shot: recipe -> (plan, emulator, full-model name -> name in it)."""
+    emulators = {}
+    for name, (_, recipe, _, _) in setup.recipes.items():
         started = time.perf_counter()
-        plan, emulator, record = prepare_emulator(args.model, model, tokenizer, recipe, args.task)
+        plan, emulator, record = prepare_emulator(setup.args.model, setup.model, setup.tokenizer, recipe,
+                                                  setup.args.task)
         emulators[name] = plan, emulator, adapter_names(emulator, plan)
-        if not results.get(f"{name}/emulator-zero-shot"):
-            results.put(f"{name}/emulator-zero-shot", {
-                **score(emulator, tokenizer, task, args), "kept_layers": list(plan.kept_layers),
+        if not setup.results.get(f"{name}/emulator-zero-shot"):
+            setup.results.put(f"{name}/emulator-zero-shot", {
+                **score(emulator, setup.tokenizer, setup.task, setup.args), "kept_layers": list(plan.kept_layers),
                 "emulator_mb": round(sum(p.numel() * p.element_size() for p in emulator.parameters()) / 1e6, 1),
                 "prepare_seconds": round(time.perf_counter() - started, 1),
                 "distillation": {k: v for k, v in (record.get("distillation") or {}).items() if k != "losses"}})
+    return emulators
+
+
+def measure_offsite(setup: Setup, emulators: dict[str, tuple]) -> dict[str, list[str]]:
+    """Offsite-tuning of every fleet, then every recipe, per seed; the runs (name -> each client's recipe)."""
     # fleets first: their units are the ones a fleet study is run for
-    runs = {f"fleet:{f}": m for f, m in fleets.items()} | {name: [name] * args.clients for name in recipes}
+    runs = {f"fleet:{f}": m for f, m in setup.fleets.items()} | \
+        {name: [name] * setup.args.clients for name in setup.recipes}
     for run_name, members in runs.items():
-        for seed in seeds:
+        for seed in setup.seeds:
             key = f"{run_name}/{seed}"
-            if results.get(key):
-                continue
-            clients = {}  # one trained copy per emulator in the run, shared by its clients
-            for member in dict.fromkeys(members):
-                _, emulator, names = emulators[member]
-                clients[member] = copy.deepcopy(emulator)
-                if args.precision in HALF:
-                    half_frozen(clients[member], set(names.values()), HALF[args.precision])
-            owner = OwnerRealignment(model, tokenizer, task.name, args.rounds, seed,
-                                     {m: (recipes[m][1], recipes[m][2], *emulators[m][:2], clients[m], members.count(m))
-                                      for m in clients})
-            data = [encode(p) for p in partitions(task, args.clients, args.alpha, seed, args.centralised)]
-            run = fedavg([clients[m] for m in members], [emulators[m][2] for m in members], data, args, args.lr,
-                         seed, f"{run_name} s{seed}", before_round=owner.before_round if owner.members else None,
-                         proximal_mu=recipes[members[0]][3])
-            first_plan, _, first_names = emulators[members[0]]
-            state = clients[members[0]].state_dict()
-            adapter = {full: state[local].detach().float() for full, local in first_names.items()}
-            # emulator + adapter: the emulator the data owners end with (re-aligned, for a re-aligned recipe)
-            scores = {member: score(plug_in(owner.emulator(member) or copy.deepcopy(emulators[member][1]), adapter,
-                                            emulators[member][0]), tokenizer, task, args) for member in clients}
-            plugin = score(plug_in(copy.deepcopy(model), adapter, first_plan), tokenizer, task, args)
-            unit = {"members": members, "emulators": scores} if run_name.startswith("fleet:") else \
-                {"emulator": scores[members[0]]}
-            results.put(key, {**unit, "plugin": plugin, **run, **owner.record(adapter)})
-            del clients, owner
-    summary = summarise(results.data, list(recipes), fleets, seeds, not args.no_ft)
+            if not setup.results.get(key):
+                setup.results.put(key, measure_run(setup, emulators, run_name, members, seed))
+    return runs
+
+
+def measure_run(setup: Setup, emulators: dict[str, tuple], run_name: str, members: list[str], seed: int) -> dict:
+    """One seed of one run: the adapter trained federated on the members' emulators, scored on each and plugged in."""
+    args, recipes = setup.args, setup.recipes
+    clients = {}  # one trained copy per emulator in the run, shared by its clients
+    for member in dict.fromkeys(members):
+        _, emulator, names = emulators[member]
+        clients[member] = copy.deepcopy(emulator)
+        if args.precision in HALF:
+            half_frozen(clients[member], set(names.values()), HALF[args.precision])
+    owner = OwnerRealignment(setup.model, setup.tokenizer, setup.task.name, args.rounds, seed,
+                             {m: (recipes[m][1], recipes[m][2], *emulators[m][:2], clients[m], members.count(m))
+                              for m in clients})
+    run = fedavg([clients[m] for m in members], [emulators[m][2] for m in members], setup.client_data(seed), args,
+                 args.lr, seed, f"{run_name} s{seed}", before_round=owner.before_round if owner.members else None,
+                 proximal_mu=recipes[members[0]][3])
+    first_plan, _, first_names = emulators[members[0]]
+    state = clients[members[0]].state_dict()
+    adapter = {full: state[local].detach().float() for full, local in first_names.items()}
+    # emulator + adapter: the emulator the data owners end with (re-aligned, for a re-aligned recipe)
+    scores = {member: score(plug_in(owner.emulator(member) or copy.deepcopy(emulators[member][1]), adapter,
+                                    emulators[member][0]), setup.tokenizer, setup.task, args) for member in clients}
+    plugin = score(plug_in(copy.deepcopy(setup.model), adapter, first_plan), setup.tokenizer, setup.task, args)
+    unit = {"members": members, "emulators": scores} if run_name.startswith("fleet:") else \
+        {"emulator": scores[members[0]]}
+    return {**unit, "plugin": plugin, **run, **owner.record(adapter)}
+
+
+def report(setup: Setup, runs: dict[str, list[str]]) -> None:
+    """Summaries into the output JSON, printed as tables and plotted beside it (.png)."""
+    results, seeds = setup.results, setup.seeds
+    summary = summarise(results.data, list(setup.recipes), setup.fleets, seeds, not setup.args.no_ft)
     results.data["summary"] = summary
     results.data["realign_summary"] = realign_cost(results.data, runs, seeds)
     write_json(results.path, results.data)
     print_table(summary, results.data["units"]["full-zero-shot"]["n"], seeds)
     print_realign_cost(results.data["realign_summary"])
-    plot(summary, results.path.with_suffix(".png"), args)
+    plot(summary, results.path.with_suffix(".png"), setup.args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup = build(args)
+    measure_full(setup)
+    emulators = prepare_emulators(setup)
+    report(setup, measure_offsite(setup, emulators))
     return 0
 
 
@@ -380,7 +433,7 @@ def summarise(data: dict, recipes: list[str], fleets: dict[str, list[str]], seed
                                                                       "values": [full_zs - zs["acc"]]}
         if with_ft:
             out[f"{name}: FT - plug-in"] = mean_se([units[f"fedavg-full/{s}"]["acc"] - r["plugin"]["acc"]
-                                                    for s, r in zip(seeds, runs)])
+                                                    for s, r in zip(seeds, runs, strict=True)])
     for fleet, members in fleets.items():
         runs = [units[f"fleet:{fleet}/{s}"] for s in seeds]
         out[f"fleet {fleet}: plug-in"] = mean_se([r["plugin"]["acc"] for r in runs])
@@ -389,7 +442,7 @@ def summarise(data: dict, recipes: list[str], fleets: dict[str, list[str]], seed
                 [r["emulators"][member]["acc"] for r in runs])
         if with_ft:
             out[f"fleet {fleet}: FT - plug-in"] = mean_se([units[f"fedavg-full/{s}"]["acc"] - r["plugin"]["acc"]
-                                                           for s, r in zip(seeds, runs)])
+                                                           for s, r in zip(seeds, runs, strict=True)])
     return out
 
 
@@ -451,7 +504,7 @@ def plot(summary: dict, path: Path, args) -> None:
     colors = ["#999999" if "zero-shot" in n else "#d62728" if "FedAvg" in n else
               "#1f77b4" if "plug-in" in n else "#ff7f0e" for n in names]
     ax.barh(names, means, xerr=errors, color=colors, capsize=3)
-    for y, (m, e) in enumerate(zip(means, errors)):
+    for y, (m, e) in enumerate(zip(means, errors, strict=True)):
         ax.text(m + e + 0.01, y, f"{m:.3f}", va="center", fontsize=8)  # clear of the error bar
     ax.set_xlim(0, 1.08)
     ax.set_xlabel("accuracy (whole test split)")

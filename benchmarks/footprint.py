@@ -12,25 +12,26 @@ the model is the runtime overhead the estimate adds as ``fleet.overhead-mb``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from common import features, status_kb
-from fl_offsite.config.settings import DEFAULTS
 from fl_offsite.app.delivery import load_delivered
-from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
-from fl_offsite.app.fleet import measure_footprint
-from fl_offsite.files import write_json
+from fl_offsite.app.fleet import Footprint, measure_footprint
+from fl_offsite.config.settings import DEFAULTS
 from fl_offsite.data.models import load_model
+from fl_offsite.emulator.recipe import EmulatorRecipe, prepare_emulator
+from fl_offsite.files import write_json
+from fl_offsite.learn.train import HALF, TrainSettings, half_frozen, train_local
 from fl_offsite.surgery.payload import extract_adapter
 from fl_offsite.surgery.split import EMULATOR_DIR, adapter_names, read_plan, write_split
-from fl_offsite.learn.train import HALF, TrainSettings, half_frozen, train_local
+
+if __package__:  # python -m benchmarks.footprint, or imported
+    from .common import features, in_fresh_process, status_kb
+else:  # python benchmarks/footprint.py: this folder is sys.path[0]
+    from common import features, in_fresh_process, status_kb
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,39 +46,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overhead-mb", type=float, default=DEFAULTS["fleet.overhead-mb"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/footprint.json")
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # a split folder: train there, print the peak
     return parser.parse_args(argv)
 
 
-def child(args: argparse.Namespace) -> None:
-    """Train on the emulator of the split folder ``args.child`` as a node would; print runtime and peak MB."""
+def child(folder: str, args: argparse.Namespace) -> dict[str, float]:
+    """Run in a fresh process: train on the emulator of the split ``folder`` as a node would; runtime and peak MB."""
     runtime = status_kb("VmRSS") / 1024
     Path("/proc/self/clear_refs").write_text("5")
-    plan = read_plan(args.child)
-    model, _ = load_delivered(Path(args.child) / EMULATOR_DIR)
+    plan = read_plan(folder)
+    model, _ = load_delivered(Path(folder) / EMULATOR_DIR)
     trainable = set(adapter_names(model, plan).values())
     if args.precision in HALF:
         half_frozen(model, trainable, HALF[args.precision])
     rows = features(model.config.vocab_size, args.batch_size * args.steps, args.max_length, answer=2)
     settings = TrainSettings(lr=1e-4, batch_size=args.batch_size, local_steps=args.steps, precision=args.precision)
     train_local(model, trainable, rows, settings, pad_id=0, desc="train")
-    print(json.dumps({"runtime_mb": runtime, "peak_mb": status_kb("VmHWM") / 1024}))
+    return {"runtime_mb": runtime, "peak_mb": status_kb("VmHWM") / 1024}
 
 
 def measure(folder: Path, args: argparse.Namespace) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", str(folder), "--batch-size", str(args.batch_size),
-           "--max-length", str(args.max_length), "--precision", args.precision, "--steps", str(args.steps)]
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(args.threads)}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    """``child`` in a fresh process with ``args.threads`` OpenMP threads."""
+    env = {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(args.threads)}
+    return in_fresh_process(child, str(folder), args, env=env)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        child(args)
-        return 0
-    torch.set_num_threads(args.threads)
+def measure_rows(args: argparse.Namespace) -> tuple[list[dict], Footprint]:
+    """Per emulator size, the owner's estimate beside a fresh node's measured peak; the footprint model."""
     ks = sorted(int(k) for k in args.ks.split(","))
     bottom, top = (int(n) for n in args.adapter_layers.split(","))
     model, tokenizer = load_model(args.model)
@@ -96,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
                          **{key: round(v) for key, v in measured.items()},
                          "estimate_over_peak": round(footprint.mb(k) / measured["peak_mb"], 3)})
     rows.reverse()
+    assert footprint is not None  # ks is not empty
+    return rows, footprint
+
+
+def report(args: argparse.Namespace, rows: list[dict], footprint: Footprint) -> None:
     print(f"\n{args.model}, batch {args.batch_size} x {args.max_length} tokens, {args.precision}, "
           f"fleet.overhead-mb = {args.overhead_mb:g}\n")
     print("| k | split | estimate MB | measured peak MB | estimate / peak | runtime before loading MB |")
@@ -103,9 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['k']} | {r['split']} | {r['estimate_mb']} | {r['peak_mb']} | {r['estimate_over_peak']:.2f} | "
               f"{r['runtime_mb']} |")
-    write_json(Path(args.out), {"settings": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows,
+    write_json(Path(args.out), {"settings": vars(args), "rows": rows,
                                 "footprint": {"fixed_mb": footprint.fixed / 2**20,
                                               "per_block_mb": footprint.per_block / 2**20}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report(args, *measure_rows(args))
     return 0
 
 

@@ -32,15 +32,17 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch
 from transformers.utils import logging as hf_logging
 
+from fl_offsite.config.settings import Settings, validate
 from fl_offsite.data.models import resolve_model_path
-from fl_offsite.config.settings import validate
-from fl_offsite.ops.simulation import run_simulation_app
 from fl_offsite.ops.flower_cli import app_dir
+from fl_offsite.ops.simulation import run_simulation_app
 from fl_offsite.run.folder import RunFolder
-from fl_offsite.config.settings import Settings
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Stamped, fresh_node_cache, tiny_model_folder  # noqa: E402
+if __package__:  # python -m benchmarks.overhead, or imported
+    from .common import Stamped, fresh_node_cache, tiny_model_folder
+else:  # python benchmarks/overhead.py: this folder is sys.path[0]
+    from common import Stamped, fresh_node_cache, tiny_model_folder
+
 
 def simulate(config: dict, clients: int, echo: bool) -> tuple[float, list[tuple[float, str]]]:
     start = time.perf_counter()
@@ -54,13 +56,13 @@ def simulate(config: dict, clients: int, echo: bool) -> tuple[float, list[tuple[
 def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
     """The clients' work in one process, one after the other (what the simulation distributes)."""
     from fl_offsite.app.node_cache import ExampleSource, NodeCache
+    from fl_offsite.app.owner import lr_schedule
     from fl_offsite.data.encode import pad_id
     from fl_offsite.data.models import load_model
-    from fl_offsite.surgery.payload import get_payload, set_payload
-    from fl_offsite.surgery.tuning import tuned_names
-    from fl_offsite.surgery.split import load_adapter, read_plan
-    from fl_offsite.app.owner import lr_schedule
     from fl_offsite.learn.train import train_local
+    from fl_offsite.surgery.payload import get_payload, set_payload
+    from fl_offsite.surgery.split import load_adapter, read_plan
+    from fl_offsite.surgery.tuning import tuned_names
 
     t0 = time.perf_counter()
     emulator_dir = str(split_dir / "emulator")
@@ -114,11 +116,10 @@ def timeline(lines: list[tuple[float, str]], num_rounds: int, total: float) -> l
         points.append((label, lines[j][0]))
         i = j + 1
     points.append(("launcher: run status, processes stopped", total))
-    return [(label, t - prev) for (_, prev), (label, t) in zip(points, points[1:])]
+    return [(label, t - prev) for (_, prev), (label, t) in zip(points, points[1:], strict=False)]
 
 
-def main(argv=None) -> int:
-    hf_logging.disable_progress_bar()
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny (random 6-block Llama, smollm2 tokenizer), "
                         "smollm2-135m, or a model folder")
@@ -135,21 +136,29 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", help="keep the results here (default: a temporary folder)")
     parser.add_argument("--echo", action="store_true", help="show Flower's log")
     parser.add_argument("--out", help="write the results as JSON here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def build_config(args, root: Path) -> dict:
+    """The run config of the simulation (and of the loop), results under ``root``."""
+    model = str(tiny_model_folder(root / "tiny-model", 6)) if args.model == "tiny" else resolve_model_path(args.model)
+    adapter_layers, k = (args.split.split(":") if args.split else
+                         (("1,1", "2") if args.model == "tiny" else ("2,2", "8")))
+    return validate({
+        "model": model, "task": "bbc-news", "method": "offsite", "num-rounds": args.rounds,
+        "split.adapter-layers": adapter_layers, "split.emulator-layers": int(k),
+        "train.local-steps": args.steps, "train.batch-size": args.batch, "train.max-length": args.max_length,
+        "eval.limit": args.eval_limit, "data.num-partitions": args.clients, "results.dir": str(root / "sim"),
+        "results.resume": False, "strategy.min-train-nodes": args.clients,
+        "strategy.min-available-nodes": args.clients})
+
+
+def measure(args) -> tuple[float, list[tuple[float, str]], list[dict], dict[str, float]]:
+    """The simulation, then the loop on the emulator it delivered: seconds, log lines, round records, loop times."""
     with tempfile.TemporaryDirectory(prefix="fl-offsite-overhead-") as tmp:
         root = Path(args.workdir or tmp).resolve()
         root.mkdir(parents=True, exist_ok=True)
-        model = str(tiny_model_folder(root / "tiny-model", 6)) if args.model == "tiny" else resolve_model_path(args.model)
-        adapter_layers, k = (args.split.split(":") if args.split else
-                             (("1,1", "2") if args.model == "tiny" else ("2,2", "8")))
-        config = validate({
-            "model": model, "task": "bbc-news", "method": "offsite", "num-rounds": args.rounds,
-            "split.adapter-layers": adapter_layers, "split.emulator-layers": int(k),
-            "train.local-steps": args.steps, "train.batch-size": args.batch, "train.max-length": args.max_length,
-            "eval.limit": args.eval_limit, "data.num-partitions": args.clients, "results.dir": str(root / "sim"),
-            "results.resume": False, "strategy.min-train-nodes": args.clients,
-            "strategy.min-available-nodes": args.clients})
+        config = build_config(args, root)
         fresh_node_cache(root / "cache")  # no node has the emulator yet: the one-time delivery really happens
         print(f"overhead: {args.model}, {args.clients} clients, {args.rounds} rounds x {args.steps} steps x batch "
               f"{args.batch} (max {args.max_length} tokens), bbc-news, {os.cpu_count()} CPUs", flush=True)
@@ -157,25 +166,21 @@ def main(argv=None) -> int:
         if args.workdir:
             (root / "stamped.log").write_text("".join(f"{t:8.2f} {line}\n" for t, line in lines))
         results = Path(Settings.from_config(config).results.dir)
-        run = RunFolder(results)
-        rounds = run.rounds()
+        rounds = RunFolder(results).rounds()
         print(f"simulation done in {sim_total:.1f} s; sequential loop ({args.loop_threads} torch thread(s))...",
               flush=True)
         torch.set_num_threads(args.loop_threads)
         seq = sequential(config, args.clients, results / "split")
+    return sim_total, lines, rounds, seq
 
+
+def report(args, sim_total: float, lines, rounds, seq: dict[str, float]) -> dict:
+    """Print the timeline, the rounds and the comparison; the JSON result."""
     trained = [r for r in rounds if r["round"] > 0]
     client_train = sum(c["train-seconds"] for r in trained for c in r["clients"])
     phases = timeline(lines, args.rounds, sim_total)
     eval_s = sum(s for label, s in phases if "evaluation" in label)
-    print("\nSimulation timeline (from time-stamped log lines):")
-    for label, seconds in phases:
-        print(f"  {seconds:7.1f} s  {label}")
-    print("\nPer round (metrics.jsonl: round time = sending the adapters to the checkpoint after evaluation):")
-    for r in trained:
-        ct = [c["train-seconds"] for c in r["clients"]]
-        print(f"  round {r['round']}: {r['seconds']:.1f} s; client train_local s: "
-              + ", ".join(f"{t:.1f}" for t in ct) + f" (sum {sum(ct):.1f}, max {max(ct):.1f})")
+    print_timeline(phases, trained)
     print("\n| | simulation | sequential loop |\n|---|---|---|")
     print(f"| wall time | {sim_total:.1f} s | {seq['total_s']:.1f} s |")
     print(f"| of which train_local (sum over clients) | {client_train:.1f} s | {seq['train_local_s']:.1f} s |")
@@ -193,14 +198,31 @@ def main(argv=None) -> int:
     ratio_noeval = (sim_total - eval_s) / seq["total_s"]
     print(f"\nwall-time ratio simulation / loop: {ratio:.2f}x ({ratio_noeval:.2f}x without the server's evaluation); "
           f"orchestration adds {sim_total - eval_s - seq['total_s']:.1f} s to {seq['total_s']:.1f} s of client work")
+    return {"args": vars(args), "simulation_s": sim_total, "sequential": seq, "client_train_s": client_train,
+            "eval_s": eval_s, "fixed_s": fixed, "client_phase_s": train_phase, "client_phase_ideal_s": ideal,
+            "phases": phases, "log": lines,
+            "rounds": [{k: r.get(k) for k in ("round", "seconds")} |
+                       {"train_s": [c["train-seconds"] for c in r["clients"]]} for r in trained]}
+
+
+def print_timeline(phases: list[tuple[str, float]], trained: list[dict]) -> None:
+    print("\nSimulation timeline (from time-stamped log lines):")
+    for label, seconds in phases:
+        print(f"  {seconds:7.1f} s  {label}")
+    print("\nPer round (metrics.jsonl: round time = sending the adapters to the checkpoint after evaluation):")
+    for r in trained:
+        ct = [c["train-seconds"] for c in r["clients"]]
+        print(f"  round {r['round']}: {r['seconds']:.1f} s; client train_local s: "
+              + ", ".join(f"{t:.1f}" for t in ct) + f" (sum {sum(ct):.1f}, max {max(ct):.1f})")
+
+
+def main(argv=None) -> int:
+    hf_logging.disable_progress_bar()
+    args = parse_args(argv)
+    result = report(args, *measure(args))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({
-            "args": vars(args), "simulation_s": sim_total, "sequential": seq, "client_train_s": client_train,
-            "eval_s": eval_s, "fixed_s": fixed, "client_phase_s": train_phase,
-            "client_phase_ideal_s": ideal, "phases": phases, "log": lines, "rounds": [{k: r.get(k) for k in ("round", "seconds")} |
-                                                           {"train_s": [c["train-seconds"] for c in r["clients"]]}
-                                                           for r in trained]}, indent=2))
+        Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return 0
 

@@ -4,7 +4,7 @@ Each child process imports the ClientApp of one source tree, answers one ``query
 ``query.model_status`` message, and exits; its user + system CPU time is measured from the parent.
 Pass several ``--source`` trees (e.g. a worktree of an older commit and ``.``) to compare them side by side.
 
-    python benchmarks/query_cost.py --source ../before --source . --repeats 5
+    python -m benchmarks.query_cost --source ../before --source . --repeats 5
 """
 from __future__ import annotations
 

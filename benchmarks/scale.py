@@ -33,12 +33,14 @@ from pathlib import Path
 import psutil
 
 from fl_offsite.config.settings import validate
-from fl_offsite.ops.simulation import run_simulation_app
 from fl_offsite.ops.flower_cli import app_dir, tagged_processes
+from fl_offsite.ops.simulation import run_simulation_app
 from fl_offsite.run.folder import RunFolder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Stamped, fresh_node_cache, status_kb, tiny_model_folder  # noqa: E402
+if __package__:  # python -m benchmarks.scale, or imported
+    from .common import Stamped, fresh_node_cache, in_fresh_process, status_kb, tiny_model_folder
+else:  # python benchmarks/scale.py: this folder is sys.path[0]
+    from common import Stamped, fresh_node_cache, in_fresh_process, status_kb, tiny_model_folder
 
 GROUPS = [("flwr-simulation", "ServerApp + simulation engine (flwr-simulation)"),
           ("ClientAppActor", "Ray client actors"), ("ray::", "Ray workers (other)"),
@@ -144,17 +146,11 @@ def aggregation_memory(payload_mb: float, counts: list[int]) -> list[dict]:
     reset (/proc/self/clear_refs), aggregate_train runs, and VmHWM - VmRSS(before) is its peak
     extra resident memory (torch and numpy alike); tracemalloc gives the numpy/Python part.
     """
-    import subprocess
-
-    out = []
-    for n in counts:
-        proc = subprocess.run([sys.executable, __file__, "--aggregation-child", str(n), "--aggregation-mb",
-                               str(payload_mb)], capture_output=True, text=True, check=True)
-        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return out
+    return [in_fresh_process(aggregation_child, payload_mb, [n])[0] for n in counts]
 
 
 def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
+    """Run in a fresh process (one N each, by ``aggregation_memory``): the rows of ``aggregation_memory``."""
     import torch
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.serverapp.strategy import FedAvg
@@ -196,8 +192,8 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
             rss_peak = (status_kb("VmHWM") - rss_before) / 1024
             expected = sum((10 + i) * i for i in range(n)) / sum(10 + i for i in range(n))
             assert abs(float(arrays.to_torch_state_dict()["layers.0.weight"][0]) - expected) < 1e-3
-            out.append({"replies": n, "replies_held_mb": held, "aggregate_peak_extra_mb": peak / 2**20, "rss_peak_extra_mb": rss_peak,
-                        "seconds": seconds})
+            out.append({"replies": n, "replies_held_mb": held, "aggregate_peak_extra_mb": peak / 2**20,
+                        "rss_peak_extra_mb": rss_peak, "seconds": seconds})
             del replies, arrays
     return out
 
@@ -211,7 +207,7 @@ def _as_reply(msg, content, node_id):
     return reply
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=100, help="simulated nodes = data partitions")
     parser.add_argument("--sampled", type=int, default=10, help="nodes trained per round")
@@ -221,66 +217,78 @@ def main(argv=None) -> int:
     parser.add_argument("--aggregation-mb", type=float, default=16.0, help="payload size for the aggregation test")
     parser.add_argument("--aggregation-replies", default="1,10,25,50,100")
     parser.add_argument("--skip-simulation", action="store_true")
-    parser.add_argument("--aggregation-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--echo", action="store_true", help="show Flower's log")
     parser.add_argument("--out", help="write the results as JSON here")
-    args = parser.parse_args(argv)
-    result: dict = {"args": vars(args)}
-    if args.aggregation_child:
-        print(json.dumps(aggregation_child(args.aggregation_mb, [args.aggregation_child])[0]))
-        return 0
+    return parser.parse_args(argv)
 
-    if not args.skip_simulation:
-        with tempfile.TemporaryDirectory(prefix="fl-offsite-scale-") as tmp:
-            root = Path(tmp)
-            model = tiny_model_folder(root / "tiny-model", layers=6, hidden=32, tokenizer="byte-bpe")
-            fresh_node_cache(root / "cache")
-            config = validate({
-                "model": str(model), "task": "bbc-news", "method": "offsite", "num-rounds": args.rounds,
-                "split.adapter-layers": "1,1", "split.emulator-layers": 2, "train.local-steps": args.steps,
-                "train.batch-size": 4, "train.max-length": 64, "eval.limit": 8, "eval.batch-size": 8,
-                "data.partitioner": "iid", "data.num-partitions": args.clients,
-                "strategy.fraction-train": args.sampled / args.clients, "strategy.min-train-nodes": args.sampled,
-                "strategy.min-available-nodes": args.clients, "results.dir": str(root / "run"),
-                "results.resume": False})
-            print(f"scale: {args.clients} simulated nodes (IID partitions of bbc-news), {args.sampled} trained per "
-                  f"round, {args.rounds} rounds x {args.steps} steps, tiny random Llama; {os.cpu_count()} CPUs, "
-                  f"memory sampled every {args.interval} s", flush=True)
-            total, lines, samples = simulate(config, args.clients, args.interval, args.echo)
-            rounds = RunFolder(config["results.dir"]).rounds()
-        phases = per_round(lines, samples, args.rounds, total)
-        replies = [len(r.get("clients", [])) for r in rounds if r["round"] > 0]
-        print(f"\nsimulation: {total:.1f} s, {len(samples)} samples; replies per round {replies}")
-        print("| phase | s | processes | peak RSS sum MB | median RSS sum MB | peak PSS sum MB | median PSS sum MB |")
-        print("|---|---|---|---|---|---|---|")
-        for p in phases:
-            print(f"| {p['phase']} | {p['seconds']:.1f} | {p['processes']} | {p['peak_rss_mb']:.0f} | "
-                  f"{p['median_rss_mb']:.0f} | {p['peak_pss_mb']:.0f} | {p['median_pss_mb']:.0f} |")
-        trained = [p for p in phases if p["phase"].startswith("round")]
-        if len(trained) >= 3:
-            later = trained[1:]  # round 1 includes the actors' first model load and tokenization
-            xs = list(range(len(later)))
-            slopes = {kind: _slope(xs, [p[f"median_{kind}_mb"] for p in later]) for kind in ("rss", "pss")}
-            print(f"growth per round from round 2 on (least squares over the rounds' medians): RSS sum "
-                  f"{slopes['rss']:+.2f} MB/round, PSS sum {slopes['pss']:+.2f} MB/round; peak PSS rounds "
-                  f"2..{len(trained)}: {min(p['peak_pss_mb'] for p in later):.0f}.."
-                  f"{max(p['peak_pss_mb'] for p in later):.0f} MB")
-            groups = sorted({g for p in later for g in p["groups_median_mb"]})
-            print("| process group | RSS MB round 2 | RSS MB last round | RSS MB/round | PSS MB/round | "
-                  "anonymous MB round 2 -> last | anonymous MB/round |\n|---|---|---|---|---|---|---|")
-            for g in groups:
-                rss, pss, anon = ([p["groups_median_mb"].get(g, [0] * len(KINDS))[j] for p in later]
-                                  for j in range(len(KINDS)))
-                print(f"| {g} | {rss[0]:.0f} | {rss[-1]:.0f} | {_slope(xs, rss):+.2f} | {_slope(xs, pss):+.2f} | "
-                      f"{anon[0]:.0f} -> {anon[-1]:.0f} | {_slope(xs, anon):+.2f} |")
-                result.setdefault("group_slopes_mb_per_round", {})[g] = {
-                    kind: _slope(xs, values) for kind, values in zip(KINDS, (rss, pss, anon))}
-            result["slope_mb_per_round"] = slopes
-        result.update(simulation_s=total, phases=phases, replies_per_round=replies,
-                      samples=samples)
 
-    counts = [int(x) for x in args.aggregation_replies.split(",")]
-    agg = aggregation_memory(args.aggregation_mb, counts)
+def build_config(args, root: Path) -> dict:
+    """The run config of the simulation: a tiny random Llama, IID partitions of bbc-news, results under ``root``."""
+    model = tiny_model_folder(root / "tiny-model", layers=6, hidden=32, tokenizer="byte-bpe")
+    return validate({
+        "model": str(model), "task": "bbc-news", "method": "offsite", "num-rounds": args.rounds,
+        "split.adapter-layers": "1,1", "split.emulator-layers": 2, "train.local-steps": args.steps,
+        "train.batch-size": 4, "train.max-length": 64, "eval.limit": 8, "eval.batch-size": 8,
+        "data.partitioner": "iid", "data.num-partitions": args.clients,
+        "strategy.fraction-train": args.sampled / args.clients, "strategy.min-train-nodes": args.sampled,
+        "strategy.min-available-nodes": args.clients, "results.dir": str(root / "run"),
+        "results.resume": False})
+
+
+def measure_simulation(args) -> tuple[float, list[tuple[float, str]], list[dict], list[dict]]:
+    """Run the simulation in a temporary folder: seconds, time-stamped log lines, memory samples, round records."""
+    with tempfile.TemporaryDirectory(prefix="fl-offsite-scale-") as tmp:
+        root = Path(tmp)
+        config = build_config(args, root)
+        fresh_node_cache(root / "cache")
+        print(f"scale: {args.clients} simulated nodes (IID partitions of bbc-news), {args.sampled} trained per "
+              f"round, {args.rounds} rounds x {args.steps} steps, tiny random Llama; {os.cpu_count()} CPUs, "
+              f"memory sampled every {args.interval} s", flush=True)
+        total, lines, samples = simulate(config, args.clients, args.interval, args.echo)
+        rounds = RunFolder(config["results.dir"]).rounds()
+    return total, lines, samples, rounds
+
+
+def report_simulation(args, total: float, lines, samples, rounds) -> dict:
+    """Print the per-phase memory table and the growth per round; the JSON fields of the simulation."""
+    phases = per_round(lines, samples, args.rounds, total)
+    replies = [len(r.get("clients", [])) for r in rounds if r["round"] > 0]
+    print(f"\nsimulation: {total:.1f} s, {len(samples)} samples; replies per round {replies}")
+    print("| phase | s | processes | peak RSS sum MB | median RSS sum MB | peak PSS sum MB | median PSS sum MB |")
+    print("|---|---|---|---|---|---|---|")
+    for p in phases:
+        print(f"| {p['phase']} | {p['seconds']:.1f} | {p['processes']} | {p['peak_rss_mb']:.0f} | "
+              f"{p['median_rss_mb']:.0f} | {p['peak_pss_mb']:.0f} | {p['median_pss_mb']:.0f} |")
+    trained = [p for p in phases if p["phase"].startswith("round")]
+    growth = report_growth(trained) if len(trained) >= 3 else {}
+    return {**growth, "simulation_s": total, "phases": phases, "replies_per_round": replies, "samples": samples}
+
+
+def report_growth(trained: list[dict]) -> dict:
+    """Print the memory growth per round from round 2 on, in all and per process group; their JSON fields."""
+    later = trained[1:]  # round 1 includes the actors' first model load and tokenization
+    xs = list(range(len(later)))
+    slopes = {kind: _slope(xs, [p[f"median_{kind}_mb"] for p in later]) for kind in ("rss", "pss")}
+    print(f"growth per round from round 2 on (least squares over the rounds' medians): RSS sum "
+          f"{slopes['rss']:+.2f} MB/round, PSS sum {slopes['pss']:+.2f} MB/round; peak PSS rounds "
+          f"2..{len(trained)}: {min(p['peak_pss_mb'] for p in later):.0f}.."
+          f"{max(p['peak_pss_mb'] for p in later):.0f} MB")
+    groups = sorted({g for p in later for g in p["groups_median_mb"]})
+    print("| process group | RSS MB round 2 | RSS MB last round | RSS MB/round | PSS MB/round | "
+          "anonymous MB round 2 -> last | anonymous MB/round |\n|---|---|---|---|---|---|---|")
+    out: dict = {}
+    for g in groups:
+        rss, pss, anon = ([p["groups_median_mb"].get(g, [0] * len(KINDS))[j] for p in later]
+                          for j in range(len(KINDS)))
+        print(f"| {g} | {rss[0]:.0f} | {rss[-1]:.0f} | {_slope(xs, rss):+.2f} | {_slope(xs, pss):+.2f} | "
+              f"{anon[0]:.0f} -> {anon[-1]:.0f} | {_slope(xs, anon):+.2f} |")
+        out.setdefault("group_slopes_mb_per_round", {})[g] = {
+            kind: _slope(xs, values) for kind, values in zip(KINDS, (rss, pss, anon), strict=True)}
+    out["slope_mb_per_round"] = slopes
+    return out
+
+
+def report_aggregation(args, agg: list[dict]) -> None:
     print(f"\nServer aggregation (OffsiteStrategy checks + Flower FedAvg.aggregate_train), payload "
           f"{args.aggregation_mb:.0f} MB per reply, one fresh process per row; extra = peak during the call "
           "beyond the replies already held:")
@@ -289,7 +297,16 @@ def main(argv=None) -> int:
     for row in agg:
         print(f"| {row['replies']} | {row['replies_held_mb']:.0f} | {row['rss_peak_extra_mb']:.1f} | "
               f"{row['aggregate_peak_extra_mb']:.1f} | {row['seconds']:.2f} |")
-    result["aggregation"] = agg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result: dict = {"args": vars(args)}
+    if not args.skip_simulation:
+        result.update(report_simulation(args, *measure_simulation(args)))
+    counts = [int(x) for x in args.aggregation_replies.split(",")]
+    result["aggregation"] = aggregation_memory(args.aggregation_mb, counts)
+    report_aggregation(args, result["aggregation"])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -302,7 +319,7 @@ def _slope(xs, ys) -> float:
         return 0.0
     mx, my = statistics.mean(xs), statistics.mean(ys)
     den = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
 
 
 if __name__ == "__main__":

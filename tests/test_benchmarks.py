@@ -1,27 +1,17 @@
 """Smoke tests of the benchmark scripts on tiny settings (seconds; no timing is asserted)."""
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_client_cost_runs_every_method_on_a_tiny_model(tmp_path, capsys):
-    client_cost = load("client_cost")
+    from benchmarks import client_cost
+
     out = tmp_path / "cc.json"
     assert client_cost.main(["--model", "tiny", "--rounds", "1", "--steps", "1", "--batch", "2", "--seq", "16",
                              "--no-rss", "--out", str(out)]) == 0
@@ -42,8 +32,9 @@ def test_client_cost_bf16_keeps_trainable_weights_in_fp32(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    client_cost = load("client_cost")
-    args = client_cost.main.__globals__["argparse"].Namespace(model="tiny", split=None, lora_r=4)
+    from benchmarks import client_cost
+
+    args = argparse.Namespace(model="tiny", split=None, lora_r=4)
     full = AutoModelForCausalLM.from_config(client_cost.model_config("tiny"))
     model, trainable = client_cost.build("offsite", full, args)
     from fl_offsite.learn.train import half_frozen
@@ -55,7 +46,8 @@ def test_client_cost_bf16_keeps_trainable_weights_in_fp32(tmp_path):
 
 
 def test_overhead_timeline_reads_phases_from_log_lines():
-    overhead = load("overhead")
+    from benchmarks import overhead
+
     lines = [(1.0, "Successfully started run 7"), (3.0, "Split 1-2-1 of x"), (9.0, "Sending the model (1 MB)"),
              (10.0, "Starting FedAvg strategy:"), (12.0, "Initial global evaluation results: {}"),
              (15.0, "aggregate_train: Received 2 results"), (15.5, "Global evaluation"),
@@ -67,7 +59,8 @@ def test_overhead_timeline_reads_phases_from_log_lines():
 
 
 def test_scale_aggregation_memory_does_not_hold_copies_per_reply():
-    scale = load("scale")
+    from benchmarks import scale
+
     rows = scale.aggregation_child(1.0, [1, 4])
     assert [r["replies"] for r in rows] == [1, 4]
     # Running sum: the extra numpy memory is a few payloads, whatever the number of replies.
@@ -104,7 +97,8 @@ def test_train_local_in_bf16_with_half_frozen_weights_moves_only_the_adapter(tin
 def test_footprint_sets_the_fleets_estimate_beside_a_measured_node_peak(tiny_lm_dir, tmp_path, capsys):
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc to read a process's peak memory")
-    footprint = load("footprint")
+    from benchmarks import footprint
+
     out = tmp_path / "fp.json"
     assert footprint.main(["--model", str(tiny_lm_dir), "--ks", "1,2", "--adapter-layers", "1,1", "--batch-size", "2",
                            "--max-length", "32", "--steps", "1", "--out", str(out)]) == 0

@@ -1,24 +1,17 @@
 """benchmarks/fidelity.py end to end on a tiny model: the five settings, seeds, resume, plot."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def fidelity():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_fidelity", BENCH / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import fidelity
+
+    return fidelity
 
 
 def test_fidelity_scores_every_setting_over_seeds_and_resumes(fidelity, tiny_lm_dir, tmp_path, private_cache,

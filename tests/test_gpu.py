@@ -11,8 +11,6 @@ import copy
 import dataclasses
 import inspect
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -189,13 +187,8 @@ def test_distillation_on_the_gpu(precision, tiny_lm_dir, cuda_device, monkeypatc
 
 
 def test_client_cost_benchmark_on_the_gpu(tmp_path, cuda_device):
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    import importlib.util
+    from benchmarks import client_cost
 
-    spec = importlib.util.spec_from_file_location("bench_client_cost_gpu", bench / "client_cost.py")
-    client_cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(client_cost)
     out = tmp_path / "cc.json"
     assert client_cost.main(["--model", "tiny", "--protocol", "paper", "--device", "cuda", "--seq", "32",
                              "--rounds", "1", "--steps", "2", "--profile", "--out", str(out)]) == 0

@@ -17,10 +17,9 @@ def test_importing_the_client_app_loads_no_torch():
 
 
 def test_both_queries_answer_in_a_fresh_process_without_torch(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    monkeypatch.setenv("FL_OFFSITE_CACHE", str(tmp_path / "cache"))
-    import query_cost
+    from benchmarks import query_cost
 
+    monkeypatch.setenv("FL_OFFSITE_CACHE", str(tmp_path / "cache"))
     query_cost.main(["--source", str(ROOT), "--repeats", "1", "--json", str(tmp_path / "q.json")])
     results = json.loads((tmp_path / "q.json").read_text())[str(ROOT)]
     assert set(results) == {"query.node_profile", "query.model_status"}
