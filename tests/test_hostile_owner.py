@@ -78,3 +78,19 @@ def test_round_values_are_typed_and_bounded():
         wire.text(config, "missing")
     assert client_training._answers(ConfigRecord({})) is None and client_training._plan("") is None
     assert wire.text(config, "digest", pattern=wire.DIGEST) == DIGEST
+
+
+def test_a_failure_on_the_node_reaches_the_owner_without_its_text(tiny_lm_dir, tmp_path, monkeypatch):
+    """Flower forwards an exception's text to the model owner: the node sends only its type, and logs the rest."""
+    from fl_offsite.app.server_app import run_federated
+    from fl_offsite.testing.flower import InProcessGrid, tiny_config
+
+    def leak(*args, **kwargs):
+        raise ValueError("private row: Alice's diagnosis is ...")
+
+    monkeypatch.setattr(client_training, "train_local", leak)
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1})
+    with pytest.raises(RuntimeError, match="returned a usable update") as failed:
+        run_federated(InProcessGrid(client_app.app, 2, config), config)
+    assert "training failed on node" in str(failed.value) and "(ValueError)" in str(failed.value)
+    assert "Alice" not in str(failed.value)

@@ -57,4 +57,11 @@ def train(msg: Message, context: Context) -> Message:
     log_to_console()
     from fl_offsite.app.client_training import train_round  # torch and transformers: only for training
 
-    return train_round(msg, context)
+    try:
+        return train_round(msg, context)
+    except (wire.BadMessage, wire.SharedError):
+        raise  # texts written to be sent: they name keys and counts, never a value or a row
+    except Exception as err:  # noqa: BLE001 - Flower sends str(err) to the owner: it may quote private data
+        log.exception("node %s: training failed", context.node_id)
+        raise RuntimeError(f"training failed on node {context.node_id} ({type(err).__name__}); the details stay "
+                           "in the node's log") from None

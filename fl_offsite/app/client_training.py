@@ -33,7 +33,7 @@ def train_round(msg: Message, context: Context) -> Message:
     store = node_store(context.node_config, context.node_id)
     digest = wire.text(round_config, "digest", pattern=wire.DIGEST)
     if not store.has(digest):
-        raise UserError(f"node {context.node_id} has no model {digest}: it must be delivered before training")
+        raise wire.SharedError(f"node {context.node_id} has no model {digest}: it must be delivered before training")
     plan_json = wire.text(round_config, "split-plan")
     plan = _plan(plan_json)
     tuning, folder = settings.tuning, str(store.folder(digest))
@@ -55,8 +55,8 @@ def train_round(msg: Message, context: Context) -> Message:
                                                 num_partitions, partition_id, digest, answers), tokenizer)
     except BadDataFile as err:  # the rows stay on this node: the model owner learns only how many
         log.error("%s", err)
-        raise UserError(f"the data owner's file was refused ({err.summary}); the rows and what to fix are in "
-                        "the node's log") from None
+        raise wire.SharedError(f"the data owner's file was refused ({err.summary}); the rows and what to fix are in "
+                          "the node's log") from None
     rnd = wire.integer(round_config, "round", low=1, high=1_000_000)
     train_settings = settings.train.for_round(rnd, partition_id, lr=wire.number(round_config, "lr", low=0, high=1),
                                               proximal_mu=wire.number(round_config, "proximal-mu", low=0, high=1e6,

@@ -20,6 +20,10 @@ class BadMessage(ValueError):
     """A message that does not carry what its type promises."""
 
 
+class SharedError(RuntimeError):
+    """A node's failure whose text is written to reach the model owner: counts and names, never data."""
+
+
 def config_record(msg: Message, name: str) -> ConfigRecord:
     if name not in msg.content.config_records:
         raise BadMessage(f"the {msg.metadata.message_type} message has no config record {name!r}")

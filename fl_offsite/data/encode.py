@@ -39,7 +39,8 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str,
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         context_ids = [prefix]
     if not continuation_ids:
-        raise ValueError(f"continuation {continuation!r} encodes to no tokens after context {context[-40:]!r}")
+        raise ValueError("an example's answer encodes to no tokens after its context (no leading space?); the "
+                         "text is not quoted: it may be private")
     return context_ids, continuation_ids
 
 
