@@ -210,3 +210,12 @@ def test_each_key_is_declared_once_and_read_into_its_field():
     defaults, seeded = Settings(), Settings.from_config({})  # the fields' defaults are the config's, but for the
     assert seeded == replace(defaults, train=replace(defaults.train, seed=1234),  # run seed, which from_config
                              realign=replace(defaults.realign, seed=1234))  # hands to the sections that draw
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.lr", "-1", "train.lr must be > 0"), ("strategy.max-update-norm", "nan", "must be a finite number"),
+    ("dp.noise-multiplier", "inf", "must be a finite number"), ("strategy.min-train-nodes", "0", "must be >= 1"),
+    ("data.alpha", "0", "data.alpha must be > 0"), ("train.weight-decay", "-0.1", "must be >= 0")])
+def test_numbers_out_of_range_or_not_finite_are_refused(key, value, message):
+    with pytest.raises(UserError, match=message):
+        validate({key: value})

@@ -24,6 +24,7 @@ class Option:
     help: str = ""
     choices: tuple[str, ...] = ()
     minimum: float | None = None
+    above: float | None = None  # a strict lower bound (a learning rate: above 0)
     parse: Callable[[Any], Any] | None = None  # config value -> the field's value (None: as it is)
 
     def value(self, raw: Value) -> Any:
@@ -37,9 +38,9 @@ class Option:
 
 
 def option(key: str, default: Value, help: str = "", *, choices: tuple[str, ...] = (), minimum: float | None = None,
-           parse: Callable[[Any], Any] | None = None) -> Any:
+           above: float | None = None, parse: Callable[[Any], Any] | None = None) -> Any:
     """A dataclass field bound to config key ``key``; its Python default is ``parse(default)``."""
-    declared = Option(key, default, help, choices, minimum, parse)
+    declared = Option(key, default, help, choices, minimum, above, parse)
     return dataclasses.field(default=declared.value(default), metadata={"option": declared})
 
 

@@ -46,7 +46,7 @@ class LoraSpec:
     """LoRA of the ``-lora`` methods (PEFT; the paper: r 4, alpha 32, dropout 0.1)."""
 
     r: int = option("lora.r", 4, "LoRA rank", minimum=1)
-    alpha: int = option("lora.alpha", 32)
+    alpha: int = option("lora.alpha", 32, above=0)
     dropout: float = option("lora.dropout", 0.1)
 
 
@@ -74,11 +74,11 @@ class DistillSettings:
     steps: int = option("distill.steps", 0, "emulator distillation steps on the owner's side (0 = plain layer drop)",
                         minimum=0)
     corpus: str = option("distill.corpus", "public", "the owner's public text: see fl_offsite.data.corpora")
-    lr: float = option("distill.lr", 1e-4)
-    kd_weight: float = option("distill.kd-weight", 30.0, "weight of the hidden-state loss (paper: 30)")
+    lr: float = option("distill.lr", 1e-4, above=0)
+    kd_weight: float = option("distill.kd-weight", 30.0, "weight of the hidden-state loss (paper: 30)", minimum=0)
     targets: str = option("distill.targets", "output", "output: the middle's output (the paper); per-block: "
                           "every kept middle block", choices=TARGETS)
-    kl_weight: float = option("distill.kl-weight", 0.0, "weight of KL(full || emulator) on the logits")
+    kl_weight: float = option("distill.kl-weight", 0.0, "weight of KL(full || emulator) on the logits", minimum=0)
     batch_size: int = option("distill.batch-size", 8, minimum=1)
     block_size: int = option("distill.block-size", 160, "tokens per distillation sequence", minimum=2)
     precision: str = option("distill.precision", "fp32", "bf16: autocast (2-3x faster on CPUs with AMX)",
@@ -135,14 +135,14 @@ class RealignSettings:
     steps: int = option("realign.steps", 0, "re-alignment steps before every round (FedBiOT: 10)", minimum=0)
     pre_steps: int = option("realign.pre-steps", 0, "re-alignment steps once, before round 1 (FedBiOT: 500)",
                             minimum=0)
-    lr: float = option("realign.lr", 1e-3)
+    lr: float = option("realign.lr", 1e-3, above=0)
     lora_r: int = option("realign.lora-r", 8, "the re-alignment LoRA's rank (its factors travel each round)",
                          minimum=1)
     lora_alpha: int = option("realign.lora-alpha", 16)
     batch_size: int = option("realign.batch-size", 4, "sequences of distill.block-size tokens per step", minimum=1)
     block_size: int = same_key(DistillSettings, "block_size")
     targets: str = option("realign.targets", "output", "output (the middle's output) | per-block", choices=TARGETS)
-    kl_weight: float = option("realign.kl-weight", 0.0, "weight of KL(full || emulator) on the logits")
+    kl_weight: float = option("realign.kl-weight", 0.0, "weight of KL(full || emulator) on the logits", minimum=0)
     precision: str = option("realign.precision", "fp32", "bf16: autocast", choices=PRECISIONS)
     seed: int = 0
 
@@ -155,13 +155,13 @@ class RealignSettings:
 class TrainSettings:
     """A client's local training (``train.*``) at the base learning rate; per round: :meth:`for_round`."""
 
-    lr: float = option("train.lr", 1e-4, "client AdamW learning rate")
+    lr: float = option("train.lr", 1e-4, "client AdamW learning rate", above=0)
     batch_size: int = option("train.batch-size", 8, minimum=1)
     grad_accum: int = option("train.grad-accum", 1, minimum=1)
-    local_steps: int = option("train.local-steps", 10, "optimizer steps per round; 0 = use local-epochs")
-    local_epochs: float = option("train.local-epochs", 1.0)
-    weight_decay: float = option("train.weight-decay", 0.0)
-    grad_clip: float = option("train.grad-clip", 1.0)
+    local_steps: int = option("train.local-steps", 10, "optimizer steps per round; 0 = use local-epochs", minimum=0)
+    local_epochs: float = option("train.local-epochs", 1.0, minimum=0)
+    weight_decay: float = option("train.weight-decay", 0.0, minimum=0)
+    grad_clip: float = option("train.grad-clip", 1.0, "max L2 norm of a step's gradients (0 = off)", minimum=0)
     precision: str = option("train.precision", "fp32", "bf16: clients train under bf16 autocast with frozen "
                             "weights in bf16", choices=PRECISIONS)
     proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 (the server sends it each round)
@@ -187,18 +187,18 @@ class StrategySettings:
 
     name: str = option("strategy.name", "fedavg", choices=STRATEGIES)
     fraction_train: float = option("strategy.fraction-train", 1.0, "share of the nodes sampled each round, (0, 1]")
-    min_train_nodes: int = option("strategy.min-train-nodes", 2)
-    min_available_nodes: int = option("strategy.min-available-nodes", 2)
+    min_train_nodes: int = option("strategy.min-train-nodes", 2, minimum=1)
+    min_available_nodes: int = option("strategy.min-available-nodes", 2, minimum=1)
     round_timeout: float = option("strategy.round-timeout", 3600.0, "seconds to wait for the replies of a round "
-                                  "(the delivery: at least 600)")
-    proximal_mu: float = option("strategy.proximal-mu", 0.01, "fedprox")
-    server_lr: float = option("strategy.server-lr", 1.0, "fedavgm")
-    server_momentum: float = option("strategy.server-momentum", 0.9, "fedavgm")
-    eta: float = option("strategy.eta", 1e-3, "fedadam, fedyogi, fedadagrad: server learning rate")
-    trim_beta: float = option("strategy.trim-beta", 0.2, "fedtrimmedavg")
-    num_malicious: int = option("strategy.num-malicious", 0, "krum")
+                                  "(the delivery: at least 600)", above=0)
+    proximal_mu: float = option("strategy.proximal-mu", 0.01, "fedprox", minimum=0)
+    server_lr: float = option("strategy.server-lr", 1.0, "fedavgm", above=0)
+    server_momentum: float = option("strategy.server-momentum", 0.9, "fedavgm", minimum=0)
+    eta: float = option("strategy.eta", 1e-3, "fedadam, fedyogi, fedadagrad: server learning rate", above=0)
+    trim_beta: float = option("strategy.trim-beta", 0.2, "fedtrimmedavg", minimum=0)
+    num_malicious: int = option("strategy.num-malicious", 0, "krum", minimum=0)
     max_update_norm: float = option("strategy.max-update-norm", 0.0, "reject updates whose L2 distance from the "
-                                    "global adapter is larger (0 = off)")
+                                    "global adapter is larger (0 = off)", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -206,10 +206,11 @@ class PrivacySettings:
     """Differential privacy (``dp.*``): client-side clipping and server noise when ``noise_multiplier`` > 0."""
 
     noise_multiplier: float = option("dp.noise-multiplier", 0.0, "> 0: client-side clipping + server Gaussian "
-                                     "noise, epsilon accounted (fedavg)")
+                                     "noise, epsilon accounted (fedavg)", minimum=0)
     clipping_norm: float = option("dp.clipping-norm", 1.0, "L2 bound of each client's update")
     delta: float = option("dp.delta", 1e-5, "epsilon is reported at this delta")
-    max_epsilon: float = option("dp.max-epsilon", 0.0, "stop before a round would exceed this epsilon (0 = no limit)")
+    max_epsilon: float = option("dp.max-epsilon", 0.0, "stop before a round would exceed this epsilon (0 = no limit)",
+                                     minimum=0)
 
     @property
     def enabled(self) -> bool:
@@ -222,7 +223,7 @@ class DataSettings:
 
     partitioner: str = option("data.partitioner", "dirichlet", "iid | dirichlet (over labels)",
                               choices=("iid", "dirichlet"))
-    alpha: float = option("data.alpha", 1.0)
+    alpha: float = option("data.alpha", 1.0, "Dirichlet concentration: smaller is more skewed", above=0)
     num_partitions: int = option("data.num-partitions", 4, "used when a node does not give num-partitions",
                                  minimum=1)
     max_length: int = option("train.max-length", 256, "tokens per training example", minimum=1)
@@ -254,7 +255,7 @@ class FleetSettings:
     emulator_layers: tuple[int, ...] = option("fleet.emulator-layers", "", "simulated nodes' emulator sizes (k), "
                                               "'a,b,...' by partition-id", parse=whole_numbers)
     overhead_mb: float = option("fleet.overhead-mb", 500.0, "a client process before it trains, in a node's "
-                                "footprint (CPU: 460-640 MB measured)")
+                                "footprint (CPU: 460-640 MB measured)", minimum=0)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Flower carries the flat dict (``context.run_config``); each side builds :class:`
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,8 +87,12 @@ def validate(overrides: dict[str, Any]) -> dict[str, Value]:
     for key, declared in OPTIONS.items():
         if declared.choices and config[key] not in declared.choices:
             raise UserError(f"{key} = {config[key]!r} is not one of {', '.join(declared.choices)}")
+        if isinstance(config[key], float) and not math.isfinite(config[key]):
+            raise UserError(f"{key} must be a finite number, got {config[key]}")
         if declared.minimum is not None and config[key] < declared.minimum:
             raise UserError(f"{key} must be >= {declared.minimum:g}, got {config[key]}")
+        if declared.above is not None and config[key] <= declared.above:
+            raise UserError(f"{key} must be > {declared.above:g}, got {config[key]}")
         declared.value(config[key])
     _check_together(config)
     return config
@@ -115,8 +120,6 @@ def _check_together(config: dict[str, Any]) -> None:
     if (config["realign.steps"] or config["realign.pre-steps"]) and not method.tunes_adapter:
         raise UserError(f"realign.* re-aligns an emulator: it needs an offsite method, not {method.name}; "
                         "set realign.steps = 0 for this run")
-    if (config["realign.steps"] or config["realign.pre-steps"]) and config["realign.lr"] <= 0:
-        raise UserError("re-alignment needs realign.lr > 0")
 
 
 def _coerce(key: str, value: Any) -> Value:
