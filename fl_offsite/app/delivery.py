@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from fl_offsite.app import wire
 from fl_offsite.app.node_store import BF16_KEY, WEIGHTS_FILE
 from fl_offsite.app.profile import NodeProfile
 from fl_offsite.data.models import load_model, load_tokenizer
@@ -73,11 +74,25 @@ class ModelPackage:
 
 
 def ask_profiles(grid, node_ids: list[int], timeout: float) -> dict[int, NodeProfile]:
-    """Each node's :class:`~fl_offsite.app.fleet.NodeProfile` (the first query a node answers: it starts its app)."""
+    """Each node's :class:`~fl_offsite.app.profile.NodeProfile` (the first query a node answers: it starts its
+    app). A node whose reply fails, is malformed or does not come is left out, and logged: it gets no model."""
     asks = [Message(content=RecordDict({"profile": ConfigRecord({})}), message_type=PROFILE_QUERY, dst_node_id=n)
             for n in node_ids]
-    replies = _checked(grid.send_and_receive(asks, timeout=timeout), len(node_ids), "node profiles")
-    return {r.metadata.src_node_id: NodeProfile.from_record(r.content["profile"]) for r in replies}
+    profiles: dict[int, NodeProfile] = {}
+    for reply in grid.send_and_receive(asks, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if node not in node_ids or node in profiles:
+            continue
+        if reply.has_error():
+            log.warning("node %d left out: its profile query failed (%.200r)", node, reply.error.reason)
+            continue
+        try:
+            profiles[node] = NodeProfile.from_record(wire.config_record(reply, "profile"))
+        except wire.BadMessage as err:
+            log.warning("node %d left out: its profile is malformed (%s)", node, err)
+    if missing := sorted(set(node_ids) - profiles.keys()):
+        log.warning("no usable profile from node(s) %s: they take no part in this run", missing)
+    return profiles
 
 
 def deliver(grid, packages: dict[int, ModelPackage], timeout: float) -> dict[int, int]:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flwr.app import ConfigRecord
+
+from fl_offsite.app import wire
 from fl_offsite.config.sections import FleetSettings
 from fl_offsite.errors import UserError
 
@@ -24,9 +27,12 @@ class NodeProfile:
                 if v is not None}
 
     @classmethod
-    def from_record(cls, record) -> NodeProfile:
-        budget, layers = record.get(BUDGET_KEY), record.get(LAYERS_KEY)
-        return cls(None if budget is None else float(budget), None if layers is None else int(layers))
+    def from_record(cls, record: ConfigRecord | dict) -> NodeProfile:
+        """The profile a node sent; a value of the wrong type or out of range is a BadMessage."""
+        record = ConfigRecord(dict(record))
+        budget = wire.number(record, BUDGET_KEY, low=1, high=1e9) if BUDGET_KEY in record else None
+        layers = wire.integer(record, LAYERS_KEY, low=1, high=100_000) if LAYERS_KEY in record else None
+        return cls(budget, layers)
 
 
 def _lists(fleet: FleetSettings) -> tuple[tuple[str, tuple], ...]:
@@ -39,7 +45,7 @@ def node_profile(node_config: dict, fleet: FleetSettings) -> NodeProfile:
     values = {}
     for key, listed in _lists(fleet):
         if key in node_config:
-            values[key] = node_config[key]
+            values[key] = float(node_config[key]) if key == BUDGET_KEY else int(node_config[key])
         elif listed:
             pid = int(node_config.get("partition-id", -1))
             if not 0 <= pid < len(listed):
