@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from fl_offsite.app import client_app, client_training, wire
 from fl_offsite.app.node_store import NodeStore
+from fl_offsite.errors import UserError
 
 DIGEST = "0123456789abcdef"
 
@@ -94,3 +95,49 @@ def test_a_failure_on_the_node_reaches_the_owner_without_its_text(tiny_lm_dir, t
         run_federated(InProcessGrid(client_app.app, 2, config), config)
     assert "training failed on node" in str(failed.value) and "(ValueError)" in str(failed.value)
     assert "Alice" not in str(failed.value)
+
+
+def test_the_node_policy_refuses_runs_it_does_not_take_part_in():
+    from fl_offsite.app.node_policy import NodePolicy
+    from fl_offsite.config.settings import Settings
+
+    policy = NodePolicy.from_node_config({"allowed-methods": "offsite, offsite-lora", "min-examples-per-update": 16})
+    policy.check(Settings.from_config({"train.batch-size": 8, "train.local-steps": 2}))
+    with pytest.raises(wire.SharedError, match="trains only offsite, offsite-lora, not fedavg-full"):
+        policy.check(Settings.from_config({"method": "fedavg-full"}))
+    with pytest.raises(wire.SharedError, match="at least 16 examples per update.*asks 4"):
+        policy.check(Settings.from_config({"train.batch-size": 1, "train.local-steps": 4}))
+    with pytest.raises(wire.SharedError, match="local-steps > 0"):
+        policy.check(Settings.from_config({"train.local-steps": 0}))
+    with pytest.raises(UserError, match="needs update-clip-norm"):
+        NodePolicy.from_node_config({"update-noise-multiplier": 1.0})
+
+
+def test_a_protected_update_is_clipped_and_noised_on_the_node():
+    import torch
+
+    from fl_offsite.app.node_policy import NodePolicy
+
+    sent = {"a": torch.zeros(100), "b": torch.ones(10)}
+    trained = {"a": torch.full((100,), 3.0), "b": torch.ones(10)}
+    clipped = client_training.protected_update(sent, trained, NodePolicy(update_clip_norm=1.0))
+    change = torch.cat([(clipped[k] - sent[k]).flatten() for k in sent])
+    assert torch.linalg.vector_norm(change).item() == pytest.approx(1.0, rel=1e-5)
+    noised = [client_training.protected_update(sent, trained, NodePolicy(update_clip_norm=1.0,
+                                                                         update_noise_multiplier=1.0))
+              for _ in range(2)]
+    assert not torch.equal(noised[0]["a"], noised[1]["a"])  # fresh noise each time, not the run's seed
+    assert (noised[0]["a"] - clipped["a"]).std().item() == pytest.approx(1.0, rel=0.3)
+
+
+def test_a_node_with_a_policy_trains_within_it_end_to_end(tiny_lm_dir, tmp_path):
+    from fl_offsite.app.server_app import run_federated
+    from fl_offsite.testing.flower import InProcessGrid, rounds_of, tiny_config
+
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1})
+    grid = InProcessGrid(client_app.app, 3, config)
+    for node in grid.node_ids:
+        grid.contexts[node].node_config.update({"allowed-methods": "offsite", "update-clip-norm": 0.5})
+    run_federated(grid, config)
+    clients = rounds_of(tmp_path / "run")[-1]["clients"]
+    assert len(clients) == 3 and all(c["update-norm"] <= 0.5 + 1e-4 for c in clients)  # measured by the owner

@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl_offsite.app import wire
 from fl_offsite.app.node_cache import ExampleSource, ModelKey, NodeCache
+from fl_offsite.app.node_policy import NodePolicy
 from fl_offsite.app.node_store import node_store
 from fl_offsite.config.sections import DataSettings
 from fl_offsite.config.settings import Settings
@@ -29,6 +32,8 @@ CACHE = NodeCache()  # this process's prepared model and tokenized examples, kep
 def train_round(msg: Message, context: Context) -> Message:
     """Train what the owner's message carries on this node's examples; reply with it and the metrics."""
     settings = Settings.from_config(dict(context.run_config))
+    policy = NodePolicy.from_node_config(context.node_config)
+    policy.check(settings)
     round_config = wire.config_record(msg, "config")
     store = node_store(context.node_config, context.node_id)
     digest = wire.text(round_config, "digest", pattern=wire.DIGEST)
@@ -69,8 +74,24 @@ def train_round(msg: Message, context: Context) -> Message:
         "num-examples": len(features), "partition-id": partition_id, "round": rnd, "train-loss": stats.loss,
         "train-steps": stats.steps, "train-seconds": stats.seconds, "tokens-per-s": stats.tokens_per_s,
         "peak-memory-mb": stats.peak_memory_mb, "trainable-params": stats.trainable_params})
-    arrays = ArrayRecord(get_payload(model, names, order=request))
+    reply = get_payload(model, names, order=request)
+    if policy.protects_update:
+        reply = protected_update(request, reply, policy)
+    arrays = ArrayRecord(reply)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def protected_update(sent: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
+                     policy: NodePolicy) -> dict[str, torch.Tensor]:
+    """``trained`` with its change from ``sent`` clipped to the node's L2 bound, plus the node's Gaussian noise
+    (seeded from the operating system: the owner knows the run's seeds)."""
+    delta = {k: trained[k].float() - sent[k].float() for k in trained}
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in delta.values()]))
+    scale = min(1.0, policy.update_clip_norm / max(float(norm), 1e-12))
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    sigma = policy.update_noise_multiplier * policy.update_clip_norm
+    return {k: (sent[k].float() + d * scale + sigma * torch.randn(d.shape, generator=generator)).to(trained[k].dtype)
+            for k, d in delta.items()}
 
 
 def _plan(plan_json: str) -> SplitPlan | None:
