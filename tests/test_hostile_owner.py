@@ -141,3 +141,21 @@ def test_a_node_with_a_policy_trains_within_it_end_to_end(tiny_lm_dir, tmp_path)
     run_federated(grid, config)
     clients = rounds_of(tmp_path / "run")[-1]["clients"]
     assert len(clients) == 3 and all(c["update-norm"] <= 0.5 + 1e-4 for c in clients)  # measured by the owner
+
+
+def test_the_store_keeps_the_recently_used_models_and_refuses_oversized_ones(tmp_path):
+    import os
+
+    store = NodeStore(tmp_path / "store", max_models=2, max_model_mb=1)
+    digests = [f"{i:016x}" for i in range(3)]
+    for age, digest in enumerate(digests[:2]):
+        folder = store.store(_model_message(digest))
+        os.utime(folder, (1000 + age, 1000 + age))
+    store.use(digests[0])  # the older one is used again: the other goes first
+    store.store(_model_message(digests[2]))
+    assert [store.has(d) for d in digests] == [True, False, True]
+    assert store.store(_model_message(digests[2])) == store.folder(digests[2])  # already stored: success
+    big = _model_message("f" * 16)
+    big.content["weights"] = ArrayRecord({"w": Array(np.zeros(2**19, dtype=np.float32))})
+    with pytest.raises(wire.BadMessage, match="at most 1 MB"):
+        store.store(big)

@@ -41,7 +41,7 @@ def train_round(msg: Message, context: Context) -> Message:
         raise wire.SharedError(f"node {context.node_id} has no model {digest}: it must be delivered before training")
     plan_json = wire.text(round_config, "split-plan")
     plan = _plan(plan_json)
-    tuning, folder = settings.tuning, str(store.folder(digest))
+    tuning, folder = settings.tuning, str(store.use(digest))
     realigned = "realign" in msg.content.array_records
     model, tokenizer = CACHE.model(ModelKey(digest, folder, tuning, plan_json, settings.seed,
                                             settings.train.precision, settings.realign if realigned else None))

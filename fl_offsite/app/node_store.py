@@ -5,8 +5,12 @@ Stdlib only: a node answers ``query.model_status`` without importing torch; only
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Message
@@ -22,16 +26,23 @@ MAX_FILES, MAX_FILES_MB = 64, 256  # a model's config and tokenizer files are a 
 
 
 class NodeStore:
-    """The delivered models of one node, under ``root``."""
+    """The delivered models of one node, under ``root``: at most ``max_models`` (least recently used go first),
+    each at most ``max_model_mb`` of weights. Writers take the store's lock, so two SuperNodes may share it."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, max_models: int = 4, max_model_mb: float = 65536) -> None:
         self.root = Path(root)
+        self.max_models, self.max_model_mb = max_models, max_model_mb
 
     def folder(self, digest: str) -> Path:
         return self.root / f"model-{digest}"
 
     def has(self, digest: str) -> bool:
         return (self.folder(digest) / WEIGHTS_FILE).is_file()
+
+    def use(self, digest: str) -> Path:
+        """The folder of a stored model, marked as used now (eviction keeps the recently used)."""
+        os.utime(self.folder(digest))
+        return self.folder(digest)
 
     def store(self, msg: Message) -> Path:
         """Write the model folder a ``query.model`` message carries (its files and weights), after checking that
@@ -43,13 +54,38 @@ class NodeStore:
         digest = wire.text(wire.config_record(msg, "model"), "digest", pattern=wire.DIGEST)
         files = _checked_files(wire.config_record(msg, "files"))
         bf16 = set(_string_list(wire.config_record(msg, "model"), BF16_KEY))
-        weights = wire.array_record(msg, "weights").to_torch_state_dict()
-        with atomic_dir(self.folder(digest)) as tmp:
-            for name, data in files.items():
-                (tmp / name).write_bytes(data)
-            save_tensors(tmp / WEIGHTS_FILE, {k: t.view(torch.bfloat16) if k in bf16 else t
-                                              for k, t in weights.items()})
+        record = wire.array_record(msg, "weights")
+        if record.count_bytes() > self.max_model_mb * 2**20:
+            raise wire.BadMessage(f"this node stores models of at most {self.max_model_mb:g} MB (node config "
+                                  "max-model-mb)")
+        with self._locked():
+            if self.has(digest):  # another process stored it meanwhile
+                return self.use(digest)
+            weights = record.to_torch_state_dict()
+            with atomic_dir(self.folder(digest)) as tmp:
+                for name, data in files.items():
+                    (tmp / name).write_bytes(data)
+                save_tensors(tmp / WEIGHTS_FILE, {k: t.view(torch.bfloat16) if k in bf16 else t
+                                                  for k, t in weights.items()})
+            self._evict(keep=digest)
         return self.folder(digest)
+
+    def _evict(self, keep: str) -> None:
+        """Remove the least recently used models beyond ``max_models`` (never ``keep``)."""
+        stored = sorted((p for p in self.root.glob("model-*") if p.is_dir() and p != self.folder(keep)),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in stored[max(self.max_models - 1, 0):]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _checked_files(record: ConfigRecord) -> dict[str, bytes]:
@@ -76,8 +112,11 @@ def _string_list(record: ConfigRecord, key: str) -> list[str]:
 
 
 def node_store(node_config: dict, node_id: int) -> NodeStore:
-    """The node's store: ``cache-dir`` from the node config, else a per-node cache folder."""
+    """The node's store: ``cache-dir`` from the node config, else a per-node cache folder; node config
+    ``max-models`` (4) and ``max-model-mb`` (65536) bound it."""
     if "cache-dir" in node_config:
-        return NodeStore(os.path.expanduser(str(node_config["cache-dir"])))
-    name = f"partition-{node_config['partition-id']}" if "partition-id" in node_config else f"node-{node_id}"
-    return NodeStore(cache_dir("nodes", name))
+        root = Path(os.path.expanduser(str(node_config["cache-dir"])))
+    else:
+        root = cache_dir("nodes", f"partition-{node_config['partition-id']}" if "partition-id" in node_config
+                         else f"node-{node_id}")
+    return NodeStore(root, int(node_config.get("max-models", 4)), float(node_config.get("max-model-mb", 65536)))
