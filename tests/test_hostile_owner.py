@@ -33,7 +33,7 @@ def _model_message(digest: str = DIGEST, files: dict | None = None, bf16=None) -
 def test_a_delivered_package_lands_in_the_store(tmp_path):
     folder = NodeStore(tmp_path / "store").store(_model_message())
     assert folder == tmp_path / "store" / f"model-{DIGEST}"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".fl-offsite", "config.json", "model.safetensors"]
 
 
 @pytest.mark.parametrize("files", [{"../escaped": b"x"}, {"/tmp/abs": b"x"}, {"a/b": b"x"}, {".pth": b"x"},

@@ -8,6 +8,7 @@ from fl_offsite.cli.common import TASK_HELP, megabytes, pair, user_input
 from fl_offsite.config.sections import DistillSettings, EmulatorRecipe
 from fl_offsite.config.settings import CHOICES, DEFAULTS
 from fl_offsite.errors import UserError
+from fl_offsite.files import check_replaceable
 
 # ``distill --steps``'s default: in a run config distill.steps = 0 means no distillation, which this command,
 # whose job is to distil, has no use for.
@@ -23,6 +24,7 @@ def cmd_split(args: argparse.Namespace) -> None:
     from fl_offsite.surgery.payload import extract_adapter
     from fl_offsite.surgery.split import write_split
 
+    check_replaceable(args.out, args.overwrite)
     start = time.perf_counter()
     distill = None
     if args.command == "distill":
@@ -58,6 +60,7 @@ def cmd_plug_in(args: argparse.Namespace) -> None:
     from fl_offsite.surgery.split import adapter_run, load_adapter, plan_from_names
     from fl_offsite.surgery.tuning import BOTTLENECK
 
+    check_replaceable(args.out, args.overwrite)
     adapter, plan = load_adapter(args.adapter)
     if any(f".{BOTTLENECK}." in name for name in adapter):
         raise UserError(f"{args.adapter} holds bottleneck adapters, which a transformers model folder cannot "
@@ -143,6 +146,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     plug.add_argument("model", help="the full model: folder, hub id, or offline alias")
     plug.add_argument("adapter", help="adapter.safetensors: fl-offsite's, or any keyed by full-model names")
     plug.add_argument("--out", required=True, help="output model folder")
+    plug.add_argument("--overwrite", action="store_true", help="replace --out even if fl-offsite did not write it")
     plug.set_defaults(func=cmd_plug_in)
 
     evaluate = sub.add_parser("eval", help="score a model (optionally with an adapter) on a task")
@@ -175,6 +179,7 @@ def _split_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     size.add_argument("--emulator-layers", type=int, metavar="K", help="middle blocks the emulator keeps")
     size.add_argument("--drop-ratio", type=float, help="fraction of the middle blocks to drop")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out even if fl-offsite did not write it")
     parser.add_argument("--layers", choices=CHOICES["emulator.layers"], default=DEFAULTS["emulator.layers"],
                         help="which middle blocks the emulator keeps (fl_offsite.emulator.layer_choice)")
     parser.add_argument("--corpus", default=DEFAULTS["distill.corpus"],

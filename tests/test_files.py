@@ -1,0 +1,52 @@
+"""Nothing a user produced is lost: atomic writes, a cut replacement recovered, folders fl-offsite did not write."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fl_offsite.cli.main import main
+from fl_offsite.errors import UserError
+from fl_offsite.files import MARKER, atomic_dir, check_replaceable, recover, write_atomic
+
+
+def test_a_replacement_cut_between_its_renames_is_recovered(tmp_path):
+    final = tmp_path / "checkpoint"
+    with atomic_dir(final) as tmp:
+        (tmp / "state.json").write_text("round 3")
+    os.replace(final, tmp_path / f".checkpoint.old-{os.getpid()}")  # what a kill after the first rename leaves
+    recover(final)
+    assert (final / "state.json").read_text() == "round 3"
+    with atomic_dir(final) as tmp:  # a writer recovers it too, then replaces it
+        (tmp / "state.json").write_text("round 4")
+    assert (final / "state.json").read_text() == "round 4" and (final / MARKER).exists()
+    assert not list(tmp_path.glob(".checkpoint.*"))
+
+
+def test_written_files_and_folders_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o750
+
+
+def test_a_folder_fl_offsite_did_not_write_is_not_replaced_without_overwrite(tmp_path, tiny_lm_dir, capsys):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("years of work")
+    with pytest.raises(UserError, match="not written by fl-offsite"):
+        check_replaceable(mine, overwrite=False)
+    code = main(["split", str(tiny_lm_dir), "--adapter-layers", "1,1", "--emulator-layers", "2", "--out", str(mine)])
+    assert code == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert (mine / "chapter1.tex").read_text() == "years of work"
+    out = tmp_path / "split"
+    for _ in range(2):  # fl-offsite's own folder is replaced without asking
+        assert main(["split", str(tiny_lm_dir), "--adapter-layers", "1,1", "--emulator-layers", "2",
+                     "--out", str(out)]) == 0
+    check_replaceable(tmp_path / "absent", overwrite=False)
+    check_replaceable(mine, overwrite=True)
