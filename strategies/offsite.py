@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TypedDict
 
 import torch
@@ -23,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from fl_offsite.emulator.realign import Realignment
 from fl_offsite.errors import UserError
 from fl_offsite.run.folder import AfterRound, Checkpoint, RunFolder
+from fl_offsite.run.records import ClientReport, Privacy, Problem, RealignRecord, RoundRecord, Traffic
 from fl_offsite.surgery.payload import check_payload
 
 log = logging.getLogger(__name__)
@@ -43,16 +45,10 @@ class RoundInProgress(TypedDict, total=False):
     sent: list[Metadata]  # the grid sets their message ids when it pushes them
     bytes_down: dict[int, int]  # node -> bytes sent to it
     realign_down: dict[int, int]  # node -> bytes of its emulator's re-alignment factors sent to it
-    realign: dict | None  # the owner's re-alignment before the round (fl_offsite.emulator.realign)
-    clients: list[dict]  # accepted replies: node, bytes, metrics
-    problems: list[dict]  # failed, rejected and missing replies
+    realign: RealignRecord | None  # the owner's re-alignment before the round
+    clients: list[ClientReport]  # accepted replies
+    problems: list[Problem]  # failed, rejected and missing replies
     bytes_up: int  # every reply's arrays, accepted or not
-
-
-def evaluation_record(rnd: int, results: dict[str, dict]) -> dict:
-    """The record of round ``rnd`` (0: before training) as evaluated; :meth:`OffsiteStrategy.round_record` adds
-    what a training round did."""
-    return {"round": rnd, "eval": results}
 
 
 class OffsiteStrategy(Strategy):
@@ -94,7 +90,7 @@ class OffsiteStrategy(Strategy):
         config = ConfigRecord({**self.base_config, **config, "lr": self.lr_at(rnd), "round": rnd})
         start = time.perf_counter()
         self._global = arrays.to_torch_state_dict()
-        realigned = self.realignment.before_round(rnd, self._global) if self.realignment else None
+        realigned = self._realign(rnd, self._global)
         factors = {k: ArrayRecord(f) for k, f in self.realignment.factors().items()} if self.realignment else {}
         with seeded_global_random(self.seed * 100_003 + rnd):  # the inner strategy samples the nodes
             sampled = self.inner.configure_train(rnd, arrays, config, EligibleNodes(grid, self.node_config))
@@ -130,38 +126,36 @@ class OffsiteStrategy(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             if asked.get(reply.metadata.reply_to_message_id) != node:
-                problems.append({"node": node, "kind": "rejected",
-                                 "reason": "a reply to no message of this round (a late reply to an earlier one?)"})
+                problems.append(Problem(node, "rejected",
+                                        "a reply to no message of this round (a late reply to an earlier one?)"))
                 continue
             answered.add(node)
             if not reply.has_error() and "arrays" in reply.content.array_records:
                 up += reply.content["arrays"].count_bytes()  # it travelled, whether accepted or not
             if reply.has_error():
-                problems.append({"node": node, "kind": "failed", "reason": reply.error.reason})
+                problems.append(Problem(node, "failed", reply.error.reason))
                 continue
             reason, norm = self._check(reply)
             if reason:
-                problems.append({"node": node, "kind": "rejected", "reason": reason})
+                problems.append(Problem(node, "rejected", reason))
                 continue
             accepted.append(reply)
-            clients.append({"node": node, "bytes_down": self._round["bytes_down"].get(node, 0),
-                            **({"realign_bytes_down": self._round["realign_down"][node]}
-                               if self._round["realign_down"] else {}),
-                            "bytes_up": reply.content["arrays"].count_bytes(), "update-norm": norm,
-                            **dict(reply.content["metrics"])})
+            clients.append(ClientReport.of_reply(
+                node, self._round["bytes_down"].get(node, 0),
+                self._round["realign_down"][node] if self._round["realign_down"] else None,
+                reply.content["arrays"].count_bytes(), norm, dict(reply.content["metrics"])))
         waited = f"no reply within strategy.round-timeout = {self.round_timeout:g} s" if self.round_timeout else \
             "no reply"
-        problems += [{"node": node, "kind": "missing", "reason": waited} for node in asked.values()
-                     if node not in answered]
+        problems += [Problem(node, "missing", waited) for node in asked.values() if node not in answered]
         for c in clients:
             log.info("round %d: client %s loss %.4f, %d examples, %.1f s, %.0f tokens/s, peak %.0f MB", rnd,
-                     int(c.get("partition-id", -1)), c.get("train-loss", float("nan")), int(c["num-examples"]),
-                     c.get("train-seconds", 0.0), c.get("tokens-per-s", 0.0), c.get("peak-memory-mb", 0.0))
+                     int(_or(c.partition_id, -1)), _or(c.train_loss, float("nan")), int(c.num_examples),
+                     _or(c.train_seconds, 0.0), _or(c.tokens_per_s, 0.0), _or(c.peak_memory_mb, 0.0))
         for problem in problems:
-            log.warning("round %d: node %s %s: %s", rnd, problem["node"], problem["kind"], problem["reason"])
+            log.warning("round %d: node %s %s: %s", rnd, problem.node, problem.kind, problem.reason)
         sent = len(self._round["bytes_down"])
         if len(accepted) < self.min_replies:
-            details = "; ".join(f"node {p['node']} {p['kind']}: {p['reason']}" for p in problems)
+            details = "; ".join(f"node {p.node} {p.kind}: {p.reason}" for p in problems)
             raise RuntimeError(f"round {rnd}: only {len(accepted)} of {sent} clients returned a usable update "
                                f"(need {self.min_replies}); {details or 'the others timed out'}")
         self._round.update(clients=clients, problems=problems, bytes_up=up)
@@ -201,57 +195,57 @@ class OffsiteStrategy(Strategy):
         if server_round == 0 and self.offset > 0:
             return None  # resumed: round 0 is already on record
         payload = arrays.to_torch_state_dict()
-        prealigned = self.realignment.before_round(0, payload) if self.realignment and rnd == 0 else None
+        prealigned = self._realign(0, payload) if rnd == 0 else None
         results = self.evaluate_payload(rnd, payload)
         record = self.round_record(rnd, results)
         if prealigned:
-            record["realign"] = prealigned
+            record = replace(record, realign=prealigned)
         self.keep(record, payload)
         return MetricRecord({f"{model}.{k}": v for model, m in results.items() for k, v in m.items()
                              if isinstance(v, (int, float))})
 
-    def round_record(self, rnd: int, results: dict[str, dict]) -> dict:
+    def _realign(self, rnd: int, payload: dict[str, torch.Tensor]) -> RealignRecord | None:
+        done = self.realignment.before_round(rnd, payload) if self.realignment else None
+        return RealignRecord.from_json(done) if done else None
+
+    def round_record(self, rnd: int, results: dict[str, dict]) -> RoundRecord:
         """Round ``rnd``'s line of metrics.jsonl: the evaluation and, after training, what the round did."""
-        record = evaluation_record(rnd, results)
         if rnd == 0:
-            return record
-        problems = self._round["problems"]
-        record.update(seconds=time.perf_counter() - self._round["start"], clients=self._round["clients"],
-                      problems=problems, missing=sum(p["kind"] == "missing" for p in problems), lr=self.lr_at(rnd),
-                      communication=self._communication(rnd))
-        if self._round["realign"]:
-            record["realign"] = self._round["realign"]
+            return RoundRecord(rnd, results)
+        seconds = time.perf_counter() - self._round["start"]
+        record = RoundRecord(rnd, results, seconds=seconds, clients=self._round["clients"],
+                             problems=self._round["problems"], lr=self.lr_at(rnd),
+                             traffic=self._communication(rnd), realign=self._round["realign"])
         spent = self.inner.privacy_spent() if hasattr(self.inner, "privacy_spent") else None
         if spent is not None:
-            record["privacy"] = {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
+            record = replace(record, privacy=Privacy(spent.epsilon, spent.delta, spent.num_releases))
             log.info("round %d: privacy spent epsilon %.3f at delta %g", rnd, spent.epsilon, spent.delta)
         return record
 
-    def keep(self, record: dict, payload: dict[str, torch.Tensor]) -> None:
+    def keep(self, record: RoundRecord, payload: dict[str, torch.Tensor]) -> None:
         """Append ``record`` to the run, checkpoint the round, then the ``after_round`` hook (TensorBoard, PEFT)."""
         self.run.append_round(record)
-        self.run.save_checkpoint(Checkpoint(record["round"], payload, self.state()))
+        self.run.save_checkpoint(Checkpoint(record.round, payload, self.state()))
         if self.after_round is not None:
             self.after_round(record, payload)
 
-    def _communication(self, rnd: int) -> dict[str, float]:
+    def _communication(self, rnd: int) -> Traffic:
         """The round's payload traffic, its running total over the run, and the one-time model deliveries apart."""
-        earlier = [r["communication"] for r in self.run.rounds() if 0 < r["round"] < rnd and "communication" in r]
+        earlier = [r.traffic for r in self.run.rounds() if 0 < r.round < rnd and r.traffic]
         down, up = sum(self._round["bytes_down"].values()), self._round["bytes_up"]
-        total_down = (earlier[-1]["cumulative_bytes_down"] if earlier else 0) + down
-        total_up = (earlier[-1]["cumulative_bytes_up"] if earlier else 0) + up
+        total_down = (earlier[-1].cumulative_bytes_down if earlier else 0) + down
+        total_up = (earlier[-1].cumulative_bytes_up if earlier else 0) + up
         one_time = self.run.delivered_bytes()
         log.info("round %d: %ss %.2f MB down, %.2f MB up this round; %.2f MB down, %.2f MB up so far "
                  "(one-time model deliveries apart: %.1f MB)", rnd, self.payload_kind, down / 1e6, up / 1e6,
                  total_down / 1e6, total_up / 1e6, one_time / 1e6)
-        traffic = {"bytes_down": down, "bytes_up": up, "cumulative_bytes_down": total_down,
-                   "cumulative_bytes_up": total_up, "one_time_bytes": one_time}
+        traffic = Traffic(down, up, total_down, total_up, one_time)
         if self.realignment:  # the emulators' factors, apart from the adapter's bytes
             realign = sum(self._round["realign_down"].values())
-            traffic.update(realign_bytes_down=realign, cumulative_realign_bytes_down=realign + (
-                earlier[-1].get("cumulative_realign_bytes_down", 0) if earlier else 0))
+            so_far = realign + ((earlier[-1].cumulative_realign_bytes_down or 0) if earlier else 0)
+            traffic = replace(traffic, realign_bytes_down=realign, cumulative_realign_bytes_down=so_far)
             log.info("round %d: emulator re-alignment %.2f MB down this round, %.2f MB so far", rnd, realign / 1e6,
-                     traffic["cumulative_realign_bytes_down"] / 1e6)
+                     so_far / 1e6)
         return traffic
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -321,3 +315,6 @@ def update_norm(update: dict[str, torch.Tensor], reference: dict[str, torch.Tens
     norms = [torch.linalg.vector_norm(update[k].float() - reference[k].float()) for k in reference]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value

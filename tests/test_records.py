@@ -1,11 +1,32 @@
-"""Typed round records: the JSON a run writes, read back exactly, and malformed records refused."""
+"""Typed round records: the JSON a run writes, read back exactly, malformed lines refused, and every writer
+(metrics.jsonl, the round table, TensorBoard, the compare report, the model card) given every optional part
+of a record, present and absent."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from fl_offsite.run.records import ClientReport, RecordError, RoundRecord
+from fl_offsite.config.keys import validate
+from fl_offsite.config.settings import Settings
+from fl_offsite.errors import UserError
+from fl_offsite.run.card import model_card, run_record
+from fl_offsite.run.compare import write_report
+from fl_offsite.run.folder import METRICS, RunFolder
+from fl_offsite.run.records import (
+    ClientReport,
+    Privacy,
+    Problem,
+    RealignedEmulator,
+    RealignRecord,
+    RecordError,
+    RoundRecord,
+    Traffic,
+)
+from fl_offsite.run.tables import round_table
+from fl_offsite.run.tensorboard import TensorBoardLog
+from test_federated import tensorboard_scalars
 
 # A training round's line of metrics.jsonl as runs write it (re-alignment on, one node missing).
 LINE = (
@@ -73,3 +94,90 @@ DROP = object()
 def test_a_malformed_record_is_refused_with_the_key_at_fault(path, value, message):
     with pytest.raises(RecordError, match=message):
         RoundRecord.from_json(_broken(path, value))
+
+
+def test_a_malformed_line_of_a_run_names_the_file_and_line(tmp_path):
+    run = RunFolder(tmp_path)
+    (tmp_path / METRICS).write_text('{"round": 0, "eval": {}}\n' + json.dumps(_broken("lr", "fast")) + "\n")
+    with pytest.raises(UserError, match=rf"{METRICS}, line 2: lr must be a number.*results.resume=false"):
+        run.rounds()
+    (tmp_path / METRICS).write_text('{"round": 0, "eval": {}\n')
+    with pytest.raises(UserError, match=f"{METRICS}, line 1: Expecting"):
+        run.append_round(RoundRecord(0, {}))
+
+
+def test_appending_a_round_keeps_the_earlier_lines_as_written(tmp_path):
+    run = RunFolder(tmp_path)
+    earlier = '{"round": 0,   "eval": {}}'  # spaced as no run writes it: kept byte for byte
+    (tmp_path / METRICS).write_text(earlier + "\n" + LINE + "\n")
+    run.append_round(RoundRecord(1, {}))  # replaces round 1
+    assert (tmp_path / METRICS).read_text() == earlier + '\n{"round": 1, "eval": {}}\n'
+
+
+SCORES = {"task": "bbc-news", "split": "test", "acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25, "acc_norm_stderr": 0.1,
+          "n": 6, "split_size": 496}
+CLIENTS = [ClientReport(node=n, bytes_down=1000, bytes_up=1000, update_norm=0.2, num_examples=10,
+                        realign_bytes_down=300, partition_id=i, round=1, train_loss=2.0 + i, train_steps=2,
+                        train_seconds=0.5, tokens_per_s=100.0, peak_memory_mb=600.0 + i, trainable_params=123)
+           for i, n in enumerate((1001, 1002))]
+REALIGNED = RealignRecord(steps=3, emulators={2: RealignedEmulator(0.2, 0.1, [0.3, 0.2, 0.1])}, seconds=1.5)
+FULL = RoundRecord(1, {"plugin": SCORES, "emulator": SCORES}, seconds=3.0, clients=CLIENTS,
+                   problems=[Problem(1003, "missing", "no reply"), Problem(1004, "rejected", "too far")], lr=1e-3,
+                   traffic=Traffic(2000, 2000, 2000, 2000, 5000, realign_bytes_down=600,
+                                   cumulative_realign_bytes_down=600),
+                   realign=REALIGNED, privacy=Privacy(epsilon=4.7, delta=1e-5, releases=1))
+# What each part of a round's record is under in metrics.jsonl, and the TensorBoard tags it gives.
+PARTS = {"scores": ("eval", "eval/plugin/acc"), "seconds": ("seconds", "time/round_seconds"),
+         "clients": ("clients", "train/loss"), "problems": ("problems", None), "lr": ("lr", "train/lr"),
+         "traffic": ("communication", "communication/MB_up"), "realign": ("realign", "realign/k2_error_after"),
+         "privacy": ("privacy", "privacy/epsilon")}
+
+
+def _without(part: str | None) -> RoundRecord:
+    if part is None:
+        return FULL
+    if part == "traffic.realign":  # a run without re-alignment: no factors counted
+        return replace(FULL, traffic=replace(FULL.traffic, realign_bytes_down=None, cumulative_realign_bytes_down=None))
+    if part == "client metrics":  # a client that sent num-examples only
+        return replace(FULL, clients=[ClientReport(1001, 1000, 1000, 0.2, num_examples=10)])
+    return replace(FULL, **{part: {} if part == "scores" else None})
+
+
+@pytest.mark.parametrize("absent", [None, *PARTS, "traffic.realign", "client metrics"])
+def test_every_writer_takes_a_round_record_with_any_part_absent(absent, tmp_path):
+    record = _without(absent)
+    config = validate({"num-rounds": 1})
+    run = RunFolder(tmp_path / "offsite")
+    run.write_config(config)
+    zero = RoundRecord(0, FULL.scores, realign=REALIGNED)
+    for kept in (zero, record):
+        run.append_round(kept)
+    assert run.rounds() == [zero, record]  # metrics.jsonl
+    written = json.loads((run.root / METRICS).read_text().splitlines()[1])
+    for part, (key, _) in PARTS.items():
+        assert (key in written) == (part != absent or key == "eval")
+    assert ("missing" in written) == (absent != "problems")
+
+    table = round_table(run.rounds()).splitlines()
+    assert table[3].startswith("| 1 ") and len(table) == 4
+
+    tracker = TensorBoardLog(run.tensorboard)
+    tracker.write(zero)
+    tracker.write(record)
+    tracker.close()
+    scalars = tensorboard_scalars(run.root)
+    for part, (_, tag) in PARTS.items():
+        if tag is not None:
+            written = part != absent and not (tag == "train/loss" and absent == "client metrics")
+            assert len(scalars.get(tag, [])) == written + tag.startswith(("eval", "realign"))  # round 0: both
+    assert ("train/clients" in scalars) == (absent != "clients")
+    assert ("communication/realign_MB_down" in scalars) == (absent not in ("traffic", "traffic.realign"))
+
+    if absent != "client metrics":  # the report's cost table needs what fl_offsite's clients measure
+        report = write_report(tmp_path, ["offsite"]).read_text()
+        assert ("re-aligned its emulator before every round" in report) == (absent not in ("clients", "realign"))
+
+    settings = Settings.from_config(config)
+    card = model_card(settings.model, None, run_record(settings, None, record, 2, None), "usage")
+    assert ("| privacy " in card) == (absent != "privacy")
+    assert ("| plugin " in card) == (absent != "scores")

@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fl_offsite.app.fleet import SMALLER_EVAL, SMALLER_SPLIT, NodeProfile, choose_layers, measure_footprint
+from fl_offsite.app.fleet import SMALLER_EVAL, NodeProfile, choose_layers, measure_footprint
 from fl_offsite.config.settings import Settings
 from fl_offsite.data.downloads import cache_dir
 from fl_offsite.data.encode import pad_id
@@ -26,6 +26,7 @@ from fl_offsite.files import json_digest, write_json
 from fl_offsite.learn.evaluate import evaluate_task
 from fl_offsite.learn.train import half_weights, precision_autocast
 from fl_offsite.logs import clock_time
+from fl_offsite.run.folder import ADAPTER, LORA, MODEL, RunFolder
 from fl_offsite.surgery.payload import extract_adapter, get_payload, set_payload
 from fl_offsite.surgery.split import EMULATOR_DIR, SplitPlan, write_split
 from fl_offsite.surgery.tuning import Tuning
@@ -58,11 +59,11 @@ class ModelOwner:
     base_folder: Path  # the model delivered once to every node
     task: TaskData
     tuning: Tuning
-    run_dir: Path
+    run: RunFolder
     smaller: dict[int, Emulator] = field(default_factory=dict)
 
     @classmethod
-    def prepare(cls, settings: Settings, run_dir: Path) -> ModelOwner:
+    def prepare(cls, settings: Settings, run: RunFolder) -> ModelOwner:
         began = time.perf_counter()
         model, tokenizer = load_model(settings.model)
         model.to(best_device())
@@ -73,27 +74,26 @@ class ModelOwner:
                  clock_time(time.perf_counter() - began))
         if settings.method.trains_full_model:
             plan, emulator = None, None
-            base_folder = _model_folder(settings.model, model, tokenizer, run_dir)
+            base_folder = _model_folder(settings.model, model, tokenizer, run.full_model)
         else:
-            plan, emulator, base_folder = _emulator_split(settings, settings.emulator, model, tokenizer,
-                                                          run_dir / "split")
+            plan, emulator, base_folder = _emulator_split(settings, settings.emulator, model, tokenizer, run.split)
             log.info("model owner: emulator (%s) ready after %s", settings.emulator.describe(),
                      clock_time(time.perf_counter() - began))
         tuning = settings.tuning
         model = tuning.apply(model, plan, seed=settings.seed)
         emulator = emulator and tuning.apply(emulator, plan, seed=settings.seed)
-        return cls(settings, model, tokenizer, plan, emulator, base_folder, task, tuning, run_dir)
+        return cls(settings, model, tokenizer, plan, emulator, base_folder, task, tuning, run)
 
     def emulator_for(self, k: int) -> Emulator:
         """The emulator with ``k`` middle blocks: the configured one, or a smaller one prepared once (by the
-        same recipe: layer rule and distillation) and written to ``<run>/split-k<k>``."""
+        same recipe: layer rule and distillation) and written to the run's ``smaller_split(k)``."""
         if k == self.plan.emulator_layers:
             return Emulator(self.plan, self.emulator, self.base_folder)
         if k not in self.smaller:
             began = time.perf_counter()
             recipe = replace(self.settings.emulator, emulator_layers=k, drop_ratio=None)
             plan, emulator, folder = _emulator_split(self.settings, recipe, self.model_without_tuning(), self.tokenizer,
-                                                     self.run_dir / f"{SMALLER_SPLIT}{k}")
+                                                     self.run.smaller_split(k))
             self.smaller[k] = Emulator(plan, self.tuning.apply(emulator, plan, seed=self.settings.seed), folder)
             log.info("model owner: emulator %s for the fleet ready in %s", plan.name,
                      clock_time(time.perf_counter() - began))
@@ -215,12 +215,12 @@ def state_digest(model: torch.nn.Module) -> str:
 def final_weights(owner: ModelOwner, payload: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
     """The file name and tensors to keep at the end: the adapter (LoRA merged in) or the payload."""
     if owner.plan is None:
-        return ("lora.safetensors" if isinstance(owner.model, PeftModel) else "model.safetensors"), payload
+        return (LORA if isinstance(owner.model, PeftModel) else MODEL), payload
     model = owner.model
     owner.load_payload(model, payload)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    return "adapter.safetensors", extract_adapter(model, owner.plan)
+    return ADAPTER, extract_adapter(model, owner.plan)
 
 
 def _emulator_split(settings: Settings, recipe: EmulatorRecipe, model: PreTrainedModel,
@@ -233,12 +233,11 @@ def _emulator_split(settings: Settings, recipe: EmulatorRecipe, model: PreTraine
     return plan, emulator, split_dir / EMULATOR_DIR
 
 
-def _model_folder(name: str, model: PreTrainedModel, tokenizer, run_dir: Path) -> Path:
-    """A local folder holding the full model (saved into the run folder when it came from the hub)."""
+def _model_folder(name: str, model: PreTrainedModel, tokenizer, folder: Path) -> Path:
+    """A local folder holding the full model (saved into ``folder`` when it came from the hub)."""
     path = Path(resolve_model_path(name))
     if path.is_dir():
         return path
-    folder = run_dir / "full-model"
     if not folder.is_dir():
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

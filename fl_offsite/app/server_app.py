@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -11,7 +10,6 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_offsite.app.delivery import ModelPackage, ask_profiles, deliver
-from fl_offsite.app.fleet import SMALLER_SPLIT
 from fl_offsite.app.owner import ModelOwner, lr_schedule
 from fl_offsite.config.keys import validate
 from fl_offsite.config.settings import Settings
@@ -19,12 +17,12 @@ from fl_offsite.data.local_file import task_answers
 from fl_offsite.errors import UserError
 from fl_offsite.learn.train import HALF
 from fl_offsite.logs import log_to_console
-from fl_offsite.run.folder import CHECKPOINT, DELIVERY, RunFolder
-from fl_offsite.run.outputs import CARD, after_round, save_final
-from fl_offsite.run.tensorboard import TENSORBOARD_DIR, TensorBoardLog
-from fl_offsite.surgery.lora import PEFT_DIR
+from fl_offsite.run.folder import RunFolder
+from fl_offsite.run.outputs import after_round, save_final
+from fl_offsite.run.records import RoundRecord
+from fl_offsite.run.tensorboard import TensorBoardLog
 from strategies.aggregation import aggregation_strategy
-from strategies.offsite import OffsiteStrategy, evaluation_record
+from strategies.offsite import OffsiteStrategy
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -50,9 +48,9 @@ def run_federated(grid: Grid, config: dict) -> Path:
                          "or set results.resume=false")
     checkpoint = run.load_checkpoint() if settings.results.resume else None
     if checkpoint is None:
-        run = _fresh(run)
+        run.clear()
     run.write_config(config)
-    owner = ModelOwner.prepare(settings, run.root)
+    owner = ModelOwner.prepare(settings, run)
     initial = owner.initial_payload()
     if checkpoint and checkpoint.payload.keys() != initial.keys():
         raise UserError(f"the checkpoint in {run.root} holds other tensors than this run trains; choose another "
@@ -61,10 +59,10 @@ def run_federated(grid: Grid, config: dict) -> Path:
     payload = {name: checkpoint.payload[name] for name in initial} if checkpoint else initial
     done = checkpoint.round if checkpoint else 0
     if not settings.method.trains:  # zero-shot: the full model and the emulator, evaluated
-        record = evaluation_record(0, owner.evaluate(0, payload))
+        record = RoundRecord(0, owner.evaluate(0, payload))
         run.append_round(record)
         if settings.results.tensorboard:
-            tracker = TensorBoardLog(run.root / TENSORBOARD_DIR)
+            tracker = TensorBoardLog(run.tensorboard)
             tracker.write(record)
             tracker.close()
         return run.root
@@ -78,7 +76,7 @@ def run_federated(grid: Grid, config: dict) -> Path:
     sent = deliver(grid, packages, timeout=max(timeout, DELIVERY_TIMEOUT_S))
     run.record_delivery({n: (p.digest, p.nbytes, node_config[n]["emulator-layers"]) for n, p in packages.items()},
                         sent, refused)
-    tracker = TensorBoardLog(run.root / TENSORBOARD_DIR, first_round=done + 1 if done else 0) \
+    tracker = TensorBoardLog(run.tensorboard, first_round=done + 1 if done else 0) \
         if settings.results.tensorboard else None
     answers = task_answers(owner.task)
     strategy = OffsiteStrategy(
@@ -131,17 +129,6 @@ def _packages(grid: Grid, owner: ModelOwner, nodes: list[int], timeout: float
 def _essential(config: dict) -> dict:
     """The settings a resumed run must share with the interrupted one."""
     return {k: v for k, v in config.items() if not k.startswith(("results.", "eval.")) and k != "num-rounds"}
-
-
-def _fresh(run: RunFolder) -> RunFolder:
-    """Clear the records of an earlier run in the same folder."""
-    for name in ("metrics.jsonl", "adapter.safetensors", "model.safetensors", "lora.safetensors", DELIVERY, CARD):
-        (run.root / name).unlink(missing_ok=True)
-    for name in (CHECKPOINT, PEFT_DIR, TENSORBOARD_DIR):
-        shutil.rmtree(run.root / name, ignore_errors=True)
-    for folder in run.root.glob(f"{SMALLER_SPLIT}*"):  # a fleet's smaller emulators
-        shutil.rmtree(folder, ignore_errors=True)
-    return run
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:

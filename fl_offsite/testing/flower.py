@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_offsite.config.keys import validate
+from fl_offsite.run.folder import METRICS
 
 
 class InProcessGrid(Grid):
@@ -100,8 +101,8 @@ def of_type(grid: InProcessGrid, kind: str) -> list[Message]:
 
 
 def rounds_of(run_dir) -> list[dict]:
-    """The round records of a run folder (metrics.jsonl)."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The round records of a run folder, as written (metrics.jsonl's JSON lines)."""
+    return [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
 
 
 def wait_until(condition: Callable, process: subprocess.Popen, what: str, log: Callable[[], str],
