@@ -26,7 +26,8 @@ from fl_offsite.files import json_digest, write_json
 from fl_offsite.learn.evaluate import evaluate_task
 from fl_offsite.learn.train import half_weights, precision_autocast
 from fl_offsite.logs import clock_time
-from fl_offsite.run.folder import ADAPTER, LORA, MODEL, RunFolder
+from fl_offsite.run.folder import ADAPTER, LORA, MODEL, AfterRound, RunFolder
+from fl_offsite.run.records import RealignRecord, RoundRecord
 from fl_offsite.surgery.payload import extract_adapter, get_payload, set_payload
 from fl_offsite.surgery.split import EMULATOR_DIR, SplitPlan, write_split
 from fl_offsite.surgery.tuning import Tuning
@@ -49,6 +50,8 @@ class ModelOwner:
 
     ``plan``, ``emulator`` and ``base_folder`` are the configured emulator's (``split.emulator-layers`` = k);
     ``smaller`` holds the smaller ones a heterogeneous fleet's nodes train on, by k (see fl_offsite.app.fleet).
+    It implements the offsite strategy's owner hooks (strategies.policy.OwnerHooks): evaluate, after a round
+    (``outputs``), and re-align (``realigner``, from :meth:`start_realignment`).
     """
 
     settings: Settings
@@ -61,6 +64,8 @@ class ModelOwner:
     tuning: Tuning
     run: RunFolder
     smaller: dict[int, Emulator] = field(default_factory=dict)
+    realigner: Realignment | None = None  # the emulators' per-round re-alignment, if the run re-aligns
+    outputs: AfterRound | None = None  # what the run writes after each round (fl_offsite.run.outputs)
 
     @classmethod
     def prepare(cls, settings: Settings, run: RunFolder) -> ModelOwner:
@@ -130,17 +135,37 @@ class ModelOwner:
                 log.warning("model owner: node %s refused: %s", node, err)
         return {node: self.emulator_for(k) for node, k in chosen.items()}, refused
 
-    def realignment(self) -> Realignment | None:
-        """The per-round re-alignment (``realign.*``) of every emulator prepared: the configured one and a fleet's
-        smaller ones (call it after the delivery); None when it is off or the run trains the full model."""
+    def start_realignment(self) -> None:
+        """Set up the per-round re-alignment (``realign.*``) of every emulator prepared: the configured one and a
+        fleet's smaller ones (call it after the delivery); nothing when it is off or the run trains the full
+        model."""
         s = self.settings.realign
         if not s.enabled or self.plan is None:
-            return None
+            return
         blocks = public_blocks(s, self.settings.emulator, self.model, self.tokenizer, self.settings.task,
                                self.settings.num_rounds)
         emulators = {self.plan.emulator_layers: (self.plan, self.emulator)}
         emulators.update({k: (e.plan, e.model) for k, e in self.smaller.items()})
-        return Realignment(s, self.model, emulators, self.load_payload, blocks, pad_id(self.tokenizer))
+        self.realigner = Realignment(s, self.model, emulators, self.load_payload, blocks, pad_id(self.tokenizer))
+
+    def realign(self, rnd: int, payload: dict[str, torch.Tensor]) -> RealignRecord | None:
+        """Re-align every emulator to ``payload`` before round ``rnd`` (0: before its evaluation); None when
+        nothing was done."""
+        done = self.realigner.before_round(rnd, payload) if self.realigner else None
+        return RealignRecord.from_json(done) if done else None
+
+    def realign_factors(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Each emulator's re-alignment factors, by k ({} without re-alignment)."""
+        return self.realigner.factors() if self.realigner else {}
+
+    def restore_factors(self, factors: dict[int, dict[str, torch.Tensor]]) -> None:
+        if self.realigner is not None:
+            self.realigner.restore(factors)
+
+    def after_round(self, record: RoundRecord, payload: dict[str, torch.Tensor]) -> None:
+        """Once round ``record.round`` is kept: the run's outputs of that round."""
+        if self.outputs is not None:
+            self.outputs(record, payload)
 
     def payload_names(self, model: PreTrainedModel, plan: SplitPlan | None = None) -> dict[str, str]:
         """Travelling name -> parameter name in ``model``: the full model, or an emulator of ``plan`` (the
