@@ -16,6 +16,7 @@ from strategies.aggregation import aggregation_strategy
 from strategies.offsite import LEARNED, OffsiteStrategy
 from strategies.policy import Exchange, RoundPolicy
 from strategies.sampling import seeded_global_random
+from fl_offsite.testing.flower import NoOwner
 from fl_offsite.testing.models import tiny_model
 
 
@@ -41,25 +42,6 @@ def test_node_sampling_is_seeded_without_touching_the_global_random_stream():
     with seeded_global_random(7):
         assert random.random() == drawn
     assert [random.random() for _ in range(2)] == expected
-
-
-class NoOwner:
-    """Owner hooks that do nothing, and never re-align."""
-
-    def evaluate(self, rnd, payload):
-        return {}
-
-    def after_round(self, record, payload):
-        pass
-
-    def realign(self, rnd, payload):
-        return None
-
-    def realign_factors(self):
-        return {}
-
-    def restore_factors(self, factors):
-        raise AssertionError("no re-alignment to restore")
 
 
 def _strategy(name: str) -> OffsiteStrategy:

@@ -78,6 +78,26 @@ class InProcessGrid(Grid):
         return replies
 
 
+class NoOwner:
+    """Owner hooks (strategies.policy.OwnerHooks) that score nothing, keep nothing and never re-align: for
+    driving the offsite strategy without a model owner."""
+
+    def evaluate(self, rnd: int, payload: dict) -> dict[str, dict]:
+        return {}
+
+    def after_round(self, record, payload: dict) -> None:
+        pass
+
+    def realign(self, rnd: int, payload: dict) -> None:
+        return None
+
+    def realign_factors(self) -> dict:
+        return {}
+
+    def restore_factors(self, factors: dict) -> None:
+        raise AssertionError("no re-alignment to restore")
+
+
 def tiny_config(model_dir, results_dir, **overrides) -> dict:
     """A run config small enough for a test: a 6-block tiny model, 2 rounds of 2 steps, 6 test examples."""
     return validate({
