@@ -176,8 +176,8 @@ def measure(args) -> tuple[float, list[tuple[float, str]], list[dict], dict[str,
 
 def report(args, sim_total: float, lines, rounds, seq: dict[str, float]) -> dict:
     """Print the timeline, the rounds and the comparison; the JSON result."""
-    trained = [r for r in rounds if r["round"] > 0]
-    client_train = sum(c["train-seconds"] for r in trained for c in r["clients"])
+    trained = [r for r in rounds if r.round > 0]
+    client_train = sum(c.train_seconds for r in trained for c in r.clients)
     phases = timeline(lines, args.rounds, sim_total)
     eval_s = sum(s for label, s in phases if "evaluation" in label)
     print_timeline(phases, trained)
@@ -188,7 +188,7 @@ def report(args, sim_total: float, lines, rounds, seq: dict[str, float]) -> dict
     print(f"| model load + tokenization | in the clients' first round | {seq['model_load_s'] + seq['data_s']:.1f} s |")
     slots = max(1, min(args.clients, os.cpu_count() or 1))  # Ray runs one 1-CPU client actor per CPU
     train_phase = sum(s for label, s in phases if "clients train" in label)
-    ideal = sum(sum(c["train-seconds"] for c in r["clients"]) / slots for r in trained)
+    ideal = sum(sum(c.train_seconds for c in r.clients) / slots for r in trained)
     fixed = sum(s for label, s in phases if not label.startswith("round"))
     print(f"\nWhere the simulation's time goes: fixed {fixed:.1f} s (start-up, owner split, Ray, one-time delivery, "
           f"shutdown); client phases {train_phase:.1f} s for {ideal:.1f} s of train_local spread over {slots} "
@@ -201,8 +201,8 @@ def report(args, sim_total: float, lines, rounds, seq: dict[str, float]) -> dict
     return {"args": vars(args), "simulation_s": sim_total, "sequential": seq, "client_train_s": client_train,
             "eval_s": eval_s, "fixed_s": fixed, "client_phase_s": train_phase, "client_phase_ideal_s": ideal,
             "phases": phases, "log": lines,
-            "rounds": [{k: r.get(k) for k in ("round", "seconds")} |
-                       {"train_s": [c["train-seconds"] for c in r["clients"]]} for r in trained]}
+            "rounds": [{"round": r.round, "seconds": r.seconds, "train_s": [c.train_seconds for c in r.clients]}
+                       for r in trained]}
 
 
 def print_timeline(phases: list[tuple[str, float]], trained: list[dict]) -> None:
@@ -211,8 +211,8 @@ def print_timeline(phases: list[tuple[str, float]], trained: list[dict]) -> None
         print(f"  {seconds:7.1f} s  {label}")
     print("\nPer round (metrics.jsonl: round time = sending the adapters to the checkpoint after evaluation):")
     for r in trained:
-        ct = [c["train-seconds"] for c in r["clients"]]
-        print(f"  round {r['round']}: {r['seconds']:.1f} s; client train_local s: "
+        ct = [c.train_seconds for c in r.clients]
+        print(f"  round {r.round}: {r.seconds:.1f} s; client train_local s: "
               + ", ".join(f"{t:.1f}" for t in ct) + f" (sum {sum(ct):.1f}, max {max(ct):.1f})")
 
 

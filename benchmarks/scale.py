@@ -157,7 +157,9 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
     from flwr.supercore.task_identity import TaskIdentity
 
     from fl_offsite.run.folder import RunFolder as Folder
-    from strategies.offsite import OffsiteStrategy, RoundInProgress
+    from fl_offsite.testing.flower import NoOwner
+    from strategies.offsite import OffsiteStrategy, RoundState
+    from strategies.policy import Exchange, RoundPolicy
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # as the ServerApp process has
     n_tensors = 8
@@ -166,9 +168,8 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:
-            strategy = OffsiteStrategy(FedAvg(), reference=reference, evaluate_payload=lambda rnd, p: {},
-                                       run=Folder(tmp), lr_at=lambda r: 1e-4, min_replies=1, seed=0, base_config={},
-                                       node_config={})
+            strategy = OffsiteStrategy(FedAvg(), NoOwner(), Folder(tmp),
+                                       RoundPolicy(min_replies=1, seed=0, lr_at=lambda r: 1e-4), Exchange(reference))
             replies, sent = [], []
             for i in range(n):
                 arrays = ArrayRecord({k: torch.full((per,), float(i)) for k in reference})
@@ -177,8 +178,8 @@ def aggregation_child(payload_mb: float, counts: list[int]) -> list[dict]:
                 msg.metadata.__dict__["_message_id"] = f"train-{i}"  # as the grid's push sets it
                 sent.append(msg.metadata)
                 replies.append(_as_reply(msg, content, i + 1))
-            strategy._round = RoundInProgress(start=time.perf_counter(), sent=sent, bytes_down={}, realign_down={},
-                                              realign=None)
+            strategy._round = RoundState(start=time.perf_counter(), sent=sent, bytes_down={}, realign_down={},
+                                         realign=None)
             held = sum(r.content["arrays"].count_bytes() for r in replies) / 2**20
             Path("/proc/self/clear_refs").write_text("5")
             rss_before = status_kb("VmRSS")
@@ -252,7 +253,7 @@ def measure_simulation(args) -> tuple[float, list[tuple[float, str]], list[dict]
 def report_simulation(args, total: float, lines, samples, rounds) -> dict:
     """Print the per-phase memory table and the growth per round; the JSON fields of the simulation."""
     phases = per_round(lines, samples, args.rounds, total)
-    replies = [len(r.get("clients", [])) for r in rounds if r["round"] > 0]
+    replies = [len(r.clients or []) for r in rounds if r.round > 0]
     print(f"\nsimulation: {total:.1f} s, {len(samples)} samples; replies per round {replies}")
     print("| phase | s | processes | peak RSS sum MB | median RSS sum MB | peak PSS sum MB | median PSS sum MB |")
     print("|---|---|---|---|---|---|---|")

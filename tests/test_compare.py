@@ -24,18 +24,18 @@ def test_report_of_offsite_and_fedavg_full(tiny_lm_dir, tmp_path):
     data = json.loads((out / "report.json").read_text())
     for method in ("offsite", "fedavg-full"):
         rounds = RunFolder(out / method).rounds()
-        clients = [c for r in rounds[1:] for c in r["clients"]]
+        clients = [c for r in rounds[1:] for c in r.clients]
         summary = data[method]
-        assert summary["client_peak_memory_mb"] == max(c["peak-memory-mb"] for c in clients)
-        assert summary["bytes_up_per_client_round"] == sum(c["bytes_up"] for c in clients) / len(clients)
+        assert summary["client_peak_memory_mb"] == max(c.peak_memory_mb for c in clients)
+        assert summary["bytes_up_per_client_round"] == sum(c.bytes_up for c in clients) / len(clients)
         assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
         budget = summary["communication"]  # every round's adapter bytes, all clients; deliveries apart
         assert [r["round"] for r in budget["rounds"]] == [1, 2]
-        assert budget["adapter_bytes_up"] == sum(c["bytes_up"] for c in clients)
-        assert budget["adapter_bytes_down"] == sum(c["bytes_down"] for c in clients)
+        assert budget["adapter_bytes_up"] == sum(c.bytes_up for c in clients)
+        assert budget["adapter_bytes_down"] == sum(c.bytes_down for c in clients)
         assert budget["one_time_bytes"] == RunFolder(out / method).delivered_bytes() > 0
     assert [r["round"] for r in data["zero-shot"]["rounds"]] == [0]  # evaluated, never trained
-    zero_shot, offsite_round0 = data["zero-shot"]["rounds"][0], RunFolder(out / "offsite").rounds()[0]["eval"]
+    zero_shot, offsite_round0 = data["zero-shot"]["rounds"][0], RunFolder(out / "offsite").rounds()[0].scores
     assert [zero_shot[m]["acc"] for m in ("plugin", "emulator")] == [offsite_round0[m]["acc"] for m in
                                                                      ("plugin", "emulator")]
     offsite, full = data["offsite"], data["fedavg-full"]
@@ -44,7 +44,7 @@ def test_report_of_offsite_and_fedavg_full(tiny_lm_dir, tmp_path):
     assert offsite["communication"]["adapter_bytes_up"] < full["communication"]["adapter_bytes_up"]
 
     text = report.read_text()
-    final = RunFolder(out / "offsite").rounds()[-1]["eval"]
+    final = RunFolder(out / "offsite").rounds()[-1].scores
     assert f"| Offsite plug-in (full model + adapter) | {final['plugin']['acc']:.3f}" in text
     for row in ("Full zero-shot", "Emulator zero-shot", "FedAvg full fine-tuning", "Offsite emulator"):
         assert row in text
@@ -65,7 +65,7 @@ def test_report_compares_distilled_and_plain_emulators(tiny_lm_dir, tmp_path):
     record = data["distilled"]["distillation"]
     assert record["steps"] == 3 and len(record["losses"]) == 3
     # The run's emulator is the distilled one: its zero-shot differs from the plain emulator's.
-    plain, distilled = (RunFolder(out / n).rounds()[0]["eval"]["emulator"] for n in ("offsite", "distilled"))
+    plain, distilled = (RunFolder(out / n).rounds()[0].scores["emulator"] for n in ("offsite", "distilled"))
     assert plain["acc"] == data["offsite"]["rounds"][0]["emulator"]["acc"]
     assert "Distilled emulator zero-shot [distilled]" in report and "| Emulator zero-shot " in report
     assert "| distilled emulator (emulator + adapter)" in report and "| Offsite plug-in" in report
@@ -96,8 +96,8 @@ def test_compare_command_through_flower_simulation(tiny_lm_dir, tmp_path, capsys
     assert sorted(node["emulator_layers"] for node in delivery["nodes"].values()) == [1, 2]
     assert "re-aligned its emulator before every round" in (tmp_path / "out" / "report.md").read_text()
     (trained,) = RunFolder(tmp_path / "out" / "offsite").rounds()[1:]
-    assert set(trained["realign"]["emulators"]) == {"1", "2"}  # each emulator in use, re-aligned
-    assert all(c["realign_bytes_down"] > 0 for c in trained["clients"])  # a failed apply fails
+    assert set(trained.realign.emulators) == {1, 2}  # each emulator in use, re-aligned
+    assert all(c.realign_bytes_down > 0 for c in trained.clients)  # a failed apply fails
     stamp = (tmp_path / "out" / "offsite" / "metrics.jsonl").stat().st_mtime
     assert main(["compare", str(config)]) == 0  # finished methods are not rerun
     assert (tmp_path / "out" / "offsite" / "metrics.jsonl").stat().st_mtime == stamp

@@ -347,7 +347,7 @@ def test_eval_every_scores_the_named_rounds_and_the_report_skips_the_others(tiny
     rounds = rounds_of(tmp_path / "out" / "offsite")
     assert [sorted(r["eval"]) for r in rounds] == [["emulator", "plugin"], [], ["emulator", "plugin"],
                                                    ["emulator", "plugin"]]
-    assert round_table(rounds).splitlines()[3].startswith("| 1     | -")
+    assert round_table(RunFolder(tmp_path / "out" / "offsite").rounds()).splitlines()[3].startswith("| 1     | -")
     report = json.loads((write_report(tmp_path / "out", ["offsite"]).parent / "report.json").read_text())
     assert [r["round"] for r in report["offsite"]["rounds"]] == [0, 2, 3]
 

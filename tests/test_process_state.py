@@ -12,9 +12,12 @@ from fl_offsite.config.sections import LoraSpec, Tuning
 from fl_offsite.config.settings import Settings
 from fl_offsite.surgery.split import plan_split
 from fl_offsite.surgery.tuning import apply_tuning
+from fl_offsite.testing.flower import NoOwner
 from fl_offsite.testing.models import tiny_model
 from strategies.aggregation import aggregation_strategy
-from strategies.offsite import LEARNED, OffsiteStrategy, seeded_global_random
+from strategies.offsite import LEARNED, OffsiteStrategy
+from strategies.policy import Exchange, RoundPolicy
+from strategies.sampling import seeded_global_random
 
 
 @pytest.mark.parametrize("tuning", [Tuning("lora", LoraSpec()), Tuning("bottleneck", bottleneck_size=4)],
@@ -43,9 +46,8 @@ def test_node_sampling_is_seeded_without_touching_the_global_random_stream():
 
 def _strategy(name: str) -> OffsiteStrategy:
     settings = Settings.from_config({"strategy.name": name})
-    return OffsiteStrategy(aggregation_strategy(settings.strategy, settings.dp, 4), reference={},
-                           evaluate_payload=lambda rnd, payload: {}, run=None, lr_at=lambda rnd: 1.0, min_replies=1,
-                           seed=0, base_config={}, node_config={})
+    return OffsiteStrategy(aggregation_strategy(settings.strategy, settings.dp, 4), NoOwner(), run=None,
+                           policy=RoundPolicy(min_replies=1, seed=0, lr_at=lambda rnd: 1.0), exchange=Exchange({}))
 
 
 @pytest.mark.parametrize("name, learned", [("fedadam", {"m_t", "v_t"}), ("fedavgm", {"momentum_vector"}),

@@ -9,6 +9,7 @@ from fl_offsite.cli.main import main
 from fl_offsite.config.sections import LoraSpec, Tuning
 from fl_offsite.config.settings import Settings
 from fl_offsite.errors import UserError
+from fl_offsite.run.folder import RunFolder
 from fl_offsite.surgery.payload import get_payload, plug_in, set_payload
 from fl_offsite.surgery.split import build_emulator, plan_split, save_adapter
 from fl_offsite.surgery.tuning import apply_tuning, prepare_for_adapter, tuned_names
@@ -55,7 +56,7 @@ def test_merged_adapter_plugged_into_the_full_model_equals_the_tuned_model(kind,
     with torch.no_grad():
         expected = full(input_ids=ids).logits
 
-    owner = ModelOwner(Settings.from_config({}), full, None, plan, None, tmp_path, None, tuning, tmp_path)
+    owner = ModelOwner(Settings.from_config({}), full, None, plan, None, tmp_path, None, tuning, RunFolder(tmp_path))
     file_name, adapter = final_weights(owner, trained)
     assert file_name == "adapter.safetensors"
     save_adapter(tmp_path / file_name, adapter, plan)
@@ -101,7 +102,7 @@ def test_bitfit_needs_biases():
 
 def test_plug_in_command_refuses_bottleneck_adapters(tmp_path, capsys):
     plan, tuning, full, _ = _tuned("bottleneck")
-    owner = ModelOwner(Settings.from_config({}), full, None, plan, None, tmp_path, None, tuning, tmp_path)
+    owner = ModelOwner(Settings.from_config({}), full, None, plan, None, tmp_path, None, tuning, RunFolder(tmp_path))
     _, adapter = final_weights(owner, get_payload(full, tuned_names(tuning, full, plan)))
     save_adapter(tmp_path / "adapter.safetensors", adapter, plan)
     folder = save_tiny_model("gpt2", tmp_path / "gpt2")

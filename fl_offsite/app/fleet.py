@@ -34,7 +34,7 @@ from fl_offsite.learn.train import HALF, answer_loss, freeze_except, half_frozen
 from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.surgery.split import SplitPlan
 
-SMALLER_EVAL, SMALLER_SPLIT = "emulator-k", "split-k"  # a smaller emulator's scores (emulator-k2) and folder
+SMALLER_EVAL = "emulator-k"  # a smaller emulator's scores (emulator-k2); its folder: RunFolder.smaller_split
 # Peak memory per byte of saved activations: they, plus the gradients backward makes of them. Fitted to the
 # measured peaks of benchmarks/footprint.py (SmolLM2-135M, CPU, bf16: each middle block adds 72 MB measured,
 # 40 MB counting the saved activations once, 73 MB counting them twice).

@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fl_offsite.app.fleet import SMALLER_EVAL, SMALLER_SPLIT, choose_layers, measure_footprint
+from fl_offsite.app.fleet import SMALLER_EVAL, choose_layers, measure_footprint
 from fl_offsite.app.profile import NodeProfile
 from fl_offsite.config.sections import EmulatorRecipe, Tuning
 from fl_offsite.config.settings import Settings
@@ -28,6 +28,8 @@ from fl_offsite.files import json_digest, write_json
 from fl_offsite.learn.evaluate import evaluate_task
 from fl_offsite.learn.train import half_weights, precision_autocast
 from fl_offsite.logs import clock_time
+from fl_offsite.run.folder import ADAPTER, LORA, MODEL, AfterRound, RunFolder
+from fl_offsite.run.records import RealignRecord, RoundRecord
 from fl_offsite.surgery.payload import extract_adapter, get_payload, set_payload
 from fl_offsite.surgery.split import EMULATOR_DIR, SplitPlan, write_split
 from fl_offsite.surgery.tuning import apply_tuning, tuned_names
@@ -50,6 +52,8 @@ class ModelOwner:
 
     ``plan``, ``emulator`` and ``base_folder`` are the configured emulator's (``split.emulator-layers`` = k);
     ``smaller`` holds the smaller ones a heterogeneous fleet's nodes train on, by k (see fl_offsite.app.fleet).
+    It implements the offsite strategy's owner hooks (strategies.policy.OwnerHooks): evaluate, after a round
+    (``outputs``), and re-align (``realigner``, from :meth:`start_realignment`).
     """
 
     settings: Settings
@@ -60,11 +64,13 @@ class ModelOwner:
     base_folder: Path  # the model delivered once to every node
     task: TaskData
     tuning: Tuning
-    run_dir: Path
+    run: RunFolder
     smaller: dict[int, Emulator] = field(default_factory=dict)
+    realigner: Realignment | None = None  # the emulators' per-round re-alignment, if the run re-aligns
+    outputs: AfterRound | None = None  # what the run writes after each round (fl_offsite.run.outputs)
 
     @classmethod
-    def prepare(cls, settings: Settings, run_dir: Path) -> ModelOwner:
+    def prepare(cls, settings: Settings, run: RunFolder) -> ModelOwner:
         began = time.perf_counter()
         model, tokenizer = load_model(settings.model)
         model.to(best_device())
@@ -75,27 +81,26 @@ class ModelOwner:
                  clock_time(time.perf_counter() - began))
         if settings.method.trains_full_model:
             plan, emulator = None, None
-            base_folder = _model_folder(settings.model, model, tokenizer, run_dir)
+            base_folder = _model_folder(settings.model, model, tokenizer, run.full_model)
         else:
-            plan, emulator, base_folder = _emulator_split(settings, settings.emulator, model, tokenizer,
-                                                          run_dir / "split")
+            plan, emulator, base_folder = _emulator_split(settings, settings.emulator, model, tokenizer, run.split)
             log.info("model owner: emulator (%s) ready after %s", settings.emulator.describe(),
                      clock_time(time.perf_counter() - began))
         tuning = settings.tuning
         model = apply_tuning(tuning, model, plan, seed=settings.seed)
         emulator = emulator and apply_tuning(tuning, emulator, plan, seed=settings.seed)
-        return cls(settings, model, tokenizer, plan, emulator, base_folder, task, tuning, run_dir)
+        return cls(settings, model, tokenizer, plan, emulator, base_folder, task, tuning, run)
 
     def emulator_for(self, k: int) -> Emulator:
         """The emulator with ``k`` middle blocks: the configured one, or a smaller one prepared once (by the
-        same recipe: layer rule and distillation) and written to ``<run>/split-k<k>``."""
+        same recipe: layer rule and distillation) and written to the run's ``smaller_split(k)``."""
         if k == self.plan.emulator_layers:
             return Emulator(self.plan, self.emulator, self.base_folder)
         if k not in self.smaller:
             began = time.perf_counter()
             recipe = replace(self.settings.emulator, emulator_layers=k, drop_ratio=None)
             plan, emulator, folder = _emulator_split(self.settings, recipe, self.model_without_tuning(), self.tokenizer,
-                                                     self.run_dir / f"{SMALLER_SPLIT}{k}")
+                                                     self.run.smaller_split(k))
             self.smaller[k] = Emulator(plan, apply_tuning(self.tuning, emulator, plan, seed=self.settings.seed), folder)
             log.info("model owner: emulator %s for the fleet ready in %s", plan.name,
                      clock_time(time.perf_counter() - began))
@@ -132,17 +137,37 @@ class ModelOwner:
                 log.warning("model owner: node %s refused: %s", node, err)
         return {node: self.emulator_for(k) for node, k in chosen.items()}, refused
 
-    def realignment(self) -> Realignment | None:
-        """The per-round re-alignment (``realign.*``) of every emulator prepared: the configured one and a fleet's
-        smaller ones (call it after the delivery); None when it is off or the run trains the full model."""
+    def start_realignment(self) -> None:
+        """Set up the per-round re-alignment (``realign.*``) of every emulator prepared: the configured one and a
+        fleet's smaller ones (call it after the delivery); nothing when it is off or the run trains the full
+        model."""
         s = self.settings.realign
         if not s.enabled or self.plan is None:
-            return None
+            return
         blocks = public_blocks(s, self.settings.emulator, self.model, self.tokenizer, self.settings.task,
                                self.settings.num_rounds)
         emulators = {self.plan.emulator_layers: (self.plan, self.emulator)}
         emulators.update({k: (e.plan, e.model) for k, e in self.smaller.items()})
-        return Realignment(s, self.model, emulators, self.load_payload, blocks, pad_id(self.tokenizer))
+        self.realigner = Realignment(s, self.model, emulators, self.load_payload, blocks, pad_id(self.tokenizer))
+
+    def realign(self, rnd: int, payload: dict[str, torch.Tensor]) -> RealignRecord | None:
+        """Re-align every emulator to ``payload`` before round ``rnd`` (0: before its evaluation); None when
+        nothing was done."""
+        done = self.realigner.before_round(rnd, payload) if self.realigner else None
+        return RealignRecord.from_json(done) if done else None
+
+    def realign_factors(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Each emulator's re-alignment factors, by k ({} without re-alignment)."""
+        return self.realigner.factors() if self.realigner else {}
+
+    def restore_factors(self, factors: dict[int, dict[str, torch.Tensor]]) -> None:
+        if self.realigner is not None:
+            self.realigner.restore(factors)
+
+    def after_round(self, record: RoundRecord, payload: dict[str, torch.Tensor]) -> None:
+        """Once round ``record.round`` is kept: the run's outputs of that round."""
+        if self.outputs is not None:
+            self.outputs(record, payload)
 
     def payload_names(self, model: PreTrainedModel, plan: SplitPlan | None = None) -> dict[str, str]:
         """Travelling name -> parameter name in ``model``: the full model, or an emulator of ``plan`` (the
@@ -217,12 +242,12 @@ def state_digest(model: torch.nn.Module) -> str:
 def final_weights(owner: ModelOwner, payload: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
     """The file name and tensors to keep at the end: the adapter (LoRA merged in) or the payload."""
     if owner.plan is None:
-        return ("lora.safetensors" if isinstance(owner.model, PeftModel) else "model.safetensors"), payload
+        return (LORA if isinstance(owner.model, PeftModel) else MODEL), payload
     model = owner.model
     owner.load_payload(model, payload)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    return "adapter.safetensors", extract_adapter(model, owner.plan)
+    return ADAPTER, extract_adapter(model, owner.plan)
 
 
 def _emulator_split(settings: Settings, recipe: EmulatorRecipe, model: PreTrainedModel,
@@ -235,12 +260,11 @@ def _emulator_split(settings: Settings, recipe: EmulatorRecipe, model: PreTraine
     return plan, emulator, split_dir / EMULATOR_DIR
 
 
-def _model_folder(name: str, model: PreTrainedModel, tokenizer, run_dir: Path) -> Path:
-    """A local folder holding the full model (saved into the run folder when it came from the hub)."""
+def _model_folder(name: str, model: PreTrainedModel, tokenizer, folder: Path) -> Path:
+    """A local folder holding the full model (saved into ``folder`` when it came from the hub)."""
     path = Path(resolve_model_path(name))
     if path.is_dir():
         return path
-    folder = run_dir / "full-model"
     if not folder.is_dir():
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

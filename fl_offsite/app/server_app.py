@@ -3,26 +3,26 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_offsite.app.delivery import ModelPackage, ask_profiles, deliver
-from fl_offsite.app.fleet import SMALLER_SPLIT
 from fl_offsite.app.owner import ModelOwner, lr_schedule
 from fl_offsite.config.settings import Settings, validate
 from fl_offsite.errors import UserError
 from fl_offsite.learn.train import HALF
 from fl_offsite.logs import log_to_console
-from fl_offsite.run.folder import CHECKPOINT, DELIVERY, RunFolder
-from fl_offsite.run.outputs import CARD, after_round, save_final
-from fl_offsite.run.tensorboard import TENSORBOARD_DIR, TensorBoardLog
-from fl_offsite.surgery.lora import PEFT_DIR
+from fl_offsite.run.folder import Checkpoint, RunFolder
+from fl_offsite.run.outputs import after_round, save_final
+from fl_offsite.run.records import RoundRecord
+from fl_offsite.run.tensorboard import TensorBoardLog
 from strategies.aggregation import aggregation_strategy
-from strategies.offsite import OffsiteStrategy, evaluation_record
+from strategies.offsite import OffsiteStrategy
+from strategies.policy import Exchange, RoundPolicy
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -42,65 +42,101 @@ def run_federated(grid: Grid, config: dict) -> Path:
     """Run (or resume) one federated run described by ``config``; return its results folder."""
     settings = Settings.from_config(config)
     run = RunFolder(Path(settings.results.dir).expanduser().resolve())
+    checkpoint = _resume_point(run, settings, config)
+    owner = ModelOwner.prepare(settings, run)
+    payload = _start_payload(owner, run, checkpoint)
+    done = checkpoint.round if checkpoint else 0
+    if not settings.method.trains:  # zero-shot: the full model and the emulator, evaluated
+        _zero_shot(owner, run, payload)
+    elif done >= settings.num_rounds:
+        log.info("%s already finished %d rounds", run.root, done)
+    else:
+        _train(grid, owner, run, payload, checkpoint)
+        log.info("Results in %s", run.root)
+    return run.root
+
+
+def _resume_point(run: RunFolder, settings: Settings, config: dict) -> Checkpoint | None:
+    """The checkpoint to resume from, if any (without one, an earlier run's records are cleared); then
+    ``config`` is written to the run."""
     previous = run.read_config()
     if previous is not None and settings.results.resume and _essential(previous) != _essential(config):
         raise UserError(f"{run.root} holds a run with another configuration; choose another results.dir "
-                         "or set results.resume=false")
+                        "or set results.resume=false")
     checkpoint = run.load_checkpoint() if settings.results.resume else None
     if checkpoint is None:
-        run = _fresh(run)
+        run.clear()
     run.write_config(config)
-    owner = ModelOwner.prepare(settings, run.root)
+    return checkpoint
+
+
+def _start_payload(owner: ModelOwner, run: RunFolder, checkpoint: Checkpoint | None) -> dict[str, torch.Tensor]:
+    """The payload the rounds start from: the checkpoint's, or the owner's initial one."""
     initial = owner.initial_payload()
-    if checkpoint and checkpoint.payload.keys() != initial.keys():
+    if checkpoint is None:
+        return initial
+    if checkpoint.payload.keys() != initial.keys():
         raise UserError(f"the checkpoint in {run.root} holds other tensors than this run trains; choose another "
                         "results.dir or set results.resume=false")
     # in the initial payload's order: the checkpoint file's is sorted, and FedAvgM pairs arrays by position
-    payload = {name: checkpoint.payload[name] for name in initial} if checkpoint else initial
-    done = checkpoint.round if checkpoint else 0
-    if not settings.method.trains:  # zero-shot: the full model and the emulator, evaluated
-        record = evaluation_record(0, owner.evaluate(0, payload))
-        run.append_round(record)
-        if settings.results.tensorboard:
-            tracker = TensorBoardLog(run.root / TENSORBOARD_DIR)
-            tracker.write(record)
-            tracker.close()
-        return run.root
-    if done >= settings.num_rounds:
-        log.info("%s already finished %d rounds", run.root, done)
-        return run.root
+    return {name: checkpoint.payload[name] for name in initial}
 
-    timeout = settings.strategy.round_timeout
-    nodes = _wait_for_nodes(grid, settings.strategy.min_available_nodes, timeout)
-    packages, node_config, refused = _packages(grid, owner, nodes, max(timeout, DELIVERY_TIMEOUT_S))
-    sent = deliver(grid, packages, timeout=max(timeout, DELIVERY_TIMEOUT_S))
-    run.record_delivery({n: (p.digest, p.nbytes, node_config[n]["emulator-layers"]) for n, p in packages.items()},
-                        sent, refused)
-    tracker = TensorBoardLog(run.root / TENSORBOARD_DIR, first_round=done + 1 if done else 0) \
+
+def _zero_shot(owner: ModelOwner, run: RunFolder, payload: dict[str, torch.Tensor]) -> None:
+    record = RoundRecord(0, owner.evaluate(0, payload))
+    run.append_round(record)
+    if owner.settings.results.tensorboard:
+        tracker = TensorBoardLog(run.tensorboard)
+        tracker.write(record)
+        tracker.close()
+
+
+def _train(grid: Grid, owner: ModelOwner, run: RunFolder, payload: dict[str, torch.Tensor],
+           checkpoint: Checkpoint | None) -> None:
+    """Deliver the models, run the rounds left, and keep the final weights."""
+    settings, done = owner.settings, checkpoint.round if checkpoint else 0
+    packages, node_config = _deliver(grid, owner, run)
+    tracker = TensorBoardLog(run.tensorboard, first_round=done + 1 if done else 0) \
         if settings.results.tensorboard else None
-    answers = owner.task.answers()
-    strategy = OffsiteStrategy(
-        aggregation_strategy(settings.strategy, settings.dp, len(packages)), reference=payload,
-        evaluate_payload=owner.evaluate, run=run,
-        lr_at=lr_schedule(settings.train.lr, settings.lr_schedule, settings.num_rounds),
-        min_replies=settings.strategy.min_train_nodes, seed=settings.seed,
-        base_config={"task-answers": json.dumps(answers) if answers else ""}, node_config=node_config,
-        rounds_done=done, max_update_norm=settings.strategy.max_update_norm,
-        round_timeout=timeout, after_round=after_round(owner, run, len(packages), tracker),
-        payload_kind=owner.tuning.payload_kind(owner.plan), realignment=owner.realignment())
+    owner.outputs = after_round(owner, run, len(packages), tracker)
+    strategy = _strategy(owner, run, payload, node_config, done)
     if checkpoint:
         strategy.restore(checkpoint.strategy_state)
         log.info("Resuming %s after round %d", run.root, done)
     try:
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(payload),
-                                num_rounds=settings.num_rounds - done, timeout=timeout,
+                                num_rounds=settings.num_rounds - done, timeout=settings.strategy.round_timeout,
                                 evaluate_fn=strategy.evaluate)
     finally:
         if tracker is not None:
             tracker.close()
     save_final(owner, run, result.arrays.to_torch_state_dict(), len(packages))
-    log.info("Results in %s", run.root)
-    return run.root
+
+
+def _deliver(grid: Grid, owner: ModelOwner, run: RunFolder) -> tuple[dict[int, ModelPackage], dict[int, dict]]:
+    """Deliver each node's model once, and record it; return the packages and each node's per-node keys."""
+    timeout = owner.settings.strategy.round_timeout
+    nodes = _wait_for_nodes(grid, owner.settings.strategy.min_available_nodes, timeout)
+    packages, node_config, refused = _packages(grid, owner, nodes, max(timeout, DELIVERY_TIMEOUT_S))
+    sent = deliver(grid, packages, timeout=max(timeout, DELIVERY_TIMEOUT_S))
+    run.record_delivery({n: (p.digest, p.nbytes, node_config[n]["emulator-layers"]) for n, p in packages.items()},
+                        sent, refused)
+    return packages, node_config
+
+
+def _strategy(owner: ModelOwner, run: RunFolder, payload: dict[str, torch.Tensor], node_config: dict[int, dict],
+              done: int) -> OffsiteStrategy:
+    """The offsite strategy of ``owner``'s settings, for the nodes of ``node_config``, after ``done`` rounds."""
+    s = owner.settings
+    answers = owner.task.answers()
+    inner = aggregation_strategy(s.strategy, s.dp, len(node_config))
+    policy = RoundPolicy(min_replies=s.strategy.min_train_nodes, seed=s.seed,
+                         lr_at=lr_schedule(s.train.lr, s.lr_schedule, s.num_rounds),
+                         max_update_norm=s.strategy.max_update_norm, round_timeout=s.strategy.round_timeout)
+    exchange = Exchange(payload, owner.tuning.payload_kind(owner.plan), node_config=node_config,
+                        base_config={"task-answers": json.dumps(answers) if answers else ""})
+    owner.start_realignment()
+    return OffsiteStrategy(inner, owner, run, policy, exchange, rounds_done=done)
 
 
 def _packages(grid: Grid, owner: ModelOwner, nodes: list[int], timeout: float
@@ -129,17 +165,6 @@ def _packages(grid: Grid, owner: ModelOwner, nodes: list[int], timeout: float
 def _essential(config: dict) -> dict:
     """The settings a resumed run must share with the interrupted one."""
     return {k: v for k, v in config.items() if not k.startswith(("results.", "eval.")) and k != "num-rounds"}
-
-
-def _fresh(run: RunFolder) -> RunFolder:
-    """Clear the records of an earlier run in the same folder."""
-    for name in ("metrics.jsonl", "adapter.safetensors", "model.safetensors", "lora.safetensors", DELIVERY, CARD):
-        (run.root / name).unlink(missing_ok=True)
-    for name in (CHECKPOINT, PEFT_DIR, TENSORBOARD_DIR):
-        shutil.rmtree(run.root / name, ignore_errors=True)
-    for folder in run.root.glob(f"{SMALLER_SPLIT}*"):  # a fleet's smaller emulators
-        shutil.rmtree(folder, ignore_errors=True)
-    return run
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:

@@ -7,8 +7,9 @@ so ``fl-offsite plug-in`` can write the card of the model it makes.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from fl_offsite.run.records import SCORED, RoundRecord
 from fl_offsite.run.tables import markdown_table
 from fl_offsite.surgery.split import SplitPlan
 
@@ -16,16 +17,15 @@ if TYPE_CHECKING:
     from fl_offsite.config.settings import Settings
 
 
-def run_record(settings: Settings, plan: SplitPlan | None, round_record: dict, num_clients: int,
+def run_record(settings: Settings, plan: SplitPlan | None, round_record: RoundRecord, num_clients: int,
                distillation: dict | None) -> dict:
     """What a card tells about a run, after the round of ``round_record`` (JSON-serialisable)."""
     from fl_offsite.emulator.distill import ppl_summary
 
-    record = {"base_model": settings.model, "task": settings.task, "method": settings.method.name,
-              "strategy": settings.strategy.name, "round": round_record["round"],
+    record: dict[str, Any] = {"base_model": settings.model, "task": settings.task, "method": settings.method.name,
+              "strategy": settings.strategy.name, "round": round_record.round,
               "num_rounds": settings.num_rounds, "clients": num_clients, "seed": settings.seed,
-              "metrics": {model: {k: m[k] for k in ("acc", "acc_stderr", "acc_norm", "n")}
-                          for model, m in round_record["eval"].items()}}
+              "metrics": {model: {k: m[k] for k in SCORED} for model, m in round_record.scores.items()}}
     if plan is not None:
         record["emulator"] = settings.emulator.describe()
         if distillation:
@@ -36,8 +36,8 @@ def run_record(settings: Settings, plan: SplitPlan | None, round_record: dict, n
                                    f"steps, {r.pre_steps} before the first; LoRA r {r.lora_r} on the middle blocks)")
     if (lora := settings.tuning.lora) is not None:
         record["lora"] = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout}
-    if privacy := round_record.get("privacy"):
-        record["privacy"] = privacy
+    if round_record.privacy is not None:
+        record["privacy"] = round_record.privacy.to_json()
     return record
 
 

@@ -14,7 +14,8 @@ from fl_offsite.errors import UserError
 from fl_offsite.files import write_atomic, write_json
 from fl_offsite.logs import clock_time
 from fl_offsite.run.folder import RunFolder
-from fl_offsite.run.tables import bytes_so_far, describe_composition, markdown_table
+from fl_offsite.run.records import RoundRecord
+from fl_offsite.run.tables import describe_composition, markdown_table, mean
 
 log = logging.getLogger(__name__)
 
@@ -99,53 +100,56 @@ def run_compare(plan: ComparePlan) -> Path:
 
 def finished(run_dir: Path, num_rounds: int) -> bool:
     rounds = RunFolder(run_dir).rounds() if run_dir.is_dir() else []
-    return bool(rounds) and rounds[-1]["round"] >= num_rounds
+    return bool(rounds) and rounds[-1].round >= num_rounds
 
 
 def summarize(run_dir: Path) -> dict:
-    """Per-method numbers from a results folder (all measured by the run itself)."""
+    """Per-method numbers from a results folder (all measured by the run itself): report.json's entry."""
     run = RunFolder(run_dir)
     rounds = run.rounds()
-    config = run.read_config()
-    evaluations = [{"round": r["round"], **r["eval"]} for r in rounds if r["eval"]]  # eval.every skips some
-    clients = [c for r in rounds[1:] for c in r["clients"]]
-    distillation = run.distillation()
+    evaluations = [{"round": r.round, **r.scores} for r in rounds if r.scores]  # eval.every skips some
+    summary: dict[str, Any] = {"config": run.read_config(), "rounds": evaluations, "distillation": run.distillation()}
+    trained = [r for r in rounds[1:] if r.clients]
+    clients = [c for r in trained for c in r.clients or []]
     if not clients:  # zero-shot: nothing trained, nothing sent
-        return {"config": config, "rounds": evaluations, "distillation": distillation}
-    def mean(key):
-        return sum(c[key] for c in clients) / len(clients)
+        return summary
     one_time = run.package_bytes()  # what a new client downloads once (cached nodes were sent nothing)
-    per_round = [sum(c["bytes_down"] + c["bytes_up"] + c.get("realign_bytes_down", 0) for c in r["clients"])
-                 / len(r["clients"]) for r in rounds[1:]]
-    realigned = [r["realign"]["seconds"] for r in rounds[1:] if "realign" in r]
-    return {
-        "config": config,
-        "rounds": evaluations,
-        "distillation": distillation,
-        "bytes_down_per_client_round": mean("bytes_down"),
-        "bytes_up_per_client_round": mean("bytes_up"),
+    per_round = [sum(c.bytes_down + c.bytes_up + (c.realign_bytes_down or 0) for c in r.clients or [])
+                 / len(r.clients or []) for r in trained]
+    realigned = [r.realign.seconds for r in rounds[1:] if r.realign]
+    summary.update({
+        "bytes_down_per_client_round": mean(clients, "bytes_down"),
+        "bytes_up_per_client_round": mean(clients, "bytes_up"),
         "one_time_bytes_per_client": one_time,
         "one_time_bytes_sent": run.delivered_bytes(),
         "cumulative_bytes_per_client": _cumulative(one_time, per_round),
-        "client_peak_memory_mb": max(c["peak-memory-mb"] for c in clients),
-        "client_train_seconds_per_round": mean("train-seconds"),
-        "client_tokens_per_s": mean("tokens-per-s"),
-        "trainable_params": int(max(c["trainable-params"] for c in clients)),
-        "round_seconds": sum(r["seconds"] for r in rounds[1:]) / len(rounds[1:]),
+        "client_peak_memory_mb": max(c.peak_memory_mb for c in clients if c.peak_memory_mb is not None),
+        "client_train_seconds_per_round": mean(clients, "train_seconds"),
+        "client_tokens_per_s": mean(clients, "tokens_per_s"),
+        "trainable_params": int(max(c.trainable_params for c in clients if c.trainable_params is not None)),
+        "round_seconds": sum(r.seconds or 0.0 for r in rounds[1:]) / len(rounds[1:]),
         "communication": _communication(rounds, run.delivered_bytes()),
-        **({"realign_bytes_down_per_client_round": sum(c.get("realign_bytes_down", 0) for c in clients) / len(clients),
-            "owner_realign_seconds_per_round": sum(realigned) / len(realigned)} if realigned else {}),
-    }
+    })
+    if realigned:
+        factors = sum(c.realign_bytes_down or 0 for c in clients)
+        summary.update(realign_bytes_down_per_client_round=factors / len(clients),
+                       owner_realign_seconds_per_round=sum(realigned) / len(realigned))
+    return summary
 
 
-def _communication(rounds: list[dict], one_time: int) -> dict:
+def _communication(rounds: list[RoundRecord], one_time: int) -> dict:
     """The run's communication budget: adapter bytes of every round (all clients), running totals, and the
     one-time model deliveries and the emulator re-alignment factors (sent down) apart."""
-    traffic = [{"round": r["round"], **r["communication"]} for r in rounds if "communication" in r]
+    traffic = [{"round": r.round, **r.traffic.to_json()} for r in rounds if r.traffic]
     last = traffic[-1] if traffic else {}
     return {"adapter_bytes_down": last.get("cumulative_bytes_down", 0),
             "adapter_bytes_up": last.get("cumulative_bytes_up", 0), "one_time_bytes": one_time,
             "realign_bytes_down": last.get("cumulative_realign_bytes_down", 0), "rounds": traffic}
+
+
+def _rounds_bytes(communication: dict) -> int:
+    """Everything a run's rounds sent, all clients (its last round's ``Traffic.bytes_so_far``)."""
+    return sum(communication[k] for k in ("adapter_bytes_down", "adapter_bytes_up", "realign_bytes_down"))
 
 
 def _cumulative(one_time: float, per_round: list[float]) -> list[float]:
@@ -248,7 +252,7 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
          "tokens/s", "trainable params", f"bytes vs {BASELINE}", f"memory vs {BASELINE}", f"time vs {BASELINE}"],
         [[m, f"{r['bytes_down_per_client_round'] / 1e6:.1f}", f"{r['bytes_up_per_client_round'] / 1e6:.1f}",
           f"{r['one_time_bytes_per_client'] / 1e6:.1f}",
-          f"{bytes_so_far(r['communication']['rounds'][-1]) / 1e6:.1f}",
+          f"{_rounds_bytes(r['communication']) / 1e6:.1f}",
           f"{r['client_peak_memory_mb']:.0f}",
           f"{r['client_train_seconds_per_round']:.1f}", f"{r['client_tokens_per_s']:.0f}",
           f"{r['trainable_params']:,}", ratio(r, "bytes_down_per_client_round"),

@@ -1,13 +1,14 @@
-"""A run's results folder: config, per-round metrics, checkpoints, final weights.
+"""A run's results folder: config, per-round records, checkpoints, final weights and the other outputs.
 
-Every file is written atomically; a checkpoint is one folder replaced in a single rename,
-so a run killed at any moment resumes from its last complete round.
+:class:`RunFolder` owns every file name in it. Every file is written atomically; a checkpoint is one folder
+replaced in a single rename, so a run killed at any moment resumes from its last complete round.
 """
 from __future__ import annotations
 
 import json
 import logging
 import pickle
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,14 +19,19 @@ import torch
 
 from fl_offsite.errors import UserError
 from fl_offsite.files import atomic_dir, write_atomic, write_json
+from fl_offsite.run.records import RoundRecord
 from fl_offsite.surgery.split import SPLIT_FILE
 from fl_offsite.weights import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
-AfterRound = Callable[[dict, dict[str, torch.Tensor]], None]  # called with a kept round's record and its payload
+AfterRound = Callable[[RoundRecord, dict[str, torch.Tensor]], None]  # a kept round's record and its payload
 
-CONFIG, METRICS, CHECKPOINT, DELIVERY = "config.json", "metrics.jsonl", "checkpoint", "delivery.json"
+CONFIG, METRICS, CHECKPOINT, DELIVERY, CARD = "config.json", "metrics.jsonl", "checkpoint", "delivery.json", "README.md"
+PAYLOAD, STRATEGY_STATE, CHECKPOINT_ROUND = "payload.safetensors", "strategy.pkl", "round.json"  # in checkpoint/
+ADAPTER, MODEL, LORA = "adapter.safetensors", "model.safetensors", "lora.safetensors"  # the final weights
+SPLIT, SMALLER_SPLIT, FULL_MODEL = "split", "split-k", "full-model"  # split-k<k>: a fleet's smaller emulators
+PEFT, TENSORBOARD = "peft", "tensorboard"  # a LoRA run's PEFT adapter folder; results.tensorboard's events
 
 
 @dataclass
@@ -36,9 +42,54 @@ class Checkpoint:
 
 
 class RunFolder:
+    """The results folder ``root`` of one run (created if need be)."""
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def card(self) -> Path:
+        """The run's model card."""
+        return self.root / CARD
+
+    @property
+    def peft(self) -> Path:
+        """A LoRA run's PEFT adapter folder, rewritten after each round."""
+        return self.root / PEFT
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD
+
+    @property
+    def split(self) -> Path:
+        """The configured emulator's split (fl_offsite.surgery.split's folder)."""
+        return self.root / SPLIT
+
+    def smaller_split(self, k: int) -> Path:
+        """The split of a fleet's smaller emulator with ``k`` middle blocks."""
+        return self.root / f"{SMALLER_SPLIT}{k}"
+
+    @property
+    def full_model(self) -> Path:
+        """A copy of a full model that came from the hub, delivered once to full fine-tuning's nodes."""
+        return self.root / FULL_MODEL
+
+    def weights(self, name: str) -> Path:
+        """The final weights ``name``: :data:`ADAPTER`, :data:`MODEL` or :data:`LORA`."""
+        if name not in (ADAPTER, MODEL, LORA):
+            raise ValueError(f"no final weights {name!r}")
+        return self.root / name
+
+    def clear(self) -> None:
+        """Remove an earlier run's records and outputs (the split, a full model's copy and the config stay)."""
+        for name in (METRICS, ADAPTER, MODEL, LORA, DELIVERY, CARD):
+            (self.root / name).unlink(missing_ok=True)
+        for name in (CHECKPOINT, PEFT, TENSORBOARD):
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        for folder in self.root.glob(f"{SMALLER_SPLIT}*"):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def write_config(self, config: dict) -> None:
         write_json(self.root / CONFIG, config)
@@ -47,17 +98,30 @@ class RunFolder:
         path = self.root / CONFIG
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def rounds(self) -> list[dict]:
+    def rounds(self) -> list[RoundRecord]:
+        """The rounds on record, in order; a malformed line is a :class:`UserError` naming it."""
+        return [record for _, record in self._lines()]
+
+    def append_round(self, record: RoundRecord) -> None:
+        """Add one round's line, replacing any line of that round or later (from a crashed run); the earlier
+        lines stay as they were written."""
+        kept = [line for line, earlier in self._lines() if earlier.round < record.round]
+        write_atomic(self.root / METRICS, "\n".join([*kept, json.dumps(record.to_json())]) + "\n")
+
+    def _lines(self) -> list[tuple[str, RoundRecord]]:
         path = self.root / METRICS
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def append_round(self, record: dict) -> None:
-        """Add one round's line, replacing any line of that round or later (from a crashed run)."""
-        kept = [r for r in self.rounds() if r["round"] < record["round"]]
-        lines = [json.dumps(r) for r in [*kept, record]]
-        write_atomic(self.root / METRICS, "\n".join(lines) + "\n")
+        lines = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                lines.append((line, RoundRecord.from_json(json.loads(line))))
+            except ValueError as err:  # json.JSONDecodeError and RecordError are ValueErrors
+                raise UserError(f"{path}, line {number}: {err}; fix or remove the line, or start the run "
+                                "over (results.resume=false)") from err
+        return lines
 
     def record_delivery(self, packages: dict[int, tuple[str, int, int]], bytes_per_node: dict[int, int],
                         refused: dict[int, str] | None = None) -> None:
@@ -77,7 +141,7 @@ class RunFolder:
 
     def distillation(self) -> dict | None:
         """The record of the distilled emulator this run used (``split/split.json``), or None."""
-        path = self.root / "split" / SPLIT_FILE
+        path = self.split / SPLIT_FILE
         return json.loads(path.read_text()).get("distillation") if path.is_file() else None
 
     def package_bytes(self) -> int:
@@ -94,17 +158,17 @@ class RunFolder:
 
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
         with atomic_dir(self.root / CHECKPOINT) as tmp:
-            save_tensors(tmp / "payload.safetensors", ckpt.payload)
-            (tmp / "strategy.pkl").write_bytes(pickle.dumps(ckpt.strategy_state))
-            write_json(tmp / "round.json", {"round": ckpt.round})
+            save_tensors(tmp / PAYLOAD, ckpt.payload)
+            (tmp / STRATEGY_STATE).write_bytes(pickle.dumps(ckpt.strategy_state))
+            write_json(tmp / CHECKPOINT_ROUND, {"round": ckpt.round})
 
     def load_checkpoint(self) -> Checkpoint | None:
         folder = self.root / CHECKPOINT
         if not folder.exists():
             return None
         try:
-            done = json.loads((folder / "round.json").read_text())["round"]
-            state = pickle.loads((folder / "strategy.pkl").read_bytes())
+            done = json.loads((folder / CHECKPOINT_ROUND).read_text())["round"]
+            state = pickle.loads((folder / STRATEGY_STATE).read_bytes())
         except (OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as err:
             raise UserError(f"corrupt checkpoint in {folder} ({err}); delete it to start over") from err
-        return Checkpoint(done, load_tensors(folder / "payload.safetensors"), state)
+        return Checkpoint(done, load_tensors(folder / PAYLOAD), state)

@@ -14,14 +14,14 @@ from fl_offsite.data.models import resolve_model_path
 from fl_offsite.files import write_atomic
 from fl_offsite.logs import clock_time
 from fl_offsite.run.card import model_card, run_record, usage
-from fl_offsite.run.folder import AfterRound, RunFolder
+from fl_offsite.run.folder import LORA, AfterRound, RunFolder
+from fl_offsite.run.records import RoundRecord
 from fl_offsite.run.tensorboard import TensorBoardLog
-from fl_offsite.surgery.lora import PEFT_DIR, save_peft_folder
+from fl_offsite.surgery.lora import save_peft_folder
 from fl_offsite.surgery.split import RUN_METADATA, save_adapter
 from fl_offsite.weights import save_tensors
 
 log = logging.getLogger(__name__)
-CARD = "README.md"  # the run's model card
 
 
 def after_round(owner: ModelOwner, run: RunFolder, num_clients: int,
@@ -30,17 +30,17 @@ def after_round(owner: ModelOwner, run: RunFolder, num_clients: int,
     this round."""
     clock = RoundClock(owner.settings.num_rounds)
 
-    def after(record: dict, payload: dict[str, torch.Tensor]) -> None:
-        clock.tick(record["round"])
+    def after(record: RoundRecord, payload: dict[str, torch.Tensor]) -> None:
+        clock.tick(record.round)
         if tracker is not None:
             tracker.write(record)
-        if record["round"] > 0 and isinstance(owner.model, PeftModel):
+        if record.round > 0 and isinstance(owner.model, PeftModel):
             owner.load_payload(owner.model, payload)
             summary = run_record(owner.settings, owner.plan, record, num_clients, run.distillation())
             base = resolve_model_path(owner.settings.model)
             card = model_card(owner.settings.model, owner.plan, summary,
-                              usage("peft", base, str(run.root / PEFT_DIR)), peft=True)
-            save_peft_folder(owner.model, run.root / PEFT_DIR, card)
+                              usage("peft", base, str(run.peft)), peft=True)
+            save_peft_folder(owner.model, run.peft, card)
     return after
 
 
@@ -67,11 +67,11 @@ def save_final(owner: ModelOwner, run: RunFolder, payload: dict[str, torch.Tenso
     summary = run_record(owner.settings, owner.plan, run.rounds()[-1], num_clients, run.distillation())
     name, final = final_weights(owner, payload)  # merges LoRA into the model: after the last PEFT folder
     if owner.plan:
-        save_adapter(run.root / name, final, owner.plan, run=summary)
+        save_adapter(run.weights(name), final, owner.plan, run=summary)
     else:
-        save_tensors(run.root / name, final, metadata={RUN_METADATA: json.dumps(summary)})
-    weights = "peft" if name == "lora.safetensors" else name
-    path = str(run.root / (PEFT_DIR if weights == "peft" else name))
+        save_tensors(run.weights(name), final, metadata={RUN_METADATA: json.dumps(summary)})
+    weights = "peft" if name == LORA else name
+    path = str(run.peft if weights == "peft" else run.weights(name))
     card = model_card(owner.settings.model, owner.plan, summary,
                       usage(weights, resolve_model_path(owner.settings.model), path), peft=weights == "peft")
-    write_atomic(run.root / CARD, card)
+    write_atomic(run.card, card)

@@ -1,36 +1,40 @@
 """Readable tables of a run's records."""
 from __future__ import annotations
 
-
-def bytes_so_far(traffic: dict) -> int:
-    """Everything the rounds sent up to a round's ``communication`` record, all clients: adapters down and
-    up, and re-alignment factors down (the one-time model deliveries apart)."""
-    return sum(traffic.get(f"cumulative_{k}", 0) for k in ("bytes_down", "bytes_up", "realign_bytes_down"))
+from fl_offsite.run.records import ClientReport, RoundRecord
 
 
-def round_table(rounds: list[dict]) -> str:
+def mean(clients: list[ClientReport], metric: str) -> float | None:
+    """The mean of a client ``metric`` (a :class:`ClientReport` attribute) over the clients that sent it."""
+    values = [value for c in clients if (value := getattr(c, metric)) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def round_table(rounds: list[RoundRecord]) -> str:
     """One line per round: accuracy of every evaluated model, train loss, bytes, time, memory."""
-    models = list(rounds[0]["eval"]) if rounds else []
+    models = list(rounds[0].scores) if rounds else []
     head = ["round", *(f"{m} acc" for m in models), "train loss", "MB down/client", "MB up/client",
             "MB so far (all)", "round s", "client peak MB"]
-    rows = []
-    for record in rounds:
-        clients = record.get("clients", [])
+    return markdown_table(head, [_row(record, models) for record in rounds])
 
-        def mean(key: str, clients: list[dict] = clients) -> float:
-            return sum(c[key] for c in clients) / len(clients) if clients else float("nan")
-        rows.append([
-            str(record["round"]),
-            *(f"{record['eval'][m]['acc']:.3f}" if record["eval"] else "-" for m in models),  # eval.every skips some
-            f"{mean('train-loss'):.4f}" if clients else "-",
-            f"{mean('bytes_down') / 1e6:.1f}" if clients else "-",
-            f"{mean('bytes_up') / 1e6:.1f}" if clients else "-",
-            f"{bytes_so_far(traffic) / 1e6:.1f}"
-            if (traffic := record.get("communication")) else "-",
-            f"{record['seconds']:.0f}" if "seconds" in record else "-",
-            f"{max(c['peak-memory-mb'] for c in clients):.0f}" if clients else "-",
-        ])
-    return markdown_table(head, rows)
+
+def _row(record: RoundRecord, models: list[str]) -> list[str]:
+    clients = record.clients or []
+    peaks = [c.peak_memory_mb for c in clients if c.peak_memory_mb is not None]
+    return [
+        str(record.round),
+        *(_format(record.scores.get(m, {}).get("acc"), ".3f") for m in models),  # eval.every skips some
+        _format(mean(clients, "train_loss"), ".4f"),
+        _format(mean(clients, "bytes_down"), ".1f", 1e6),
+        _format(mean(clients, "bytes_up"), ".1f", 1e6),
+        _format(record.traffic.bytes_so_far() if record.traffic else None, ".1f", 1e6),
+        _format(record.seconds, ".0f"),
+        _format(max(peaks, default=None), ".0f"),
+    ]
+
+
+def _format(value: float | None, spec: str, unit: float = 1.0) -> str:
+    return "-" if value is None else format(value / unit, spec)
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:

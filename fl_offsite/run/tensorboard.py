@@ -6,37 +6,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TENSORBOARD_DIR = "tensorboard"
+from fl_offsite.run.records import RoundRecord
+from fl_offsite.run.tables import mean
 
 
-def round_scalars(record: dict) -> dict[str, float]:
-    """TensorBoard tags and values of one round's record (metrics.jsonl line)."""
-    scalars = {}
-    for model, metrics in record["eval"].items():
+def round_scalars(record: RoundRecord) -> dict[str, float]:
+    """TensorBoard tags and values of one round's record: every part it has (a part absent, no tags)."""
+    scalars: dict[str, float | None] = {}
+    for model, metrics in record.scores.items():
         scalars[f"eval/{model}/acc"] = metrics["acc"]
         scalars[f"eval/{model}/acc_norm"] = metrics["acc_norm"]
-    if clients := record.get("clients"):
-        def mean(key):
-            return sum(c[key] for c in clients) / len(clients)
-        scalars.update({"train/loss": mean("train-loss"), "train/client_seconds": mean("train-seconds"),
-                        "train/clients": len(clients), "train/lr": record["lr"],
-                        "time/round_seconds": record["seconds"]})
-    if traffic := record.get("communication"):
-        for way in ("down", "up"):
-            scalars[f"communication/MB_{way}"] = traffic[f"bytes_{way}"] / 1e6
-            scalars[f"communication/MB_{way}_cumulative"] = traffic[f"cumulative_bytes_{way}"] / 1e6
-        if "realign_bytes_down" in traffic:
-            scalars["communication/realign_MB_down"] = traffic["realign_bytes_down"] / 1e6
-    if realign := record.get("realign"):
-        scalars["realign/owner_seconds"] = realign["seconds"]
-        for k, r in realign["emulators"].items():  # fl_offsite.emulator.realign's record of emulator k
-            scalars[f"realign/k{k}_error_before"] = r["error_before"]
-            scalars[f"realign/k{k}_error_after"] = r["error_after"]
-            if r["losses"]:
-                scalars[f"realign/k{k}_last_loss"] = r["losses"][-1]
-    if privacy := record.get("privacy"):
-        scalars["privacy/epsilon"] = privacy["epsilon"]
-    return scalars
+    if clients := record.clients:
+        scalars.update({"train/loss": mean(clients, "train_loss"), "train/clients": len(clients),
+                        "train/client_seconds": mean(clients, "train_seconds")})
+    scalars.update({"train/lr": record.lr, "time/round_seconds": record.seconds})
+    if traffic := record.traffic:
+        for way, now, so_far in (("down", traffic.bytes_down, traffic.cumulative_bytes_down),
+                                 ("up", traffic.bytes_up, traffic.cumulative_bytes_up)):
+            scalars.update({f"communication/MB_{way}": now / 1e6, f"communication/MB_{way}_cumulative": so_far / 1e6})
+        if traffic.realign_bytes_down is not None:
+            scalars["communication/realign_MB_down"] = traffic.realign_bytes_down / 1e6
+    if realign := record.realign:
+        scalars["realign/owner_seconds"] = realign.seconds
+        for k, r in realign.emulators.items():
+            scalars.update({f"realign/k{k}_error_before": r.error_before, f"realign/k{k}_error_after": r.error_after,
+                            f"realign/k{k}_last_loss": r.losses[-1] if r.losses else None})
+    if privacy := record.privacy:
+        scalars["privacy/epsilon"] = privacy.epsilon
+    return {tag: value for tag, value in scalars.items() if value is not None}
 
 
 class TensorBoardLog:
@@ -47,9 +44,9 @@ class TensorBoardLog:
 
         self.writer = SummaryWriter(str(folder), purge_step=first_round or None)
 
-    def write(self, record: dict) -> None:
+    def write(self, record: RoundRecord) -> None:
         for tag, value in round_scalars(record).items():
-            self.writer.add_scalar(tag, value, global_step=record["round"])
+            self.writer.add_scalar(tag, value, global_step=record.round)
         self.writer.flush()
 
     def close(self) -> None:

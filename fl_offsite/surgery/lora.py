@@ -24,7 +24,6 @@ from fl_offsite.surgery.blocks import find_blocks
 from fl_offsite.surgery.split import SplitPlan, block_part
 
 PEFT_PREFIX = "base_model.model."
-PEFT_DIR = "peft"  # a run's PEFT adapter folder (LoRA methods)
 
 
 

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_offsite.config.settings import validate
+from fl_offsite.run.folder import METRICS
 
 
 class InProcessGrid(Grid):
@@ -77,6 +78,26 @@ class InProcessGrid(Grid):
         return replies
 
 
+class NoOwner:
+    """Owner hooks (strategies.policy.OwnerHooks) that score nothing, keep nothing and never re-align: for
+    driving the offsite strategy without a model owner."""
+
+    def evaluate(self, rnd: int, payload: dict) -> dict[str, dict]:
+        return {}
+
+    def after_round(self, record, payload: dict) -> None:
+        pass
+
+    def realign(self, rnd: int, payload: dict) -> None:
+        return None
+
+    def realign_factors(self) -> dict:
+        return {}
+
+    def restore_factors(self, factors: dict) -> None:
+        raise AssertionError("no re-alignment to restore")
+
+
 def tiny_config(model_dir, results_dir, **overrides) -> dict:
     """A run config small enough for a test: a 6-block tiny model, 2 rounds of 2 steps, 6 test examples."""
     return validate({
@@ -100,8 +121,8 @@ def of_type(grid: InProcessGrid, kind: str) -> list[Message]:
 
 
 def rounds_of(run_dir) -> list[dict]:
-    """The round records of a run folder (metrics.jsonl)."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The round records of a run folder, as written (metrics.jsonl's JSON lines)."""
+    return [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
 
 
 def wait_until(condition: Callable, process: subprocess.Popen, what: str, log: Callable[[], str],
