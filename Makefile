@@ -31,7 +31,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 # keep 2 cores busy.
 TEST_WORKERS ?= 4
 lint: setup-test
-	$(BIN)/ruff check fl_offsite strategies
+	$(BIN)/ruff check fl_offsite strategies benchmarks
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal

@@ -1,7 +1,7 @@
 """The inner aggregation strategy, one of Flower's own, chosen by ``strategy.name``."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.serverapp import strategy as fl
 
@@ -19,9 +19,9 @@ def aggregation_strategy(settings: StrategySettings, dp: PrivacySettings, num_no
     """
     # ``num_nodes`` are the nodes that can train (delivered a model): Flower's sampling waits, without a timeout,
     # for min_available_nodes of them, so a node refused at delivery must not count towards it
-    common = dict(fraction_train=settings.fraction_train, fraction_evaluate=0.0,
-                  min_train_nodes=settings.min_train_nodes,
-                  min_available_nodes=min(settings.min_available_nodes, num_nodes))
+    common: dict[str, Any] = dict(fraction_train=settings.fraction_train, fraction_evaluate=0.0,
+                                  min_train_nodes=settings.min_train_nodes,
+                                  min_available_nodes=min(settings.min_available_nodes, num_nodes))
     if dp.enabled:
         return _private(fl.FedAvg(**common, weighted_by_key="train-steps"), settings, dp, num_nodes)
     s = settings

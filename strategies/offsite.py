@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -72,7 +73,8 @@ class OffsiteStrategy(Strategy):
         realigned = self.owner.realign(rnd, self._global)
         factors = {k: ArrayRecord(f) for k, f in self.owner.realign_factors().items()}
         with seeded_global_random(self.policy.seed * 100_003 + rnd):  # the inner strategy samples the nodes
-            sampled = self.inner.configure_train(rnd, arrays, config, EligibleNodes(grid, self.exchange.node_config))
+            eligible = cast(Grid, EligibleNodes(grid, self.exchange.node_config))  # a view: Grid's duck type
+            sampled = self.inner.configure_train(rnd, arrays, config, eligible)
             messages = [self._for_node(m, factors) for m in sampled]
         down = arrays.count_bytes()
         realign_down = {m.metadata.dst_node_id: m.content["realign"].count_bytes() for m in messages if factors}
@@ -89,7 +91,7 @@ class OffsiteStrategy(Strategy):
         node = message.metadata.dst_node_id
         node_config = self.exchange.node_config[node]
         content = RecordDict(dict(message.content.items()))
-        content["config"] = ConfigRecord({**message.content["config"], **node_config})
+        content["config"] = ConfigRecord({**message.content.config_records["config"], **node_config})
         if factors:
             content["realign"] = factors[node_config["emulator-layers"]]
         return Message(content=content, message_type=message.metadata.message_type, dst_node_id=node,
@@ -258,7 +260,7 @@ class OffsiteStrategy(Strategy):
             if name in state:
                 setattr(self.inner, name, state[name])
         if ACCOUNTANT in state:
-            self.inner.accountant.load_state_dict(state[ACCOUNTANT])
+            getattr(self.inner, "accountant").load_state_dict(state[ACCOUNTANT])  # noqa: B009 - DP wrapper only
         if REALIGNMENT in state:
             self.owner.restore_factors(state[REALIGNMENT])
 

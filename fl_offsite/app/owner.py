@@ -8,9 +8,11 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 from peft import PeftModel
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fl_offsite.app.fleet import SMALLER_EVAL, choose_layers, measure_footprint
@@ -19,7 +21,7 @@ from fl_offsite.config.sections import EmulatorRecipe, Tuning
 from fl_offsite.config.settings import Settings
 from fl_offsite.data.downloads import cache_dir
 from fl_offsite.data.encode import pad_id
-from fl_offsite.data.models import best_device, load_model, resolve_model_path
+from fl_offsite.data.models import best_device, load_model, placed, resolve_model_path
 from fl_offsite.data.tasks import TaskData, load_task
 from fl_offsite.emulator.realign import Realignment, public_blocks
 from fl_offsite.emulator.recipe import prepare_emulator
@@ -42,7 +44,7 @@ class Emulator:
     """An emulator the owner prepared: its split, the model (ready for the run's tuning) and its folder."""
 
     plan: SplitPlan
-    model: PreTrainedModel
+    model: nn.Module  # a PeftModel for the LoRA tunings
     folder: Path  # the model delivered once to the nodes that train on it
 
 
@@ -57,10 +59,10 @@ class ModelOwner:
     """
 
     settings: Settings
-    model: PreTrainedModel
+    model: nn.Module  # a PeftModel for the LoRA tunings
     tokenizer: PreTrainedTokenizerBase
     plan: SplitPlan | None
-    emulator: PreTrainedModel | None
+    emulator: nn.Module | None
     base_folder: Path  # the model delivered once to every node
     task: TaskData
     tuning: Tuning
@@ -68,12 +70,13 @@ class ModelOwner:
     smaller: dict[int, Emulator] = field(default_factory=dict)
     realigner: Realignment | None = None  # the emulators' per-round re-alignment, if the run re-aligns
     outputs: AfterRound | None = None  # what the run writes after each round (fl_offsite.run.outputs)
+    model_path: str = ""  # where the full model was loaded from (a local folder for an offline alias)
 
     @classmethod
     def prepare(cls, settings: Settings, run: RunFolder) -> ModelOwner:
         began = time.perf_counter()
-        model, tokenizer = load_model(settings.model)
-        model.to(best_device())
+        loaded, tokenizer = load_model(settings.model)
+        model = placed(loaded, best_device())
         if tokenizer is None:
             raise UserError(f"{settings.model} has no tokenizer; clients need one to read their data")
         task = load_task(settings.task, seed=settings.seed)
@@ -87,15 +90,23 @@ class ModelOwner:
             log.info("model owner: emulator (%s) ready after %s", settings.emulator.describe(),
                      clock_time(time.perf_counter() - began))
         tuning = settings.tuning
-        model = apply_tuning(tuning, model, plan, seed=settings.seed)
-        emulator = emulator and apply_tuning(tuning, emulator, plan, seed=settings.seed)
-        return cls(settings, model, tokenizer, plan, emulator, base_folder, task, tuning, run)
+        tuned = apply_tuning(tuning, model, plan, seed=settings.seed)
+        tuned_emulator = emulator and apply_tuning(tuning, emulator, plan, seed=settings.seed)
+        return cls(settings, tuned, tokenizer, plan, tuned_emulator, base_folder, task, tuning, run,
+                   model_path=resolve_model_path(settings.model))
+
+    def configured(self) -> tuple[SplitPlan, nn.Module]:
+        """The configured split and emulator (offsite methods; full fine-tuning has none)."""
+        if self.plan is None or self.emulator is None:
+            raise RuntimeError(f"method {self.settings.method.name} trains the full model: there is no emulator")
+        return self.plan, self.emulator
 
     def emulator_for(self, k: int) -> Emulator:
         """The emulator with ``k`` middle blocks: the configured one, or a smaller one prepared once (by the
         same recipe: layer rule and distillation) and written to the run's ``smaller_split(k)``."""
-        if k == self.plan.emulator_layers:
-            return Emulator(self.plan, self.emulator, self.base_folder)
+        plan, emulator = self.configured()
+        if k == plan.emulator_layers:
+            return Emulator(plan, emulator, self.base_folder)
         if k not in self.smaller:
             began = time.perf_counter()
             recipe = replace(self.settings.emulator, emulator_layers=k, drop_ratio=None)
@@ -109,21 +120,22 @@ class ModelOwner:
     def model_without_tuning(self) -> PreTrainedModel:
         """The full model as loaded: LoRA and bottleneck tunings changed ``model`` in place, so it is loaded again."""
         if self.tuning.kind in ("all", "bitfit"):
-            return self.model
+            return cast(PreTrainedModel, self.model)  # these tunings leave the loaded model as it is
         model, _ = load_model(self.settings.model)
-        return model.to(best_device())
+        return placed(model, best_device())
 
     def assign_emulators(self, profiles: dict[int, NodeProfile]) -> tuple[dict[int, Emulator], dict[int, str]]:
         """Each node's emulator (the largest its profile fits, see fl_offsite.app.fleet), and the nodes refused
         (node -> why). Smaller emulators are prepared here, once each."""
-        cap = self.plan.emulator_layers
+        plan, emulator = self.configured()
+        cap = plan.emulator_layers
         if cap < 1 and any(p.to_record() for p in profiles.values()):
-            raise UserError(f"nodes state memory budgets or emulator sizes, but split {self.plan.name} keeps no "
+            raise UserError(f"nodes state memory budgets or emulator sizes, but split {plan.name} keeps no "
                             "middle block to size: set split.emulator-layers >= 1")
         footprint = None
         if any(p.memory_budget_mb is not None and p.emulator_layers is None for p in profiles.values()):
-            trainable = set(self.payload_names(self.emulator).values())
-            footprint = measure_footprint(self.emulator, self.plan, trainable, self.settings.train.batch_size,
+            trainable = set(self.payload_names(emulator).values())
+            footprint = measure_footprint(emulator, plan, trainable, self.settings.train.batch_size,
                                           self.settings.data.max_length, self.settings.train.precision,
                                           self.settings.fleet.overhead_mb)
             log.info("model owner: a client's training footprint, k middle blocks: %s",
@@ -146,7 +158,8 @@ class ModelOwner:
             return
         blocks = public_blocks(s, self.settings.emulator, self.model, self.tokenizer, self.settings.task,
                                self.settings.num_rounds)
-        emulators = {self.plan.emulator_layers: (self.plan, self.emulator)}
+        plan, emulator = self.configured()
+        emulators = {plan.emulator_layers: (plan, emulator)}
         emulators.update({k: (e.plan, e.model) for k, e in self.smaller.items()})
         self.realigner = Realignment(s, self.model, emulators, self.load_payload, blocks, pad_id(self.tokenizer))
 
@@ -169,12 +182,12 @@ class ModelOwner:
         if self.outputs is not None:
             self.outputs(record, payload)
 
-    def payload_names(self, model: PreTrainedModel, plan: SplitPlan | None = None) -> dict[str, str]:
+    def payload_names(self, model: nn.Module, plan: SplitPlan | None = None) -> dict[str, str]:
         """Travelling name -> parameter name in ``model``: the full model, or an emulator of ``plan`` (the
         configured emulator's by default)."""
         return tuned_names(self.tuning, model, plan or self.plan)
 
-    def load_payload(self, model: PreTrainedModel, payload: dict[str, torch.Tensor],
+    def load_payload(self, model: nn.Module, payload: dict[str, torch.Tensor],
                      plan: SplitPlan | None = None) -> None:
         """Check ``payload`` and copy it into ``model`` (the full model, or an emulator of ``plan``)."""
         set_payload(model, payload, self.payload_names(model, plan), self.tuning.payload_kind(self.plan))
@@ -198,7 +211,8 @@ class ModelOwner:
         """
         if not self.settings.eval.due(rnd, self.settings.num_rounds):
             return {}
-        models = {"plugin": (self.model, None)} if self.emulator is not None else {"full": (self.model, None)}
+        models: dict[str, tuple[nn.Module, SplitPlan | None]] = {
+            "plugin" if self.emulator is not None else "full": (self.model, None)}
         if self.emulator is not None:
             models["emulator"] = self.emulator, self.plan
             models.update({f"{SMALLER_EVAL}{k}": (e.model, e.plan) for k, e in sorted(self.smaller.items())})
@@ -211,13 +225,13 @@ class ModelOwner:
                      results["emulator"]["acc"], results["emulator"]["acc"] - results["plugin"]["acc"])
         return results
 
-    def _score(self, model: PreTrainedModel, name: str) -> dict:
+    def _score(self, model: nn.Module, name: str) -> dict:
         e = self.settings.eval
         with half_weights(model, e.precision), precision_autocast(next(model.parameters()).device, e.precision):
             return evaluate_task(model, self.tokenizer, self.task, "test", limit=e.limit or None,
                                  batch_size=e.batch_size, desc=f"scoring {name}")
 
-    def _score_cached(self, model: PreTrainedModel, name: str) -> dict:
+    def _score_cached(self, model: nn.Module, name: str) -> dict:
         e = self.settings.eval
         key = json_digest({"weights": state_digest(model), "task": self.task.name, "seed": self.settings.seed,
                            "limit": e.limit, "batch": e.batch_size, "precision": e.precision})

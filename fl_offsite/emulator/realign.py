@@ -28,7 +28,7 @@ import torch
 from peft import LoraConfig, PeftModel, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from fl_offsite.config.sections import EmulatorRecipe, RealignSettings
@@ -103,7 +103,7 @@ def set_factors(emulator: nn.Module, plan: SplitPlan, factors: dict[str, torch.T
     set_payload(emulator, factors, realign_names(emulator, plan), KIND)
 
 
-def public_blocks(settings: RealignSettings, recipe: EmulatorRecipe, model: PreTrainedModel,
+def public_blocks(settings: RealignSettings, recipe: EmulatorRecipe, model: nn.Module,
                   tokenizer: PreTrainedTokenizerBase, task: str, num_rounds: int) -> list[dict[str, list[int]]]:
     """The owner's tokenized public text for a run of ``num_rounds``: ``recipe``'s corpus (the distillation's,
     refused when it is the task's own text), in sequences of ``settings.block_size`` tokens."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from fl_offsite.config.sections import EmulatorRecipe
 from fl_offsite.data.corpora import MODEL_SAMPLES, check_public, corpus_composition, load_text_corpus, sample_texts
@@ -69,7 +70,7 @@ def prepare_emulator(model_name: str, model: PreTrainedModel, tokenizer: PreTrai
     return plan, placed(emulator, model.device), record
 
 
-def public_texts(corpus: str, split: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: str,
+def public_texts(corpus: str, split: str, model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: str,
                  seed: int, count: int, length: int) -> list[str]:
     """The owner's public text of ``split``: a named corpus (minus the task's own text), or model samples.
 
@@ -79,7 +80,8 @@ def public_texts(corpus: str, split: str, model: PreTrainedModel, tokenizer: Pre
     if corpus != MODEL_SAMPLES:
         return load_text_corpus(corpus, split, seed, exclude_task=task)
     sample_seed = seed if split == "train" else seed + 1_000_003
-    identity = {"model": model.config.to_json_string(use_diff=False), "weights": _weights_digest(model),
+    config = cast(PretrainedConfig, model.config)
+    identity = {"model": config.to_json_string(use_diff=False), "weights": _weights_digest(model),
                 "count": count, "length": length, "seed": sample_seed, "precision": "bf16"}
     path = cache_dir("corpora") / f"model-samples-{json_digest(identity)}.json"
     if path.exists():

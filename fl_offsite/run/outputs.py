@@ -10,7 +10,6 @@ import torch
 from peft import PeftModel
 
 from fl_offsite.app.owner import ModelOwner, final_weights
-from fl_offsite.data.models import resolve_model_path
 from fl_offsite.files import write_atomic
 from fl_offsite.logs import clock_time
 from fl_offsite.run.card import model_card, run_record, usage
@@ -37,9 +36,8 @@ def after_round(owner: ModelOwner, run: RunFolder, num_clients: int,
         if record.round > 0 and isinstance(owner.model, PeftModel):
             owner.load_payload(owner.model, payload)
             summary = run_record(owner.settings, owner.plan, record, num_clients, run.distillation())
-            base = resolve_model_path(owner.settings.model)
             card = model_card(owner.settings.model, owner.plan, summary,
-                              usage("peft", base, str(run.peft)), peft=True)
+                              usage("peft", owner.model_path or owner.settings.model, str(run.peft)), peft=True)
             save_peft_folder(owner.model, run.peft, card)
     return after
 
@@ -73,5 +71,5 @@ def save_final(owner: ModelOwner, run: RunFolder, payload: dict[str, torch.Tenso
     weights = "peft" if name == LORA else name
     path = str(run.peft if weights == "peft" else run.weights(name))
     card = model_card(owner.settings.model, owner.plan, summary,
-                      usage(weights, resolve_model_path(owner.settings.model), path), peft=weights == "peft")
+                      usage(weights, owner.model_path or owner.settings.model, path), peft=weights == "peft")
     write_atomic(run.card, card)
