@@ -1,7 +1,6 @@
 """The model owner's side: the split, the package delivered once, and evaluation."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from fl_offsite.run.records import RealignRecord, RoundRecord
 from fl_offsite.surgery.payload import extract_adapter, get_payload, set_payload
 from fl_offsite.surgery.split import EMULATOR_DIR, SplitPlan, write_split
 from fl_offsite.surgery.tuning import apply_tuning, tuned_names
+from fl_offsite.weights import state_digest
 
 log = logging.getLogger(__name__)
 
@@ -243,14 +243,6 @@ class ModelOwner:
         write_json(path, result)
         return result
 
-
-def state_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every tensor of ``model``'s state (name, dtype, bytes): equal digests, equal weights."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def final_weights(owner: ModelOwner, payload: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
