@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import cast
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -22,7 +23,16 @@ from fl_offsite.run.folder import Checkpoint, RunFolder
 from fl_offsite.run.records import ClientReport, Privacy, Problem, RealignRecord, RoundRecord, Traffic
 from strategies.policy import Exchange, OwnerHooks, Payload, RoundPolicy
 from strategies.sampling import EligibleNodes, seeded_global_random
-from strategies.screening import LATE, Screened, check_update
+from strategies.screening import (
+    LATE,
+    WEIGHTS,
+    Screened,
+    check_update,
+    client_metrics,
+    shown_reason,
+    update_norm,
+    usable_weight,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +115,23 @@ class OffsiteStrategy(Strategy):
         self._check_quorum(rnd, screened)
         self._current().screened = screened
         arrays, metrics = self.inner.aggregate_train(rnd, screened.accepted)
-        return self._as_reference(arrays), metrics
+        return self._checked_aggregate(rnd, self._as_reference(arrays)), metrics
+
+    def _checked_aggregate(self, rnd: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The aggregate if it is finite, its step scaled back to ``policy.max_update_norm`` if set; a non-finite
+        one is dropped (the global payload stays as it was)."""
+        if arrays is None:
+            return None
+        state = arrays.to_torch_state_dict()
+        if not all(torch.isfinite(t).all() for t in state.values()):
+            log.error("round %d: the aggregate is not finite: the global %s stays as it was", rnd, self.exchange.kind)
+            return ArrayRecord(self._global)
+        bound, norm = self.policy.max_update_norm, update_norm(state, self._global)
+        if bound <= 0 or norm <= bound:
+            return arrays
+        log.warning("round %d: the aggregate moved %.4g, beyond strategy.max-update-norm = %g: scaled back", rnd,
+                    norm, bound)
+        return ArrayRecord({k: self._global[k] + (t - self._global[k]) * (bound / norm) for k, t in state.items()})
 
     def _check_and_log_replies(self, rnd: int, replies: Iterable[Message]) -> Screened:
         """Sort round ``rnd``'s replies into accepted updates and problems, and log both (the role of Flower's
@@ -129,13 +155,27 @@ class OffsiteStrategy(Strategy):
                      _or(c.train_seconds, 0.0), _or(c.tokens_per_s, 0.0), _or(c.peak_memory_mb, 0.0))
         for problem in screened.problems:
             log.warning("round %d: node %s %s: %s", rnd, problem.node, problem.kind, problem.reason)
+        self._uniform_if_untrusted(rnd, screened)
         return screened
+
+    def _uniform_if_untrusted(self, rnd: int, screened: Screened) -> None:
+        """Weigh the round's updates equally when a reply's weight is not a count to trust (strategy.max-examples)."""
+        weights = [{k: v for k, v in reply.content.metric_records["metrics"].items() if isinstance(v, int | float)}
+                   for reply in screened.accepted]
+        odd = [c.node for c, w in zip(screened.clients, weights, strict=True)
+               if not all(usable_weight(w, key, self.policy.max_examples) for key in WEIGHTS)]
+        if odd:
+            log.warning("round %d: node(s) %s sent no usable num-examples or train-steps (in (0, strategy."
+                        "max-examples = %d]): this round's updates are weighted equally", rnd, odd,
+                        self.policy.max_examples)
+            for reply in screened.accepted:
+                reply.content["metrics"] = MetricRecord({key: 1 for key in WEIGHTS})
 
     def _screen(self, reply: Message, screened: Screened) -> None:
         """Add one reply to this round's message to ``screened``: failed, rejected or accepted."""
         node, state = reply.metadata.src_node_id, self._current()
         if reply.has_error():
-            screened.problems.append(Problem(node, "failed", reply.error.reason))
+            screened.problems.append(Problem(node, "failed", shown_reason(reply.error.reason)))
             return
         if "arrays" in reply.content.array_records:
             screened.bytes_up += reply.content["arrays"].count_bytes()  # it travelled, whether accepted or not
@@ -144,10 +184,13 @@ class OffsiteStrategy(Strategy):
         if reason:
             screened.problems.append(Problem(node, "rejected", reason))
             return
-        screened.accepted.append(reply)
+        arrays, metrics = reply.content.array_records["arrays"], client_metrics(reply.content.metric_records["metrics"])
         screened.clients.append(ClientReport.of_reply(
             node, state.bytes_down.get(node, 0), state.realign_down[node] if state.realign_down else None,
-            reply.content["arrays"].count_bytes(), norm, dict(reply.content["metrics"])))
+            arrays.count_bytes(), norm, {"num-examples": 0, **metrics}))
+        # What the inner strategy averages by, alone: Flower's strategies refuse replies whose metrics differ
+        reply.content = RecordDict({"arrays": arrays, "metrics": MetricRecord({k: metrics.get(k, 0) for k in WEIGHTS})})
+        screened.accepted.append(reply)
 
     def _check_quorum(self, rnd: int, screened: Screened) -> None:
         """Stop the run when fewer than ``policy.min_replies`` updates are usable."""

@@ -35,15 +35,17 @@ class OwnerHooks(Protocol):
 @dataclass(frozen=True)
 class RoundPolicy:
     """How each round runs: fewer than ``min_replies`` usable updates stop the run; an update farther than
-    ``max_update_norm`` from the global one is rejected (0: no bound); ``round_timeout`` (s) is how long
-    replies were awaited, for the records; ``seed`` seeds the sampling of nodes; ``lr_at(r)`` is round r's
-    learning rate."""
+    ``max_update_norm`` from the global one is rejected (0: no bound) and a longer aggregate step scaled back;
+    a weight outside (0, ``max_examples``] makes the round's weights uniform; ``round_timeout`` (s) is how
+    long replies were awaited, for the records; ``seed`` seeds the sampling of nodes; ``lr_at(r)`` is round
+    r's learning rate."""
 
     min_replies: int
     seed: int
     lr_at: Callable[[int], float]
     max_update_norm: float = 0.0
     round_timeout: float | None = None
+    max_examples: int = 1_000_000  # a larger (or unusable) weight makes the round's weights uniform
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,21 @@
 """Screening a round's replies before aggregation: what must not be averaged in, and why."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import Message
+from flwr.app import Message, MetricRecord
 
 from fl_offsite.errors import UserError
-from fl_offsite.run.records import ClientReport, Problem
+from fl_offsite.run.records import CLIENT_METRICS, ClientReport, Problem
 from fl_offsite.surgery.payload import check_payload
 from strategies.policy import Payload
 
 LATE = "a reply to no message of this round (a late reply to an earlier one?)"
+WEIGHTS = ("num-examples", "train-steps")  # what Flower's strategies weight an update by (DP: train-steps)
+COUNTS = {"num-examples", "partition-id", "round", "train-steps", "trainable-params"}  # whole numbers
+MAX_REASON = 300  # characters of a node's error text kept (it is the node's text: shown, never trusted)
 
 
 @dataclass
@@ -31,8 +35,9 @@ def check_update(reply: Message, reference: Payload, kind: str, start: Payload,
     the global payload it trained from: it must match ``reference`` (a ``kind`` payload) and, with
     ``max_norm`` > 0, be at most that far."""
     content = reply.content
-    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-        return "reply lacks the 'arrays' or 'metrics' record", float("nan")
+    if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"} \
+            or content.config_records:
+        return "reply must hold exactly the 'arrays' and 'metrics' records", float("nan")
     if "num-examples" not in content["metrics"]:
         return "metrics lack num-examples", float("nan")
     update = content.array_records["arrays"].to_torch_state_dict()
@@ -44,6 +49,33 @@ def check_update(reply: Message, reference: Payload, kind: str, start: Payload,
     if max_norm > 0 and norm > max_norm:
         return f"update norm {norm:.4g} exceeds strategy.max-update-norm = {max_norm:g}", norm
     return None, norm
+
+
+def client_metrics(metrics: MetricRecord) -> dict[str, int | float]:
+    """The metrics a reply may report (``fl_offsite.run.records.CLIENT_METRICS``), each a finite number (whole
+    where it is a count); every other key, and any other value, is dropped."""
+    known: dict[str, int | float] = {}
+    for key in CLIENT_METRICS.values():
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        if key in COUNTS and not float(value).is_integer():
+            continue
+        known[key] = int(value) if key in COUNTS else float(value)
+    return known
+
+
+def usable_weight(metrics: dict[str, int | float], key: str, cap: int) -> bool:
+    """Whether the reply's weight ``key`` is one to average by: in (0, ``cap``]."""
+    return 0 < metrics.get(key, 0) <= cap
+
+
+def shown_reason(reason: str | None) -> str | None:
+    """A node's error text as the records keep it: printable, at most MAX_REASON characters."""
+    if reason is None:
+        return None
+    text = "".join(c if c.isprintable() else " " for c in reason)
+    return text if len(text) <= MAX_REASON else text[:MAX_REASON] + "..."
 
 
 def update_norm(update: Payload, reference: Payload) -> float:

@@ -132,7 +132,8 @@ def _strategy(owner: ModelOwner, run: RunFolder, payload: dict[str, torch.Tensor
     inner = aggregation_strategy(s.strategy, s.dp, len(node_config))
     policy = RoundPolicy(min_replies=s.strategy.min_train_nodes, seed=s.seed,
                          lr_at=lr_schedule(s.train.lr, s.lr_schedule, s.num_rounds),
-                         max_update_norm=s.strategy.max_update_norm, round_timeout=s.strategy.round_timeout)
+                         max_update_norm=s.strategy.max_update_norm, round_timeout=s.strategy.round_timeout,
+                         max_examples=s.strategy.max_examples)
     exchange = Exchange(payload, owner.tuning.payload_kind(owner.plan), node_config=node_config,
                         base_config={"task-answers": json.dumps(answers) if answers else ""})
     owner.start_realignment()

@@ -197,6 +197,8 @@ class StrategySettings:
     eta: float = option("strategy.eta", 1e-3, "fedadam, fedyogi, fedadagrad: server learning rate", above=0)
     trim_beta: float = option("strategy.trim-beta", 0.2, "fedtrimmedavg", minimum=0)
     num_malicious: int = option("strategy.num-malicious", 0, "krum", minimum=0)
+    max_examples: int = option("strategy.max-examples", 1_000_000, "a client claiming more examples (or not a "
+                               "positive finite number) makes that round's weights uniform", minimum=1)
     max_update_norm: float = option("strategy.max-update-norm", 0.0, "reject updates whose L2 distance from the "
                                     "global adapter is larger (0 = off)", minimum=0)
 

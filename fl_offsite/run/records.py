@@ -121,8 +121,8 @@ class ClientReport:
         if self.realign_bytes_down is not None:
             out["realign_bytes_down"] = self.realign_bytes_down
         out.update({"bytes_up": self.bytes_up, "update-norm": self.update_norm})
-        out.update({key: value for attr, key in CLIENT_METRICS.items() if (value := getattr(self, attr)) is not None})
-        return {**out, **self.other}
+        metrics = {key: value for attr, key in CLIENT_METRICS.items() if (value := getattr(self, attr)) is not None}
+        return {**out, **metrics, **{k: v for k, v in self.other.items() if k not in out and k not in metrics}}
 
     @classmethod
     def from_json(cls, data: Any, where: str = "client") -> ClientReport:
