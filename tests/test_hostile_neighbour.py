@@ -22,7 +22,7 @@ from flwr.superlink.routers.fleet.router import router as fleet_router
 from test_deploy import federation, linux_only
 from test_launch import PYPROJECT
 
-from fl_offsite.ops.fleet_gate import passes
+from fl_offsite.ops.fleet_gate import MAX_REQUEST_BYTES, gate_app, passes
 from fl_offsite.ops.flower_cli import executable, write_connection
 
 PROBE = '''\
@@ -72,6 +72,18 @@ def test_the_gate_passes_the_fleet_api_and_nothing_else() -> None:
     assert passes("GET", "/health") and passes("HEAD", "/health")
 
 
+def test_the_gate_answers_what_it_refuses_itself() -> None:
+    """In process, no SuperLink behind it: refused paths get 404, an oversized body 413, both before any
+    connection to the SuperLink; a Fleet call to a SuperLink that is down gets 502."""
+    from starlette.testclient import TestClient
+
+    with TestClient(gate_app("http://127.0.0.1:9", verify=False)) as gate:
+        assert gate.post("/v1/control/start-run", content=b"x").status_code == 404
+        assert gate.get("/docs").status_code == 404
+        assert gate.post("/v1/fleet/push-object", content=b"\0" * (MAX_REQUEST_BYTES + 1)).status_code == 413
+        assert gate.post("/v1/fleet/pull-messages", content=b"").status_code == 502
+
+
 def _toy_app(root: Path) -> Path:
     app = root / "probeapp"
     app.mkdir()
@@ -95,7 +107,7 @@ def _flwr(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.C
                           text=True, timeout=timeout, check=False)
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=35)
 @linux_only
 def test_a_data_owner_cannot_start_a_run_and_a_node_that_asks_for_signatures_refuses_an_unsigned_app(
         tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z-]*")  # all of flwr 1.42's Fleet r
 HOP_BY_HOP = frozenset({"host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
                         "upgrade", "x-forwarded-for", "x-forwarded-proto", "forwarded"})
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+MAX_REQUEST_BYTES = 64 * 2**20  # flwr 1.42 sends arrays in 5 MB chunks; anyone may POST here before any check
 START_TIMEOUT_S = 15.0
 
 
@@ -64,10 +65,14 @@ def gate_app(upstream: str, verify: ssl.SSLContext | bool) -> Starlette:
             log.warning("fl-offsite: REFUSED %s %s from %s: this port serves only the Fleet API (SuperNodes); the "
                         "Control API is on the model owner's machine only", request.method, request.url.path, peer)
             return PlainTextResponse("Not Found: this port serves only Flower's Fleet API\n", status_code=404)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_REQUEST_BYTES:
+                return PlainTextResponse("Content Too Large\n", status_code=413)
         headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP]
         headers.append((b"x-forwarded-for", peer.encode()))  # the SuperLink's log shows the node, not the gate
-        sent = clients[0].build_request(request.method, request.url.path, headers=headers,
-                                        content=await request.body())
+        sent = clients[0].build_request(request.method, request.url.path, headers=headers, content=bytes(body))
         try:
             reply = await clients[0].send(sent, stream=True)
         except httpx.HTTPError as err:
