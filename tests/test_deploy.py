@@ -57,7 +57,8 @@ class Federation:
     """Processes of one federation; every one carries ``tag`` in its environment."""
 
     root: Path
-    port: int
+    port: int  # the data owners' port (the Fleet gate)
+    control_port: int  # the SuperLink's own, with the Control API, on the model owner's loopback
     env: dict[str, str]
     tag: str
     superlink_args: list[str] = field(default_factory=list)
@@ -129,16 +130,16 @@ def federation(root: Path, cert_hosts: Sequence[str], *link_args: str, netns: st
     tag = new_launch_tag()
     env = runtime_env({"FLWR_HOME": str(root / "flwr-home"), TAG_VAR: tag,
                        "PYTHONPATH": os.pathsep.join(filter(None, [str(app_dir()), os.environ.get("PYTHONPATH")]))})
-    port = free_port()
+    port, control_port = free_port(), free_port()
     make_certs(root / "certs", cert_hosts)
     for name in ("alice", "bob", "mallory"):
         make_node_key(root / "keys", name)
     for i, name in enumerate(("alice", "bob")):
         write_examples(root / f"{name}.jsonl", [ChoiceExample(f"Article: {text}\nTopic:", TOPICS, label)
                                                 for text, label in ARTICLES[i:] + ARTICLES[:i]])
-    args = ["--certs", str(root / "certs"), "--port", str(port), "--node-key", str(root / "keys" / "alice.pub"),
-            "--node-key", str(root / "keys" / "bob.pub"), *link_args]
-    fed = Federation(root, port, env, tag, args, netns, cert_hosts[0], owner_netns or {})
+    args = ["--certs", str(root / "certs"), "--port", str(port), "--control-port", str(control_port),
+            "--node-key", str(root / "keys" / "alice.pub"), "--node-key", str(root / "keys" / "bob.pub"), *link_args]
+    fed = Federation(root, port, control_port, env, tag, args, netns, cert_hosts[0], owner_netns or {})
     try:
         fed.start_superlink()
         yield fed
@@ -258,6 +259,7 @@ def test_two_data_owners_train_over_tls_refuse_strangers_and_resume_after_a_kill
         assert fed.run("run-2", config).wait(timeout=900) == 0, fed.log("run-2")[-3000:]
         assert mallory.wait(timeout=120) == 2  # refused for the whole of the node's retries (75 s)
         unreachable = ns and _connects(ns["alice"], "127.0.0.1", fed.port)  # not on alice's loopback
+        control_reachable = ns and _connects(ns["alice"], LINK, fed.control_port)  # on the owner's loopback only
     wall = time.perf_counter() - start
 
     rounds = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -275,7 +277,7 @@ def test_two_data_owners_train_over_tls_refuse_strangers_and_resume_after_a_kill
     assert "Resuming" in fed.log("run-2") and f"after round {killed_at}" in fed.log("run-2")
     assert "refused this node: its public key" in fed.log("mallory") and "mallory.pub" in fed.log("mallory")
     assert "REFUSED a SuperNode whose public key is not registered" in fed.log("superlink-2")
-    assert not unreachable
+    assert not unreachable and not control_reachable
     resumed, _ = load_adapter(results / "adapter.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     with capsys.disabled():
@@ -320,6 +322,8 @@ def _in_process(config: dict, root: Path) -> dict[str, torch.Tensor]:
 def test_insecure_is_refused_outside_loopback(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not loopback"):
         SuperLinkSettings(certs=None, host="0.0.0.0").check()
+    with pytest.raises(UserError, match="binds 10.0.0.1, which is not loopback"):
+        SuperLinkSettings(certs=None, control_host="10.0.0.1").check()
     with pytest.raises(UserError, match="not loopback"):
         SuperNodeSettings(superlink="example.org:9093", ca=None, key=None, partition_id=0).check()
     SuperNodeSettings(superlink="127.0.0.1:9093", ca=None, key=None, partition_id=0).check()
@@ -352,13 +356,15 @@ def test_certificates_and_keys_are_what_flower_loads(tmp_path: Path) -> None:
     private, public = make_node_key(tmp_path / "keys", "alice")
     load_ssh_private_key(private.read_bytes(), None)
     assert try_load_public_key(public)
-    link = SuperLinkSettings(certs=tmp_path / "certs", host="0.0.0.0", port=9093)
-    assert link.client_address() == "127.0.0.1:9093"
+    link = SuperLinkSettings(certs=tmp_path / "certs", host="0.0.0.0", port=9093, control_port=9092)
+    assert link.client_address() == "127.0.0.1:9092"  # the Control API, for flwr on this machine
+    with pytest.raises(UserError, match="--port and --control-port are both 9093"):
+        SuperLinkSettings(certs=tmp_path / "certs", host="0.0.0.0", control_port=9093).check()
     make_certs(tmp_path / "public", ["fl.example.org"])  # 127.0.0.1 added: the SuperLink's SuperExec dials it
     assert server_names(tmp_path / "public") == ["fl.example.org", "127.0.0.1"]
     SuperLinkSettings(certs=tmp_path / "public", host="0.0.0.0").check()
     with pytest.raises(UserError, match="does not name ::1, where the SuperLink's own SuperExec connects"):
-        SuperLinkSettings(certs=tmp_path / "public", host="::").check()
+        SuperLinkSettings(certs=tmp_path / "public", host="0.0.0.0", control_host="::").check()
     node = SuperNodeSettings(superlink="fl.example.org:9093", ca=tmp_path / "certs" / "ca.crt", key=private,
                              data_path=tmp_path / "x y.jsonl", partition_id=1)
     assert node.node_config() == f'data-path="{tmp_path}/x y.jsonl" partition-id=1'

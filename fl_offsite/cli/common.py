@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import sys
+from collections.abc import Callable
 
 from fl_offsite.errors import UserError
 
@@ -32,3 +35,17 @@ def user_input(func, *args, **kwargs):
         return func(*args, **kwargs)
     except ValueError as err:
         raise UserError(str(err)) from err
+
+
+def stoppable(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    """A run command that Ctrl-C or SIGTERM stops (the launcher stops every process it started first): exit
+    status 130 and how to resume, not a traceback."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> None:
+        try:
+            command(args)
+        except KeyboardInterrupt:
+            print(f"fl-offsite {args.command}: stopped; every process it started has ended. The same command "
+                  "resumes after the last finished round (results.resume = true)", file=sys.stderr)
+            sys.exit(130)
+    return run

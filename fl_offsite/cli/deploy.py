@@ -32,6 +32,7 @@ def cmd_superlink(args: argparse.Namespace) -> None:
 
     settings = SuperLinkSettings(
         certs=None if args.insecure else Path(args.certs).expanduser(), host=args.host, port=args.port,
+        control_host=args.control_host, control_port=args.control_port,
         node_keys=tuple(Path(k).expanduser() for k in args.node_key), node_auth=not args.no_node_auth,
         database=Path(args.database).expanduser() if args.database else None, connection=args.connection)
     if code := serve_superlink(settings):
@@ -49,7 +50,7 @@ def cmd_supernode(args: argparse.Namespace) -> None:
         superlink=args.superlink, ca=None if args.insecure else path(args.ca), key=path(args.key),
         data_path=path(args.data_path), cache_dir=path(args.cache_dir), partition_id=args.partition_id,
         num_partitions=args.num_partitions, memory_budget_mb=args.memory_budget_mb,
-        emulator_layers=args.emulator_layers, port=args.port)
+        emulator_layers=args.emulator_layers, port=args.port, trusted_entities=path(args.trusted_entities))
     if code := serve_supernode(settings):
         sys.exit(code)
 
@@ -91,8 +92,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     link = sub.add_parser("superlink", help="model owner: run the SuperLink (TLS and node authentication)")
     link.add_argument("--certs", default="certs", help="folder from `fl-offsite certs` (default ./certs)")
-    link.add_argument("--host", default="0.0.0.0", help="address to listen on (default all interfaces)")
-    link.add_argument("--port", type=int, default=9093, help="the one port SuperNodes and flwr connect to")
+    link.add_argument("--host", default="0.0.0.0",
+                      help="where the data owners' SuperNodes connect: Fleet API only (default all interfaces)")
+    link.add_argument("--port", type=int, default=9093, help="the data owners' port (default 9093)")
+    link.add_argument("--control-host", default="127.0.0.1",
+                      help="where the SuperLink itself listens, with its Control API (flwr run, flwr ls), which has "
+                           "no authentication: keep it on loopback (the default) or a private interface")
+    link.add_argument("--control-port", type=int, default=9092, help="its port (default 9092)")
     link.add_argument("--node-key", action="append", default=[], metavar="KEY.pub",
                       help="public key (or folder of *.pub) of a data owner allowed to join; repeat")
     link.add_argument("--no-node-auth", action="store_true", help="let any node with the CA join (loopback only)")
@@ -115,6 +121,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            "(fl_offsite.app.fleet)")
     node.add_argument("--emulator-layers", type=int, help="or ask for an emulator of this many middle blocks")
     node.add_argument("--port", type=int, default=9094, help="local port of the node's runtime API (one per node)")
+    node.add_argument("--trusted-entities", metavar="YAML_FILE",
+                      help="flower-supernode's option: run only apps signed by one of these Ed25519 keys "
+                           "(in flwr 1.42 only Flower Hub signs apps; see docs/deployment.md)")
     node.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
     node.set_defaults(func=cmd_supernode)
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from fl_offsite.cli.common import CPUS_HELP
+from fl_offsite.cli.common import CPUS_HELP, stoppable
 from fl_offsite.ops.flower_cli import app_dir
 
 
+@stoppable
 def cmd_simulate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -32,6 +33,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     print(f"results: {results}")
 
 
+@stoppable
 def cmd_compare(args: argparse.Namespace) -> None:
     from fl_offsite.config.keys import parse_sets
     from fl_offsite.run.compare import load_compare_config, run_compare

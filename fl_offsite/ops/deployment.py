@@ -2,9 +2,11 @@
 
 Roles (flwr 1.42):
 
-* The **model owner** runs one ``flower-superlink``. Its single HTTPS port (default 9093 here)
-  serves the Fleet API (SuperNodes connect to it), the Control API (``flwr run``, ``flwr ls``,
-  ``flwr supernode register``) and the runtime API of the ServerApp process.
+* The **model owner** runs one ``flower-superlink``. flwr 1.42 serves the Fleet API (SuperNodes), the
+  Control API (``flwr run``, ``flwr ls``, ``flwr supernode register``; no authentication in Flower's open
+  edition) and the ServerApp's runtime API on one HTTPS port. So the SuperLink listens on 127.0.0.1
+  (``control_host``, ``control_port``) and the address the data owners are given (``host``, ``port``, default
+  9093) is a gate that passes only the Fleet API (:mod:`fl_offsite.ops.fleet_gate`).
 * Each **data owner** runs one ``flower-supernode`` that dials out to the SuperLink (no inbound
   port needed); every message starts a fresh ``flwr-clientapp`` process on the node.
 
@@ -22,12 +24,14 @@ import re
 import subprocess
 import tempfile
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fl_offsite.errors import UserError
 from fl_offsite.ops.certs import CA_CERT, SERVER_CERT, SERVER_KEY, server_names
+from fl_offsite.ops.fleet_gate import FleetGate
 from fl_offsite.ops.flower_cli import (
     STARTUP_TIMEOUT_S,
     RunNotStarted,
@@ -44,7 +48,8 @@ from fl_offsite.ops.flower_cli import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 9093  # one port for Fleet, Control and runtime APIs (flwr default 8000 is often taken)
+DEFAULT_PORT = 9093  # the data owners' port: the Fleet gate (flwr's default 8000 is often taken)
+DEFAULT_CONTROL_PORT = 9092  # the SuperLink itself: Control, runtime and Fleet APIs, on loopback by default
 DEFAULT_CONNECTION = "fl-offsite-deploy"
 ACTIVATION_RETRY_S = 75.0  # flwr 1.42 keeps a vanished node online for 2 missed heartbeats of 30 s
 REFUSED = "[code: 2004]"  # flower-supernode: activation refused (unknown key, or the node still online)
@@ -65,8 +70,10 @@ def is_loopback(host: str) -> bool:
 @dataclass(frozen=True)
 class SuperLinkSettings:
     certs: Path | None  # folder made by make_certs; None = insecure (loopback only)
-    host: str = "127.0.0.1"  # address to bind; 0.0.0.0 for every interface
+    host: str = "127.0.0.1"  # where the data owners' SuperNodes connect (the Fleet gate); 0.0.0.0 for all interfaces
     port: int = DEFAULT_PORT
+    control_host: str = "127.0.0.1"  # where the SuperLink listens: its Control API has no authentication
+    control_port: int = DEFAULT_CONTROL_PORT
     node_keys: tuple[Path, ...] = ()  # public keys (or folders of *.pub) allowed to join
     node_auth: bool = True
     database: Path | None = None  # keeps runs and registered nodes across restarts
@@ -74,10 +81,14 @@ class SuperLinkSettings:
     log_file: Path | None = None
 
     def check(self) -> None:
+        if self.port == self.control_port and _overlap(self.host, self.control_host):
+            raise UserError(f"--port and --control-port are both {self.port}: the Fleet gate and the SuperLink "
+                            "need a port each")
         if self.certs is None:
-            if not is_loopback(self.host):
-                raise UserError(f"--insecure binds {self.host}, which is not loopback: outside loopback the "
-                                "SuperLink needs TLS (make certificates with `fl-offsite certs --host NAME`) ")
+            for host in (self.host, self.control_host):
+                if not is_loopback(host):
+                    raise UserError(f"--insecure binds {host}, which is not loopback: outside loopback the "
+                                    "SuperLink needs TLS (make certificates with `fl-offsite certs --host NAME`)")
             if self.node_keys:
                 raise UserError("node authentication needs TLS: drop --insecure or the node keys")
             return
@@ -85,11 +96,11 @@ class SuperLinkSettings:
             if not (self.certs / name).is_file():
                 raise UserError(f"{self.certs / name} is missing: make the certificates with "
                                 f"`fl-offsite certs --host NAME --out {self.certs}`")
-        own = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host)  # where flwr's SuperExec dials the SuperLink
-        if own and own not in server_names(self.certs):
+        own = self.control_dial_host()  # where flwr's SuperExec, the gate and local flwr commands dial it
+        if own not in server_names(self.certs):
             raise UserError(f"{self.certs / SERVER_CERT} does not name {own}, where the SuperLink's own SuperExec "
-                            f"connects when it binds {self.host}: remake the certificates with `fl-offsite certs` "
-                            "(it adds 127.0.0.1), or bind --host to a name in the certificate")
+                            f"connects when it binds {self.control_host}: remake the certificates with `fl-offsite "
+                            "certs` (it adds 127.0.0.1), or bind --control-host to a name in the certificate")
         if not self.node_auth and not is_loopback(self.host):
             raise UserError(f"node authentication is off and the SuperLink binds {self.host}: anyone who can reach "
                             "it could join; list the data owners' public keys with --node-key instead")
@@ -107,21 +118,23 @@ class SuperLinkSettings:
             keys += found
         return keys
 
+    def control_dial_host(self) -> str:
+        """The host that reaches the SuperLink from this machine (what SuperExec dials when it binds all)."""
+        return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.control_host, self.control_host)
+
     def client_address(self) -> str:
-        """The address local ``flwr`` commands use: a name in the certificate, reachable from here."""
-        host = self.host
-        if self.certs is not None:
-            names = server_names(self.certs)
-            if host not in names:
-                loopback = [n for n in names if is_loopback(n)]
-                host = loopback[0] if loopback and host in ("0.0.0.0", "::") else names[0]
-        elif host in ("0.0.0.0", "::"):
-            host = "127.0.0.1"
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        """The SuperLink's address for local ``flwr`` commands and the gate (the Control API's)."""
+        host = self.control_dial_host()
+        return f"[{host}]:{self.control_port}" if ":" in host else f"{host}:{self.control_port}"
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two bind addresses can clash on one port."""
+    return a == b or {a, b} & {"0.0.0.0", "::"} != set()
 
 
 def superlink_command(s: SuperLinkSettings) -> list[str]:
-    command = [executable("flower-superlink"), "--host", s.host, "--port", str(s.port),
+    command = [executable("flower-superlink"), "--host", s.control_host, "--port", str(s.control_port),
                "--disable-runtime-dependency-installation"]
     if s.certs is None:
         command.append("--insecure")
@@ -155,34 +168,50 @@ def register_nodes(connection: str, keys: Sequence[Path], env: dict[str, str]) -
 
 
 def serve_superlink(s: SuperLinkSettings) -> int:
-    """Run the SuperLink in the foreground: start, register the node keys, write the connection, wait."""
+    """Run the SuperLink in the foreground: start it on the control address, open the Fleet gate on the public
+    one, register the node keys, write the connection, wait; Ctrl-C or SIGTERM stops both."""
     s.check()
     keys = s.public_keys() if s.node_auth_on else []
     if s.node_auth_on and not keys:
         log.warning("Node authentication is on and no node key is listed: no SuperNode can join until one is "
                     "registered (`flwr supernode register KEY.pub %s`)", s.connection)
+    if not is_loopback(s.control_host):
+        log.warning("The Control API listens on %s: anyone who reaches that address and holds ca.crt can start "
+                    "runs (no authentication in Flower's open edition); keep it behind a firewall", s.control_host)
     env = runtime_env()
     process = subprocess.Popen(superlink_command(s), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
     forward = forward_output(process, _superlink_note)
+    gate = None
     try:
         ca = s.certs / CA_CERT if s.certs else None
-        if not wait_healthy(s.host, s.port, process, ca):
+        if not wait_healthy(s.control_dial_host(), s.control_port, process, ca):
             if process.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited with code {process.returncode}; see its log above")
-            raise RuntimeError(f"flower-superlink did not answer on port {s.port} within {STARTUP_TIMEOUT_S:.0f} s")
+            raise RuntimeError(f"flower-superlink did not answer on port {s.control_port} within "
+                               f"{STARTUP_TIMEOUT_S:.0f} s")
+        scheme = "https" if s.certs else "http"
+        gate = FleetGate(s.host, s.port, f"{scheme}://{s.client_address()}", s.certs and s.certs / SERVER_CERT,
+                         s.certs and s.certs / SERVER_KEY, ca).start()
         config_file = write_connection(s.connection, s.client_address(), ca)
         for key, node in register_nodes(s.connection, keys, env).items():
             log.info("Registered node key %s (node %s)", key, node)
-        mode = ("TLS, only registered nodes may join" if s.node_auth_on else
-                "TLS, any node may join" if s.certs else "INSECURE: no TLS, any node may join")
-        log.info("SuperLink ready on %s:%d (%s). Connection %r written to %s; run the app with:\n"
-                 "    flwr run . %s --stream --run-config 'results.dir=\"/abs/path\"'\n"
-                 "or  fl-offsite run CONFIG.toml --connection %s", s.host, s.port, mode, s.connection, config_file,
-                 s.connection, s.connection)
-        return wait_foreground(process, forward)
+        _log_ready(s, config_file)
+        return wait_foreground(process, forward, before_stop=gate.stop)
     finally:
+        if gate is not None:
+            gate.stop()
         terminate(process)
+
+
+def _log_ready(s: SuperLinkSettings, config_file: Path) -> None:
+    mode = ("TLS, only registered nodes may join" if s.node_auth_on else
+            "TLS, any node may join" if s.certs else "INSECURE: no TLS, any node may join")
+    log.info("SuperLink ready: SuperNodes connect to %s:%d (%s; Fleet API only), the Control API is on %s. "
+             "Connection %r written to %s; run the app with:\n"
+             "    flwr run . %s --stream --run-config 'results.dir=\"/abs/path\"'\n"
+             "or  fl-offsite run CONFIG.toml --connection %s", s.host, s.port, mode, s.client_address(),
+             s.connection, config_file, s.connection, s.connection)
 
 
 def _superlink_note(line: str) -> str | None:
@@ -208,6 +237,7 @@ class SuperNodeSettings:
     memory_budget_mb: float | None = None  # the model owner gives the node the largest emulator this fits
     emulator_layers: int | None = None  # or this emulator size (k), whatever the budget
     port: int = 9094  # this node's local runtime API (127.0.0.1 only); one per node on a machine
+    trusted_entities: Path | None = None  # flower-supernode --trusted-entities: run only apps they signed
 
     def check(self) -> None:
         host = self.superlink.rsplit(":", 1)[0]
@@ -222,6 +252,9 @@ class SuperNodeSettings:
         elif not self.ca.is_file():
             raise UserError(f"--ca {self.ca}: no such file; get ca.crt from the model owner "
                             "(made by `fl-offsite certs`)")
+        if self.trusted_entities is not None and not self.trusted_entities.is_file():
+            raise UserError(f"--trusted-entities {self.trusted_entities}: no such file (YAML: key id -> "
+                            "'ssh-ed25519 KEY')")
         if self.key is not None:
             from cryptography.hazmat.primitives.serialization import (
                 load_ssh_private_key,
@@ -268,6 +301,8 @@ def supernode_command(s: SuperNodeSettings) -> list[str]:
     command += ["--insecure"] if s.ca is None else ["--root-certificates", str(s.ca)]
     if s.key is not None:
         command += ["--auth-supernode-private-key", str(s.key)]
+    if s.trusted_entities is not None:
+        command += ["--trusted-entities", str(s.trusted_entities)]
     if node_config := s.node_config():
         command += ["--node-config", node_config]
     return command
@@ -303,10 +338,14 @@ def _run_supernode(s: SuperNodeSettings) -> tuple[int, str]:
     process = subprocess.Popen(supernode_command(s), env=runtime_env(), stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
                                errors="replace")
-    seen: list[str] = []
+    seen: deque[str] = deque(maxlen=400)  # the end of its output: what it exited with
 
-    def keep(line: str) -> None:
+    def keep(line: str) -> str | None:
         seen.append(line)
+        if "The FAB could not be verified" in line or "FAB verification failed" in line:
+            return ("fl-offsite: REFUSED the run's app: no key in --trusted-entities signed it (flwr 1.42 signs "
+                    "only apps published on Flower Hub); the model owner gets an error reply from this node")
+        return None
 
     forward = forward_output(process, keep)
     try:

@@ -15,8 +15,8 @@ How it works (flwr 1.42), and why:
   ``flwr-simulation``, which starts Ray (gcs_server, raylet, actors...). Killing the
   SuperLink orphans that tree (measured), and neither process groups nor a process tree
   walk see all of it. So every process of a launch carries an environment tag
-  (:data:`fl_offsite.ops.flower_cli.TAG_VAR`, inherited by all descendants); on exit, failure
-  or Ctrl-C the launcher terminates, then kills, every process with its tag. A launch also
+  (:data:`fl_offsite.ops.flower_cli.TAG_VAR`, inherited by all descendants); on exit, failure,
+  Ctrl-C or SIGTERM the launcher terminates, then kills, every process with its tag. A launch also
   first kills the tagged processes of launches whose launcher process is gone (crashed or
   SIGKILLed), so they cannot eat the memory and CPUs of the next one. ``RAY_ADDRESS=local`` makes
   Ray start its own cluster, never attach to an old one.
@@ -46,6 +46,8 @@ from fl_offsite.ops.flower_cli import (
     flower_env,
     flwr_run,
     new_launch_tag,
+    signals_held,
+    sigterm_interrupts,
     stop_processes,
     stop_stale_launches,
     wait_healthy,
@@ -70,7 +72,8 @@ def run_simulation_app(app_dir: Path, run_config: dict[str, ConfigValue], num_su
     a ``RuntimeError`` points at its logs. With ``stream`` the run's logs are copied to stdout.
 
     Raises ``UserError`` for bad arguments and ``RuntimeError`` when the run did not
-    complete (the ServerApp raised, the SuperLink did not start, ``flwr run`` failed).
+    complete (the ServerApp raised, the SuperLink did not start, ``flwr run`` failed), and
+    ``KeyboardInterrupt`` on Ctrl-C or SIGTERM, once every process it started is stopped.
     """
     app_dir = Path(app_dir).resolve()
     _check_app(app_dir, run_config)
@@ -87,21 +90,23 @@ def run_simulation_app(app_dir: Path, run_config: dict[str, ConfigValue], num_su
                   f"init-args-num-cpus={os.cpu_count() or 1} init-args-log-to-driver=false")
     start = time.perf_counter()
     superlink, keep_logs = None, False
-    try:
-        superlink = _start_superlink(home, env)
-        run_id = flwr_run(app_dir, CONNECTION, run_config, env, home / "run-config.toml", home / "run.log", stream,
-                          options=("--federation-config", federation),
-                          logs_note=f"Logs: {home}/run.log and {home}/superlink.log")
-    except RuntimeError:
-        keep_logs = True  # the message points at them
-        raise
-    finally:
-        stop_processes(lambda value: value == tag)
-        if superlink is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                superlink.wait(timeout=10)  # reap it: no zombie left behind
-        if temporary and not keep_logs:
-            shutil.rmtree(home, ignore_errors=True)
+    with sigterm_interrupts():  # SIGTERM, like Ctrl-C, ends in the cleanup below
+        try:
+            superlink = _start_superlink(home, env)
+            run_id = flwr_run(app_dir, CONNECTION, run_config, env, home / "run-config.toml", home / "run.log",
+                              stream, options=("--federation-config", federation),
+                              logs_note=f"Logs: {home}/run.log and {home}/superlink.log")
+        except RuntimeError:
+            keep_logs = True  # the message points at them
+            raise
+        finally:
+            with signals_held():  # a second Ctrl-C must not leave Ray's processes behind
+                stop_processes(lambda value: value == tag)
+                if superlink is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        superlink.wait(timeout=10)  # reap it: no zombie left behind
+            if temporary and not keep_logs:
+                shutil.rmtree(home, ignore_errors=True)
     log.info("Flower run %s of %s completed in %.1f s", run_id, app_dir.name, time.perf_counter() - start)
 
 
