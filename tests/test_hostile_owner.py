@@ -159,3 +159,27 @@ def test_the_store_keeps_the_recently_used_models_and_refuses_oversized_ones(tmp
     big.content["weights"] = ArrayRecord({"w": Array(np.zeros(2**19, dtype=np.float32))})
     with pytest.raises(wire.BadMessage, match="at most 1 MB"):
         store.store(big)
+
+
+def test_fl_offsite_supernode_passes_the_nodes_policy_in_its_node_config():
+    from fl_offsite.cli.deploy import node_policy
+    from fl_offsite.ops.deployment import SuperNodeSettings
+
+    policy = node_policy(["allowed-methods=offsite,offsite-lora", "update-clip-norm=0.5", "max-models=2"])
+    settings = SuperNodeSettings("127.0.0.1:9093", None, None, partition_id=0, policy=policy)
+    config = settings.node_config()
+    assert 'allowed-methods="offsite,offsite-lora"' in config and 'update-clip-norm="0.5"' in config
+    assert _policy_of_node_config(config).update_clip_norm == 0.5
+    with pytest.raises(UserError, match="did you mean update-clip-norm"):
+        node_policy(["update-clip-nrom=1"])
+    with pytest.raises(UserError, match="needs update-clip-norm"):
+        node_policy(["update-noise-multiplier=1"])
+
+
+def _policy_of_node_config(text: str):
+    """The policy a SuperNode started with ``--node-config text`` hands its ClientApp (Flower's own parser)."""
+    from flwr.common.config import parse_config_args
+
+    from fl_offsite.app.node_policy import NodePolicy
+
+    return NodePolicy.from_node_config(parse_config_args([text]))

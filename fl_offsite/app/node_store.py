@@ -22,6 +22,7 @@ from fl_offsite.files import atomic_dir
 WEIGHTS_FILE = "model.safetensors"
 BF16_KEY = "bf16-tensors"  # Flower's arrays go through NumPy, which has no bfloat16: these travel as int16 bytes
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a file of the folder itself: no path, no dot-file
+STORE_KEYS = ("max-models", "max-model-mb")  # node config keys that bound the store
 MAX_FILES, MAX_FILES_MB = 64, 256  # a model's config and tokenizer files are a handful, a few MB
 
 

@@ -50,9 +50,31 @@ def cmd_supernode(args: argparse.Namespace) -> None:
         superlink=args.superlink, ca=None if args.insecure else path(args.ca), key=path(args.key),
         data_path=path(args.data_path), cache_dir=path(args.cache_dir), partition_id=args.partition_id,
         num_partitions=args.num_partitions, memory_budget_mb=args.memory_budget_mb,
-        emulator_layers=args.emulator_layers, port=args.port, trusted_entities=path(args.trusted_entities))
+        emulator_layers=args.emulator_layers, port=args.port, trusted_entities=path(args.trusted_entities),
+        policy=node_policy(args.policy))
     if code := serve_supernode(settings):
         sys.exit(code)
+
+
+def node_policy(items: list[str]) -> dict[str, str]:
+    """``--policy KEY=VALUE`` items as node config keys, checked here so that a typo fails before the node starts."""
+    import difflib
+
+    from fl_offsite.app.node_policy import KEYS, NodePolicy
+    from fl_offsite.app.node_store import STORE_KEYS
+    from fl_offsite.config.keys import parse_sets
+    from fl_offsite.errors import UserError
+
+    policy = parse_sets(items)
+    for key, value in policy.items():
+        if key not in KEYS + STORE_KEYS:
+            close = difflib.get_close_matches(key, KEYS + STORE_KEYS, n=1)
+            raise UserError(f"--policy {key}: not a node policy key" + (f"; did you mean {close[0]}?" if close else
+                            f"; known: {', '.join(KEYS + STORE_KEYS)}"))
+        if key in STORE_KEYS and not value.replace(".", "", 1).isdigit():
+            raise UserError(f"--policy {key}={value}: give a positive number")
+    NodePolicy.from_node_config(policy)
+    return policy
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -124,6 +146,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--trusted-entities", metavar="YAML_FILE",
                       help="flower-supernode's option: run only apps signed by one of these Ed25519 keys "
                            "(in flwr 1.42 only Flower Hub signs apps; see docs/deployment.md)")
+    node.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
+                      help="this node's own limits: allowed-methods, min-examples-per-update, update-clip-norm, "
+                           "update-noise-multiplier, max-models, max-model-mb (docs/security.md)")
     node.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
     node.set_defaults(func=cmd_supernode)
 

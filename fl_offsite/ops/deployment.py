@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fl_offsite.errors import UserError
@@ -238,6 +238,7 @@ class SuperNodeSettings:
     emulator_layers: int | None = None  # or this emulator size (k), whatever the budget
     port: int = 9094  # this node's local runtime API (127.0.0.1 only); one per node on a machine
     trusted_entities: Path | None = None  # flower-supernode --trusted-entities: run only apps they signed
+    policy: dict[str, str] = field(default_factory=dict)  # the node's own limits (fl_offsite.app.node_policy)
 
     def check(self) -> None:
         host = self.superlink.rsplit(":", 1)[0]
@@ -290,6 +291,7 @@ class SuperNodeSettings:
             config["memory-budget-mb"] = self.memory_budget_mb
         if self.emulator_layers is not None:
             config["emulator-layers"] = self.emulator_layers
+        config.update(self.policy)
         for key, value in config.items():
             if isinstance(value, str) and ('"' in value or "\\" in value):
                 raise UserError(f"{key} {value!r}: quotes and backslashes are not supported in paths")
