@@ -242,7 +242,7 @@ def _cmdline(process) -> str:
         return ""
 
 
-@pytest.mark.parametrize("damaged", ["payload.safetensors", "strategy.pkl", "round.json"])
+@pytest.mark.parametrize("damaged", ["payload.safetensors", "strategy.safetensors", "strategy.json", "round.json"])
 def test_a_corrupt_checkpoint_is_reported_not_loaded(tiny_lm_dir, tmp_path, damaged):
     from fl_offsite.errors import UserError
 

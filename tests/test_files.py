@@ -50,3 +50,27 @@ def test_a_folder_fl_offsite_did_not_write_is_not_replaced_without_overwrite(tmp
                      "--out", str(out)]) == 0
     check_replaceable(tmp_path / "absent", overwrite=False)
     check_replaceable(mine, overwrite=True)
+
+
+def test_strategy_state_is_stored_without_pickle_and_read_back(tmp_path):
+    import numpy as np
+    import torch
+    from flwr.app import ArrayRecord
+
+    from fl_offsite.run.folder import Checkpoint, RunFolder
+
+    state = {"current_arrays": ArrayRecord({"w": torch.ones(3)}), "m_t": {"w": np.full(3, 0.5)},
+             "momentum_vector": [np.arange(4.0)], "__privacy_accountant__": {"orders": [1.5, 2.0], "steps": 3},
+             "__realignment__": {2: {"0.q.lora_A.weight": torch.zeros(2, 2)}}}
+    run = RunFolder(tmp_path / "run")
+    run.save_checkpoint(Checkpoint(4, {"a": torch.ones(2)}, state))
+    assert not list((tmp_path / "run" / "checkpoint").glob("*.pkl"))
+    back = run.load_checkpoint()
+    assert back.round == 4 and back.strategy_state["__privacy_accountant__"] == state["__privacy_accountant__"]
+    assert torch.equal(back.strategy_state["current_arrays"].to_torch_state_dict()["w"], torch.ones(3))
+    assert np.array_equal(back.strategy_state["m_t"]["w"], np.full(3, 0.5))
+    assert np.array_equal(back.strategy_state["momentum_vector"][0], np.arange(4.0))
+    assert torch.equal(back.strategy_state["__realignment__"][2]["0.q.lora_A.weight"], torch.zeros(2, 2))
+    (tmp_path / "run" / "checkpoint" / "strategy.pkl").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
+    with pytest.raises(UserError, match="pickled its strategy state"):
+        run.load_checkpoint()

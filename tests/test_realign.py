@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from safetensors.torch import load_file
 from test_federated import tensorboard_scalars
 from transformers import AutoModelForCausalLM
 
+from fl_offsite.run.folder import RunFolder
 from fl_offsite.app.client_training import CACHE
 from fl_offsite.config.sections import LoraSpec, RealignSettings
 from fl_offsite.config.settings import validate
@@ -105,7 +105,7 @@ def test_clients_receive_and_apply_the_owners_factors_and_their_bytes_are_counte
     assert rounds[0]["realign"]["steps"] == 4 and all(r["realign"]["steps"] == 3 for r in rounds[1:])
     last = [m for m in train if m.content["config"]["round"] == 2]
     sent = last[0].content["realign"].to_torch_state_dict()
-    owner = pickle.loads((tmp_path / "run" / "checkpoint" / "strategy.pkl").read_bytes())["__realignment__"][2]
+    owner = RunFolder(tmp_path / "run").load_checkpoint().strategy_state["__realignment__"][2]
     assert sent.keys() == owner.keys() and all(torch.equal(sent[k], owner[k]) for k in sent)
     client_model = next(reversed(CACHE._models.values()))[0]  # the emulator a client trained on in round 2
     applied = get_factors(client_model, _plan(last[0]))
@@ -145,7 +145,9 @@ def test_a_realigned_run_resumes_bit_identical(tiny_lm_dir, tmp_path):
     a = load_file(tmp_path / "straight" / "adapter.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    state = lambda d: pickle.loads((d / "checkpoint" / "strategy.pkl").read_bytes())["__realignment__"][2]
+    def state(d):
+        return RunFolder(d).load_checkpoint().strategy_state["__realignment__"][2]
+
     x, y = state(tmp_path / "straight"), state(tmp_path / "resumed")
     assert all(torch.equal(x[k], y[k]) for k in x)
     scores = lambda d: [(r["eval"]["plugin"]["acc"], r["eval"]["emulator"]["acc"]) for r in rounds_of(d)]
@@ -157,7 +159,7 @@ def test_realignment_under_the_other_tunings(tiny_lm_dir, tmp_path, method):
     config = tiny_config(tiny_lm_dir, tmp_path / "run", **{**REALIGN, "method": method, "num-rounds": 1})
     grid = run(config, num_nodes=2)
     (message, _) = of_type(grid, "train")
-    owner = pickle.loads((tmp_path / "run" / "checkpoint" / "strategy.pkl").read_bytes())["__realignment__"][2]
+    owner = RunFolder(tmp_path / "run").load_checkpoint().strategy_state["__realignment__"][2]
     applied = get_factors(next(reversed(CACHE._models.values()))[0], _plan(message))
     assert owner.keys() == applied.keys() and all(torch.equal(applied[k], owner[k]) for k in owner)
     assert not any("realign" in name for name in message.content["arrays"].keys())  # the tuning's payload alone

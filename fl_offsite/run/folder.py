@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -18,8 +17,9 @@ from typing import Any
 import torch
 
 from fl_offsite.errors import UserError
-from fl_offsite.files import atomic_dir, write_atomic, write_json
+from fl_offsite.files import atomic_dir, recover, write_atomic, write_json
 from fl_offsite.run.records import RoundRecord
+from fl_offsite.run.state_file import load_state, save_state
 from fl_offsite.surgery.split import SPLIT_FILE
 from fl_offsite.weights import load_tensors, save_tensors
 
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 AfterRound = Callable[[RoundRecord, dict[str, torch.Tensor]], None]  # a kept round's record and its payload
 
 CONFIG, METRICS, CHECKPOINT, DELIVERY, CARD = "config.json", "metrics.jsonl", "checkpoint", "delivery.json", "README.md"
-PAYLOAD, STRATEGY_STATE, CHECKPOINT_ROUND = "payload.safetensors", "strategy.pkl", "round.json"  # in checkpoint/
+PAYLOAD, CHECKPOINT_ROUND = "payload.safetensors", "round.json"  # in checkpoint/, beside the strategy's state
+OLD_STRATEGY_STATE = "strategy.pkl"  # before the state files (fl_offsite.run.state_file): never loaded
 ADAPTER, MODEL, LORA = "adapter.safetensors", "model.safetensors", "lora.safetensors"  # the final weights
 SPLIT, SMALLER_SPLIT, FULL_MODEL = "split", "split-k", "full-model"  # split-k<k>: a fleet's smaller emulators
 PEFT, TENSORBOARD = "peft", "tensorboard"  # a LoRA run's PEFT adapter folder; results.tensorboard's events
@@ -159,16 +160,20 @@ class RunFolder:
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
         with atomic_dir(self.root / CHECKPOINT) as tmp:
             save_tensors(tmp / PAYLOAD, ckpt.payload)
-            (tmp / STRATEGY_STATE).write_bytes(pickle.dumps(ckpt.strategy_state))
+            save_state(tmp, ckpt.strategy_state)
             write_json(tmp / CHECKPOINT_ROUND, {"round": ckpt.round})
 
     def load_checkpoint(self) -> Checkpoint | None:
+        """The last checkpoint (recovered if a replacement of it was cut short), or None before the first."""
         folder = self.root / CHECKPOINT
+        recover(folder)
         if not folder.exists():
             return None
+        if (folder / OLD_STRATEGY_STATE).exists():
+            raise UserError(f"{folder} is from an earlier fl-offsite, which pickled its strategy state (loading it "
+                            "could run code): delete the checkpoint to start the run over")
         try:
             done = json.loads((folder / CHECKPOINT_ROUND).read_text())["round"]
-            state = pickle.loads((folder / STRATEGY_STATE).read_bytes())
-        except (OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as err:
+        except (OSError, ValueError, KeyError) as err:
             raise UserError(f"corrupt checkpoint in {folder} ({err}); delete it to start over") from err
-        return Checkpoint(done, load_tensors(folder / PAYLOAD), state)
+        return Checkpoint(done, load_tensors(folder / PAYLOAD), load_state(folder))
