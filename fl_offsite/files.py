@@ -1,6 +1,7 @@
 """Atomic writes of files and folders: nothing a user produced is left half-written (tensors: fl_offsite.weights)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -95,6 +96,23 @@ def check_replaceable(path: str | Path, overwrite: bool, flag: str = "--overwrit
     if path.is_dir() and any(path.iterdir()) and not (path / MARKER).exists() and not overwrite:
         raise UserError(f"{path} is not empty and was not written by fl-offsite: choose another output, or pass "
                         f"{flag} to replace it (its contents are deleted)")
+
+
+@contextmanager
+def locked(folder: str | Path, what: str, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (its ``.lock`` file); with ``wait`` false, a folder another process
+    holds is a UserError naming ``what`` holds it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise UserError(f"{folder} is in use by {what}: wait for it to end, or choose another folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def fsync_dir(folder: Path) -> None:

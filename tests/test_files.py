@@ -74,3 +74,18 @@ def test_strategy_state_is_stored_without_pickle_and_read_back(tmp_path):
     (tmp_path / "run" / "checkpoint" / "strategy.pkl").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
     with pytest.raises(UserError, match="pickled its strategy state"):
         run.load_checkpoint()
+
+
+def test_a_results_dir_that_holds_other_files_or_another_run_in_progress_is_refused(tiny_lm_dir, tmp_path):
+    from fl_offsite.files import locked
+    from fl_offsite.testing.flower import run, tiny_config
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "README.md").write_text("my notes")  # a name a run folder also uses
+    with pytest.raises(UserError, match="not empty and holds no fl-offsite run"):
+        run(tiny_config(tiny_lm_dir, home, **{"num-rounds": 1}), num_nodes=2)
+    assert (home / "README.md").read_text() == "my notes"
+    busy = tmp_path / "busy"
+    with locked(busy, "a test"), pytest.raises(UserError, match="in use by another run"):
+        run(tiny_config(tiny_lm_dir, busy, **{"num-rounds": 1}), num_nodes=2)

@@ -5,19 +5,16 @@ Stdlib only: a node answers ``query.model_status`` without importing torch; only
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Message
 
 from fl_offsite.app import wire
 from fl_offsite.data.downloads import cache_dir
-from fl_offsite.files import atomic_dir
+from fl_offsite.files import atomic_dir, locked
 
 WEIGHTS_FILE = "model.safetensors"
 BF16_KEY = "bf16-tensors"  # Flower's arrays go through NumPy, which has no bfloat16: these travel as int16 bytes
@@ -59,7 +56,7 @@ class NodeStore:
         if record.count_bytes() > self.max_model_mb * 2**20:
             raise wire.BadMessage(f"this node stores models of at most {self.max_model_mb:g} MB (node config "
                                   "max-model-mb)")
-        with self._locked():
+        with locked(self.root, "another process storing a model"):
             if self.has(digest):  # another process stored it meanwhile
                 return self.use(digest)
             weights = record.to_torch_state_dict()
@@ -78,15 +75,6 @@ class NodeStore:
         for old in stored[max(self.max_models - 1, 0):]:
             shutil.rmtree(old, ignore_errors=True)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _checked_files(record: ConfigRecord) -> dict[str, bytes]:

@@ -14,6 +14,7 @@ from fl_offsite.app.delivery import ModelPackage, ask_profiles, deliver
 from fl_offsite.app.owner import ModelOwner, lr_schedule
 from fl_offsite.config.settings import Settings, validate
 from fl_offsite.errors import UserError
+from fl_offsite.files import locked
 from fl_offsite.learn.train import HALF
 from fl_offsite.logs import log_to_console
 from fl_offsite.run.folder import Checkpoint, RunFolder
@@ -42,6 +43,11 @@ def run_federated(grid: Grid, config: dict) -> Path:
     """Run (or resume) one federated run described by ``config``; return its results folder."""
     settings = Settings.from_config(config)
     run = RunFolder(Path(settings.results.dir).expanduser().resolve())
+    with locked(run.root, "another run", wait=False):
+        return _run_in(run, grid, settings, config)
+
+
+def _run_in(run: RunFolder, grid: Grid, settings: Settings, config: dict) -> Path:
     checkpoint = _resume_point(run, settings, config)
     owner = ModelOwner.prepare(settings, run)
     payload = _start_payload(owner, run, checkpoint)
@@ -59,10 +65,11 @@ def run_federated(grid: Grid, config: dict) -> Path:
 def _resume_point(run: RunFolder, settings: Settings, config: dict) -> Checkpoint | None:
     """The checkpoint to resume from, if any (without one, an earlier run's records are cleared); then
     ``config`` is written to the run."""
+    run.check_ours()
     previous = run.read_config()
     if previous is not None and settings.results.resume and _essential(previous) != _essential(config):
         raise UserError(f"{run.root} holds a run with another configuration; choose another results.dir "
-                        "or set results.resume=false")
+                        "(results.resume=false would delete that run's records)")
     checkpoint = run.load_checkpoint() if settings.results.resume else None
     if checkpoint is None:
         run.clear()
@@ -77,7 +84,7 @@ def _start_payload(owner: ModelOwner, run: RunFolder, checkpoint: Checkpoint | N
         return initial
     if checkpoint.payload.keys() != initial.keys():
         raise UserError(f"the checkpoint in {run.root} holds other tensors than this run trains; choose another "
-                        "results.dir or set results.resume=false")
+                        "results.dir (results.resume=false would delete that run's records)")
     # in the initial payload's order: the checkpoint file's is sorted, and FedAvgM pairs arrays by position
     return {name: checkpoint.payload[name] for name in initial}
 

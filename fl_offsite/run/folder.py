@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fl_offsite.errors import UserError
-from fl_offsite.files import atomic_dir, recover, write_atomic, write_json
+from fl_offsite.files import MARKER, atomic_dir, recover, write_atomic, write_json
 from fl_offsite.run.records import RoundRecord
 from fl_offsite.run.state_file import load_state, save_state
 from fl_offsite.surgery.split import SPLIT_FILE
@@ -91,6 +91,13 @@ class RunFolder:
             shutil.rmtree(self.root / name, ignore_errors=True)
         for folder in self.root.glob(f"{SMALLER_SPLIT}*"):
             shutil.rmtree(folder, ignore_errors=True)
+
+    def check_ours(self) -> None:
+        """A UserError if the folder holds files but no run (its config): clearing it would delete them."""
+        if self.root.is_dir() and not (self.root / CONFIG).exists() and \
+                any(p.name not in (".lock", MARKER) for p in self.root.iterdir()):
+            raise UserError(f"results.dir {self.root} is not empty and holds no fl-offsite run: choose an empty or "
+                            "new folder (nothing in it was touched)")
 
     def write_config(self, config: dict) -> None:
         write_json(self.root / CONFIG, config)
