@@ -13,7 +13,7 @@ from fl_offsite.surgery.payload import check_payload
 from strategies.policy import Payload
 
 LATE = "a reply to no message of this round (a late reply to an earlier one?)"
-WEIGHTS = ("num-examples", "train-steps")  # what Flower's strategies weight an update by (DP: train-steps)
+WEIGHTS = ("num-examples", "train-steps")  # what Flower's strategies weight an update by (DP: train-steps, 1 if unsent)
 COUNTS = {"num-examples", "partition-id", "round", "train-steps", "trainable-params"}  # whole numbers
 MAX_REASON = 300  # characters of a node's error text kept (it is the node's text: shown, never trusted)
 
