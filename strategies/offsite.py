@@ -189,8 +189,9 @@ class OffsiteStrategy(Strategy):
             node, state.bytes_down.get(node, 0), state.realign_down[node] if state.realign_down else None,
             arrays.count_bytes(), norm, {"num-examples": 0, **metrics}))
         # What the inner strategy averages by, alone: Flower's strategies refuse replies whose metrics differ
-        weights = {"num-examples": metrics.get("num-examples", 0), "train-steps": metrics.get("train-steps", 1)}
-        reply.content = RecordDict({"arrays": arrays, "metrics": MetricRecord(weights)})
+        weights = MetricRecord({"num-examples": metrics.get("num-examples", 0),
+                                "train-steps": metrics.get("train-steps", 1)})
+        reply.content = RecordDict({"arrays": arrays, "metrics": weights})
         screened.accepted.append(reply)
 
     def _check_quorum(self, rnd: int, screened: Screened) -> None:

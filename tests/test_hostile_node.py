@@ -122,3 +122,22 @@ def test_an_aggregate_that_is_not_finite_or_too_far_is_not_taken():
     assert torch.equal(kept.to_torch_state_dict()["w"], torch.zeros(4))
     scaled = strategy._checked_aggregate(1, ArrayRecord({"w": torch.full((4,), 3.0)})).to_torch_state_dict()["w"]
     assert torch.linalg.vector_norm(scaled).item() == pytest.approx(1.0)
+
+
+def test_a_node_whose_delivery_fails_is_left_out_and_the_run_goes_on(tiny_lm_dir, tmp_path):
+    import json
+
+    from flwr.app import Error
+
+    def broken(msg, node_index):
+        if msg.metadata.message_type == "query.model_status" and node_index == 0:
+            return Message(RecordDict({"model": ConfigRecord({"has": "maybe"})}), reply_to=msg)
+        if msg.metadata.message_type == "query.model" and node_index == 1:
+            return Message(Error(code=0, reason="disk full"), reply_to=msg)
+        return None
+
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1, "strategy.min-train-nodes": 1})
+    grid = run(config, num_nodes=3, fault=broken)
+    assert {m.metadata.dst_node_id for m in of_type(grid, "train")} == {grid.node_ids[2]}
+    refused = json.loads((tmp_path / "run" / "delivery.json").read_text())["deliveries"][-1]["refused"]
+    assert "malformed" in refused[str(grid.node_ids[0])] and "disk full" in refused[str(grid.node_ids[1])]

@@ -95,34 +95,49 @@ def ask_profiles(grid, node_ids: list[int], timeout: float) -> dict[int, NodePro
     return profiles
 
 
-def deliver(grid, packages: dict[int, ModelPackage], timeout: float) -> dict[int, int]:
-    """Send each node its package (``packages``: node -> package) unless it has it; return the bytes sent to each."""
+def deliver(grid, packages: dict[int, ModelPackage], timeout: float) -> tuple[dict[int, int], dict[int, str]]:
+    """Send each node its package (``packages``: node -> package) unless it has it. Returns the bytes sent to each
+    node that has its model now (0: it had it), and the nodes that failed (-> why): they take no part."""
+    failed: dict[int, str] = {}
     status = [Message(content=RecordDict({"model": ConfigRecord({"digest": package.digest})}),
                       message_type=STATUS_QUERY, dst_node_id=n) for n, package in packages.items()]
-    needs = [r.metadata.src_node_id for r in _checked(grid.send_and_receive(status, timeout=timeout),
-                                                      len(packages), "model status")
-             if not r.content["model"]["has"]]
-    sent = {n: 0 for n in packages}
+    has = _answers(grid.send_and_receive(status, timeout=timeout), packages, failed, "model status")
+    needs = [n for n, answer in has.items() if not answer]
+    sent = {n: 0 for n, answer in has.items() if answer}
     if needs:
         for package in {packages[n].digest: packages[n] for n in needs}.values():
             log.info("Sending the model %s (%.1f MB) to %d node(s)", package.digest, package.nbytes / 1e6,
                      sum(packages[n].digest == package.digest for n in needs))
-        log.info("%d node(s) have their model cached", len(packages) - len(needs))
+        log.info("%d node(s) have their model cached", len(sent))
         messages = [Message(content=RecordDict({"model": packages[n].description(), "weights": packages[n].weights,
                                                 "files": packages[n].files}),
                             message_type=MODEL_QUERY, dst_node_id=n) for n in needs]
-        for reply in _checked(grid.send_and_receive(messages, timeout=timeout), len(needs), "model delivery"):
-            sent[reply.metadata.src_node_id] = packages[reply.metadata.src_node_id].nbytes
-    return sent
+        stored = _answers(grid.send_and_receive(messages, timeout=timeout), {n: packages[n] for n in needs}, failed,
+                          "model delivery")
+        sent.update({n: packages[n].nbytes for n, ok in stored.items() if ok})
+    for node, why in failed.items():
+        log.warning("node %d left out: %s", node, why)
+    return sent, failed
 
 
-def _checked(replies, expected: int, what: str) -> list[Message]:
-    replies = list(replies)
-    errors = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
-    if errors or len(replies) < expected:
-        raise RuntimeError(f"{what} failed: {len(replies) - len(errors)}/{expected} nodes replied; "
-                           + "; ".join(errors or ["the others timed out"]))
-    return replies
+def _answers(replies, asked: dict[int, ModelPackage], failed: dict[int, str], what: str) -> dict[int, bool]:
+    """Each asked node's ``has`` answer; a node whose reply failed, is malformed or did not come goes to
+    ``failed`` with why (its error text kept short: it is the node's)."""
+    answers: dict[int, bool] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if node not in asked or node in answers or node in failed:
+            continue
+        if reply.has_error():
+            failed[node] = f"{what} failed ({(reply.error.reason or '')[:200]!r})"
+            continue
+        try:
+            answers[node] = wire.flag(wire.config_record(reply, "model"), "has")
+        except wire.BadMessage as err:
+            failed[node] = f"{what} reply is malformed ({err})"
+    for node in asked.keys() - answers.keys() - failed.keys():
+        failed[node] = f"no {what} reply within the timeout"
+    return answers
 
 
 def load_delivered(folder: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:

@@ -125,10 +125,14 @@ def _deliver(grid: Grid, owner: ModelOwner, run: RunFolder) -> tuple[dict[int, M
     timeout = owner.settings.strategy.round_timeout
     nodes = _wait_for_nodes(grid, owner.settings.strategy.min_available_nodes, timeout)
     packages, node_config, refused = _packages(grid, owner, nodes, max(timeout, DELIVERY_TIMEOUT_S))
-    sent = deliver(grid, packages, timeout=max(timeout, DELIVERY_TIMEOUT_S))
+    sent, failed = deliver(grid, packages, timeout=max(timeout, DELIVERY_TIMEOUT_S))
     run.record_delivery({n: (p.digest, p.nbytes, node_config[n]["emulator-layers"]) for n, p in packages.items()},
-                        sent, refused)
-    return packages, node_config
+                        sent, {**refused, **failed})
+    if len(sent) < owner.settings.strategy.min_train_nodes:
+        raise UserError(f"only {len(sent)} node(s) hold their model (strategy.min-train-nodes = "
+                        f"{owner.settings.strategy.min_train_nodes}): " + "; ".join(f"node {n}: {why}" for n, why in
+                                                                                 {**refused, **failed}.items()))
+    return {n: packages[n] for n in sent}, {n: node_config[n] for n in sent}
 
 
 def _strategy(owner: ModelOwner, run: RunFolder, payload: dict[str, torch.Tensor], node_config: dict[int, dict],

@@ -70,6 +70,14 @@ def number(record: ConfigRecord | MetricRecord, key: str, *, low: float, high: f
     return float(value)
 
 
+def flag(record: ConfigRecord, key: str) -> bool:
+    """The boolean ``record[key]``."""
+    value = _get(record, key, None)
+    if not isinstance(value, bool):
+        raise BadMessage(f"{key} must be true or false")
+    return value
+
+
 def json_value(record: ConfigRecord, key: str, default: str | None = None) -> Any:
     """``record[key]`` parsed as JSON (None for an empty string)."""
     raw = text(record, key, default=default)
