@@ -376,3 +376,20 @@ def test_certificates_and_keys_are_what_flower_loads(tmp_path: Path) -> None:
     small = dataclasses.replace(node, memory_budget_mb=2048.0, emulator_layers=2)  # as Flower parses --node-config
     assert node_profile(parse_config_args([small.node_config()]), Settings.from_config({}).fleet) == \
         NodeProfile(memory_budget_mb=2048.0, emulator_layers=2)
+
+
+def test_a_stopped_fl_offsite_run_stops_its_run_on_the_superlink(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C or SIGTERM to `fl-offsite run` ends the local `flwr run` and sends `flwr stop` for the run."""
+    from fl_offsite.ops import deployment
+    from fl_offsite.ops.flower_cli import RunInterrupted
+
+    def interrupted(*args, **kwargs):
+        raise RunInterrupted(7)
+
+    calls = []
+    monkeypatch.setattr(deployment, "flwr_run", interrupted)
+    monkeypatch.setattr(deployment, "connection_address", lambda connection, env: "127.0.0.1:9092")
+    monkeypatch.setattr(deployment.subprocess, "run", lambda command, **kwargs: calls.append(command))
+    with pytest.raises(KeyboardInterrupt):
+        deployment.run_app(tmp_path, "fl-offsite-deploy", {}, env={})
+    assert [c[1:] for c in calls] == [["stop", "7", "fl-offsite-deploy"]]

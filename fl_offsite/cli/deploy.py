@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fl_offsite.cli.common import stoppable
 from fl_offsite.ops.flower_cli import app_dir
 
 
@@ -77,6 +78,7 @@ def node_policy(items: list[str]) -> dict[str, str]:
     return policy
 
 
+@stoppable
 def cmd_run(args: argparse.Namespace) -> None:
     from pathlib import Path
 

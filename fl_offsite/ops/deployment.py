@@ -34,12 +34,15 @@ from fl_offsite.ops.certs import CA_CERT, SERVER_CERT, SERVER_KEY, server_names
 from fl_offsite.ops.fleet_gate import FleetGate
 from fl_offsite.ops.flower_cli import (
     STARTUP_TIMEOUT_S,
+    RunInterrupted,
     RunNotStarted,
     connection_address,
     executable,
     flower_env,
     flwr_run,
     forward_output,
+    signals_held,
+    sigterm_interrupts,
     terminate,
     wait_foreground,
     wait_healthy,
@@ -377,13 +380,22 @@ def _supernode_hints(s: SuperNodeSettings) -> list[tuple[str, str]]:
 
 def run_app(app_dir: Path, connection: str, run_config: dict, env: dict[str, str] | None = None,
             log_path: Path | None = None, stream: bool = True) -> int:
-    """``flwr run APP CONNECTION --stream`` and wait; raise RuntimeError unless the run completed."""
+    """``flwr run APP CONNECTION --stream`` and wait; raise RuntimeError unless the run completed. Ctrl-C or
+    SIGTERM stops the run on the SuperLink too (``flwr stop``), then raises KeyboardInterrupt."""
     env = env or runtime_env()
     address = connection_address(connection, env)
-    with tempfile.TemporaryDirectory(prefix="fl-offsite-run-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fl-offsite-run-") as tmp, sigterm_interrupts():
         try:
             return flwr_run(app_dir, connection, run_config, env, Path(tmp) / "run-config.toml",
                             log_path or Path(tmp) / "run.log", stream)
+        except RunInterrupted as stopped:  # the run goes on on the SuperLink unless it is stopped there
+            if stopped.run_id is not None:
+                with signals_held():
+                    subprocess.run([executable("flwr"), "stop", str(stopped.run_id), connection], env=env,
+                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+                log.warning("stopped run %d on the SuperLink; the same command resumes it after its last finished "
+                            "round", stopped.run_id)
+            raise
         except RunNotStarted as err:
             if "Connection to the SuperLink is unavailable" in str(err):
                 raise UserError(f"no SuperLink answers at {address} (connection {connection!r}): start it with "

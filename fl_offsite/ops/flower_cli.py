@@ -139,6 +139,14 @@ class RunNotStarted(RuntimeError):
     """``flwr run`` failed before the run started (no run id), e.g. no SuperLink answered."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM while ``flwr run`` streamed a run (``run_id``: None if it had not started)."""
+
+    def __init__(self, run_id: int | None) -> None:
+        super().__init__(run_id)
+        self.run_id = run_id
+
+
 def flwr_run(app: Path, connection: str, run_config: dict, env: dict[str, str], config_file: Path,
              log_path: Path, stream: bool, options: tuple[str, ...] = (), logs_note: str = "") -> int:
     """``flwr run APP CONNECTION --stream OPTIONS``; return the run id once the run completed.
@@ -166,14 +174,18 @@ def stream_run(command: list[str], env: dict[str, str], log_path: Path, stream: 
     with log_path.open("w", encoding="utf-8") as log_file, subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, encoding="utf-8", errors="replace") as process:
-        for line in process.stdout or ():
-            log_file.write(line)
-            tail.append(line)
-            if stream:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
-                run_id = int(match.group(1))
+        try:
+            for line in process.stdout or ():
+                log_file.write(line)
+                tail.append(line)
+                if stream:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
+                    run_id = int(match.group(1))
+        except KeyboardInterrupt:
+            terminate(process)
+            raise RunInterrupted(run_id) from None
     if process.returncode != 0 or run_id is None:
         raise RunNotStarted(f"`flwr run` failed (exit code {process.returncode}):\n{''.join(tail)}"
                             f"Full output: {log_path}")
