@@ -181,3 +181,14 @@ def test_every_writer_takes_a_round_record_with_any_part_absent(absent, tmp_path
     card = model_card(settings.model, None, run_record(settings, None, record, 2, None), "usage")
     assert ("| privacy " in card) == (absent != "privacy")
     assert ("| plugin " in card) == (absent != "scores")
+
+
+def test_tensorboard_is_optional_and_its_absence_is_one_line(monkeypatch, tmp_path):
+    import importlib.util
+
+    from fl_offsite.errors import UserError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(UserError, match=r"pip install 'fl-offsite\[tensorboard\]'"):
+        TensorBoardLog(tmp_path / "tb")

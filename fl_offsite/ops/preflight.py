@@ -19,8 +19,11 @@ def check_runnable(settings: Settings, num_clients: int) -> None:
     from fl_offsite.data.models import resolve_model_path
     from fl_offsite.data.partition import partition_indices
     from fl_offsite.data.tasks import load_task
+    from fl_offsite.run.tensorboard import require_tensorboard
 
     check_fleet(settings.fleet, num_clients, settings.emulator.emulator_layers)
+    if settings.results.tensorboard:
+        require_tensorboard()
 
     path = resolve_model_path(settings.model)
     try:

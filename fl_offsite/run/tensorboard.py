@@ -4,10 +4,19 @@
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
+from fl_offsite.errors import UserError
 from fl_offsite.run.records import RoundRecord
 from fl_offsite.run.tables import mean
+
+
+def require_tensorboard() -> None:
+    """A UserError saying how to install TensorBoard, an optional dependency, when it is missing."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError("results.tensorboard = true needs TensorBoard: pip install 'fl-offsite[tensorboard]' "
+                        "(or pip install tensorboard), or set results.tensorboard = false")
 
 
 def round_scalars(record: RoundRecord) -> dict[str, float]:
@@ -40,6 +49,7 @@ class TensorBoardLog:
     """Writes rounds to ``folder``; a resumed run (``first_round`` > 0) drops any events of rounds it redoes."""
 
     def __init__(self, folder: str | Path, first_round: int = 0) -> None:
+        require_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(folder), purge_step=first_round or None)
