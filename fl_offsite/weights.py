@@ -46,3 +46,13 @@ def state_digest(model: torch.nn.Module) -> str:
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap fingerprint of the weights for cache keys: a few values of every tensor (tells models of one
+    config apart without hashing every byte, as :func:`state_digest` does)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().flatten()
+        h.update(name.encode() + flat[:: max(1, flat.numel() // 16)][:16].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -36,12 +36,6 @@ def array_record(msg: Message, name: str) -> ArrayRecord:
     return msg.content.array_records[name]
 
 
-def metric_record(msg: Message, name: str) -> MetricRecord:
-    if name not in msg.content.metric_records:
-        raise BadMessage(f"the {msg.metadata.message_type} message has no metric record {name!r}")
-    return msg.content.metric_records[name]
-
-
 def text(record: ConfigRecord, key: str, *, pattern: re.Pattern[str] | None = None, default: str | None = None) -> str:
     """The string ``record[key]``; ``pattern`` must match all of it."""
     value = _get(record, key, default)

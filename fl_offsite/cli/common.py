@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from fl_offsite.config import sections
 from fl_offsite.errors import UserError
 
 log = logging.getLogger("fl_offsite")
@@ -16,11 +17,11 @@ CPUS_HELP = ("CPUs of each simulated client (default: the file's compare.cpus-pe
 
 
 def pair(text: str) -> tuple[int, int]:
+    """``--adapter-layers``'s ``L,R``, parsed as ``split.adapter-layers`` is (an argparse error otherwise)."""
     try:
-        left, right = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two integers 'L,R', got {text!r}") from None
-    return left, right
+        return sections.pair(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def megabytes(tensors) -> float:

@@ -34,7 +34,7 @@ from fl_offsite.learn.train import adamw, freeze_except, half_weights, precision
 from fl_offsite.surgery.blocks import BlockHook, find_blocks, forward_until_stop, hooked, normalized_mse, record_output
 from fl_offsite.surgery.payload import extract_adapter
 from fl_offsite.surgery.split import SPLIT_FILE, SplitPlan, build_emulator, write_split
-from fl_offsite.weights import state_digest
+from fl_offsite.weights import weights_fingerprint
 
 log = logging.getLogger(__name__)
 EVAL_CHARS = 16_000  # held-out text per perplexity check (about 4k tokens): checks must not dominate short runs
@@ -218,7 +218,7 @@ def cache_key(model_name: str, model: PreTrainedModel, plan: SplitPlan, settings
     """What identifies a distilled emulator: the model (name, config and weights), the split, the settings and
     the text."""
     identity = {"model": model_name, "config": model.config.to_json_string(use_diff=False),
-                "weights": state_digest(model),
+                "weights": weights_fingerprint(model),
                 "plan": plan.to_json(), "settings": asdict(settings),
                 "text": hashlib.sha256("\x00".join(texts).encode()).hexdigest()}
     return json_digest(identity)

@@ -7,12 +7,10 @@ distilled emulators are cached by everything that determines them, the text incl
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import Any, cast
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -26,6 +24,7 @@ from fl_offsite.emulator.layer_choice import middle_chooser, uniform_drop
 from fl_offsite.errors import UserError
 from fl_offsite.files import json_digest, write_atomic
 from fl_offsite.surgery.split import EMULATOR_DIR, SPLIT_FILE, SplitPlan, build_emulator, plan_split
+from fl_offsite.weights import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ def public_texts(corpus: str, split: str, model: nn.Module, tokenizer: PreTraine
         return load_text_corpus(corpus, split, seed, exclude_task=task)
     sample_seed = seed if split == "train" else seed + 1_000_003
     config = cast(PretrainedConfig, model.config)
-    identity = {"model": config.to_json_string(use_diff=False), "weights": _weights_digest(model),
+    identity = {"model": config.to_json_string(use_diff=False), "weights": weights_fingerprint(model),
                 "count": count, "length": length, "seed": sample_seed, "precision": "bf16"}
     path = cache_dir("corpora") / f"model-samples-{json_digest(identity)}.json"
     if path.exists():
@@ -106,7 +105,7 @@ def _cached_choice(model_name: str, model: PreTrainedModel, tokenizer: PreTraine
 
     def choose(n: int, k: int) -> list[int]:
         identity = {"model": model_name, "config": model.config.to_json_string(use_diff=False),
-                    "weights": _weights_digest(model), "rule": recipe.layers, "bottom": recipe.adapter_bottom,
+                    "weights": weights_fingerprint(model), "rule": recipe.layers, "bottom": recipe.adapter_bottom,
                     "top": recipe.adapter_top, "n": n, "k": k, "text": [b["input_ids"] for b in blocks]}
         path = cache_dir("layer-choice") / f"{recipe.layers}-{json_digest(identity)}.json"
         if path.exists():
@@ -116,12 +115,4 @@ def _cached_choice(model_name: str, model: PreTrainedModel, tokenizer: PreTraine
         return kept
     return choose
 
-
-def _weights_digest(model: torch.nn.Module) -> str:
-    """A cheap fingerprint of the weights: a few values of every tensor (tells models of one config apart)."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().flatten()
-        h.update(name.encode() + flat[:: max(1, flat.numel() // 16)][:16].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 

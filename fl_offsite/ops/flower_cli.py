@@ -283,14 +283,7 @@ def terminate(process: subprocess.Popen, grace_s: float = 10.0) -> None:
         family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         family = []
-    for member in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.terminate()
-    alive = _wait_gone(family, grace_s)
-    for member in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.kill()
-    _wait_gone(alive, 2.0)
+    _end(family, grace_s)
     process.wait()
 
 
@@ -338,17 +331,22 @@ def stop_processes(match: Callable[[str], bool]) -> None:
         if not processes:
             return
         log.debug("Stopping %s", [p.pid for p in processes])
-        for process in processes:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.terminate()
-        alive = _wait_gone(processes, grace_s)
-        for process in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        _wait_gone(alive, 2.0)
+        _end(processes, grace_s)
     left = [p.pid for p in tagged_processes(match)]
     if left:
         log.warning("Could not stop processes %s of a Flower launch; stop them by hand", left)
+
+
+def _end(processes: list[psutil.Process], grace_s: float) -> None:
+    """SIGTERM ``processes``, SIGKILL those still alive after ``grace_s``, and wait for them to go."""
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    alive = _wait_gone(processes, grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    _wait_gone(alive, 2.0)
 
 
 def _wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
