@@ -34,7 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from fl_offsite.config.settings import Settings, validate
 from fl_offsite.data.models import resolve_model_path
-from fl_offsite.ops.flower_cli import app_dir
+from fl_offsite.ops.flower_app import app_dir
 from fl_offsite.ops.simulation import run_simulation_app
 from fl_offsite.run.folder import RunFolder
 
@@ -97,7 +97,7 @@ def sequential(config: dict, clients: int, split_dir: Path) -> dict[str, float]:
 
 def timeline(lines: list[tuple[float, str]], num_rounds: int, total: float) -> list[tuple[str, float]]:
     """(phase, seconds) from the time-stamped log lines: each marker is looked for after the previous one."""
-    markers = [("start-up: SuperLink, flwr run submitted", r"Successfully started run"),
+    markers = [("start-up: SuperLink, flwr run submitted", r"Starting logstream for run_id"),
                ("ServerApp: model owner loads the model, splits, writes the emulator", r"Split \d+-\d+-\d+ of"),
                ("Ray start-up: nodes connect", r"Sending the model"),
                ("one-time emulator delivery to every node", r"Starting \w+ strategy"),

@@ -33,7 +33,8 @@ from pathlib import Path
 import psutil
 
 from fl_offsite.config.settings import validate
-from fl_offsite.ops.flower_cli import app_dir, tagged_processes
+from fl_offsite.ops.flower_app import app_dir
+from fl_offsite.ops.flower_cli import tagged_processes
 from fl_offsite.ops.simulation import run_simulation_app
 from fl_offsite.run.folder import RunFolder
 

@@ -18,14 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from test_deploy import federation, tiny_run_config
-
-from fl_offsite.testing.models import CORPUS, save_tiny_lm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from fl_offsite.ops.deployment import run_app
+from fl_offsite.ops.flower_app import app_dir
 from fl_offsite.ops.simulation import run_simulation_app
-from fl_offsite.ops.flower_cli import app_dir
+from fl_offsite.testing.models import CORPUS, save_tiny_lm
 
 
 def tiny_model(folder: Path) -> Path:

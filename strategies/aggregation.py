@@ -40,8 +40,7 @@ def aggregation_strategy(settings: StrategySettings, dp: PrivacySettings, num_no
 
 
 def _private(inner: fl.FedAvg, settings: StrategySettings, dp: PrivacySettings, num_nodes: int) -> fl.Strategy:
-    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
-    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 
     sampled = max(int(num_nodes * settings.fraction_train), settings.min_train_nodes)
     accountant = RdpAccountant(PrivacyConfig(

@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 from fl_offsite.data import archives as sources
+from fl_offsite.data import downloads
 from fl_offsite.data import downloads as assets
 from fl_offsite.data.corpora import PUBLIC_SOURCES, load_text_corpus, public_corpus
-from fl_offsite.data import downloads
 from fl_offsite.data.downloads import PINNED, PinnedFile, cache_dir, pinned_file
 from fl_offsite.data.suite import suite_names
 from fl_offsite.data.tasks import load_task

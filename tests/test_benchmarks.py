@@ -48,7 +48,7 @@ def test_client_cost_bf16_keeps_trainable_weights_in_fp32(tmp_path):
 def test_overhead_timeline_reads_phases_from_log_lines():
     from benchmarks import overhead
 
-    lines = [(1.0, "Successfully started run 7"), (3.0, "Split 1-2-1 of x"), (9.0, "Sending the model (1 MB)"),
+    lines = [(1.0, "Starting logstream for run_id `7`"), (3.0, "Split 1-2-1 of x"), (9.0, "Sending the model (1 MB)"),
              (10.0, "Starting FedAvg strategy:"), (12.0, "Initial global evaluation results: {}"),
              (15.0, "aggregate_train: Received 2 results"), (15.5, "Global evaluation"),
              (17.0, "└──> MetricRecord: {'a': 1}"), (18.0, "Results in /x")]

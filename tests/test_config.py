@@ -1,4 +1,4 @@
-"""Config validation, and pyproject.toml's Flower run config kept equal to the defaults."""
+"""Config validation, and the Flower app's bundle (FAB)."""
 from __future__ import annotations
 
 import tomllib
@@ -12,11 +12,6 @@ from fl_offsite.config.settings import CHOICES, DEFAULTS, validate
 from fl_offsite.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_pyproject_run_config_equals_the_defaults():
-    flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert flwr == DEFAULTS
 
 
 def test_the_app_builds_a_fab_with_flower_142_metadata_and_its_license():

@@ -33,7 +33,8 @@ from fl_offsite.data.tasks import BBC_TOPICS, ChoiceExample, load_task
 from fl_offsite.errors import UserError
 from fl_offsite.ops.certs import make_certs, make_node_key, server_names
 from fl_offsite.ops.deployment import SuperLinkSettings, SuperNodeSettings, runtime_env
-from fl_offsite.ops.flower_cli import TAG_VAR, app_dir, new_launch_tag, stop_processes, tagged_processes
+from fl_offsite.ops.flower_app import app_dir
+from fl_offsite.ops.flower_cli import TAG_VAR, new_launch_tag, stop_processes, tagged_processes
 from fl_offsite.surgery.split import load_adapter
 from fl_offsite.testing.flower import InProcessGrid, wait_until
 

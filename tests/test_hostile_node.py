@@ -56,8 +56,6 @@ def test_a_client_cannot_overwrite_the_owners_fields_or_add_metrics(tiny_lm_dir,
 
 
 def test_untrusted_weights_make_the_round_uniform(tiny_lm_dir, tmp_path):
-    import torch
-
     from fl_offsite.surgery.split import load_adapter
 
     def claims(msg, node_index):

@@ -13,7 +13,8 @@ import psutil
 import pytest
 
 from fl_offsite.errors import UserError
-from fl_offsite.ops.flower_cli import app_dir, tagged_processes
+from fl_offsite.ops.flower_app import app_dir
+from fl_offsite.ops.flower_cli import tagged_processes
 from fl_offsite.ops.simulation import run_simulation_app
 from fl_offsite.testing.flower import rounds_of, run, wait_until
 

@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from test_federated import tensorboard_scalars
 from transformers import AutoModelForCausalLM
 
-from fl_offsite.run.folder import RunFolder
 from fl_offsite.app.client_training import CACHE
 from fl_offsite.config.sections import LoraSpec, RealignSettings
 from fl_offsite.config.settings import validate
@@ -20,6 +19,7 @@ from fl_offsite.emulator.layer_choice import uniform_drop
 from fl_offsite.emulator.realign import Realignment, add_realign_lora, get_factors, realign_names
 from fl_offsite.errors import UserError
 from fl_offsite.run.compare import _markdown, summarize
+from fl_offsite.run.folder import RunFolder
 from fl_offsite.surgery.lora import add_lora, lora_names
 from fl_offsite.surgery.payload import extract_adapter, plug_in
 from fl_offsite.surgery.split import SplitPlan, build_emulator, plan_split

@@ -7,9 +7,9 @@ import json
 from dataclasses import replace
 
 import pytest
+from test_federated import tensorboard_scalars
 
-from fl_offsite.config.settings import validate
-from fl_offsite.config.settings import Settings
+from fl_offsite.config.settings import Settings, validate
 from fl_offsite.errors import UserError
 from fl_offsite.run.card import model_card, run_record
 from fl_offsite.run.compare import write_report
@@ -26,7 +26,6 @@ from fl_offsite.run.records import (
 )
 from fl_offsite.run.tables import round_table
 from fl_offsite.run.tensorboard import TensorBoardLog
-from test_federated import tensorboard_scalars
 
 # A training round's line of metrics.jsonl as runs write it (re-alignment on, one node missing).
 LINE = (

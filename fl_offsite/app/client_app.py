@@ -10,7 +10,7 @@ import logging
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # internal: no public name for this key
 
 from fl_offsite.app import wire
 from fl_offsite.app.node_store import node_store

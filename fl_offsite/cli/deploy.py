@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from fl_offsite.cli.common import stoppable
-from fl_offsite.ops.flower_cli import app_dir
+from fl_offsite.ops.flower_app import app_dir
 
 
 def cmd_certs(args: argparse.Namespace) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from fl_offsite.cli.common import CPUS_HELP, stoppable
-from fl_offsite.ops.flower_cli import app_dir
+from fl_offsite.ops.flower_app import app_dir
 
 
 @stoppable

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -41,6 +41,7 @@ from fl_offsite.ops.flower_cli import (
     flower_env,
     flwr_run,
     forward_output,
+    json_reply,
     signals_held,
     sigterm_interrupts,
     terminate,
@@ -56,6 +57,8 @@ DEFAULT_CONTROL_PORT = 9092  # the SuperLink itself: Control, runtime and Fleet 
 DEFAULT_CONNECTION = "fl-offsite-deploy"
 ACTIVATION_RETRY_S = 75.0  # flwr 1.42 keeps a vanished node online for 2 missed heartbeats of 30 s
 REFUSED = "[code: 2004]"  # flower-supernode: activation refused (unknown key, or the node still online)
+# flower-supernode's exit codes (Flower's reference of exit codes; flwr exports no public names for them)
+NODE_KEY_INVALID, TRUSTED_ENTITIES_INVALID, CONNECTION_ERROR, ADDRESS_INVALID = 302, 304, 305, 600
 
 
 def is_loopback(host: str) -> bool:
@@ -160,13 +163,14 @@ def register_nodes(connection: str, keys: Sequence[Path], env: dict[str, str]) -
         result = subprocess.run([executable("flwr"), "supernode", "register", str(key), connection,
                                  "--name", key.stem, "--format", "json"],
                                 env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
-        output = result.stdout + result.stderr
-        if match := re.search(r'"node-id":\s*(\d+)', output):
-            registered[key] = match.group(1)
-        elif "already in use" in output:
+        reply = json_reply(result.stdout)
+        error = str(reply.get("error-message") or result.stderr)
+        if reply.get("success") and str(reply.get("node-id")).isdigit():
+            registered[key] = str(reply["node-id"])
+        elif "already in use" in error:  # the SuperLink's refusal has no code of its own
             registered[key] = "registered before"
         else:
-            raise UserError(f"could not register {key} at the SuperLink: {output.strip()[-500:]}")
+            raise UserError(f"could not register {key} at the SuperLink: {error.strip()[-500:]}")
     return registered
 
 
@@ -323,7 +327,7 @@ def serve_supernode(s: SuperNodeSettings) -> int:
     deadline = time.monotonic() + ACTIVATION_RETRY_S
     while True:
         code, output = _run_supernode(s)
-        if code == 0 or REFUSED not in output or time.monotonic() > deadline:
+        if code != CONNECTION_ERROR or REFUSED not in output or time.monotonic() > deadline:
             break
         log.warning("The SuperLink refused to activate this node: a previous session of it may still count as "
                     "online, or its key is not registered yet; retrying for %.0f s more", deadline - time.monotonic())
@@ -331,10 +335,8 @@ def serve_supernode(s: SuperNodeSettings) -> int:
             time.sleep(5)
         except KeyboardInterrupt:
             return 0
-    if code != 0:
-        for pattern, hint in _supernode_hints(s):
-            if pattern in output:
-                raise UserError(hint)
+    if hint := _supernode_hint(s, code, output):
+        raise UserError(hint)
     return code
 
 
@@ -359,29 +361,40 @@ def _run_supernode(s: SuperNodeSettings) -> tuple[int, str]:
         terminate(process)
 
 
-def _supernode_hints(s: SuperNodeSettings) -> list[tuple[str, str]]:
-    """(text in flower-supernode's output, what to tell the data owner)."""
+def _supernode_hint(s: SuperNodeSettings, code: int, output: str) -> str | None:
+    """What to tell the data owner when ``flower-supernode`` exited with ``code`` (Flower's exit codes; a
+    connection error is told apart by Flower's API error code or OpenSSL's reason in ``output``)."""
+    by_code = {
+        NODE_KEY_INVALID: f"--key {s.key} is not a private key Flower takes: make one with `fl-offsite node-key NAME`",
+        TRUSTED_ENTITIES_INVALID: f"--trusted-entities {s.trusted_entities} is not a valid trusted-entities file",
+        ADDRESS_INVALID: f"--superlink {s.superlink!r} is not an address: give HOST:PORT"}
+    if code in by_code:
+        return by_code[code]
+    if code != CONNECTION_ERROR:
+        return None
     public = f"{s.key}.pub" if s.key else "its .pub file"
     host = s.superlink.rsplit(":", 1)[0]
-    refused = (f"the SuperLink {s.superlink} refused this node: its public key ({public}) is not registered "
-               f"(retried for {ACTIVATION_RETRY_S:.0f} s). Send that .pub file to the model owner to register "
-               "(`fl-offsite superlink ... --node-key FILE.pub`), then start the node again")
-    anonymous = (f"the SuperLink {s.superlink} only admits registered nodes: start with --key PRIVATE_KEY "
-                 "(`fl-offsite node-key NAME`) and have the model owner register NAME.pub")
-    tls = (f"TLS check of {s.superlink} failed: the SuperLink's certificate is not signed by --ca {s.ca} or does "
-           f"not name host {host}. Use the model owner's current ca.crt, and an address given to "
-           "`fl-offsite certs --host`")
-    plain = f"{s.superlink} does not speak TLS (a SuperLink started with --insecure?)"
-    return [(REFUSED, refused), ("[code: 2001]", anonymous), ("CERTIFICATE_VERIFY_FAILED", tls),
-            ("WRONG_VERSION_NUMBER", plain)]
+    hints = {
+        REFUSED: (f"the SuperLink {s.superlink} refused this node: its public key ({public}) is not registered "
+                  f"(retried for {ACTIVATION_RETRY_S:.0f} s). Send that .pub file to the model owner to register "
+                  "(`fl-offsite superlink ... --node-key FILE.pub`), then start the node again"),
+        "[code: 2001]": (f"the SuperLink {s.superlink} only admits registered nodes: start with --key PRIVATE_KEY "
+                         "(`fl-offsite node-key NAME`) and have the model owner register NAME.pub"),
+        "CERTIFICATE_VERIFY_FAILED": (
+            f"TLS check of {s.superlink} failed: the SuperLink's certificate is not signed by --ca {s.ca} or does "
+            f"not name host {host}. Use the model owner's current ca.crt, and an address given to "
+            "`fl-offsite certs --host`"),
+        "WRONG_VERSION_NUMBER": f"{s.superlink} does not speak TLS (a SuperLink started with --insecure?)"}
+    found = [hint for pattern, hint in hints.items() if pattern in output]
+    return found[0] if found else f"could not reach the SuperLink at {s.superlink}: see Flower's error above"
 
 
 # --- running the app ----------------------------------------------------------------------
 
 def run_app(app_dir: Path, connection: str, run_config: dict, env: dict[str, str] | None = None,
             log_path: Path | None = None, stream: bool = True) -> int:
-    """``flwr run APP CONNECTION --stream`` and wait; raise RuntimeError unless the run completed. Ctrl-C or
-    SIGTERM stops the run on the SuperLink too (``flwr stop``), then raises KeyboardInterrupt."""
+    """Run the app on the SuperLink of ``connection`` and wait; raise RuntimeError unless the run completed.
+    Ctrl-C or SIGTERM stops the run on the SuperLink too (``flwr stop``), then raises KeyboardInterrupt."""
     env = env or runtime_env()
     address = connection_address(connection, env)
     with tempfile.TemporaryDirectory(prefix="fl-offsite-run-") as tmp, sigterm_interrupts():
@@ -396,11 +409,21 @@ def run_app(app_dir: Path, connection: str, run_config: dict, env: dict[str, str
                 log.warning("stopped run %d on the SuperLink; the same command resumes it after its last finished "
                             "round", stopped.run_id)
             raise
-        except RunNotStarted as err:
-            if "Connection to the SuperLink is unavailable" in str(err):
+        except RunNotStarted:
+            if not answers(address):
                 raise UserError(f"no SuperLink answers at {address} (connection {connection!r}): start it with "
                                 "`fl-offsite superlink`, or wait until it is back up") from None
             raise
+
+
+def answers(address: str, timeout: float = 3.0) -> bool:
+    """Whether something accepts TCP connections at ``address`` (HOST:PORT or [IPv6]:PORT)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def runtime_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -8,9 +8,9 @@ The simulation launcher (:mod:`fl_offsite.ops.simulation`) and the deployment co
   (the SuperLink starts its helpers by name); telemetry and update checks are off;
 * a connection is a ``[superlink.NAME]`` entry of ``$FLWR_HOME/config.toml``;
 * a SuperLink is up when ``/health`` on its port answers 200;
-* ``flwr run APP CONNECTION --stream`` returns when the run has finished, but exits 0 even
-  when the ServerApp raised, so the outcome is read with ``flwr ls --format json``: only
-  ``finished:completed`` counts as success;
+* a run starts with ``flwr run APP CONNECTION --format json`` (its reply names the run id), its log
+  streams with ``flwr log RUN_ID CONNECTION`` until the run has finished, and its outcome is read with
+  ``flwr ls --format json``: only ``finished:completed`` counts as success;
 * a launch tags every process it starts with ``FL_OFFSITE_LAUNCH=<launcher pid>:<start
   time>:<uuid>`` in the environment (inherited by all descendants, Ray's included), so that
   they can all be found and stopped, even those in sessions of their own.
@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import ssl
@@ -45,15 +44,6 @@ log = logging.getLogger(__name__)
 
 TAG_VAR = "FL_OFFSITE_LAUNCH"
 STARTUP_TIMEOUT_S = 90.0
-
-
-def app_dir() -> Path:
-    """The folder of the Flower app (this project's pyproject.toml with [tool.flwr.app])."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "pyproject.toml").is_file() or "[tool.flwr.app]" not in (root / "pyproject.toml").read_text():
-        raise UserError(f"the Flower app's pyproject.toml is not beside the package ({root}); "
-                        "install fl-offsite from a source checkout (pip install -e .)")
-    return root
 
 
 def executable(name: str) -> str:
@@ -149,17 +139,19 @@ class RunInterrupted(KeyboardInterrupt):
 
 def flwr_run(app: Path, connection: str, run_config: dict, env: dict[str, str], config_file: Path,
              log_path: Path, stream: bool, options: tuple[str, ...] = (), logs_note: str = "") -> int:
-    """``flwr run APP CONNECTION --stream OPTIONS``; return the run id once the run completed.
+    """Start the app with ``flwr run APP CONNECTION --format json OPTIONS``, follow its log with ``flwr log``
+    and return the run id once the run completed.
 
     ``run_config`` (if any) goes to ``flwr run`` through ``config_file``. Raises ``RunNotStarted``
     when no run started, and ``RuntimeError`` with the status, the log tail and ``logs_note``
     when the run ended otherwise than completed.
     """
-    command = [executable("flwr"), "run", str(app), connection, "--stream", *options]
+    command = [executable("flwr"), "run", str(app), connection, "--format", "json", *options]
     if run_config:
         config_file.write_text(tomli_w.dumps(run_config), encoding="utf-8")
         command += ["--run-config", str(config_file)]
-    run_id, tail = stream_run(command, env, log_path, stream)
+    run_id = start_run(command, env)
+    tail = follow_run(run_id, connection, env, log_path, stream)
     status, details = run_status(run_id, env, connection)
     if status != "finished:completed":
         raise RuntimeError(f"Flower run {run_id} of {app} ended as {status!r}: {details}\n"
@@ -167,10 +159,35 @@ def flwr_run(app: Path, connection: str, run_config: dict, env: dict[str, str], 
     return run_id
 
 
-def stream_run(command: list[str], env: dict[str, str], log_path: Path, stream: bool) -> tuple[int, list[str]]:
-    """Run ``flwr run --stream``, copy its output to ``log_path`` (and stdout); return run id and log tail."""
+def start_run(command: list[str], env: dict[str, str]) -> int:
+    """Run ``flwr run ... --format json``; return the run id from its JSON reply."""
+    try:
+        result = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                encoding="utf-8", errors="replace", check=False)
+    except KeyboardInterrupt:
+        raise RunInterrupted(None) from None
+    reply = json_reply(result.stdout)
+    run_id = reply.get("run-id")
+    if result.returncode != 0 or not reply.get("success") or not str(run_id).isdigit():
+        error = reply.get("error-message") or (result.stdout + result.stderr)[-4000:]
+        raise RunNotStarted(f"`flwr run` failed (exit code {result.returncode}): {str(error).strip()}")
+    return int(str(run_id))
+
+
+def json_reply(output: str) -> dict:
+    """The JSON object that a Flower command with ``--format json`` printed ({} if none)."""
+    try:
+        reply, _ = json.JSONDecoder().raw_decode(output[output.index("{"):])
+    except ValueError:
+        return {}
+    return reply if isinstance(reply, dict) else {}
+
+
+def follow_run(run_id: int, connection: str, env: dict[str, str], log_path: Path, stream: bool) -> list[str]:
+    """Copy the run's log (``flwr log RUN_ID CONNECTION --stream``) to ``log_path`` and, if ``stream``, to stdout
+    until the run has ended; return the log's last lines."""
     tail: deque[str] = deque(maxlen=40)
-    run_id = None
+    command = [executable("flwr"), "log", str(run_id), connection, "--stream"]
     with log_path.open("w", encoding="utf-8") as log_file, subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, encoding="utf-8", errors="replace") as process:
@@ -181,32 +198,28 @@ def stream_run(command: list[str], env: dict[str, str], log_path: Path, stream: 
                 if stream:
                     sys.stdout.write(line)
                     sys.stdout.flush()
-                if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
-                    run_id = int(match.group(1))
         except KeyboardInterrupt:
             terminate(process)
             raise RunInterrupted(run_id) from None
-    if process.returncode != 0 or run_id is None:
-        raise RunNotStarted(f"`flwr run` failed (exit code {process.returncode}):\n{''.join(tail)}"
-                            f"Full output: {log_path}")
-    return run_id, list(tail)
+    return list(tail)
 
 
 def run_status(run_id: int, env: dict[str, str], connection: str) -> tuple[str, str]:
     """Status (e.g. ``finished:failed``) and its details, from ``flwr ls --format json``."""
-    run: dict = {}
+    status, details = "", ""
     for _attempt in range(10):  # the log stream ends when the run is finished; poll in case it broke off
         result = subprocess.run([executable("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
                                 env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
         try:
-            run = json.loads(result.stdout[result.stdout.index("{"):])["runs"][0]
-        except (ValueError, KeyError, IndexError):
+            run = json_reply(result.stdout)["runs"][0]
+            status, details = str(run["status"]), str(run.get("status-details", ""))
+        except (KeyError, IndexError, TypeError):
             raise RuntimeError(f"`flwr ls` gave no run status (exit code {result.returncode}):\n"
                                f"{result.stdout}{result.stderr}") from None
-        if run["status"].startswith("finished"):
+        if status.startswith("finished"):
             break
         time.sleep(1.0)
-    return run["status"], run.get("status-details", "")
+    return status, details
 
 
 # --- a process in the foreground ---------------------------------------------------------

@@ -72,7 +72,7 @@ def load_compare_config(path: str | Path, overrides: dict[str, Any], cpus_per_cl
 
 def run_compare(plan: ComparePlan) -> Path:
     """Run each configuration (resuming, skipping finished ones), then write the report into ``plan.out``."""
-    from fl_offsite.ops.flower_cli import app_dir
+    from fl_offsite.ops.flower_app import app_dir
     from fl_offsite.ops.preflight import check_runnable
     from fl_offsite.ops.simulation import run_simulation_app
 

@@ -12,7 +12,7 @@ from uuid import uuid4
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.task_identity import TaskIdentity  # internal: what the runtime sets, with no public setter
 
 from fl_offsite.config.settings import validate
 from fl_offsite.run.folder import METRICS
