@@ -118,7 +118,7 @@ def test_a_plain_safetensors_adapter_plugs_in_where_its_names_say(family, tmp_pa
     assert all(torch.equal(plugged[k], v) for k, v in edited.items())
     assert all(torch.equal(plugged[k], before[k]) for k in before if k not in edited)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert card.startswith("---\n") and f"base_model: {folder}" in card and "adapter blocks [0, 1, 7]" in card
+    assert card.startswith("---\n") and f"the local folder `{folder}`" in card and "adapter blocks [0, 1, 7]" in card
 
 
 def test_plain_adapters_with_bad_names_or_values_are_refused_in_one_line(tiny_folder, tmp_path, capsys):

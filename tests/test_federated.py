@@ -246,10 +246,12 @@ def test_lora_runs_write_a_peft_folder_that_peft_loads_and_model_cards(tiny_lm_d
     cells = lambda path: re.sub(r" +", " ", path.read_text())  # table cells without their padding
     for card in (out / "peft" / "README.md", out / "README.md"):
         text = cells(card)
-        assert f"base_model: {tiny_lm_dir}" in text and f"| method | {method} |" in text
+        assert f"| base model | the local folder `{tiny_lm_dir}` |" in text and f"| method | {method} |" in text
+        assert "base_model:" not in text  # a local folder has no Hub id to link to
         assert "| rounds | 1 of 1 |" in text and "| clients (data owners) | 2 |" in text and "| LoRA | r 4" in text
         assert ("| plugin |" if method == "offsite-lora" else "| full |") in text
     assert "library_name: peft" in (out / "peft" / "README.md").read_text()
+    assert json.loads((out / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_lm_dir)
     if method == "offsite-lora":  # plug-in's card tells the run that trained the adapter
         assert main(["plug-in", str(tiny_lm_dir), str(out / "adapter.safetensors"), "--out", str(tmp_path / "p")]) == 0
         card = cells(tmp_path / "p" / "README.md")

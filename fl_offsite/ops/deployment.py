@@ -327,7 +327,7 @@ def serve_supernode(s: SuperNodeSettings) -> int:
     deadline = time.monotonic() + ACTIVATION_RETRY_S
     while True:
         code, output = _run_supernode(s)
-        if code != CONNECTION_ERROR or REFUSED not in output or time.monotonic() > deadline:
+        if code == 0 or REFUSED not in output or time.monotonic() > deadline:
             break
         log.warning("The SuperLink refused to activate this node: a previous session of it may still count as "
                     "online, or its key is not registered yet; retrying for %.0f s more", deadline - time.monotonic())
@@ -362,16 +362,14 @@ def _run_supernode(s: SuperNodeSettings) -> tuple[int, str]:
 
 
 def _supernode_hint(s: SuperNodeSettings, code: int, output: str) -> str | None:
-    """What to tell the data owner when ``flower-supernode`` exited with ``code`` (Flower's exit codes; a
-    connection error is told apart by Flower's API error code or OpenSSL's reason in ``output``)."""
+    """What to tell the data owner when ``flower-supernode`` exited with ``code``: by Flower's exit code, else by
+    Flower's API error code or OpenSSL's reason in ``output``; None when neither says what to change."""
     by_code = {
         NODE_KEY_INVALID: f"--key {s.key} is not a private key Flower takes: make one with `fl-offsite node-key NAME`",
         TRUSTED_ENTITIES_INVALID: f"--trusted-entities {s.trusted_entities} is not a valid trusted-entities file",
         ADDRESS_INVALID: f"--superlink {s.superlink!r} is not an address: give HOST:PORT"}
-    if code in by_code:
-        return by_code[code]
-    if code != CONNECTION_ERROR:
-        return None
+    if code == 0 or code in by_code:
+        return by_code.get(code)
     public = f"{s.key}.pub" if s.key else "its .pub file"
     host = s.superlink.rsplit(":", 1)[0]
     hints = {
@@ -385,8 +383,10 @@ def _supernode_hint(s: SuperNodeSettings, code: int, output: str) -> str | None:
             f"not name host {host}. Use the model owner's current ca.crt, and an address given to "
             "`fl-offsite certs --host`"),
         "WRONG_VERSION_NUMBER": f"{s.superlink} does not speak TLS (a SuperLink started with --insecure?)"}
-    found = [hint for pattern, hint in hints.items() if pattern in output]
-    return found[0] if found else f"could not reach the SuperLink at {s.superlink}: see Flower's error above"
+    found = [hint for pattern, hint in hints.items() if pattern in output]  # TLS failures exit 1, not 305
+    if found or code != CONNECTION_ERROR:
+        return found[0] if found else None
+    return f"could not reach the SuperLink at {s.superlink}: see Flower's error above"
 
 
 # --- running the app ----------------------------------------------------------------------

@@ -14,7 +14,10 @@ from fl_offsite.run.tables import markdown_table
 from fl_offsite.surgery.split import SplitPlan
 
 if TYPE_CHECKING:
+    from huggingface_hub import ModelCardData
+
     from fl_offsite.config.settings import Settings
+    from fl_offsite.data.models import BaseModel
 
 
 def run_record(settings: Settings, plan: SplitPlan | None, round_record: RoundRecord, num_clients: int,
@@ -43,15 +46,14 @@ def run_record(settings: Settings, plan: SplitPlan | None, round_record: RoundRe
 
 def model_card(base_model: str, plan: SplitPlan | None, run: dict | None, usage: str,
                peft: bool = False) -> str:
-    """A README.md: YAML front matter (``base_model``, ``library_name``, tags), the facts, ``usage`` (markdown)."""
-    tags = ["fl-offsite", "federated-learning", "flower"]
-    if plan is not None:
-        tags.append("offsite-tuning")
-    if peft or (run and "lora" in run):
-        tags.append("lora")
-    front = [f"base_model: {base_model}", *(["library_name: peft"] if peft else []),
-             "tags:", *(f"- {tag}" for tag in tags)]
-    rows = [["base model", base_model]]
+    """A README.md that the Hugging Face Hub reads: metadata (base model's Hub id, license, pipeline, data set,
+    the run's final scores as model-index results), then the facts and ``usage`` (markdown)."""
+    from huggingface_hub import ModelCard
+
+    from fl_offsite.data.models import base_model as describe
+
+    base = describe(base_model)
+    rows = [["base model", base.origin]]
     if plan is not None:
         rows.append(["split", f"{plan.name} of {plan.num_layers} blocks: adapter blocks {list(plan.adapter_layers)}"
                               + (f", emulator keeps {list(plan.kept_layers)}"
@@ -75,15 +77,39 @@ def model_card(base_model: str, plan: SplitPlan | None, run: dict | None, usage:
     else:
         about = ("Fine-tuned with fl-offsite (federated offsite-tuning on Flower): data owners trained the adapter "
                  "blocks on an emulator of the model; neither the full model nor their data left its owner.")
-    lines = ["---", *front, "---", "", f"# {base_model}: {title} (fl-offsite)", "", about, "",
-             markdown_table(["", ""], rows), ""]
+    lines = [f"# {base.hub_id or base_model}: {title} (fl-offsite)", "", about, "", markdown_table(["", ""], rows), ""]
     if run:
         lines += [f"## Results after round {run['round']} (held-out test split, ± one standard error)", "",
                   markdown_table(["model", "n", "acc", "acc_norm"], [
                       [model, str(m["n"]), f"{m['acc']:.3f} ± {m['acc_stderr']:.3f}", f"{m['acc_norm']:.3f}"]
                       for model, m in run["metrics"].items()]), ""]
     lines += ["## Use", "", usage.strip(), ""]
-    return "\n".join(lines)
+    metadata = card_data(base, plan, run, peft).to_yaml()
+    return str(ModelCard(f"---\n{metadata}\n---\n\n" + "\n".join(lines)))
+
+
+def card_data(base: BaseModel, plan: SplitPlan | None, run: dict | None, peft: bool) -> ModelCardData:
+    """The card's metadata; its model-index holds the final scores of the model the card describes."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    from fl_offsite.data.tasks import hub_dataset_id
+
+    tags = ["fl-offsite", "federated-learning", "flower", *(["offsite-tuning"] if plan is not None else []),
+            *(["lora"] if peft or (run and "lora" in run) else [])]
+    dataset = hub_dataset_id(run["task"]) if run else None
+    scores = (run or {}).get("metrics", {}).get("plugin" if plan is not None else "full")
+    results = None
+    if run and dataset and scores:
+        split = f"{run['task']}: fl-offsite's held-out test split of {scores['n']} examples, seed {run['seed']}"
+        results = [EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=split,
+                              metric_type=metric, metric_name=name, metric_value=scores[key])
+                   for key, metric, name in (("acc", "accuracy", "accuracy"),
+                                             ("acc_norm", "accuracy", "accuracy (length-normalised)"))]
+    return ModelCardData(
+        base_model=base.hub_id, library_name="peft" if peft else "transformers", license=base.license,
+        pipeline_tag="text-generation", tags=tags, datasets=[dataset] if dataset else None,
+        model_name=f"{(base.hub_id or 'model').split('/')[-1]}-{run['method']}-{run['task']}" if run else None,
+        eval_results=results)
 
 
 def usage(weights: str, base: str, path: str) -> str:

@@ -66,13 +66,22 @@ def lora_names(model: PeftModel, plan: SplitPlan | None) -> dict[str, str]:
     return names
 
 
-def save_peft_folder(model: PeftModel, folder: str | Path, card: str) -> Path:
-    """PEFT's own adapter folder of ``model`` (``adapter_config.json``, ``adapter_model.safetensors``) and a card.
+def save_peft_folder(model: PeftModel, folder: str | Path, card: str, base_hub_id: str | None) -> Path:
+    """PEFT's own adapter folder of ``model`` (``adapter_config.json``, ``adapter_model.safetensors``) and a card;
+    ``base_model_name_or_path`` is ``base_hub_id`` where the base model has one (not a local cache path).
 
     ``PeftModel.from_pretrained(base, folder)`` loads it onto the full base model: the LoRA
     factors sit on the full model's module names (for offsite-lora, the adapter blocks').
     """
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(str(tmp))
-        write_atomic(tmp / "README.md", card)
+    configs = list(model.peft_config.values())
+    local = [config.base_model_name_or_path for config in configs]
+    try:
+        for config in configs:
+            config.base_model_name_or_path = base_hub_id or config.base_model_name_or_path
+        with atomic_dir(folder) as tmp:  # LoRA leaves the embeddings alone: no look-up of the base model's config
+            model.save_pretrained(str(tmp), save_embedding_layers=False)
+            write_atomic(tmp / "README.md", card)
+    finally:
+        for config, path in zip(configs, local, strict=True):
+            config.base_model_name_or_path = path
     return Path(folder)
