@@ -1,11 +1,19 @@
 # One-command entry points: `make demo` (set up + main job), `make test` (set up + tests).
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch; on a CUDA machine use e.g. TORCH_SPEC="torch==2.13.0" with your index.
-TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# torch's CPU build: from PyTorch's CPU wheel index where pip reaches it, else from the package index (on Linux a
+# multi-GB CUDA build, except on machines with the CPU file at hand, such as this project's). A CUDA build:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_FROM = $(shell $(PYTHON) -c "import urllib.request as r; r.urlopen('$(TORCH_INDEX)/torch/', timeout=5)" \
+                 2>/dev/null && echo --extra-index-url $(TORCH_INDEX))
+# The exact versions CI passed with (`make lock` writes them); `make setup CONSTRAINTS=` takes the newest allowed.
+CONSTRAINTS ?= constraints.txt
+PINNED = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: setup setup-test lint test test-fast demo
+.PHONY: setup setup-test lint test test-fast demo lock
 # pip byte-compiles on one core; compileall -j 0 on every core (85 s against 57 s for the install on 2 cores).
 # Left to first imports instead, the compiling lands on the first Ray start, which then timed out in the tests.
 PIP := $(BIN)/pip install -q --disable-pip-version-check --no-compile
@@ -14,16 +22,16 @@ COMPILE := $(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
-	$(PIP) "$(TORCH_SPEC)" -e .
+	$(PIP) $(TORCH_FROM) $(PINNED) "$(TORCH_SPEC)" -e .
 	$(COMPILE)
 	touch $@
 
 # The tests' extras (pytest, lm-eval's reference harness) only where the tests run, not for the main job.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e ".[test]"
+	$(PIP) $(TORCH_FROM) $(PINNED) -e ".[test]"
 	$(COMPILE)
 	touch $@
 
@@ -42,3 +50,8 @@ test-fast: setup-test
 
 demo: setup
 	$(BIN)/fl-offsite demo
+
+# After a green CI run: record the versions it passed with (torch without its build tag, for any index).
+lock: setup-test
+	{ echo "# The versions \`make test\` passed with in CI (Python 3.11, CPU), written by \`make lock\`."; \
+	  $(BIN)/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(CONSTRAINTS)

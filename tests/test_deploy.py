@@ -32,7 +32,7 @@ from fl_offsite.data.local_file import write_examples
 from fl_offsite.data.tasks import BBC_TOPICS, ChoiceExample, load_task
 from fl_offsite.errors import UserError
 from fl_offsite.ops.certs import make_certs, make_node_key, server_names
-from fl_offsite.ops.deployment import SuperLinkSettings, SuperNodeSettings, runtime_env
+from fl_offsite.ops.deployment import SuperLinkSettings, SuperNodeSettings, runtime_env, superlink_command
 from fl_offsite.ops.flower_app import app_dir
 from fl_offsite.ops.flower_cli import TAG_VAR, new_launch_tag, stop_processes, tagged_processes
 from fl_offsite.surgery.split import load_adapter
@@ -377,6 +377,25 @@ def test_certificates_and_keys_are_what_flower_loads(tmp_path: Path) -> None:
     small = dataclasses.replace(node, memory_budget_mb=2048.0, emulator_layers=2)  # as Flower parses --node-config
     assert node_profile(parse_config_args([small.node_config()]), Settings.from_config({}).fleet) == \
         NodeProfile(memory_budget_mb=2048.0, emulator_layers=2)
+
+
+def test_flower_flags_after_a_double_dash_reach_flower_but_cannot_undo_ours(tmp_path: Path, capsys) -> None:
+    """`fl-offsite supernode ... -- --max-retries 0`: flower-supernode gives up at once and the node's error says
+    why, read from Flower's exit code 305. A flag fl-offsite sets, or --insecure, is refused before any start."""
+    node = ["supernode", "--superlink", "127.0.0.1:1", "--insecure", "--partition-id", "0", "--num-partitions", "2"]
+    assert main([*node, "--", "--max-retries", "0"]) == 2
+    assert "could not reach the SuperLink at 127.0.0.1:1" in capsys.readouterr().err
+    for flag in ("--insecure", "--node-config=x=1"):
+        assert main([*node, "--", flag]) == 2
+        assert f"{flag.split('=')[0]} after --: fl-offsite supernode sets it" in capsys.readouterr().err
+    make_certs(tmp_path / "certs", ["127.0.0.1"])
+    link = SuperLinkSettings(certs=tmp_path / "certs", flower_args=("--isolation", "subprocess"))
+    assert superlink_command(link)[-2:] == ["--isolation", "subprocess"]
+    with pytest.raises(UserError, match="--ssl-keyfile after --"):
+        superlink_command(dataclasses.replace(link, flower_args=("--ssl-keyfile", "other.key")))
+    with pytest.raises(SystemExit):
+        main(["simulate", "--", "--insecure"])
+    assert "only `fl-offsite superlink` and `fl-offsite supernode` take them" in capsys.readouterr().err
 
 
 def test_a_stopped_fl_offsite_run_stops_its_run_on_the_superlink(tmp_path: Path, monkeypatch) -> None:

@@ -7,6 +7,8 @@ import sys
 from fl_offsite.cli.common import stoppable
 from fl_offsite.ops.flower_app import app_dir
 
+FLOWER_FLAGS = ("superlink", "supernode")  # the commands that pass flags after -- on to Flower
+
 
 def cmd_certs(args: argparse.Namespace) -> None:
     from fl_offsite.ops.certs import make_certs
@@ -35,7 +37,8 @@ def cmd_superlink(args: argparse.Namespace) -> None:
         certs=None if args.insecure else Path(args.certs).expanduser(), host=args.host, port=args.port,
         control_host=args.control_host, control_port=args.control_port,
         node_keys=tuple(Path(k).expanduser() for k in args.node_key), node_auth=not args.no_node_auth,
-        database=Path(args.database).expanduser() if args.database else None, connection=args.connection)
+        database=Path(args.database).expanduser() if args.database else None, connection=args.connection,
+        flower_args=tuple(args.flower_args))
     if code := serve_superlink(settings):
         sys.exit(code)
 
@@ -52,7 +55,7 @@ def cmd_supernode(args: argparse.Namespace) -> None:
         data_path=path(args.data_path), cache_dir=path(args.cache_dir), partition_id=args.partition_id,
         num_partitions=args.num_partitions, memory_budget_mb=args.memory_budget_mb,
         emulator_layers=args.emulator_layers, port=args.port, trusted_entities=path(args.trusted_entities),
-        policy=node_policy(args.policy))
+        policy=node_policy(args.policy), flower_args=tuple(args.flower_args))
     if code := serve_supernode(settings):
         sys.exit(code)
 
@@ -114,7 +117,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node_key.add_argument("--overwrite", action="store_true")
     node_key.set_defaults(func=cmd_node_key)
 
-    link = sub.add_parser("superlink", help="model owner: run the SuperLink (TLS and node authentication)")
+    link = sub.add_parser("superlink", help="model owner: run the SuperLink (TLS and node authentication)",
+                          epilog="Flags after -- go to flower-superlink as they are.")
     link.add_argument("--certs", default="certs", help="folder from `fl-offsite certs` (default ./certs)")
     link.add_argument("--host", default="0.0.0.0",
                       help="where the data owners' SuperNodes connect: Fleet API only (default all interfaces)")
@@ -132,7 +136,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     link.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (loopback only)")
     link.set_defaults(func=cmd_superlink)
 
-    node = sub.add_parser("supernode", help="data owner: run a SuperNode that joins the model owner's SuperLink")
+    node = sub.add_parser("supernode", help="data owner: run a SuperNode that joins the model owner's SuperLink",
+                          epilog="Flags after -- go to flower-supernode as they are.")
     node.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the model owner's SuperLink")
     node.add_argument("--ca", default="ca.crt", help="the model owner's CA certificate (default ./ca.crt)")
     node.add_argument("--key", help="this node's private key from `fl-offsite node-key`")

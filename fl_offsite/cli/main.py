@@ -22,7 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, flower = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = build_parser()
+    args = parser.parse_args(ours)
+    if flower and args.command not in deploy.FLOWER_FLAGS:
+        parser.error(f"flags after -- ({' '.join(flower)}) are Flower's: only "
+                     f"{' and '.join(f'`fl-offsite {name}`' for name in deploy.FLOWER_FLAGS)} take them")
+    args.flower_args = flower
     if not args.verbose:  # an unreachable hub is retried for a minute, a warning each time: our error says it once
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -39,6 +39,7 @@ from fl_offsite.ops.flower_cli import (
     connection_address,
     executable,
     flower_env,
+    flower_exit_code,
     flwr_run,
     forward_output,
     json_reply,
@@ -85,6 +86,7 @@ class SuperLinkSettings:
     database: Path | None = None  # keeps runs and registered nodes across restarts
     connection: str = DEFAULT_CONNECTION
     log_file: Path | None = None
+    flower_args: tuple[str, ...] = ()  # more flower-superlink flags, given after --
 
     def check(self) -> None:
         if self.port == self.control_port and _overlap(self.host, self.control_host):
@@ -153,7 +155,18 @@ def superlink_command(s: SuperLinkSettings) -> list[str]:
         command += ["--database", str(s.database)]
     if s.log_file is not None:
         command += ["--log-file", str(s.log_file)]
-    return command
+    return with_flower_args(command, s.flower_args, "superlink")
+
+
+def with_flower_args(command: list[str], extra: tuple[str, ...], name: str) -> list[str]:
+    """``command`` and the user's own Flower flags, which may neither repeat a flag fl-offsite sets nor turn TLS
+    off (fl-offsite's options do that, with their checks)."""
+    owned = {arg for arg in command if arg.startswith("--")} | {"--insecure"}
+    for arg in extra:
+        if arg.split("=", 1)[0] in owned:
+            raise UserError(f"{arg.split('=', 1)[0]} after --: fl-offsite {name} sets it; use its own option "
+                            f"(`fl-offsite {name} --help`)")
+    return [*command, *extra]
 
 
 def register_nodes(connection: str, keys: Sequence[Path], env: dict[str, str]) -> dict[Path, str]:
@@ -246,6 +259,7 @@ class SuperNodeSettings:
     port: int = 9094  # this node's local runtime API (127.0.0.1 only); one per node on a machine
     trusted_entities: Path | None = None  # flower-supernode --trusted-entities: run only apps they signed
     policy: dict[str, str] = field(default_factory=dict)  # the node's own limits (fl_offsite.app.node_policy)
+    flower_args: tuple[str, ...] = ()  # more flower-supernode flags, given after --
 
     def check(self) -> None:
         host = self.superlink.rsplit(":", 1)[0]
@@ -314,7 +328,7 @@ def supernode_command(s: SuperNodeSettings) -> list[str]:
         command += ["--trusted-entities", str(s.trusted_entities)]
     if node_config := s.node_config():
         command += ["--node-config", node_config]
-    return command
+    return with_flower_args(command, s.flower_args, "supernode")
 
 
 def serve_supernode(s: SuperNodeSettings) -> int:
@@ -335,7 +349,7 @@ def serve_supernode(s: SuperNodeSettings) -> int:
             time.sleep(5)
         except KeyboardInterrupt:
             return 0
-    if hint := _supernode_hint(s, code, output):
+    if hint := _supernode_hint(s, flower_exit_code(code, output), output):
         raise UserError(hint)
     return code
 
@@ -383,7 +397,7 @@ def _supernode_hint(s: SuperNodeSettings, code: int, output: str) -> str | None:
             f"not name host {host}. Use the model owner's current ca.crt, and an address given to "
             "`fl-offsite certs --host`"),
         "WRONG_VERSION_NUMBER": f"{s.superlink} does not speak TLS (a SuperLink started with --insecure?)"}
-    found = [hint for pattern, hint in hints.items() if pattern in output]  # TLS failures exit 1, not 305
+    found = [hint for pattern, hint in hints.items() if pattern in output]  # TLS failures log no exit code
     if found or code != CONNECTION_ERROR:
         return found[0] if found else None
     return f"could not reach the SuperLink at {s.superlink}: see Flower's error above"

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -64,6 +65,13 @@ def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
     env.update(extra or {})
     return env
+
+
+def flower_exit_code(code: int, output: str) -> int:
+    """Flower's exit code for a process that exited with ``code``: where Flower exits from a thread (flwr 1.42's
+    SuperNode on a connection error exits 1), the last ``Exit Code: N`` it logged (Flower's numbered codes)."""
+    logged = re.findall(r"Exit Code: (\d+)", output)
+    return int(logged[-1]) if code != 0 and logged else code
 
 
 # --- connections and health --------------------------------------------------------------
