@@ -23,7 +23,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     config.update({"results.dir": results, "data.num-partitions": args.num_clients})
     check_runnable(Settings.from_config(config), args.num_clients)
     run_simulation_app(app_dir(), config, num_supernodes=args.num_clients, cpus_per_client=args.cpus_per_client,
-                       gpus_per_client=args.gpus_per_client)
+                       gpus_per_client=args.gpus_per_client, ray_address=args.ray_address)
     run = RunFolder(results)
     print(round_table(run.rounds()))
     if distillation := run.distillation():
@@ -69,6 +69,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     simulate.add_argument("--num-clients", type=int, default=4, help="simulated data owners (SuperNodes)")
     simulate.add_argument("--cpus-per-client", type=int, default=1)
     simulate.add_argument("--gpus-per-client", type=float, default=0.0)
+    simulate.add_argument("--ray-address", metavar="HOST:PORT",
+                          help="run the clients on this running Ray cluster (its head node, from `ray start --head`) "
+                               "instead of a private Ray instance on this machine (docs/deployment.md)")
     simulate.set_defaults(func=cmd_simulate)
 
     compare = sub.add_parser("compare", help="run several methods on the same data; write a report with plots")

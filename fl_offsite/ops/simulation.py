@@ -19,7 +19,7 @@ How it works (flwr 1.42), and why:
   Ctrl-C or SIGTERM the launcher terminates, then kills, every process with its tag. A launch also
   first kills the tagged processes of launches whose launcher process is gone (crashed or
   SIGKILLed), so they cannot eat the memory and CPUs of the next one. ``RAY_ADDRESS=local`` makes
-  Ray start its own cluster, never attach to an old one.
+  Ray start its own cluster, never attach to an old one, unless the caller names a cluster.
 * Offline: no ``uv sync`` of the app's dependencies (the current environment is used), no
   telemetry, no update check, no Ray usage stats. The venv's ``bin`` is put first on PATH
   because the SuperLink starts its helpers by name.
@@ -62,7 +62,7 @@ CONNECTION = "fl-offsite"
 
 def run_simulation_app(app_dir: Path, run_config: dict[str, ConfigValue], num_supernodes: int,
                        cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,
-                       flwr_home: Path | None = None, stream: bool = True) -> None:
+                       flwr_home: Path | None = None, stream: bool = True, ray_address: str | None = None) -> None:
     """Run the Flower app in ``app_dir`` in simulation and return when the run has finished.
 
     ``run_config`` overrides keys of the app's ``[tool.flwr.app.config]``. Each of the
@@ -70,6 +70,8 @@ def run_simulation_app(app_dir: Path, run_config: dict[str, ConfigValue], num_su
     flwr 1.42 wants) and ``gpus_per_client`` GPUs. ``flwr_home`` holds Flower's state and
     the logs (``run.log``, ``superlink.log``); by default a temporary folder, kept only when
     a ``RuntimeError`` points at its logs. With ``stream`` the run's logs are copied to stdout.
+    ``ray_address`` (HOST:PORT of a running Ray cluster's head) runs the ClientApps on that cluster
+    instead of a private Ray instance on this machine; the cluster is left running.
 
     Raises ``UserError`` for bad arguments and ``RuntimeError`` when the run did not
     complete (the ServerApp raised, the SuperLink did not start, ``flwr run`` failed), and
@@ -77,17 +79,18 @@ def run_simulation_app(app_dir: Path, run_config: dict[str, ConfigValue], num_su
     """
     app_dir = Path(app_dir).resolve()
     _check_app(app_dir, run_config)
-    cpus = _check_resources(num_supernodes, cpus_per_client, gpus_per_client)
+    cpus = _check_resources(num_supernodes, cpus_per_client, gpus_per_client, on_this_machine=ray_address is None)
     temporary = flwr_home is None
     home = Path(tempfile.mkdtemp(prefix="fl-offsite-flwr-")) if flwr_home is None else Path(flwr_home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     stop_stale_launches()
 
     tag = new_launch_tag()
-    env = _simulation_env(home, tag)
+    env = _simulation_env(home, tag, ray_address or "local")
     federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus} "
-                  f"client-resources-num-gpus={float(gpus_per_client)!r} "
-                  f"init-args-num-cpus={os.cpu_count() or 1} init-args-log-to-driver=false")
+                  f"client-resources-num-gpus={float(gpus_per_client)!r} init-args-log-to-driver=false")
+    if ray_address is None:  # a private instance sized to this machine (a cluster refuses sizes: its own apply)
+        federation += f" init-args-num-cpus={os.cpu_count() or 1}"
     start = time.perf_counter()
     superlink, keep_logs = None, False
     with sigterm_interrupts():  # SIGTERM, like Ctrl-C, ends in the cleanup below
@@ -132,22 +135,23 @@ def _check_app(app_dir: Path, run_config: dict[str, ConfigValue]) -> None:
             raise UserError(f"run_config[{key!r}] = {value!r}: values must be bool, int, float or str")
 
 
-def _check_resources(num_supernodes: int, cpus_per_client: float, gpus_per_client: float) -> int:
-    cpus = os.cpu_count() or 1
+def _check_resources(num_supernodes: int, cpus_per_client: float, gpus_per_client: float,
+                     on_this_machine: bool) -> int:
+    cpus = (os.cpu_count() or 1) if on_this_machine else None  # a cluster's nodes may have more
     if num_supernodes < 1:
         raise UserError(f"num_supernodes must be at least 1, got {num_supernodes}")
-    if cpus_per_client != int(cpus_per_client) or not 1 <= cpus_per_client <= cpus:
-        raise UserError(f"cpus_per_client must be a whole number from 1 to {cpus} (this machine's CPUs), "
-                        f"got {cpus_per_client}: flwr 1.42 takes whole CPUs, and Ray never schedules a "
-                        "client that needs more CPUs than the machine has")
+    if cpus_per_client != int(cpus_per_client) or cpus_per_client < 1 or (cpus and cpus_per_client > cpus):
+        limit = f"from 1 to {cpus} (this machine's CPUs)" if cpus else "of at least 1"
+        raise UserError(f"cpus_per_client must be a whole number {limit}, got {cpus_per_client}: flwr 1.42 takes "
+                        "whole CPUs, and Ray never schedules a client that needs more CPUs than a node has")
     if gpus_per_client < 0:
         raise UserError(f"gpus_per_client must be >= 0, got {gpus_per_client}")
     return int(cpus_per_client)
 
 
-def _simulation_env(home: Path, tag: str) -> dict[str, str]:
+def _simulation_env(home: Path, tag: str, ray_address: str) -> dict[str, str]:
     """Flower's environment plus: this launch's home and tag, no dependency installation, Ray quiet and
-    on a cluster of its own, no proxy for loopback."""
+    on ``ray_address`` ("local": a cluster of its own), no proxy for loopback."""
     return flower_env({
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -157,7 +161,7 @@ def _simulation_env(home: Path, tag: str) -> dict[str, str]:
         # client actors at the run's own priority: at Ray's default (nice 15) any other busy process on the
         # machine, e.g. a second simulation or test worker, starves them (measured: minutes per round)
         "RAY_worker_niceness": "0",
-        "RAY_ADDRESS": "local",
+        "RAY_ADDRESS": ray_address,
         "NO_PROXY": ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1,localhost"])),
         "no_proxy": ",".join(filter(None, [os.environ.get("no_proxy"), "127.0.0.1,localhost"])),
         TAG_VAR: tag,
