@@ -133,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--loop-threads", type=int, default=1,
                         help="torch threads of the loop (default 1, as each simulated client: Ray gives a 1-CPU "
                              "actor OMP_NUM_THREADS=1)")
+    parser.add_argument("--overlap", choices=("on", "off", "both"), default="both",
+                        help="eval.overlap of the simulation: scoring a round while the next one trains; both: "
+                             "one simulation each, side by side in this run")
     parser.add_argument("--workdir", help="keep the results here (default: a temporary folder)")
     parser.add_argument("--echo", action="store_true", help="show Flower's log")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -153,25 +156,31 @@ def build_config(args, root: Path) -> dict:
         "strategy.min-available-nodes": args.clients})
 
 
-def measure(args) -> tuple[float, list[tuple[float, str]], list[dict], dict[str, float]]:
-    """The simulation, then the loop on the emulator it delivered: seconds, log lines, round records, loop times."""
+Simulated = tuple[float, list[tuple[float, str]], list]  # seconds, time-stamped log lines, round records
+
+
+def measure(args) -> tuple[dict[str, Simulated], dict[str, float]]:
+    """The simulation (per eval.overlap setting), then the loop on the emulator it delivered."""
+    overlaps = {"on": ["on"], "off": ["off"], "both": ["off", "on"]}[args.overlap]
+    sims: dict[str, Simulated] = {}
     with tempfile.TemporaryDirectory(prefix="fl-offsite-overhead-") as tmp:
         root = Path(args.workdir or tmp).resolve()
         root.mkdir(parents=True, exist_ok=True)
-        config = build_config(args, root)
-        fresh_node_cache(root / "cache")  # no node has the emulator yet: the one-time delivery really happens
         print(f"overhead: {args.model}, {args.clients} clients, {args.rounds} rounds x {args.steps} steps x batch "
               f"{args.batch} (max {args.max_length} tokens), bbc-news, {os.cpu_count()} CPUs", flush=True)
-        sim_total, lines = simulate(config, args.clients, args.echo)
-        if args.workdir:
-            (root / "stamped.log").write_text("".join(f"{t:8.2f} {line}\n" for t, line in lines))
-        results = Path(Settings.from_config(config).results.dir)
-        rounds = RunFolder(results).rounds()
-        print(f"simulation done in {sim_total:.1f} s; sequential loop ({args.loop_threads} torch thread(s))...",
-              flush=True)
+        for overlap in overlaps:
+            config = {**build_config(args, root / overlap), "eval.overlap": overlap == "on"}
+            fresh_node_cache(root / overlap / "cache")  # no node has the emulator yet: the delivery really happens
+            sim_total, lines = simulate(config, args.clients, args.echo)
+            if args.workdir:
+                (root / overlap / "stamped.log").write_text("".join(f"{t:8.2f} {line}\n" for t, line in lines))
+            results = Path(Settings.from_config(config).results.dir)
+            sims[overlap] = sim_total, lines, RunFolder(results).rounds()
+            print(f"simulation (eval.overlap {overlap}) done in {sim_total:.1f} s", flush=True)
+        print(f"sequential loop ({args.loop_threads} torch thread(s))...", flush=True)
         torch.set_num_threads(args.loop_threads)
         seq = sequential(config, args.clients, results / "split")
-    return sim_total, lines, rounds, seq
+    return sims, seq
 
 
 def report(args, sim_total: float, lines, rounds, seq: dict[str, float]) -> dict:
@@ -219,7 +228,15 @@ def print_timeline(phases: list[tuple[str, float]], trained: list[dict]) -> None
 def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     args = parse_args(argv)
-    result = report(args, *measure(args))
+    sims, seq = measure(args)
+    result = {}
+    for overlap, sim in sims.items():
+        print(f"\n## eval.overlap {overlap}")
+        result[overlap] = report(args, *sim, seq)
+    if len(sims) == 2:
+        print(f"\nside by side: simulation / loop {sims['off'][0] / seq['total_s']:.2f}x with eval.overlap off, "
+              f"{sims['on'][0] / seq['total_s']:.2f}x on ({sims['off'][0]:.1f} s -> {sims['on'][0]:.1f} s; loop "
+              f"{seq['total_s']:.1f} s)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -8,9 +8,11 @@ results folder) and, of the app, only ``fl_offsite.app.server_app`` uses ``strat
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import cast
 
@@ -72,6 +74,7 @@ class OffsiteStrategy(Strategy):
         self.offset = rounds_done
         self._global: Payload = {}
         self._round: RoundState | None = None
+        self.scoring = ScoringLane()
 
     # --- training ---------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -219,11 +222,21 @@ class OffsiteStrategy(Strategy):
 
     # --- evaluation and records -------------------------------------------
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower's ``evaluate_fn``, after each round (and before the first): evaluate, record, checkpoint."""
+        """Flower's ``evaluate_fn``, after each round (and before the first): evaluate, record, checkpoint.
+
+        With ``policy.overlap`` a training round's scoring runs on the scoring lane while the next round trains
+        (Flower's metrics of that round are then left out); its record and checkpoint follow its scores.
+        """
         rnd = server_round + self.offset
+        self.scoring.wait()  # the round before first: this one's traffic totals read its record
         if server_round == 0 and self.offset > 0:
             return None  # resumed: round 0 is already on record
         payload = arrays.to_torch_state_dict()
+        if self.policy.overlap and 0 < rnd < self.policy.num_rounds:
+            record, state = self.round_record(rnd, {}), copy.deepcopy(self.state())  # as of this round
+            self.scoring.submit(lambda: self.keep(replace(record, scores=self.owner.evaluate(rnd, payload)),
+                                                  payload, state))
+            return None
         prealigned = self.owner.realign(0, payload) if rnd == 0 else None
         scores = self.owner.evaluate(rnd, payload)
         record = self.round_record(rnd, scores)
@@ -243,10 +256,11 @@ class OffsiteStrategy(Strategy):
                            lr=self.policy.lr_at(rnd), traffic=self._account(rnd), realign=state.realign,
                            privacy=self._privacy(rnd))
 
-    def keep(self, record: RoundRecord, payload: Payload) -> None:
-        """Append ``record`` to the run, checkpoint the round, then the owner's ``after_round``."""
+    def keep(self, record: RoundRecord, payload: Payload, state: dict | None = None) -> None:
+        """Append ``record`` to the run, checkpoint the round (with ``state``, by default the strategy's now),
+        then the owner's ``after_round``."""
         self.run.append_round(record)
-        self.run.save_checkpoint(Checkpoint(record.round, payload, self.state()))
+        self.run.save_checkpoint(Checkpoint(record.round, payload, self.state() if state is None else state))
         self.owner.after_round(record, payload)
 
     def _account(self, rnd: int) -> Traffic:
@@ -308,6 +322,24 @@ class OffsiteStrategy(Strategy):
             getattr(self.inner, "accountant").load_state_dict(state[ACCOUNTANT])  # noqa: B009 - DP wrapper only
         if REALIGNMENT in state:
             self.owner.restore_factors(state[REALIGNMENT])
+
+
+class ScoringLane:
+    """One round's scoring at a time on a thread of its own; :meth:`wait` returns once it is done (and raises
+    what it raised). The caller waits before anything that reads the run's records, and at the end."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="owner-scoring")
+        self._pending: Future | None = None
+
+    def submit(self, work: Callable[[], None]) -> None:
+        self.wait()
+        self._pending = self._executor.submit(work)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
 
 def _or(value: float | None, default: float) -> float:

@@ -38,7 +38,8 @@ class RoundPolicy:
     ``max_update_norm`` from the global one is rejected (0: no bound) and a longer aggregate step scaled back;
     a weight outside (0, ``max_examples``] makes the round's weights uniform; ``round_timeout`` (s) is how
     long replies were awaited, for the records; ``seed`` seeds the sampling of nodes; ``lr_at(r)`` is round
-    r's learning rate."""
+    r's learning rate. With ``overlap``, the owner scores round r while round r + 1 trains, except the last
+    (``num_rounds``)."""
 
     min_replies: int
     seed: int
@@ -46,6 +47,8 @@ class RoundPolicy:
     max_update_norm: float = 0.0
     round_timeout: float | None = None
     max_examples: int = 1_000_000  # a larger (or unusable) weight makes the round's weights uniform
+    overlap: bool = False
+    num_rounds: int = 0
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,7 @@ def _train(grid: Grid, owner: ModelOwner, run: RunFolder, payload: dict[str, tor
                                 num_rounds=settings.num_rounds - done, timeout=settings.strategy.round_timeout,
                                 evaluate_fn=strategy.evaluate)
     finally:
+        strategy.scoring.wait()  # a round still scoring is kept before the run ends, whatever ended it
         if tracker is not None:
             tracker.close()
     save_final(owner, run, result.arrays.to_torch_state_dict(), len(packages))
@@ -144,7 +145,8 @@ def _strategy(owner: ModelOwner, run: RunFolder, payload: dict[str, torch.Tensor
     policy = RoundPolicy(min_replies=s.strategy.min_train_nodes, seed=s.seed,
                          lr_at=lr_schedule(s.train.lr, s.lr_schedule, s.num_rounds),
                          max_update_norm=s.strategy.max_update_norm, round_timeout=s.strategy.round_timeout,
-                         max_examples=s.strategy.max_examples)
+                         max_examples=s.strategy.max_examples, overlap=s.eval.overlap and not s.realign.enabled,
+                         num_rounds=s.num_rounds)
     exchange = Exchange(payload, owner.tuning.payload_kind(owner.plan), node_config=node_config,
                         base_config={"task-answers": json.dumps(answers) if answers else ""})
     owner.start_realignment()
