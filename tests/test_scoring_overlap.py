@@ -59,7 +59,7 @@ def test_a_round_is_on_record_and_checkpointed_only_once_scored_and_a_scoring_er
         return evaluate(self, rnd, payload)
 
     monkeypatch.setattr(ModelOwner, "evaluate", fails_in_round_1)
-    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 3})
+    config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 3, "eval.overlap": True})
     with pytest.raises(RuntimeError, match="the owner's scoring broke"):
         run(config, num_nodes=2)
     assert [r["round"] for r in rounds_of(tmp_path / "run")] == [0]

@@ -242,8 +242,9 @@ class EvalSettings:
                         "(0 = only before and after)", minimum=0)
     precision: str = option("eval.precision", "fp32", "bf16: the owner scores under bf16 autocast",
                             choices=PRECISIONS)
-    overlap: bool = option("eval.overlap", True, "score a round while the next one trains (not with "
-                           "re-alignment, which changes the emulator between rounds)")
+    overlap: bool = option("eval.overlap", False, "score a round while the next one trains, where the owner's "
+                           "scoring has hardware of its own (not with re-alignment, which changes the emulator "
+                           "between rounds)")
 
     def due(self, rnd: int, num_rounds: int) -> bool:
         """Whether round ``rnd`` (0: before training) is evaluated."""
