@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import psutil
 import pytest
 
 from fl_offsite.ops.flower_cli import TAG_VAR, new_launch_tag, stop_processes, tagged_processes
+from fl_offsite.ops.simulation import _free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -36,12 +36,6 @@ class ActorWatch(threading.Thread):
                 with contextlib.suppress(psutil.Error):
                     if any("ClientAppActor" in " ".join(child.cmdline()) for child in raylet.children(recursive=True)):
                         self.seen.add(raylet.pid)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow(seconds=90)

@@ -51,7 +51,7 @@ class BaseModel:
     origin: str
 
 
-def base_model(name: str) -> BaseModel:
+def describe_base_model(name: str) -> BaseModel:
     """The Hub id, license and origin of the model named ``name`` (an offline alias, a local folder, a Hub id)."""
     if name in OFFLINE_MODELS:
         spec = OFFLINE_MODELS[name]

@@ -50,9 +50,9 @@ def model_card(base_model: str, plan: SplitPlan | None, run: dict | None, usage:
     the run's final scores as model-index results), then the facts and ``usage`` (markdown)."""
     from huggingface_hub import ModelCard
 
-    from fl_offsite.data.models import base_model as describe
+    from fl_offsite.data.models import describe_base_model
 
-    base = describe(base_model)
+    base = describe_base_model(base_model)
     rows = [["base model", base.origin]]
     if plan is not None:
         rows.append(["split", f"{plan.name} of {plan.num_layers} blocks: adapter blocks {list(plan.adapter_layers)}"

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 
 from fl_offsite.app.owner import ModelOwner, final_weights
-from fl_offsite.data.models import base_model
+from fl_offsite.data.models import describe_base_model
 from fl_offsite.files import write_atomic
 from fl_offsite.logs import clock_time
 from fl_offsite.run.card import model_card, run_record, usage
@@ -39,7 +39,7 @@ def after_round(owner: ModelOwner, run: RunFolder, num_clients: int,
             summary = run_record(owner.settings, owner.plan, record, num_clients, run.distillation())
             card = model_card(owner.settings.model, owner.plan, summary,
                               usage("peft", owner.model_path or owner.settings.model, str(run.peft)), peft=True)
-            save_peft_folder(owner.model, run.peft, card, base_model(owner.settings.model).hub_id)
+            save_peft_folder(owner.model, run.peft, card, describe_base_model(owner.settings.model).hub_id)
     return after
 
 
