@@ -95,11 +95,11 @@ class Federation:
                           "--cache-dir", str(self.root / f"cache-{cache or name}"), *extra,
                           netns=self.owner_netns.get(owner or ""))
 
-    def owner(self, name: str, log: str | None = None) -> subprocess.Popen:
+    def owner(self, name: str, *extra: str, log: str | None = None) -> subprocess.Popen:
         """Data owner NAME's SuperNode (alice: partition 0, bob: 1) on its own file, with its key."""
         return self.node(log or name, "--ca", str(self.root / "certs" / "ca.crt"), "--key",
                          str(self.root / "keys" / name), "--data-path", str(self.root / f"{name}.jsonl"),
-                         "--partition-id", str(("alice", "bob").index(name)), cache=name, owner=name)
+                         "--partition-id", str(("alice", "bob").index(name)), *extra, cache=name, owner=name)
 
     def run(self, name: str, config: dict) -> subprocess.Popen:
         """``fl-offsite run`` of ``config`` on this federation (in the SuperLink's namespace)."""
@@ -219,11 +219,12 @@ def tiny_run_config(model_dir: Path, results: Path) -> dict:
 def test_two_data_owners_train_over_tls_refuse_strangers_and_resume_after_a_kill_to_the_same_adapter(
         tmp_path: Path, tiny_lm_dir, private_cache, capsys) -> None:
     """One federation (TLS, node authentication; on separate network stacks where this machine can make them):
-    alice and bob train on their own files while a node signed by another CA is turned away. After round 1,
-    SIGKILL the SuperLink with everything it started (SuperExec, ServerApp: its machine died) and bob's
-    SuperNode. Then what docs/deployment.md tells the model owner and bob to do: start them again with the same
-    commands (--database, --cache-dir), and `fl-offsite run` the same config; meanwhile mallory, whose key is
-    not registered, tries to join the restarted SuperLink from alice's network."""
+    alice and bob train on their own files (ClientApps forked warm) while a node signed by another CA is turned
+    away. After round 1, SIGKILL the SuperLink with everything it started (SuperExec, ServerApp: its machine
+    died) and bob's SuperNode. Then what docs/deployment.md tells the model owner and bob to do: start them
+    again with the same commands (--database, --cache-dir; bob's ClientApps now cold), and `fl-offsite run` the
+    same config; meanwhile mallory, whose key is not registered, tries to join the restarted SuperLink from
+    alice's network."""
     load_task("bbc-news")  # the model owner's task, cached while this machine reaches PyPI: the namespaces do not
     start = time.perf_counter()
     results, keys = tmp_path / "results", tmp_path / "keys"
@@ -253,7 +254,7 @@ def test_two_data_owners_train_over_tls_refuse_strangers_and_resume_after_a_kill
         fed.start_superlink("superlink-2")
         mallory = fed.node("mallory", "--ca", str(tmp_path / "certs" / "ca.crt"), "--key", str(keys / "mallory"),
                            "--data-path", str(tmp_path / "alice.jsonl"), owner="alice")
-        bob = fed.owner("bob", log="bob-2")
+        bob = fed.owner("bob", "--cold-clientapps", log="bob-2")  # Flower's own: a fresh process per message
         straight = _in_process(config, tmp_path)  # the same job uninterrupted, while bob waits
         # bob's killed session counts as online until it misses two heartbeats; the node retries until then
         fed.wait_for("bob-2", "SuperNode ID:", bob)
@@ -276,6 +277,9 @@ def test_two_data_owners_train_over_tls_refuse_strangers_and_resume_after_a_kill
     for name in ("alice", "bob"):
         assert list((tmp_path / f"cache-{name}").glob("model-*/model.safetensors"))
     assert "Resuming" in fed.log("run-2") and f"after round {killed_at}" in fed.log("run-2")
+    for name, warm in (("alice", True), ("bob", True), ("bob-2", False)):  # ClientApps forked warm, or cold
+        assert ("forked from the warm process" in fed.log(name)) == warm, name
+        assert "reached its handler" in fed.log(name) and "fork server unavailable" not in fed.log(name)
     assert "refused this node: its public key" in fed.log("mallory") and "mallory.pub" in fed.log("mallory")
     assert "REFUSED a SuperNode whose public key is not registered" in fed.log("superlink-2")
     assert not unreachable and not control_reachable

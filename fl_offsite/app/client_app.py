@@ -6,7 +6,9 @@ profile and status queries answer without them; training imports them (fl_offsit
 from __future__ import annotations
 
 import logging
+import time
 
+import psutil
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -55,7 +57,12 @@ def receive_model(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     log_to_console()
+    reached = time.time() - psutil.Process().create_time()
+    started = time.perf_counter()
     from fl_offsite.app.client_training import train_round  # torch and transformers: only for training
+
+    log.info("node %s: the training message reached its handler %.1f s after its process started; imports took "
+             "%.1f s", context.node_id, reached, time.perf_counter() - started)
 
     try:
         return train_round(msg, context)

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import secrets
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -43,6 +44,7 @@ def train_round(msg: Message, context: Context) -> Message:
     plan = _plan(plan_json)
     tuning, folder = settings.tuning, str(store.use(digest))
     realigned = "realign" in msg.content.array_records
+    started = time.perf_counter()
     model, tokenizer = CACHE.model(ModelKey(digest, folder, tuning, plan_json, settings.seed,
                                             settings.train.precision, settings.realign if realigned else None))
     names = tuned_names(tuning, model, plan)
@@ -53,6 +55,7 @@ def train_round(msg: Message, context: Context) -> Message:
             raise wire.BadMessage("re-alignment factors came with a full model (no split plan)")
         set_factors(model, plan, wire.array_record(msg, "realign").to_torch_state_dict())
 
+    loaded = time.perf_counter()
     partition_id, num_partitions = _partition(context, settings.data)
     answers = _answers(round_config)
     try:
@@ -62,14 +65,16 @@ def train_round(msg: Message, context: Context) -> Message:
         log.error("%s", err)
         raise wire.SharedError(f"the data owner's file was refused ({err.summary}); the rows and what to fix are in "
                           "the node's log") from None
+    tokenized = time.perf_counter()
     rnd = wire.integer(round_config, "round", low=1, high=1_000_000)
     train_settings = settings.train.for_round(rnd, partition_id, lr=wire.number(round_config, "lr", low=0, high=1),
                                               proximal_mu=wire.number(round_config, "proximal-mu", low=0, high=1e6,
                                                                       default=0.0))
     stats = train_local(model, set(names.values()), features, train_settings, pad_id(tokenizer),
                         desc=f"client {partition_id} round {rnd}")
-    log.info("client %d round %d: loss %.4f, %d steps, %.1f s, %.0f tokens/s, peak %.0f MB", partition_id, rnd,
-             stats.loss, stats.steps, stats.seconds, stats.tokens_per_s, stats.peak_memory_mb)
+    log.info("client %d round %d: loss %.4f, %d steps, %.1f s, %.0f tokens/s, peak %.0f MB (before training: model "
+             "%.1f s, examples %.1f s)", partition_id, rnd, stats.loss, stats.steps, stats.seconds, stats.tokens_per_s,
+             stats.peak_memory_mb, loaded - started, tokenized - loaded)
     metrics = MetricRecord({
         "num-examples": len(features), "partition-id": partition_id, "round": rnd, "train-loss": stats.loss,
         "train-steps": stats.steps, "train-seconds": stats.seconds, "tokens-per-s": stats.tokens_per_s,

@@ -55,7 +55,7 @@ def cmd_supernode(args: argparse.Namespace) -> None:
         data_path=path(args.data_path), cache_dir=path(args.cache_dir), partition_id=args.partition_id,
         num_partitions=args.num_partitions, memory_budget_mb=args.memory_budget_mb,
         emulator_layers=args.emulator_layers, port=args.port, trusted_entities=path(args.trusted_entities),
-        policy=node_policy(args.policy), flower_args=tuple(args.flower_args))
+        policy=node_policy(args.policy), flower_args=tuple(args.flower_args), warm=not args.cold_clientapps)
     if code := serve_supernode(settings):
         sys.exit(code)
 
@@ -156,6 +156,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
                       help="this node's own limits: allowed-methods, min-examples-per-update, update-clip-norm, "
                            "update-noise-multiplier, max-models, max-model-mb (docs/security.md)")
+    node.add_argument("--cold-clientapps", action="store_true",
+                      help="start each message's ClientApp as a fresh flwr-clientapp process (Flower's default), "
+                           "not forked from a warm process that has torch and transformers imported")
     node.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
     node.set_defaults(func=cmd_supernode)
 

@@ -20,14 +20,18 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
+import secrets
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from fl_offsite.errors import UserError
 from fl_offsite.ops.certs import CA_CERT, SERVER_CERT, SERVER_KEY, server_names
@@ -201,7 +205,7 @@ def serve_superlink(s: SuperLinkSettings) -> int:
     env = runtime_env()
     process = subprocess.Popen(superlink_command(s), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
-    forward = forward_output(process, _superlink_note)
+    forward = forward_output(process.stdout, _superlink_note)
     gate = None
     try:
         ca = s.certs / CA_CERT if s.certs else None
@@ -260,6 +264,7 @@ class SuperNodeSettings:
     trusted_entities: Path | None = None  # flower-supernode --trusted-entities: run only apps they signed
     policy: dict[str, str] = field(default_factory=dict)  # the node's own limits (fl_offsite.app.node_policy)
     flower_args: tuple[str, ...] = ()  # more flower-supernode flags, given after --
+    warm: bool = True  # ClientApps forked from a warm process (fl_offsite.ops.warm_superexec), not started cold
 
     def check(self) -> None:
         host = self.superlink.rsplit(":", 1)[0]
@@ -319,8 +324,12 @@ class SuperNodeSettings:
         return " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
 
 
-def supernode_command(s: SuperNodeSettings) -> list[str]:
+def supernode_command(s: SuperNodeSettings, superexec_secret: Path | None = None) -> list[str]:
+    """``flower-supernode``'s command; with ``superexec_secret``, in process isolation for a SuperExec of our own
+    (:func:`warm_superexec_command`) that proves itself with that secret."""
     command = [executable("flower-supernode"), "--superlink", s.superlink, "--port", str(s.port)]
+    if superexec_secret is not None:
+        command += ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
     command += ["--insecure"] if s.ca is None else ["--root-certificates", str(s.ca)]
     if s.key is not None:
         command += ["--auth-supernode-private-key", str(s.key)]
@@ -354,11 +363,37 @@ def serve_supernode(s: SuperNodeSettings) -> int:
     return code
 
 
+def warm_superexec_command(s: SuperNodeSettings, superexec_secret: Path, supernode_pid: int) -> list[str]:
+    """The SuperExec that forks the node's ClientApps from a warm process, on the SuperNode's local Runtime API."""
+    return [sys.executable, "-m", "fl_offsite.ops.warm_superexec", "--runtime-api-address", f"127.0.0.1:{s.port}",
+            "--insecure", "--parent-pid", str(supernode_pid), "--superexec-auth-secret-file", str(superexec_secret)]
+
+
 def _run_supernode(s: SuperNodeSettings) -> tuple[int, str]:
-    """One ``flower-supernode`` until it exits: its exit code and output (also copied to ours)."""
-    process = subprocess.Popen(supernode_command(s), env=runtime_env(), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
-                               errors="replace")
+    """One ``flower-supernode`` (and, when warm, its SuperExec) until it exits: its exit code and output (also
+    copied to ours)."""
+    with tempfile.TemporaryDirectory(prefix="fl-offsite-node-") as tmp:
+        secret = None
+        if s.warm:  # only our SuperExec may take this node's tasks from its Runtime API
+            secret = Path(tmp) / "superexec.secret"
+            secret.touch(mode=0o600)
+            secret.write_bytes(secrets.token_bytes(32))
+        read_end, write_end = os.pipe()
+        with os.fdopen(read_end, encoding="utf-8", errors="replace") as output:
+            started = [subprocess.Popen(supernode_command(s, secret), env=runtime_env(), stdin=subprocess.DEVNULL,
+                                        stdout=write_end, stderr=subprocess.STDOUT)]
+            try:
+                if secret is not None:
+                    started.append(subprocess.Popen(warm_superexec_command(s, secret, started[0].pid),
+                                                    env=runtime_env(), stdin=subprocess.DEVNULL, stdout=write_end,
+                                                    stderr=subprocess.STDOUT))
+            finally:
+                os.close(write_end)
+            return _follow_supernode(started[0], started[1:], output)
+
+
+def _follow_supernode(process: subprocess.Popen, companions: list[subprocess.Popen],
+                      output: IO[str]) -> tuple[int, str]:
     seen: deque[str] = deque(maxlen=400)  # the end of its output: what it exited with
 
     def keep(line: str) -> str | None:
@@ -368,11 +403,12 @@ def _run_supernode(s: SuperNodeSettings) -> tuple[int, str]:
                     "only apps published on Flower Hub); the model owner gets an error reply from this node")
         return None
 
-    forward = forward_output(process, keep)
+    forward = forward_output(output, keep)
     try:
-        return wait_foreground(process, forward), "".join(seen)
+        return wait_foreground(process, forward, companions=companions), "".join(seen)
     finally:
-        terminate(process)
+        for started in (process, *companions):
+            terminate(started)
 
 
 def _supernode_hint(s: SuperNodeSettings, code: int, output: str) -> str | None:

@@ -33,8 +33,9 @@ import tomllib
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 import psutil
 import tomli_w
@@ -232,10 +233,10 @@ def run_status(run_id: int, env: dict[str, str], connection: str) -> tuple[str, 
 
 # --- a process in the foreground ---------------------------------------------------------
 
-def forward_output(process: subprocess.Popen, note: Callable[[str], str | None]) -> threading.Thread:
-    """Copy the child's output to ours in a thread; ``note(line)`` may add a line of explanation."""
+def forward_output(output: IO[str] | None, note: Callable[[str], str | None]) -> threading.Thread:
+    """Copy a child's ``output`` to ours in a thread; ``note(line)`` may add a line of explanation."""
     def pump() -> None:
-        for line in process.stdout or ():
+        for line in output or ():
             sys.stdout.write(line)
             if extra := note(line):
                 sys.stdout.write(extra + "\n")
@@ -248,8 +249,9 @@ def forward_output(process: subprocess.Popen, note: Callable[[str], str | None])
 
 
 def wait_foreground(process: subprocess.Popen, forward: threading.Thread,
-                    before_stop: Callable[[], None] | None = None) -> int:
-    """Wait for the child; SIGTERM and Ctrl-C call ``before_stop`` and stop it (and with it its SuperExec)."""
+                    before_stop: Callable[[], None] | None = None, companions: Sequence[subprocess.Popen] = ()) -> int:
+    """Wait for the child; SIGTERM and Ctrl-C call ``before_stop`` and stop it (and with it its SuperExec).
+    ``companions`` (processes that share its output) are stopped when it ends."""
     try:
         with sigterm_interrupts():
             code = process.wait()
@@ -258,6 +260,8 @@ def wait_foreground(process: subprocess.Popen, forward: threading.Thread,
             before_stop()
         terminate(process)
         code = 0
+    for companion in companions:
+        terminate(companion)
     forward.join(timeout=5)
     return code
 
