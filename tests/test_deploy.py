@@ -67,6 +67,7 @@ class Federation:
     host: str = "127.0.0.1"  # the SuperLink's address, as the nodes dial it
     owner_netns: dict[str, str] = field(default_factory=dict)  # data owner -> their network namespace
     processes: list[subprocess.Popen] = field(default_factory=list)
+    runtime_ports: dict[str, int] = field(default_factory=dict)  # node -> its local runtime API's port
 
     def start(self, name: str, *args: str, netns: str | None = None) -> subprocess.Popen:
         """``fl-offsite ARGS`` in the background (in network namespace ``netns``), output in ROOT/NAME.log."""
@@ -91,7 +92,9 @@ class Federation:
 
     def node(self, name: str, *extra: str, cache: str | None = None, owner: str | None = None) -> subprocess.Popen:
         """A SuperNode NAME (on data owner OWNER's network, if it has one of its own)."""
-        return self.start(name, "supernode", "--superlink", f"{self.host}:{self.port}", "--port", str(free_port()),
+        self.runtime_ports[name] = free_port()
+        return self.start(name, "supernode", "--superlink", f"{self.host}:{self.port}", "--port",
+                          str(self.runtime_ports[name]),
                           "--cache-dir", str(self.root / f"cache-{cache or name}"), *extra,
                           netns=self.owner_netns.get(owner or ""))
 

@@ -112,7 +112,8 @@ def _flwr(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.C
 def test_a_data_owner_cannot_start_a_run_and_a_node_that_asks_for_signatures_refuses_an_unsigned_app(
         tmp_path: Path) -> None:
     """alice (ca.crt, registered key, node running) points Flower's CLI at the address she was given: every
-    Control API call and the runtime API's task are refused there, and no run of hers exists. The model owner's
+    Control API call and the runtime API's task are refused there, and no run of hers exists; her own node's
+    runtime API refuses a task to a caller without the node's SuperExec secret. The model owner's
     own run, from its machine, reaches both nodes: alice's answers, bob's (started with --trusted-entities)
     refuses the app, which no trusted key signed."""
     start = time.perf_counter()
@@ -134,6 +135,8 @@ def test_a_data_owner_cannot_start_a_run_and_a_node_that_asks_for_signatures_ref
         task = {port: httpx.post(f"https://127.0.0.1:{port}/v1/runtime/acquire-task", verify=trust, content=b"",
                                  headers={"content-type": "application/protobuf"}).status_code
                 for port in (fed.port, fed.control_port)}
+        node_task = httpx.post(f"http://127.0.0.1:{fed.runtime_ports['alice']}/v1/runtime/acquire-task",
+                               content=b"", headers={"content-type": "application/protobuf"})
         runs = _flwr(fed.env, "ls", "fl-offsite-deploy", "--format", "json")
 
         owner = _flwr(fed.env, "run", str(app), "fl-offsite-deploy", "--stream", "--run-config", f'out="{out}"',
@@ -145,6 +148,8 @@ def test_a_data_owner_cannot_start_a_run_and_a_node_that_asks_for_signatures_ref
         assert attempt.returncode != 0 and "404 Not Found" in output, (what, output[-2000:])
     assert "Successfully started run" not in attempts["run"].stdout
     assert task == {fed.port: 404, fed.control_port: 200}  # flwr 1.42 hands its task out to anyone who asks
+    # alice's own node hands its ClientApp tasks only to its SuperExec, which holds the node's secret
+    assert node_task.status_code == 401 and "Authentication failed" in node_task.text, node_task.text
     assert json.loads(runs.stdout[runs.stdout.index("{"):])["runs"] == []  # alice started nothing
     assert "REFUSED POST /v1/control/start-run" in fed.log("superlink")
     assert out.is_file(), owner.stdout[-3000:] + owner.stderr[-2000:]
