@@ -380,13 +380,18 @@ def _run_supernode(s: SuperNodeSettings) -> tuple[int, str]:
             secret.write_bytes(secrets.token_bytes(32))
         read_end, write_end = os.pipe()
         with os.fdopen(read_end, encoding="utf-8", errors="replace") as output:
-            started = [subprocess.Popen(supernode_command(s, secret), env=runtime_env(), stdin=subprocess.DEVNULL,
-                                        stdout=write_end, stderr=subprocess.STDOUT)]
+            started: list[subprocess.Popen] = []
             try:
+                started.append(subprocess.Popen(supernode_command(s, secret), env=runtime_env(),
+                                                stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.STDOUT))
                 if secret is not None:
                     started.append(subprocess.Popen(warm_superexec_command(s, secret, started[0].pid),
                                                     env=runtime_env(), stdin=subprocess.DEVNULL, stdout=write_end,
                                                     stderr=subprocess.STDOUT))
+            except BaseException:
+                for process in started:
+                    terminate(process)
+                raise
             finally:
                 os.close(write_end)
             return _follow_supernode(started[0], started[1:], output)
