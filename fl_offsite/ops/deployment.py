@@ -378,15 +378,15 @@ def _run_supernode(s: SuperNodeSettings) -> tuple[int, str]:
             secret = Path(tmp) / "superexec.secret"
             secret.touch(mode=0o600)
             secret.write_bytes(secrets.token_bytes(32))
-        read_end, write_end = os.pipe()
+        env, (read_end, write_end) = runtime_env(), os.pipe()
         with os.fdopen(read_end, encoding="utf-8", errors="replace") as output:
             started: list[subprocess.Popen] = []
             try:
-                started.append(subprocess.Popen(supernode_command(s, secret), env=runtime_env(),
-                                                stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.STDOUT))
+                started.append(subprocess.Popen(supernode_command(s, secret), env=env, stdin=subprocess.DEVNULL,
+                                                stdout=write_end, stderr=subprocess.STDOUT))
                 if secret is not None:
-                    started.append(subprocess.Popen(warm_superexec_command(s, secret, started[0].pid),
-                                                    env=runtime_env(), stdin=subprocess.DEVNULL, stdout=write_end,
+                    started.append(subprocess.Popen(warm_superexec_command(s, secret, started[0].pid), env=env,
+                                                    stdin=subprocess.DEVNULL, stdout=write_end,
                                                     stderr=subprocess.STDOUT))
             except BaseException:
                 for process in started:
