@@ -1,13 +1,11 @@
-"""The comparison report: in process for two methods, and end to end through Ray (slow)."""
+"""The comparison report, in process (`fl-offsite compare` end to end on Ray: tests/test_ray_cluster.py)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
 
-from fl_offsite.cli.main import main
 from fl_offsite.run.compare import write_report
 from fl_offsite.run.folder import RunFolder
 from fl_offsite.testing.flower import run, tiny_config
@@ -73,31 +71,3 @@ def test_report_compares_distilled_and_plain_emulators(tiny_lm_dir, tmp_path):
     assert f"{record['emulator_ppl_before']:.1f} | {record['emulator_ppl_after']:.1f}" in re.sub(r" +", " ", report)
     assert distilled["n"] == plain["n"] < plain["split_size"] == 496
     assert f"accuracy on {plain['n']} of the 496 held-out test examples (the seeded test split's first" in report
-
-
-@pytest.mark.slow(seconds=100)
-def test_compare_command_through_flower_simulation(tiny_lm_dir, tmp_path, capsys):
-    """`fl-offsite compare` on Ray: both methods run (offsite on a mixed fleet, its emulators re-aligned), the
-    report is written; a rerun skips both."""
-    config = tmp_path / "compare.toml"
-    config.write_text(
-        f'model = "{tiny_lm_dir}"\nnum-rounds = 1\n"split.adapter-layers" = "1,1"\n"split.emulator-layers" = 2\n'
-        '"train.local-steps" = 2\n"train.batch-size" = 4\n"train.max-length" = 64\n"eval.limit" = 6\n'
-        f'[compare]\nmethods = ["offsite", "fedavg-full"]\nnum-clients = 2\nout = "{tmp_path / "out"}"\n'
-        f'cpus-per-client = {os.cpu_count() or 1}\n'  # one Ray actor, all the CPUs: it imports the ClientApp once
-        '[compare.runs.offsite]\nmethod = "offsite"\n"fleet.emulator-layers" = "1,2"\n'  # a mixed fleet
-        '"realign.steps" = 1\n"realign.batch-size" = 2\n"distill.block-size" = 32\n'
-        '"distill.corpus" = "model-samples"\n')
-    assert main(["compare", str(config)]) == 0
-    printed = capsys.readouterr().out
-    assert "Offsite plug-in" in printed and "FedAvg full fine-tuning" in printed
-    assert "Offsite emulator k=1 (emulator + adapter)" in printed and "Offsite emulator k=2" in printed
-    (delivery,) = json.loads((tmp_path / "out" / "offsite" / "delivery.json").read_text())["deliveries"]
-    assert sorted(node["emulator_layers"] for node in delivery["nodes"].values()) == [1, 2]
-    assert "re-aligned its emulator before every round" in (tmp_path / "out" / "report.md").read_text()
-    (trained,) = RunFolder(tmp_path / "out" / "offsite").rounds()[1:]
-    assert set(trained.realign.emulators) == {1, 2}  # each emulator in use, re-aligned
-    assert all(c.realign_bytes_down > 0 for c in trained.clients)  # a failed apply fails
-    stamp = (tmp_path / "out" / "offsite" / "metrics.jsonl").stat().st_mtime
-    assert main(["compare", str(config)]) == 0  # finished methods are not rerun
-    assert (tmp_path / "out" / "offsite" / "metrics.jsonl").stat().st_mtime == stamp

@@ -1,6 +1,6 @@
-"""A simulation on a real Ray cluster of two raylets: ``ray start --head`` and ``ray start --address`` as
-separate processes on this machine, each with one CPU and a resource of its own; ``fl-offsite simulate
---ray-address`` runs the clients there, on both raylets, and the cluster is stopped by its process ids."""
+"""`fl-offsite compare` end to end, on a real Ray cluster of two raylets: ``ray start --head`` and ``ray start
+--address`` as separate processes on this machine, each with one CPU and a resource of its own; ``--ray-address``
+runs every method's clients there, on both raylets, and the cluster is stopped by its process ids."""
 from __future__ import annotations
 
 import contextlib
@@ -38,10 +38,13 @@ class ActorWatch(threading.Thread):
                         self.seen.add(raylet.pid)
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=120)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the cluster's processes are found via /proc")
-def test_the_clients_of_a_simulation_run_on_both_raylets_of_a_cluster(tmp_path, tiny_lm_dir, private_cache):
+def test_compare_runs_both_methods_on_both_raylets_of_a_cluster(tmp_path, tiny_lm_dir, private_cache, capsys):
+    """Offsite (on a mixed fleet, its emulators re-aligned) and FedAvg full fine-tuning, one round each; the
+    report is written; a rerun skips both."""
     from fl_offsite.cli.main import main
+    from fl_offsite.run.folder import RunFolder
 
     port, tag = _free_port(), new_launch_tag()
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
@@ -49,6 +52,15 @@ def test_the_clients_of_a_simulation_run_on_both_raylets_of_a_cluster(tmp_path, 
     common = ["--num-cpus", "1", "--object-store-memory", str(100 * 2**20), "--node-ip-address", "127.0.0.1",
               "--disable-usage-stats"]
     address = f"127.0.0.1:{port}"
+    out = tmp_path / "out"
+    config = tmp_path / "compare.toml"
+    config.write_text(
+        f'model = "{tiny_lm_dir}"\nnum-rounds = 1\n"split.adapter-layers" = "1,1"\n"split.emulator-layers" = 2\n'
+        '"train.local-steps" = 2\n"train.batch-size" = 4\n"train.max-length" = 64\n"eval.limit" = 6\n'
+        f'[compare]\nmethods = ["offsite", "fedavg-full"]\nnum-clients = 2\nout = "{out}"\n'
+        '[compare.runs.offsite]\nmethod = "offsite"\n"fleet.emulator-layers" = "1,2"\n'  # a mixed fleet
+        '"realign.steps" = 1\n"realign.batch-size" = 2\n"distill.block-size" = 32\n'
+        '"distill.corpus" = "model-samples"\n')
     try:
         subprocess.run([RAY, "start", "--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard",
                         "false", "--resources", json.dumps({"head": 1}), *common],
@@ -59,17 +71,26 @@ def test_the_clients_of_a_simulation_run_on_both_raylets_of_a_cluster(tmp_path, 
         assert len(raylets) == 2
         watch = ActorWatch(raylets)
         watch.start()
-
-        sets = {"model": tiny_lm_dir, "num-rounds": 1, "split.adapter-layers": "1,1", "split.emulator-layers": 2,
-                "train.local-steps": 2, "train.batch-size": 4, "train.max-length": 64, "eval.limit": 6,
-                "results.dir": str(tmp_path / "results")}
-        assert main(["simulate", "--num-clients", "2", "--ray-address", address,
-                     *[item for key, value in sets.items() for item in ("--set", f"{key}={value}")]]) == 0
+        assert main(["compare", str(config), "--ray-address", address]) == 0
         watch.stop.set()
         assert watch.seen == {raylet.pid for raylet in raylets}  # the clients ran on both raylets
-        rounds = [json.loads(line) for line in (tmp_path / "results" / "metrics.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rounds] == [0, 1] and len(rounds[1]["clients"]) == 2
     finally:
         stop_processes(lambda value: value == tag)  # the cluster's processes, by the PIDs their tag gives
         shutil.rmtree(temp, ignore_errors=True)
     assert not tagged_processes(lambda value: value == tag)
+
+    printed = capsys.readouterr().out
+    assert "Offsite plug-in" in printed and "FedAvg full fine-tuning" in printed
+    assert "Offsite emulator k=1 (emulator + adapter)" in printed and "Offsite emulator k=2" in printed
+    (delivery,) = json.loads((out / "offsite" / "delivery.json").read_text())["deliveries"]
+    assert sorted(node["emulator_layers"] for node in delivery["nodes"].values()) == [1, 2]
+    assert "re-aligned its emulator before every round" in (out / "report.md").read_text()
+    (trained,) = RunFolder(out / "offsite").rounds()[1:]
+    assert set(trained.realign.emulators) == {1, 2}  # each emulator in use, re-aligned
+    assert all(c.realign_bytes_down > 0 for c in trained.clients)  # a failed apply fails
+    for method in ("offsite", "fedavg-full"):
+        rounds = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rounds] == [0, 1] and len(rounds[1]["clients"]) == 2
+    stamp = (out / "offsite" / "metrics.jsonl").stat().st_mtime
+    assert main(["compare", str(config), "--ray-address", "127.0.0.1:1"]) == 0  # finished: not rerun, no Ray
+    assert (out / "offsite" / "metrics.jsonl").stat().st_mtime == stamp

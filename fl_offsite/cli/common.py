@@ -12,6 +12,8 @@ from fl_offsite.errors import UserError
 
 log = logging.getLogger("fl_offsite")
 TASK_HELP = "bbc-news, a suite task (piqa, siqa, boolq, ...), jsonl:<folder>, bigbench:<task>, hf:<name>"
+RAY_ADDRESS_HELP = ("run the clients on this running Ray cluster (its head node, from `ray start --head`) instead "
+                    "of a private Ray instance on this machine (docs/deployment.md)")
 CPUS_HELP = ("CPUs of each simulated client (default: the file's compare.cpus-per-client, else 1); "
              "clients with 2 CPUs on a 2-core machine train one at a time on 2 threads")
 

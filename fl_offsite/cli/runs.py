@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from fl_offsite.cli.common import CPUS_HELP, stoppable
+from fl_offsite.cli.common import CPUS_HELP, RAY_ADDRESS_HELP, stoppable
 from fl_offsite.ops.flower_app import app_dir
 
 
@@ -38,7 +38,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from fl_offsite.config.keys import parse_sets
     from fl_offsite.run.compare import load_compare_config, run_compare
 
-    plan = load_compare_config(args.config, parse_sets(args.set), cpus_per_client=args.cpus_per_client)
+    plan = load_compare_config(args.config, parse_sets(args.set), cpus_per_client=args.cpus_per_client,
+                               ray_address=args.ray_address)
     report = run_compare(plan)
     print(report.read_text().split("![")[0].rstrip())
     print(f"\nreport: {report}\nplots:  {plan.out / 'accuracy.png'}, {plan.out / 'client_cost.png'}")
@@ -69,9 +70,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     simulate.add_argument("--num-clients", type=int, default=4, help="simulated data owners (SuperNodes)")
     simulate.add_argument("--cpus-per-client", type=int, default=1)
     simulate.add_argument("--gpus-per-client", type=float, default=0.0)
-    simulate.add_argument("--ray-address", metavar="HOST:PORT",
-                          help="run the clients on this running Ray cluster (its head node, from `ray start --head`) "
-                               "instead of a private Ray instance on this machine (docs/deployment.md)")
+    simulate.add_argument("--ray-address", metavar="HOST:PORT", help=RAY_ADDRESS_HELP)
     simulate.set_defaults(func=cmd_simulate)
 
     compare = sub.add_parser("compare", help="run several methods on the same data; write a report with plots")
@@ -79,11 +78,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                         "compare.out")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     compare.add_argument("--cpus-per-client", type=int, help=CPUS_HELP)
+    compare.add_argument("--ray-address", metavar="HOST:PORT", help=RAY_ADDRESS_HELP + "; else compare.ray-address")
     compare.set_defaults(func=cmd_compare)
 
     demo = sub.add_parser("demo", help="the main job: offsite-tuning vs FedAvg full fine-tuning on smollm2-135m")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     demo.add_argument("--cpus-per-client", type=int, help=CPUS_HELP)
+    demo.add_argument("--ray-address", metavar="HOST:PORT", help=RAY_ADDRESS_HELP)
     demo.set_defaults(func=cmd_demo)
 
     keys = sub.add_parser("keys", help="list the run-config keys: default, allowed values, meaning")

@@ -31,15 +31,18 @@ class ComparePlan:
     out: Path
     config: dict  # the run config every run shares
     cpus_per_client: dict[str, int]  # run name -> CPUs of each simulated client
+    ray_address: str | None = None  # HOST:PORT of a running Ray cluster's head; None: a private Ray per run
 
 
-def load_compare_config(path: str | Path, overrides: dict[str, Any], cpus_per_client: int | None = None) -> ComparePlan:
+def load_compare_config(path: str | Path, overrides: dict[str, Any], cpus_per_client: int | None = None,
+                        ray_address: str | None = None) -> ComparePlan:
     """The plan of a compare file (``overrides`` from ``--set``).
 
     ``compare.methods`` lists run names: a method (``offsite``...) or a variant defined as
     ``[compare.runs.NAME]`` with its ``method`` and any run-config keys (``"distill.steps" = 120``).
     ``compare.cpus-per-client`` (default 1) sets each simulated client's CPUs, a run's own
     ``cpus-per-client`` overrides it for that run, and ``cpus_per_client`` (the command line) for all.
+    ``compare.ray-address``, or ``ray_address`` (the command line), runs every run's clients on that Ray cluster.
     """
     data = {**load_file(path), **overrides}
     names = data.pop("compare.methods", ["offsite", BASELINE])
@@ -52,6 +55,8 @@ def load_compare_config(path: str | Path, overrides: dict[str, Any], cpus_per_cl
     num_clients = int(data.pop("compare.num-clients", 4))
     out = Path(str(data.pop("compare.out", "runs/compare"))).expanduser().resolve()
     default_cpus = int(data.pop("compare.cpus-per-client", 1))
+    ray_address = ray_address or data.pop("compare.ray-address", None)
+    data.pop("compare.ray-address", None)
     config = validate(data)
     unused = variants.keys() - set(names)
     if unused:
@@ -67,7 +72,7 @@ def load_compare_config(path: str | Path, overrides: dict[str, Any], cpus_per_cl
         runs[name] = run
     if num_clients < Settings.from_config(config).strategy.min_train_nodes:
         raise UserError(f"compare.num-clients={num_clients} is below strategy.min-train-nodes")
-    return ComparePlan(runs, num_clients, out, config, cpus)
+    return ComparePlan(runs, num_clients, out, config, cpus, str(ray_address) if ray_address else None)
 
 
 def run_compare(plan: ComparePlan) -> Path:
@@ -92,7 +97,8 @@ def run_compare(plan: ComparePlan) -> Path:
         log.info("[%d/%d] %s: %d rounds with %d clients, %d CPU(s) each (elapsed %s)", i, len(pending), name,
                  num_rounds, plan.num_clients, cpus, clock_time(time.perf_counter() - started))
         begun = time.perf_counter()
-        run_simulation_app(app_dir(), run_config, num_supernodes=plan.num_clients, cpus_per_client=cpus)
+        run_simulation_app(app_dir(), run_config, num_supernodes=plan.num_clients, cpus_per_client=cpus,
+                           ray_address=plan.ray_address)
         log.info("[%d/%d] %s finished in %s (elapsed %s)", i, len(pending), name,
                  clock_time(time.perf_counter() - begun), clock_time(time.perf_counter() - started))
     return write_report(plan.out, list(plan.runs))
