@@ -119,6 +119,11 @@ def test_compare_variants_are_named_runs_with_their_own_keys(tmp_path):
     plan = load_compare_config(path, {})
     assert plan.cpus_per_client == {"offsite": 2, "big": 1} and plan.runs["big"] == {"method": "fedavg-full"}
     assert load_compare_config(path, {}, cpus_per_client=3).cpus_per_client == {"offsite": 3, "big": 3}
+    assert plan.ray_address is None
+
+    path.write_text('[compare]\nmethods = ["offsite"]\n"ray-address" = "10.0.0.1:6379"\n')
+    assert load_compare_config(path, {}).ray_address == "10.0.0.1:6379"
+    assert load_compare_config(path, {}, ray_address="10.0.0.2:6379").ray_address == "10.0.0.2:6379"
 
     path.write_text('[compare]\nmethods = ["offsite"]\n[compare.runs.distilled]\nmethod = "offsite"\n')
     with pytest.raises(UserError, match=r"\[compare.runs.distilled\] is not listed"):
