@@ -105,3 +105,17 @@ def test_the_cache_key_changes_with_the_weights_not_only_the_name():
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     assert distill_module.cache_key("same-name", model, plan, DistillSettings(steps=2), ["text"]) != key
+
+
+def test_a_shared_emulator_distils_each_kept_block_to_the_last_slot_it_fills(tiny_lm_dir, tmp_path, capsys):
+    """``--sharing``: the kept blocks run at the full depth while they learn, and the folder keeps it."""
+    out = tmp_path / "shared"
+    assert main(["distill", str(tiny_lm_dir), *ARGS, "--sharing", "--out", str(out)]) == 0
+    assert "each run [1, 1, 3, 1] times (shared)" in capsys.readouterr().out
+    plan = read_plan(out)
+    assert plan.shared and plan.last_slot(plan.kept_layers[2]) == 4 == plan.kept_layers[2]
+    record = json.loads((out / SPLIT_FILE).read_text())["distillation"]
+    kd = [step["kd_loss"] for step in record["losses"]]
+    assert sum(kd[-4:]) / 4 < 0.7 * kd[0] and record["emulator_ppl_after"] < record["emulator_ppl_before"]
+    emulator, _ = load_model(str(out / "emulator"), with_tokenizer=False)
+    assert emulator.config.fl_offsite_block_repeats == [1, 1, 3, 1] and not emulator.config.use_cache

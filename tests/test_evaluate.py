@@ -120,3 +120,22 @@ def test_real_model_beats_chance_on_bbc_news() -> None:
     model, tokenizer = load_model("smollm2-135m")
     result = evaluate_task(model, tokenizer, "bbc-news", limit=50)
     assert result["acc"] > 0.4  # chance is 0.2; 0.50 measured on these 50 (the probe: 0.58-0.78 zero-shot)
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_a_shared_emulator_is_scored_a_pass_per_choice_to_the_same_logliks(
+        batch_size: int, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    """Its repeated blocks cannot share a KV cache (its config turns the cache off): no continuation pass."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from fl_offsite.surgery.split import build_emulator, plan_split
+
+    torch.manual_seed(0)
+    six_blocks = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256, initializer_range=0.3)).eval()
+    emulator = build_emulator(six_blocks, plan_split(six_blocks, 1, 1, emulator_layers=2, shared=True))
+    assert any(len(encode_pair(tiny_tokenizer, ex.context, c)[1]) > 1 for ex in CHOICE_EXAMPLES for c in ex.choices)
+    got = choice_logliks(emulator, tiny_tokenizer, CHOICE_EXAMPLES, batch_size=batch_size, progress=False)
+    for got_row, want_row in zip(got, reference_logliks(emulator, tiny_tokenizer, CHOICE_EXAMPLES), strict=True):
+        assert got_row == pytest.approx(want_row, abs=1e-4)

@@ -412,3 +412,22 @@ def test_a_users_jsonl_task_trains_scores_and_evaluates(tiny_lm_dir, tmp_path, p
                  str(tmp_path / "run" / "adapter.safetensors"), "--json", str(tmp_path / "eval.json")]) == 0
     scored = json.loads((tmp_path / "eval.json").read_text())
     assert scored["n"] == 10 and scored["acc"] == records[-1]["eval"]["plugin"]["acc"]
+
+
+def test_a_shared_emulator_travels_as_k_blocks_and_runs_at_full_depth_on_the_nodes(tiny_lm_dir, tmp_path):
+    """``emulator.sharing``: the package holds the kept blocks only, its config the repeats; the node's
+    emulator runs each block as often as the owner's plan says."""
+    from fl_offsite.app.client_training import CACHE
+    from fl_offsite.surgery.blocks import REPEATS_KEY, find_blocks
+
+    grid = run(tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1, "emulator.sharing": True}), num_nodes=2)
+    _, plan = load_adapter(tmp_path / "run" / "adapter.safetensors")
+    assert plan is not None and plan.shared and plan.kept_layers == (0, 1, 4, 5)
+    assert plan.block_repeats() == [1, 1, 3, 1] and sum(plan.block_repeats()) == plan.num_layers
+    delivery = of_type(grid, "query.model")[0]
+    assert json.loads(bytes(delivery.content["files"]["config.json"]))[REPEATS_KEY] == plan.block_repeats()
+    blocks = {int(k.split(".")[2]) for k in delivery.content["weights"] if k.startswith("model.layers.")}
+    assert blocks == set(range(len(plan.kept_layers)))  # 4 blocks travel, not the 6 they run as
+    node_emulator = next(reversed(CACHE._models.values()))[0]
+    assert [getattr(b, "_fl_offsite_repeats", 1) for b in find_blocks(node_emulator)[1]] == plan.block_repeats()
+    assert rounds_of(tmp_path / "run")[1]["problems"] == []

@@ -1,6 +1,7 @@
 """Block discovery, the l-k-r split, and the extract / plug-in pair on tiny models of many families."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -11,9 +12,17 @@ from transformers import AutoModelForCausalLM
 from fl_offsite.data.models import load_model
 from fl_offsite.emulator.layer_choice import uniform_drop
 from fl_offsite.errors import UserError
-from fl_offsite.surgery.blocks import find_blocks
+from fl_offsite.surgery.blocks import REPEATS_KEY, find_blocks
 from fl_offsite.surgery.payload import extract_adapter, plug_in
-from fl_offsite.surgery.split import build_emulator, load_adapter, plan_split, read_plan, save_adapter, write_split
+from fl_offsite.surgery.split import (
+    SplitPlan,
+    build_emulator,
+    load_adapter,
+    plan_split,
+    read_plan,
+    save_adapter,
+    write_split,
+)
 from fl_offsite.testing.models import FAMILIES, LAYERS, VOCAB, save_tiny_model, tiny_model
 
 BLOCK_PATHS = {"gpt2": "transformer.h", "opt": "model.decoder.layers", "bloom": "transformer.h",
@@ -180,3 +189,43 @@ def test_a_file_without_metadata_is_placed_by_its_names(tmp_path):
     assert by_names == SplitPlan(8, 2, 1, tuple(range(8)), "model.layers")
     assert by_names.adapter_layers == plan.adapter_layers
     plug_in(model, loaded, by_names)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_a_shared_emulator_runs_as_the_full_depth_model_with_its_kept_blocks_in_the_dropped_slots(family, tmp_path):
+    """CRaSh's layer sharing: each kept middle block also fills the dropped slots before it (the last one also
+    those after it); the folder stores k middle blocks and its config the repeats, which loading applies."""
+    model = tiny_model(family)
+    plan = plan_split(model, 1, 1, emulator_layers=2, shared=True)
+    repeats = plan.block_repeats()
+    assert sum(repeats) == LAYERS and repeats[0] == repeats[-1] == 1 and max(repeats) > 1
+    assert SplitPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    tail = plan_split(model, 1, 1, emulator_layers=2, choose_middle=lambda n, k: [0, 2], shared=True)
+    assert tail.block_repeats() == [1, 1, 5, 1] and tail.last_slot(3) == 6 and tail.last_slot(1) == 1
+
+    reference = copy.deepcopy(model)
+    reference.config.use_cache = False
+    _, full_blocks = find_blocks(model)
+    _, slots = find_blocks(reference)
+    slot = 0
+    for original, count in zip(plan.kept_layers, repeats, strict=True):
+        for _ in range(count):
+            slots[slot].load_state_dict(full_blocks[original].state_dict())
+            slot += 1
+    emulator = build_emulator(model, plan)
+    assert torch.allclose(logits(emulator), logits(reference), atol=1e-5)
+    plain = build_emulator(model, plan_split(model, 1, 1, emulator_layers=2))
+    assert not torch.allclose(logits(emulator), logits(plain), atol=1e-3)
+
+    emulator.save_pretrained(tmp_path / "emulator")
+    loaded, _ = load_model(str(tmp_path / "emulator"), with_tokenizer=False)
+    assert len(find_blocks(loaded)[1]) == len(plan.kept_layers)  # k middle blocks stored, not the full depth
+    assert torch.allclose(logits(loaded), logits(reference), atol=1e-5)
+
+    config = json.loads((tmp_path / "emulator" / "config.json").read_text())
+    for damaged in ([2, 2], [1] * (len(repeats) - 1) + [10_000], "3,3"):
+        (tmp_path / "emulator" / "config.json").write_text(json.dumps({**config, REPEATS_KEY: damaged}))
+        with pytest.raises(UserError, match="a damaged emulator config"):
+            load_model(str(tmp_path / "emulator"), with_tokenizer=False)
+    with pytest.raises(UserError, match="'shared' must be true or false"):
+        SplitPlan.from_json({**plan.to_json(), "shared": "yes"})

@@ -23,6 +23,7 @@ from fl_offsite.app import wire
 from fl_offsite.app.node_store import BF16_KEY, WEIGHTS_FILE
 from fl_offsite.app.profile import NodeProfile
 from fl_offsite.data.models import load_model, load_tokenizer
+from fl_offsite.surgery.blocks import share_blocks
 
 log = logging.getLogger(__name__)
 
@@ -149,4 +150,4 @@ def load_delivered(folder: str | Path) -> tuple[PreTrainedModel, PreTrainedToken
     if has_weights:
         return load_model(str(folder))
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
-    return model.eval(), load_tokenizer(str(folder))
+    return share_blocks(model).eval(), load_tokenizer(str(folder))

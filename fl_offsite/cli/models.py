@@ -33,7 +33,7 @@ def cmd_split(args: argparse.Namespace) -> None:
                                   block_size=args.block_size, precision=args.precision, eval_every=args.eval_every,
                                   seed=args.seed)
     recipe = EmulatorRecipe(args.adapter_layers, emulator_layers=args.emulator_layers, drop_ratio=args.drop_ratio,
-                            layers=args.layers, distill=distill, corpus=args.corpus,
+                            layers=args.layers, sharing=args.sharing, distill=distill, corpus=args.corpus,
                             public_in_domain=args.public_in_domain)
     model, tokenizer = load_model(args.model)
     plan, emulator, record = user_input(prepare_emulator, args.model, model, tokenizer, recipe, args.task,
@@ -42,7 +42,8 @@ def cmd_split(args: argparse.Namespace) -> None:
     write_split(args.out, emulator, adapter, plan, tokenizer, record=record)
     print(f"split {plan.name} of {args.model} ({plan.num_layers} blocks, {recipe.describe()}) -> {args.out}")
     print(f"  adapter blocks   {list(plan.adapter_layers)}  {megabytes(adapter.values()):.1f} MB")
-    print(f"  emulator blocks  {list(plan.kept_layers)}  {megabytes(emulator.state_dict().values()):.1f} MB")
+    print(f"  emulator blocks  {list(plan.kept_layers)}  {megabytes(emulator.state_dict().values()):.1f} MB"
+          + (f", each run {plan.block_repeats()} times (shared)" if plan.shared else ""))
     print(f"  full model       {megabytes(model.state_dict().values()):.1f} MB  ({time.perf_counter() - start:.1f} s)")
     if distill:
         print(f"  {ppl_summary(record['distillation'])}; cached in {record['distilled_cache']}")
@@ -182,6 +183,9 @@ def _split_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace --out even if fl-offsite did not write it")
     parser.add_argument("--layers", choices=CHOICES["emulator.layers"], default=DEFAULTS["emulator.layers"],
                         help="which middle blocks the emulator keeps (fl_offsite.emulator.layer_choice)")
+    parser.add_argument("--sharing", action="store_true",
+                        help="each kept middle block also runs in the dropped slots before it (CRaSh's layer "
+                             "sharing): the emulator keeps the full depth, its weights stay k blocks")
     parser.add_argument("--corpus", default=DEFAULTS["distill.corpus"],
                         help="the owner's public text: public | public:<source>,... | model-samples | "
                              "hf:<datasets path>[:<config>]")

@@ -101,6 +101,9 @@ class EmulatorRecipe:
                                       parse=lambda ratio: ratio if ratio > 0 else None)
     layers: str = option("emulator.layers", "uniform", "which middle blocks the emulator keeps: see "
                          "fl_offsite.emulator.layer_choice", choices=("uniform", "similarity", "greedy"))
+    sharing: bool = option("emulator.sharing", False, "CRaSh's layer sharing: each kept middle block also runs in "
+                           "the dropped slots before it, so the emulator keeps the full depth (the compute of the "
+                           "full middle, the weights and bytes of k blocks)")
     distill: DistillSettings | None = nested(DistillSettings)  # None: no distillation
     corpus: str = same_key(DistillSettings, "corpus")  # for the layer rule and distillation
     public_in_domain: bool = option("distill.public-in-domain", False,
@@ -119,7 +122,7 @@ class EmulatorRecipe:
         return self.layers != "uniform" or self.distill is not None
 
     def describe(self) -> str:
-        parts = [f"layers {self.layers}"]
+        parts = [f"layers {self.layers}" + (", shared" if self.sharing else "")]
         if self.distill:
             parts.append(f"distilled {self.distill.steps} steps ({self.distill.targets} targets"
                          f"{f', KL {self.distill.kl_weight:g}' if self.distill.kl_weight else ''})")

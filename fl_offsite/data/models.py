@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from fl_offsite.data.downloads import PINNED, cache_dir, pinned_file
 from fl_offsite.errors import UserError
 from fl_offsite.files import locked
+from fl_offsite.surgery.blocks import share_blocks
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def load_model(
             f"cannot load model {name!r}: not a local folder, not an offline alias ({aliases}), "
             f"and the Hugging Face hub did not provide it ({err.__class__.__name__}: {str(err).splitlines()[0]})"
         ) from err
-    model.eval()
+    share_blocks(model).eval()  # a shared emulator's repeats, from its config
     return model, (load_tokenizer(path) if with_tokenizer else None)
 
 

@@ -167,8 +167,8 @@ def alignment_losses(model: nn.Module, emulator: nn.Module, plan: SplitPlan, bat
     teacher: dict[int, torch.Tensor] = {}
     student: dict[int, torch.Tensor] = {}
     with_kl, whole = kl_weight > 0, lm or kl_weight > 0
-    with torch.no_grad(), hooked([BlockHook(teacher_blocks[i], record_output(teacher, i, stop=not with_kl and
-                                                                            i == targets[-1])) for i in targets]):
+    with torch.no_grad(), hooked([BlockHook(teacher_blocks[plan.last_slot(i)], record_output(
+            teacher, i, stop=not with_kl and i == targets[-1])) for i in targets]):
         if with_kl:
             teacher_logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
         else:

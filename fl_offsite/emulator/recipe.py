@@ -45,7 +45,7 @@ def prepare_emulator(model_name: str, model: PreTrainedModel, tokenizer: PreTrai
     if recipe.layers != "uniform":
         choose = _cached_choice(model_name, model, tokenizer, recipe, task, seed, progress)
     plan = plan_split(model, recipe.adapter_bottom, recipe.adapter_top, emulator_layers=recipe.emulator_layers,
-                      drop_ratio=recipe.drop_ratio, choose_middle=choose)
+                      drop_ratio=recipe.drop_ratio, choose_middle=choose, shared=recipe.sharing)
     log.info("Split %s of %s (%s): adapter blocks %s, emulator keeps %s", plan.name, model_name, recipe.describe(),
              list(plan.adapter_layers), list(plan.kept_layers))
     composition = corpus_composition(recipe.corpus, task) if recipe.uses_corpus else None

@@ -77,7 +77,10 @@ def _groups(items: Sequence[_Item], batch_size: int) -> Iterator[list[_Item]]:
 
 def _score_group(model: nn.Module, group: Sequence[_Item], pad_id: int, device: torch.device,
                  keep_logits: bool) -> list[list[float]]:
-    """Log-likelihoods of every choice of ``group``: one context pass, then one continuation pass."""
+    """Log-likelihoods of every choice of ``group``: one context pass, then one continuation pass (or, for a
+    model whose config turns the KV cache off, such as a shared emulator, one pass per choice)."""
+    if not getattr(getattr(model, "config", None), "use_cache", True) and any(it.multi_token for it in group):
+        return _score_without_cache(model, group, pad_id, device)
     ctx = {k: v.to(device) for k, v in
            collate([{"input_ids": it.context, "labels": it.context} for it in group], pad_id).items()}
     lengths = ctx["attention_mask"].sum(1)
@@ -106,6 +109,23 @@ def _score_group(model: nn.Module, group: Sequence[_Item], pad_id: int, device: 
     tail_scores = (picked * (cont["labels"] != IGNORE_INDEX)).sum(1).tolist()
     for (g, j), tail_score in zip(rows, tail_scores, strict=True):
         scores[g][j] += tail_score
+    return scores
+
+
+def _score_without_cache(model: nn.Module, group: Sequence[_Item], pad_id: int,
+                         device: torch.device) -> list[list[float]]:
+    """Log-likelihoods of every choice of ``group``, one (context + choice) row each."""
+    rows = [(g, j) for g, it in enumerate(group) for j in range(len(it.choices))]
+    pairs = [(group[g].context, group[g].choices[j]) for g, j in rows]
+    batch = {k: v.to(device) for k, v in collate([{"input_ids": context + choice[:-1],
+                                                   "labels": [IGNORE_INDEX] * (len(context) - 1) + choice}
+                                                  for context, choice in pairs], pad_id).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    picked = logits.float().log_softmax(-1).gather(2, batch["labels"].clamp(min=0)[..., None])[..., 0]
+    totals = (picked * (batch["labels"] != IGNORE_INDEX)).sum(1).tolist()
+    scores: list[list[float]] = [[] for _ in group]
+    for (g, _), total in zip(rows, totals, strict=True):
+        scores[g].append(total)
     return scores
 
 

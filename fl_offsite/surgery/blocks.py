@@ -10,6 +10,7 @@ import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -59,6 +60,47 @@ def resize_config(config: PretrainedConfig, num_layers: int, kept: list[int]) ->
             f"{type(config).__name__} has no layer-count entry equal to {num_layers}; "
             "cannot describe a model with fewer blocks")
     return config
+
+
+# --- shared blocks: a block that runs more than once (CRaSh's layer sharing) -------------
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+REPEATS_KEY = "fl_offsite_block_repeats"  # config entry of a shared emulator: how often each block runs
+MAX_REPEATS = 64
+
+
+def share_blocks(model: ModelT) -> ModelT:
+    """Make each block of ``model`` run as often as its config's ``fl_offsite_block_repeats`` says (written by
+    ``build_emulator`` for a shared emulator); a model without that entry is returned unchanged.
+
+    A shared emulator has ``use_cache`` off: the repeated runs of a block would share one KV-cache slot.
+    """
+    repeats = getattr(getattr(model, "config", None), REPEATS_KEY, None)
+    if repeats is None:
+        return model
+    _, blocks = find_blocks(model)
+    if not (isinstance(repeats, list) and len(repeats) == len(blocks) and all(
+            isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MAX_REPEATS for r in repeats)):
+        raise UserError(f"{REPEATS_KEY} in the model's config must give, for each of its {len(blocks)} blocks, how "
+                        f"often it runs (1 to {MAX_REPEATS}); got {str(repeats)[:80]}: a damaged emulator config")
+    if getattr(model.config, "use_cache", False):
+        raise UserError(f"a model with {REPEATS_KEY} must have use_cache off (its repeated blocks would share a "
+                        "KV-cache slot): a damaged emulator config")
+    for block, count in zip(blocks, repeats, strict=True):
+        if count > 1 and getattr(block, "_fl_offsite_repeats", 1) == 1:
+            block.register_forward_hook(_run_again(count - 1), with_kwargs=True)
+            block._fl_offsite_repeats = count
+    return model
+
+
+def _run_again(times: int) -> Callable:
+    """A hook running its block ``times`` more times on its own output (its other hooks see the last one)."""
+    def hook(module, args, kwargs, output):
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        for _ in range(times):
+            output = module.forward(block_output(output), *args[1:], **rest)
+        return output
+    return hook
 
 
 # --- hooks on blocks: record hidden states, skip a block, stop a forward pass early ---------

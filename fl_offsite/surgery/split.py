@@ -23,7 +23,7 @@ from fl_offsite.data.models import placed
 from fl_offsite.emulator.layer_choice import uniform_drop
 from fl_offsite.errors import UserError
 from fl_offsite.files import atomic_dir, write_json
-from fl_offsite.surgery.blocks import find_blocks, resize_config
+from fl_offsite.surgery.blocks import REPEATS_KEY, find_blocks, resize_config, share_blocks
 from fl_offsite.weights import load_tensors, save_tensors
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -41,6 +41,7 @@ class SplitPlan:
     adapter_top: int
     kept_layers: tuple[int, ...]  # original index of every emulator block, in order
     block_prefix: str  # dotted path of the block list, e.g. "model.layers"
+    shared: bool = False  # CRaSh's layer sharing: kept middle blocks also run in the dropped slots (block_repeats)
 
     @property
     def adapter_layers(self) -> tuple[int, ...]:
@@ -55,6 +56,28 @@ class SplitPlan:
     @property
     def name(self) -> str:
         return f"{self.adapter_bottom}-{self.emulator_layers}-{self.adapter_top}"
+
+    def block_repeats(self) -> list[int]:
+        """How often each emulator block runs: once, or (``shared``) each kept middle block also in the dropped
+        slots just before it, so that the emulator keeps the full depth and a block's last run ends at its own
+        index; the last kept block also fills any slots after it."""
+        repeats = [1] * len(self.kept_layers)
+        middle = [pos for pos, orig in enumerate(self.kept_layers) if orig not in set(self.adapter_layers)]
+        if not self.shared or not middle:
+            return repeats
+        start = self.adapter_bottom
+        for pos in middle:
+            repeats[pos] = self.kept_layers[pos] - start + 1
+            start = self.kept_layers[pos] + 1
+        repeats[middle[-1]] += self.num_layers - self.adapter_top - start
+        return repeats
+
+    def last_slot(self, original: int) -> int:
+        """The full model's block whose output the kept block ``original`` stands for: its own, or (``shared``)
+        for the last kept middle block, the last middle slot."""
+        middle = [i for i in self.kept_layers if i not in set(self.adapter_layers)]
+        shared_tail = self.shared and middle and original == middle[-1]
+        return self.num_layers - self.adapter_top - 1 if shared_tail else original
 
     def positions(self, model: torch.nn.Module) -> dict[int, int]:
         """Map original block index -> block position in ``model`` (full model or emulator)."""
@@ -80,8 +103,10 @@ class SplitPlan:
         missing = [f for f in fields if f not in data]
         if missing:
             raise UserError(f"split description lacks {missing}; re-create it with `fl-offsite split`")
+        if not isinstance(shared := data.get("shared", False), bool):
+            raise UserError(f"split description's 'shared' must be true or false, not {str(shared)[:40]}")
         return cls(**{f: data[f] for f in fields[:3]}, kept_layers=tuple(data["kept_layers"]),
-                   block_prefix=data["block_prefix"])
+                   block_prefix=data["block_prefix"], shared=shared)
 
 
 def plan_split(
@@ -91,8 +116,10 @@ def plan_split(
     emulator_layers: int | None = None,
     drop_ratio: float | None = None,
     choose_middle: Callable[[int, int], list[int]] = uniform_drop,
+    shared: bool = False,
 ) -> SplitPlan:
-    """Plan an ``l-k-r`` split of ``model``; give ``emulator_layers`` (k) or ``drop_ratio``.
+    """Plan an ``l-k-r`` split of ``model``; give ``emulator_layers`` (k) or ``drop_ratio``; ``shared``: the
+    emulator's kept middle blocks also run in the dropped slots (:meth:`SplitPlan.block_repeats`).
 
     ``choose_middle(n, k)`` picks the ``k`` kept of the ``n`` middle blocks (indices into the
     middle, ascending): the paper's uniform drop, or a rule of ``fl_offsite.emulator.layer_choice``.
@@ -119,7 +146,7 @@ def plan_split(
                          f"ascending distinct indices below {middle}")
     kept_middle = [adapter_bottom + i for i in chosen]
     kept = (*range(adapter_bottom), *kept_middle, *range(n - adapter_top, n))
-    return SplitPlan(n, adapter_bottom, adapter_top, kept, prefix)
+    return SplitPlan(n, adapter_bottom, adapter_top, kept, prefix, shared)
 
 
 def block_key(prefix: str, key: str) -> tuple[int, str] | None:
@@ -176,10 +203,14 @@ def build_emulator(model: PreTrainedModel, plan: SplitPlan) -> PreTrainedModel:
     """A standalone model of the kept blocks, embeddings, final norm and head.
 
     It is a fresh Hugging Face model of the same class with ``len(kept_layers)`` blocks:
-    it saves and loads with ``from_pretrained`` and holds no tensor of a dropped block.
+    it saves and loads with ``from_pretrained`` and holds no tensor of a dropped block. A shared plan's
+    emulator records its blocks' repeats in its config, which every loader applies (``share_blocks``).
     """
     plan.positions(model)  # checks that ``model`` is the full model of this plan
     config = resize_config(model.config, plan.num_layers, list(plan.kept_layers))
+    if plan.shared:
+        setattr(config, REPEATS_KEY, plan.block_repeats())
+        config.use_cache = False
     with torch.device(model.device):  # on the model's device: a GPU model gets a GPU emulator, built there
         emulator = placed(type(model)(config), model.dtype)
     position = {orig: pos for pos, orig in enumerate(plan.kept_layers)}
@@ -193,7 +224,9 @@ def build_emulator(model: PreTrainedModel, plan: SplitPlan) -> PreTrainedModel:
     emulator.load_state_dict(state, strict=True)
     emulator.tie_weights()
     emulator.generation_config = copy.deepcopy(model.generation_config)
-    return emulator.eval()
+    if plan.shared:
+        emulator.generation_config.use_cache = False
+    return share_blocks(emulator).eval()
 
 
 def adapter_names(model: torch.nn.Module, plan: SplitPlan) -> dict[str, str]:
