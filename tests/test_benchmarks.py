@@ -108,3 +108,19 @@ def test_footprint_sets_the_fleets_estimate_beside_a_measured_node_peak(tiny_lm_
     for row in rows:  # a tiny model's peak is its runtime: the estimate's overhead term dominates both
         assert 0.5 < row["estimate_over_peak"] < 2 and row["runtime_mb"] <= row["peak_mb"]
     assert "estimate / peak" in capsys.readouterr().out
+
+
+def test_suite_table_averages_the_rows_beside_the_paper_and_plots_them(tmp_path, capsys):
+    from benchmarks import suite_table
+
+    measured = Path(__file__).resolve().parents[1] / "benchmarks" / "measurements"
+    suite_table.main(["--row", f"piqa=plain@{measured / 'fidelity_piqa_budget30.json'}",
+                      "--row", f"boolq=public-mix@{measured / 'fidelity_boolq.json'}", "--plot", str(tmp_path / "s.png")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| piqa | 30 x 4 | 0.603 ± 0.028 | 0.503 ± 0.029 | 0.550 | 0.623 | 0.630 | +0.007 |")
+    assert lines[4] == ("| **average of the 2 rows** | | **0.507** | **0.439** | **0.588** | **0.619** | **0.630** "
+                        "| +0.011 |")
+    assert lines[5].startswith("| paper, OPT-1.3B, average of 8 tasks | | 0.425 | - | 0.466 | 0.490 | 0.499 |")
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="no FedAvg full fine-tuning"):
+        suite_table.main(["--row", f"x=k16@{measured / 'fidelity_siqa_budget30_k16.json'}"])
