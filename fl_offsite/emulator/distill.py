@@ -43,7 +43,7 @@ EVAL_CHARS = 16_000  # held-out text per perplexity check (about 4k tokens): che
 def middle_positions(emulator: nn.Module, plan: SplitPlan) -> list[int]:
     """Positions in ``emulator`` of its kept middle blocks (the ones distillation trains)."""
     positions = plan.positions(emulator)
-    return [positions[i] for i in plan.kept_layers if i not in set(plan.adapter_layers)]
+    return [positions[i] for i in plan.kept_middle]
 
 
 def distill(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan, tokenizer: PreTrainedTokenizerBase,
@@ -150,8 +150,7 @@ def _trainer(model: PreTrainedModel, emulator: PreTrainedModel, plan: SplitPlan,
 def target_layers(plan: SplitPlan, targets: str) -> list[int]:
     """Original indices of the kept middle blocks whose outputs are matched: the last one (``"output"``, the
     middle's output) or every one (``"per-block"``)."""
-    kept_middle = [i for i in plan.kept_layers if i not in set(plan.adapter_layers)]
-    return kept_middle if targets == "per-block" else kept_middle[-1:]
+    return plan.kept_middle if targets == "per-block" else plan.kept_middle[-1:]
 
 
 def alignment_losses(model: nn.Module, emulator: nn.Module, plan: SplitPlan, batch: dict[str, torch.Tensor],

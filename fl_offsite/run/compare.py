@@ -55,8 +55,8 @@ def load_compare_config(path: str | Path, overrides: dict[str, Any], cpus_per_cl
     num_clients = int(data.pop("compare.num-clients", 4))
     out = Path(str(data.pop("compare.out", "runs/compare"))).expanduser().resolve()
     default_cpus = int(data.pop("compare.cpus-per-client", 1))
-    ray_address = ray_address or data.pop("compare.ray-address", None)
-    data.pop("compare.ray-address", None)
+    ray_address = data.pop("compare.ray-address", None) if ray_address is None else ray_address
+    data.pop("compare.ray-address", None)  # not a run-config key, whichever address applies
     config = validate(data)
     unused = variants.keys() - set(names)
     if unused:

@@ -57,25 +57,31 @@ class SplitPlan:
     def name(self) -> str:
         return f"{self.adapter_bottom}-{self.emulator_layers}-{self.adapter_top}"
 
+    @property
+    def kept_middle(self) -> list[int]:
+        """Original indices of the emulator's middle blocks (the kept ones outside the adapter), in order."""
+        adapter = set(self.adapter_layers)
+        return [i for i in self.kept_layers if i not in adapter]
+
     def block_repeats(self) -> list[int]:
         """How often each emulator block runs: once, or (``shared``) each kept middle block also in the dropped
         slots just before it, so that the emulator keeps the full depth and a block's last run ends at its own
         index; the last kept block also fills any slots after it."""
         repeats = [1] * len(self.kept_layers)
-        middle = [pos for pos, orig in enumerate(self.kept_layers) if orig not in set(self.adapter_layers)]
+        middle = self.kept_middle
         if not self.shared or not middle:
             return repeats
         start = self.adapter_bottom
-        for pos in middle:
-            repeats[pos] = self.kept_layers[pos] - start + 1
-            start = self.kept_layers[pos] + 1
-        repeats[middle[-1]] += self.num_layers - self.adapter_top - start
+        for original in middle:
+            repeats[self.kept_layers.index(original)] = original - start + 1
+            start = original + 1
+        repeats[self.kept_layers.index(middle[-1])] += self.num_layers - self.adapter_top - start
         return repeats
 
     def last_slot(self, original: int) -> int:
         """The full model's block whose output the kept block ``original`` stands for: its own, or (``shared``)
         for the last kept middle block, the last middle slot."""
-        middle = [i for i in self.kept_layers if i not in set(self.adapter_layers)]
+        middle = self.kept_middle
         shared_tail = self.shared and middle and original == middle[-1]
         return self.num_layers - self.adapter_top - 1 if shared_tail else original
 
