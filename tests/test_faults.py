@@ -167,12 +167,17 @@ def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_
     metrics = tmp_path / "killed" / "metrics.jsonl"  # rounds 0 and 1 on record
     wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, victim, "round 1",
                launch_log(tmp_path / "killed"))
-    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and everything in its session, without warning
-    victim.wait()
     # What it started in sessions of its own (SuperLink, SuperExec, the simulation, Ray) lives on and would finish
     # the run by itself: frozen here, so that the run can only end by resuming; the next launch must stop it.
+    # Found before the kill and frozen right after it: a scan of /proc on a busy machine lasts a round or two.
     killed_launch = lambda tag: tag.startswith(f"{victim.pid}:")
     left = tagged_processes(killed_launch)
+    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and everything in its session, without warning
+    for process in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.suspend()
+    victim.wait()
+    left = tagged_processes(killed_launch)  # and any it started since the first scan
     assert left
     for process in left:
         with contextlib.suppress(psutil.NoSuchProcess):
