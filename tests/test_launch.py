@@ -170,9 +170,9 @@ def test_sigterm_mid_round_stops_every_process_and_the_run_resumes(tmp_path: Pat
     ours = lambda tag: tag.startswith(f"{launcher.pid}:")  # noqa: E731 - the launch tag starts with its pid
     try:
         wait_until(lambda: _checkpointed_round(results) >= 1, launcher, "round 1", log.read_text, timeout=300)
-        running = len(tagged_processes(ours))
-        launcher.send_signal(signal.SIGTERM)
+        launcher.send_signal(signal.SIGTERM)  # at once: a scan of /proc first can outlast the run's last round
         sent = time.monotonic()
+        running = len(tagged_processes(ours))  # for the report below: those the signal is stopping
         code = launcher.wait(timeout=60)
         stopped_s = time.monotonic() - sent
         left = [f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in tagged_processes(ours)]
