@@ -14,38 +14,32 @@ from fl_offsite.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_app_builds_a_fab_with_flower_142_metadata_and_its_license():
-    """Flower's own FAB builder validates fab-format-version 1: license file, flwr-version-target in range."""
+def test_the_fab_carries_the_apps_code_and_license_only_with_flower_142_metadata():
+    """What every node receives with each run, as `flwr run .` builds it from this checkout and as
+    `fl-offsite` builds it from the app laid out in the cache: no benchmarks, measurements, docs, tests or CLI.
+    Flower's own FAB builder validates fab-format-version 1 (license file, flwr-version-target in range)."""
     import io
     import zipfile
     from importlib.metadata import version
 
-    from flwr.cli.build import build_fab_from_files
+    from flwr.cli.build import build_fab_from_disk, build_fab_from_files
     from flwr.cli.utils import collect_files
     from packaging.requirements import Requirement
 
-    fab, metadata = build_fab_from_files(collect_files(ROOT))  # as `flwr run .` builds it
+    from fl_offsite.ops.flower_app import app_dir
+
+    fab, metadata = build_fab_from_files(collect_files(ROOT))
     assert (metadata.fab_format_version, metadata.flwr_version_target) == (1, "1.42.0")
-    assert "LICENSE" in zipfile.ZipFile(io.BytesIO(fab)).namelist()
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    (flwr,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "flwr"]
-    assert version("flwr") in flwr.specifier  # the version installed here, the one this app ran on
-    assert "1.43.0" not in flwr.specifier and "2.0.0" not in flwr.specifier
-
-
-def test_the_fab_carries_the_apps_code_and_license_only():
-    """Every node receives the FAB with each run: no benchmarks, measurements, docs, tests or CLI."""
-    import io
-    import zipfile
-
-    from flwr.cli.build import build_fab_from_disk
-
-    fab = build_fab_from_disk(ROOT)
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert "LICENSE" in names and "fl_offsite/app/client_app.py" in names and "strategies/offsite.py" in names
     assert not [n for n in names if n.startswith(("benchmarks/", "docs/", "tests/", "fl_offsite/testing/",
                                                   "fl_offsite/cli/", "simulations/"))]
     assert len(fab) < 600_000
+    assert sorted(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app_dir()))).namelist()) == sorted(names)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (flwr,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "flwr"]
+    assert version("flwr") in flwr.specifier  # the version installed here, the one this app ran on
+    assert "1.43.0" not in flwr.specifier and "2.0.0" not in flwr.specifier
 
 
 def test_unknown_key_suggests_the_right_one():

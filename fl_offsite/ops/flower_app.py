@@ -1,8 +1,7 @@
-"""The Flower app that ``flwr run`` bundles: a source checkout as it is, or one laid out from the installed package.
+"""The Flower app that ``flwr run`` bundles, laid out in the cache from a source checkout or an installed package.
 
 A wheel carries the apps' code and the run presets (as ``fl_offsite/simulations``) but no pyproject.toml, and
-Flower builds its bundle (FAB) from a folder that has one: an installed package writes that folder once per
-version of its code, into the cache.
+Flower builds its bundle (FAB) from a folder that has one.
 """
 from __future__ import annotations
 
@@ -40,11 +39,34 @@ FLOWER_APP: dict[str, Any] = {
 
 
 def app_dir() -> Path:
-    """The folder of the Flower app: the source checkout this package runs from, else the one laid out for it."""
+    """The folder ``flwr run`` bundles: the apps' code, the run presets, LICENSE and pyproject.toml, laid out once
+    per version of them into the cache. A source checkout gives its own pyproject.toml and LICENSE; an installed
+    package writes them from its metadata. Flower's bundler walks every file under the folder it is given, so a
+    checkout's .venv alone added 5 s of CPU to every launch."""
+    sources = {package: Path(str(importlib.import_module(package).__file__)).parent for package in CODE_PACKAGES}
     checkout = Path(__file__).resolve().parents[2]
     if is_flower_app(checkout):
-        return checkout
-    return installed_app()
+        texts = {name: (checkout / name).read_text(encoding="utf-8") for name in ("pyproject.toml", "LICENSE")}
+        presets = checkout / PRESETS
+    else:
+        texts = {"pyproject.toml": tomli_w.dumps(app_pyproject()), "LICENSE": _license_text()}
+        presets = sources["fl_offsite"] / PRESETS
+    digest = hashlib.sha256()
+    for name, text in sorted(texts.items()):
+        digest.update(f"{name}\0{text}\0".encode())
+    for prefix, folder in [*sources.items(), (PRESETS, presets)]:
+        for path in sorted(_code_files(folder)):
+            digest.update(f"{prefix}/{path.relative_to(folder)}\0".encode() + path.read_bytes() + b"\0")
+    final = cache_dir("flower-app") / f"{_metadata()['Version']}-{digest.hexdigest()[:16]}"
+    if (final / "pyproject.toml").is_file():
+        return final
+    with atomic_dir(final) as folder:
+        for package, source in sources.items():
+            shutil.copytree(source, folder / package, ignore=shutil.ignore_patterns("__pycache__", PRESETS))
+        shutil.copytree(presets, folder / PRESETS, ignore=shutil.ignore_patterns("__pycache__"))
+        for name, text in texts.items():
+            (folder / name).write_text(text, encoding="utf-8")
+    return final
 
 
 def is_flower_app(folder: Path) -> bool:
@@ -55,26 +77,6 @@ def is_flower_app(folder: Path) -> bool:
         return False
     flower = pyproject.get("tool", {}).get("flwr", {})
     return pyproject.get("project", {}).get("name") == DISTRIBUTION and "app" in flower
-
-
-def installed_app() -> Path:
-    """The app folder of the installed package (pyproject.toml, LICENSE, the code, the presets), written once
-    per version of the code into the cache."""
-    sources = {package: Path(str(importlib.import_module(package).__file__)).parent for package in CODE_PACKAGES}
-    digest = hashlib.sha256()
-    for package, folder in sources.items():
-        for path in sorted(_code_files(folder)):
-            digest.update(f"{package}/{path.relative_to(folder)}\0".encode() + path.read_bytes() + b"\0")
-    final = cache_dir("flower-app") / f"{_metadata()['Version']}-{digest.hexdigest()[:16]}"
-    if (final / "pyproject.toml").is_file():
-        return final
-    with atomic_dir(final) as folder:
-        for package, source in sources.items():
-            shutil.copytree(source, folder / package, ignore=shutil.ignore_patterns("__pycache__", PRESETS))
-        shutil.copytree(sources["fl_offsite"] / PRESETS, folder / PRESETS)
-        (folder / "LICENSE").write_text(_license_text(), encoding="utf-8")
-        (folder / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject()), encoding="utf-8")
-    return final
 
 
 def app_pyproject() -> dict[str, Any]:
