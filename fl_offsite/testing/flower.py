@@ -7,6 +7,7 @@ import subprocess
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -123,6 +124,14 @@ def of_type(grid: InProcessGrid, kind: str) -> list[Message]:
 def rounds_of(run_dir) -> list[dict]:
     """The round records of a run folder, as written (metrics.jsonl's JSON lines)."""
     return [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
+
+
+def checkpointed_round(results: Path) -> int:
+    """The round of the run's checkpoint under ``results``, -1 while there is none (or it is being replaced)."""
+    try:
+        return json.loads((results / "checkpoint" / "round.json").read_text())["round"]
+    except (OSError, ValueError):
+        return -1
 
 
 def wait_until(condition: Callable, process: subprocess.Popen, what: str, log: Callable[[], str],
