@@ -165,20 +165,25 @@ def launch_log(results: Path):
 
 @pytest.mark.slow(seconds=110)
 def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_path):
-    """`fl-offsite simulate` on Ray, SIGKILLed (the launcher and its session) after round 1, then run again: the
-    new launch stops what the killed one left running, resumes after round 1, and ends as the same job run
-    uninterrupted (in process, as the simulation's 2 nodes: partitions 0 and 1 of 2)."""
+    """`fl-offsite simulate` on Ray, SIGKILLed (the launcher and its session) once round 1 is checkpointed, then
+    run again: the new launch stops what the killed one left running, resumes from the checkpoint, and ends as the
+    same job run uninterrupted (in process, as the simulation's 2 nodes: partitions 0 and 1 of 2)."""
     from fl_offsite.config.settings import validate
 
-    run(validate({**tiny_job(tiny_lm_dir, tmp_path / "straight"), "data.num-partitions": 2}), num_nodes=2)
+    rounds = 5  # a round of this tiny job takes a second or two: room for a slow scan of /proc before the kill
+    run(validate({**tiny_job(tiny_lm_dir, tmp_path / "straight"), "data.num-partitions": 2, "num-rounds": rounds}),
+        num_nodes=2)
 
-    victim = simulate(tiny_lm_dir, tmp_path / "killed", actors=1)
-    wait_until(lambda: checkpointed_round(tmp_path / "killed") >= 1, victim, "round 1", launch_log(tmp_path / "killed"))
+    victim = simulate(tiny_lm_dir, tmp_path / "killed", f"num-rounds={rounds}", actors=1)
     # What it started in sessions of its own (SuperLink, SuperExec, the simulation, Ray) lives on and would finish
     # the run by itself: frozen here, so that the run can only end by resuming; the next launch must stop it.
-    # Found before the kill and frozen right after it: a scan of /proc on a busy machine lasts a round or two.
+    # Found once the models are delivered (a scan of /proc on a busy machine outlasts a round or two of this tiny
+    # job), and frozen right after the kill, which comes as soon as round 1 is checkpointed.
     killed_launch = lambda tag: tag.startswith(f"{victim.pid}:")
+    wait_until(lambda: (tmp_path / "killed" / "delivery.json").is_file(), victim, "the delivery",
+               launch_log(tmp_path / "killed"))
     left = tagged_processes(killed_launch)
+    wait_until(lambda: checkpointed_round(tmp_path / "killed") >= 1, victim, "round 1", launch_log(tmp_path / "killed"))
     os.killpg(victim.pid, signal.SIGKILL)  # the launcher and everything in its session, without warning
     for process in left:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -189,12 +194,12 @@ def test_server_killed_with_sigkill_resumes_to_the_same_result(tiny_lm_dir, tmp_
     for process in left:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.suspend()
-    # killed before the last round (of 3: room for one more between the kill and the freeze on a quiet machine);
-    # a resume starts from the checkpoint, which can be a round behind the records (the record goes first)
+    # killed before the last round; a resume starts from the checkpoint, which can be a round behind the records
+    # (the record goes first)
     killed_at = checkpointed_round(tmp_path / "killed")
-    assert 1 <= killed_at < 3
+    assert 1 <= killed_at < rounds
 
-    resumed = simulate(tiny_lm_dir, tmp_path / "killed", actors=1)
+    resumed = simulate(tiny_lm_dir, tmp_path / "killed", f"num-rounds={rounds}", actors=1)
     assert resumed.wait(timeout=600) == 0
     log = launch_log(tmp_path / "killed")()
     # stopped by a new launch: this one, or that of a test running beside it (any launch stops every stale one)
