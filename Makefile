@@ -23,18 +23,22 @@ COMPILE := $(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
-$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+# $(1): this package, with the extras wanted. One install and one compile, whichever target asks.
+define install
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(PINNED) uv || echo "uv could not be installed: installing with pip"
-	$(INSTALL) $(TORCH_FROM) $(PINNED) "$(TORCH_SPEC)" -e .
+	$(INSTALL) $(TORCH_FROM) $(PINNED) "$(TORCH_SPEC)" -e $(1)
 	$(COMPILE)
+endef
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(call install,.)
 	touch $@
 
 # The tests' extras (pytest, lm-eval's reference harness) only where the tests run, not for the main job.
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(INSTALL) $(TORCH_FROM) $(PINNED) -e ".[test]"
-	$(COMPILE)
-	touch $@
+$(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS)
+	$(call install,".[test]")
+	touch $(VENV)/.installed $@
 
 # Workers: the slow end-to-end tests (run first) mostly wait on processes and timeouts, so 4 workers
 # keep 2 cores busy.

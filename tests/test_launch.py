@@ -159,6 +159,7 @@ def test_sigterm_mid_round_stops_every_process_and_the_run_resumes(tmp_path: Pat
     with log.open("wb") as out:
         launcher = subprocess.Popen(
             [sys.executable, "-m", "fl_offsite.cli", "simulate", "--num-clients", "2",
+             "--cpus-per-client", str(os.cpu_count() or 1),  # one Ray actor takes both nodes' messages in turn
              *[item for key, value in sets.items() for item in ("--set", f"{key}={value}")]],
             env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     ours = lambda tag: tag.startswith(f"{launcher.pid}:")  # noqa: E731 - the launch tag starts with its pid

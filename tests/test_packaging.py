@@ -107,6 +107,7 @@ def test_a_wheel_in_a_fresh_venv_runs_a_one_round_simulation(tmp_path, tiny_lm_d
             "train.local-steps": 2, "train.batch-size": 4, "train.max-length": 64, "eval.limit": 6,
             "results.dir": "results"}
     result = subprocess.run([str(venv / "bin" / "fl-offsite"), "simulate", "--num-clients", "2",
+                             "--cpus-per-client", str(os.cpu_count() or 1),  # one Ray actor for both nodes
                              *[item for key, value in sets.items() for item in ("--set", f"{key}={value}")]],
                             env=env, cwd=work, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

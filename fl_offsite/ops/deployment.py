@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -62,6 +63,7 @@ DEFAULT_CONTROL_PORT = 9092  # the SuperLink itself: Control, runtime and Fleet 
 DEFAULT_CONNECTION = "fl-offsite-deploy"
 ACTIVATION_RETRY_S = 75.0  # flwr 1.42 keeps a vanished node online for 2 missed heartbeats of 30 s
 REFUSED = "[code: 2004]"  # flower-supernode: activation refused (unknown key, or the node still online)
+ACTIVATED = "SuperNode ID:"  # flower-supernode, once the SuperLink has activated it
 # flower-supernode's exit codes (Flower's reference of exit codes; flwr exports no public names for them)
 NODE_KEY_INVALID, TRUSTED_ENTITIES_INVALID, CONNECTION_ERROR, ADDRESS_INVALID = 302, 304, 305, 600
 
@@ -380,29 +382,56 @@ def _run_supernode(s: SuperNodeSettings) -> tuple[int, str]:
             secret.write_bytes(secrets.token_bytes(32))
         env, (read_end, write_end) = runtime_env(), os.pipe()
         with os.fdopen(read_end, encoding="utf-8", errors="replace") as output:
-            started: list[subprocess.Popen] = []
             try:
-                started.append(subprocess.Popen(supernode_command(s, secret), env=env, stdin=subprocess.DEVNULL,
-                                                stdout=write_end, stderr=subprocess.STDOUT))
-                if secret is not None:
-                    started.append(subprocess.Popen(warm_superexec_command(s, secret, started[0].pid), env=env,
-                                                    stdin=subprocess.DEVNULL, stdout=write_end,
-                                                    stderr=subprocess.STDOUT))
+                process = subprocess.Popen(supernode_command(s, secret), env=env, stdin=subprocess.DEVNULL,
+                                           stdout=write_end, stderr=subprocess.STDOUT)
             except BaseException:
-                for process in started:
-                    terminate(process)
-                raise
-            finally:
                 os.close(write_end)
-            return _follow_supernode(started[0], started[1:], output)
+                raise
+            superexec = None if secret is None else \
+                OnActivation(warm_superexec_command(s, secret, process.pid), env, write_end)
+            if superexec is None:
+                os.close(write_end)
+            return _follow_supernode(process, superexec, output)
 
 
-def _follow_supernode(process: subprocess.Popen, companions: list[subprocess.Popen],
+class OnActivation:
+    """A companion of ``flower-supernode`` (our SuperExec), started once the SuperLink has activated the node and
+    stopped with it: a node that is refused, and retries, never imports torch for nothing. It writes to the
+    node's output pipe, whose write end ``write_end`` it takes over (and closes)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], write_end: int) -> None:
+        self.command, self.env, self.write_end = command, env, write_end
+        self.process: subprocess.Popen | None = None
+        self.lock, self.stopped = threading.Lock(), False
+
+    def note(self, line: str) -> None:
+        """Start the companion if ``line`` (of the node's output) says the node is activated."""
+        if ACTIVATED not in line:
+            return
+        with self.lock:
+            if self.process is None and not self.stopped:
+                self.process = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL,
+                                                stdout=self.write_end, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        """Stop the companion (if started) and close the write end: the node's output then ends."""
+        with self.lock:
+            if not self.stopped:
+                self.stopped = True
+                os.close(self.write_end)
+        if self.process is not None:
+            terminate(self.process)
+
+
+def _follow_supernode(process: subprocess.Popen, superexec: OnActivation | None,
                       output: IO[str]) -> tuple[int, str]:
     seen: deque[str] = deque(maxlen=400)  # the end of its output: what it exited with
 
     def keep(line: str) -> str | None:
         seen.append(line)
+        if superexec is not None:
+            superexec.note(line)
         if "The FAB could not be verified" in line or "FAB verification failed" in line:
             return ("fl-offsite: REFUSED the run's app: no key in --trusted-entities signed it (flwr 1.42 signs "
                     "only apps published on Flower Hub); the model owner gets an error reply from this node")
@@ -410,10 +439,11 @@ def _follow_supernode(process: subprocess.Popen, companions: list[subprocess.Pop
 
     forward = forward_output(output, keep)
     try:
-        return wait_foreground(process, forward, companions=companions), "".join(seen)
+        return wait_foreground(process, forward, after_exit=superexec.stop if superexec else None), "".join(seen)
     finally:
-        for started in (process, *companions):
-            terminate(started)
+        terminate(process)
+        if superexec is not None:
+            superexec.stop()
 
 
 def _supernode_hint(s: SuperNodeSettings, code: int, output: str) -> str | None:

@@ -33,7 +33,7 @@ import tomllib
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -249,9 +249,10 @@ def forward_output(output: IO[str] | None, note: Callable[[str], str | None]) ->
 
 
 def wait_foreground(process: subprocess.Popen, forward: threading.Thread,
-                    before_stop: Callable[[], None] | None = None, companions: Sequence[subprocess.Popen] = ()) -> int:
+                    before_stop: Callable[[], None] | None = None,
+                    after_exit: Callable[[], None] | None = None) -> int:
     """Wait for the child; SIGTERM and Ctrl-C call ``before_stop`` and stop it (and with it its SuperExec).
-    ``companions`` (processes that share its output) are stopped when it ends."""
+    ``after_exit`` runs once it has ended, before the rest of its output is copied (its companions' end)."""
     try:
         with sigterm_interrupts():
             code = process.wait()
@@ -260,8 +261,8 @@ def wait_foreground(process: subprocess.Popen, forward: threading.Thread,
             before_stop()
         terminate(process)
         code = 0
-    for companion in companions:
-        terminate(companion)
+    if after_exit is not None:
+        after_exit()
     forward.join(timeout=5)
     return code
 
