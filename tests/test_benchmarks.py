@@ -124,3 +124,23 @@ def test_suite_table_averages_the_rows_beside_the_paper_and_plots_them(tmp_path,
     assert (tmp_path / "s.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="no FedAvg full fine-tuning"):
         suite_table.main(["--row", f"x=k16@{measured / 'fidelity_siqa_budget30_k16.json'}"])
+
+
+def test_process_cpu_counts_the_cpu_of_processes_that_detach_from_the_command(tmp_path, capsys):
+    """A child that burns ~1 s of CPU in a session of its own, which the command does not wait for."""
+    import sys
+
+    from benchmarks.process_cpu import main
+
+    burner = "import time\nend = time.process_time() + 1.0\nwhile time.process_time() < end: pass\n"
+    (tmp_path / "burn.py").write_text(burner)
+    (tmp_path / "launch.py").write_text(
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, {str(tmp_path / 'burn.py')!r}, 'detached'], start_new_session=True)\n"
+        "time.sleep(2.5)\n")
+    assert main(["--every", "0.1", "--json", str(tmp_path / "cpu.json"), "--", sys.executable,
+                 str(tmp_path / "launch.py")]) == 0
+    groups = {g["kind"]: g for g in json.loads((tmp_path / "cpu.json").read_text())["groups"]}
+    burned = [g for kind, g in groups.items() if "burn.py detached" in kind]
+    assert len(burned) == 1 and burned[0]["processes"] == 1 and 0.8 < burned[0]["cpu_s"] < 1.5
+    assert "CPU s in all" in capsys.readouterr().out
