@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity  # internal: what the runtime sets, with no public setter
 
 from fl_offsite.config.settings import validate
-from fl_offsite.run.folder import METRICS
+from fl_offsite.run.folder import CHECKPOINT, CHECKPOINT_ROUND, METRICS
 
 
 class InProcessGrid(Grid):
@@ -129,7 +129,7 @@ def rounds_of(run_dir) -> list[dict]:
 def checkpointed_round(results: Path) -> int:
     """The round of the run's checkpoint under ``results``, -1 while there is none (or it is being replaced)."""
     try:
-        return json.loads((results / "checkpoint" / "round.json").read_text())["round"]
+        return json.loads((results / CHECKPOINT / CHECKPOINT_ROUND).read_text())["round"]
     except (OSError, ValueError):
         return -1
 
