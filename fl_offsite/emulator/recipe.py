@@ -48,6 +48,8 @@ def prepare_emulator(model_name: str, model: PreTrainedModel, tokenizer: PreTrai
                       drop_ratio=recipe.drop_ratio, choose_middle=choose, shared=recipe.sharing)
     log.info("Split %s of %s (%s): adapter blocks %s, emulator keeps %s", plan.name, model_name, recipe.describe(),
              list(plan.adapter_layers), list(plan.kept_layers))
+    if recipe.distill is not None and plan.emulator_layers == 0:  # before the corpus, which may take a minute
+        raise UserError(f"split {plan.name} keeps no middle block: there is nothing to distill")
     composition = corpus_composition(recipe.corpus, task) if recipe.uses_corpus else None
     record: dict[str, Any] = {"source_model": model_name, "layer_rule": recipe.layers,
               "corpus": recipe.corpus if recipe.uses_corpus else None}
@@ -55,8 +57,6 @@ def prepare_emulator(model_name: str, model: PreTrainedModel, tokenizer: PreTrai
         record |= {"corpus_composition": composition} if composition else {}
         return plan, placed(build_emulator(model, plan), model.device), record
     settings = recipe.distill
-    if plan.emulator_layers == 0:
-        raise UserError(f"split {plan.name} keeps no middle block: there is nothing to distill")
     train = public_texts(recipe.corpus, "train", model, tokenizer, task, settings.seed,
                          count=settings.steps * settings.batch_size, length=settings.block_size)
     held_out = public_texts(recipe.corpus, "validation", model, tokenizer, task, settings.seed,
