@@ -112,14 +112,14 @@ def test_evaluate_task_limits_a_split(tiny_llama: PreTrainedModel, tiny_tokenize
     assert {"acc_norm", "acc_stderr", "acc_norm_stderr", "examples_per_s"} <= set(result)
 
 
-@pytest.mark.slow(seconds=12)
+@pytest.mark.slow(seconds=25)
 @pytest.mark.skipif(importlib.util.find_spec("fl_offsite.data.models") is None, reason="fl_offsite.data.models not written yet")
 def test_real_model_beats_chance_on_bbc_news() -> None:
     from fl_offsite.data.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
-    result = evaluate_task(model, tokenizer, "bbc-news", limit=50)
-    assert result["acc"] > 0.4  # chance is 0.2; 0.50 measured on these 50 (the probe: 0.58-0.78 zero-shot)
+    result = evaluate_task(model, tokenizer, "bbc-news", limit=20)
+    assert result["acc"] > 0.4  # chance is 0.2; 0.65 measured on these 20 (the probe: 0.58-0.78 zero-shot)
 
 
 @pytest.mark.parametrize("batch_size", [1, 16])
