@@ -5,6 +5,8 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.serverapp import strategy as fl
 
+from strategies.screening import EQUAL_WEIGHT
+
 if TYPE_CHECKING:
     from fl_offsite.config.sections import PrivacySettings, StrategySettings
 
@@ -13,9 +15,9 @@ def aggregation_strategy(settings: StrategySettings, dp: PrivacySettings, num_no
     """A Flower strategy built from the run's settings, for ``num_nodes`` nodes that can train; clients evaluate
     nothing (the owner does).
 
-    With ``dp.noise-multiplier`` > 0 it is FedAvg (clients weighted equally) inside Flower's
-    client-side fixed-clipping DP wrapper, with Flower's RDP accountant over ``num_nodes``
-    data owners; the clients clip with ``fixedclipping_mod``.
+    With ``dp.noise-multiplier`` > 0 it is FedAvg (clients weighted equally, by the owner's
+    ``strategies.screening.EQUAL_WEIGHT``) inside Flower's client-side fixed-clipping DP wrapper, with
+    Flower's RDP accountant over ``num_nodes`` data owners; the clients clip with ``fixedclipping_mod``.
     """
     # ``num_nodes`` are the nodes that can train (delivered a model): Flower's sampling waits, without a timeout,
     # for min_available_nodes of them, so a node refused at delivery must not count towards it
@@ -23,7 +25,7 @@ def aggregation_strategy(settings: StrategySettings, dp: PrivacySettings, num_no
                                   min_train_nodes=settings.min_train_nodes,
                                   min_available_nodes=min(settings.min_available_nodes, num_nodes))
     if dp.enabled:
-        return _private(fl.FedAvg(**common, weighted_by_key="train-steps"), settings, dp, num_nodes)
+        return _private(fl.FedAvg(**common, weighted_by_key=EQUAL_WEIGHT), settings, dp, num_nodes)
     s = settings
     builders = {
         "fedavg": lambda: fl.FedAvg(**common),

@@ -26,8 +26,9 @@ from fl_offsite.run.records import ClientReport, Privacy, Problem, RealignRecord
 from strategies.policy import Exchange, OwnerHooks, Payload, RoundPolicy
 from strategies.sampling import EligibleNodes, seeded_global_random
 from strategies.screening import (
+    EQUAL_WEIGHT,
     LATE,
-    WEIGHTS,
+    WEIGHT,
     Screened,
     check_update,
     client_metrics,
@@ -163,16 +164,12 @@ class OffsiteStrategy(Strategy):
 
     def _uniform_if_untrusted(self, rnd: int, screened: Screened) -> None:
         """Weigh the round's updates equally when a reply's weight is not a count to trust (strategy.max-examples)."""
-        weights = [{k: v for k, v in reply.content.metric_records["metrics"].items() if isinstance(v, int | float)}
-                   for reply in screened.accepted]
-        odd = [c.node for c, w in zip(screened.clients, weights, strict=True)
-               if not all(usable_weight(w, key, self.policy.max_examples) for key in WEIGHTS)]
+        odd = [c.node for c in screened.clients if not usable_weight(c.num_examples, self.policy.max_examples)]
         if odd:
-            log.warning("round %d: node(s) %s sent no usable num-examples or train-steps (in (0, strategy."
-                        "max-examples = %d]): this round's updates are weighted equally", rnd, odd,
-                        self.policy.max_examples)
+            log.warning("round %d: node(s) %s sent no usable %s (in (0, strategy.max-examples = %d]): this round's "
+                        "updates are weighted equally", rnd, odd, WEIGHT, self.policy.max_examples)
             for reply in screened.accepted:
-                reply.content["metrics"] = MetricRecord({key: 1 for key in WEIGHTS})
+                reply.content["metrics"] = MetricRecord({WEIGHT: 1, EQUAL_WEIGHT: 1})
 
     def _screen(self, reply: Message, screened: Screened) -> None:
         """Add one reply to this round's message to ``screened``: failed, rejected or accepted."""
@@ -185,15 +182,14 @@ class OffsiteStrategy(Strategy):
         reason, norm = check_update(reply, self.exchange.reference, self.exchange.kind, self._global,
                                     self.policy.max_update_norm)
         if reason:
-            screened.problems.append(Problem(node, "rejected", reason))
+            screened.problems.append(Problem(node, "rejected", shown_reason(reason)))
             return
         arrays, metrics = reply.content.array_records["arrays"], client_metrics(reply.content.metric_records["metrics"])
         screened.clients.append(ClientReport.of_reply(
             node, state.bytes_down.get(node, 0), state.realign_down[node] if state.realign_down else None,
             arrays.count_bytes(), norm, {"num-examples": 0, **metrics}))
         # What the inner strategy averages by, alone: Flower's strategies refuse replies whose metrics differ
-        weights = MetricRecord({"num-examples": metrics.get("num-examples", 0),
-                                "train-steps": metrics.get("train-steps", 1)})
+        weights = MetricRecord({WEIGHT: metrics.get(WEIGHT, 0), EQUAL_WEIGHT: 1})
         reply.content = RecordDict({"arrays": arrays, "metrics": weights})
         screened.accepted.append(reply)
 

@@ -13,9 +13,12 @@ from fl_offsite.surgery.payload import check_payload
 from strategies.policy import Payload
 
 LATE = "a reply to no message of this round (a late reply to an earlier one?)"
-WEIGHTS = ("num-examples", "train-steps")  # what Flower's strategies weight an update by (DP: train-steps, 1 if unsent)
+WEIGHT = "num-examples"  # what Flower's strategies weight an update by: the node's count, when usable
+# What the DP strategy weights by (strategies.aggregation): the owner's 1 for every update, never a node's value, as
+# Flower's privacy accountant requires equal weights
+EQUAL_WEIGHT = "equal-weight"
 COUNTS = {"num-examples", "partition-id", "round", "train-steps", "trainable-params"}  # whole numbers
-MAX_REASON = 300  # characters of a node's error text kept (it is the node's text: shown, never trusted)
+MAX_REASON = 300  # characters of a reason kept (a node's text, or quoting it: shown, never trusted)
 
 
 @dataclass
@@ -40,7 +43,10 @@ def check_update(reply: Message, reference: Payload, kind: str, start: Payload,
         return "reply must hold exactly the 'arrays' and 'metrics' records", float("nan")
     if "num-examples" not in content["metrics"]:
         return "metrics lack num-examples", float("nan")
-    update = content.array_records["arrays"].to_torch_state_dict()
+    try:
+        update = content.array_records["arrays"].to_torch_state_dict()
+    except Exception as err:  # noqa: BLE001 - a node's bytes: whatever numpy or torch make of them, it is refused
+        return f"arrays do not decode: {type(err).__name__}: {err}", float("nan")
     try:
         check_payload(update, reference, kind)
     except (UserError, ValueError, TypeError) as err:
@@ -65,13 +71,14 @@ def client_metrics(metrics: MetricRecord) -> dict[str, int | float]:
     return known
 
 
-def usable_weight(metrics: dict[str, int | float], key: str, cap: int) -> bool:
-    """Whether the reply's weight ``key`` is one to average by: in (0, ``cap``]."""
-    return 0 < metrics.get(key, 0) <= cap
+def usable_weight(weight: float, cap: int) -> bool:
+    """Whether a reply's weight is one to average by: in (0, ``cap``]."""
+    return 0 < weight <= cap
 
 
 def shown_reason(reason: str | None) -> str | None:
-    """A node's error text as the records keep it: printable, at most MAX_REASON characters."""
+    """Why a reply was not averaged in, as the log, the records and errors show it (a node's error text, or a
+    rejection's reason quoting what the node sent): printable, at most MAX_REASON characters."""
     if reason is None:
         return None
     text = "".join(c if c.isprintable() else " " for c in reason)
