@@ -394,9 +394,10 @@ def test_eval_limit_zero_scores_the_whole_test_split(tiny_lm_dir, tmp_path):
     assert {m["n"] for m in record["eval"].values()} == {test_split}
 
 
-def test_a_users_jsonl_task_trains_scores_and_evaluates(tiny_lm_dir, tmp_path, private_cache):
+def test_a_users_jsonl_task_trains_scores_and_evaluates(tiny_lm_dir, tmp_path, private_cache, monkeypatch):
     """``jsonl:<folder>``: a federated offsite run on the user's own files, scored on the whole test file, then
-    ``fl-offsite eval`` of the adapter it wrote."""
+    ``fl-offsite eval`` of the adapter it wrote. The nodes train on their shares of it: their operator lists the
+    folder in ``FL_OFFSITE_TASK_FOLDERS`` (``fl-offsite simulate`` does it for its own run)."""
     from fl_offsite.cli.main import main
 
     folder = tmp_path / "mine"
@@ -405,6 +406,7 @@ def test_a_users_jsonl_task_trains_scores_and_evaluates(tiny_lm_dir, tmp_path, p
         (folder / f"{split}.jsonl").write_text("".join(
             json.dumps({"context": f"Is {i} odd?", "choices": [" no", " yes"], "label": i % 2}) + "\n"
             for i in range(first, first + count)))
+    monkeypatch.setenv("FL_OFFSITE_TASK_FOLDERS", str(folder))
     run(tiny_config(tiny_lm_dir, tmp_path / "run", task=f"jsonl:{folder}", **{"eval.limit": 0}), num_nodes=2)
     records = rounds_of(tmp_path / "run")
     assert len(records) == 3 and {m["n"] for m in records[-1]["eval"].values()} == {10}

@@ -43,7 +43,6 @@ def test_every_bad_row_is_reported_by_line_in_one_error(tmp_path):
         assert expected in message
     assert "line 1:" not in message and "line 6:" not in message and "SECRET" not in message
     assert "fix or remove them" in message and "\n" not in message
-    assert caught.value.summary == "7 bad rows"  # all the model owner learns
 
 
 def test_many_bad_rows_are_counted_after_the_first_twenty(tmp_path):
@@ -113,7 +112,7 @@ def test_client_trains_on_the_nodes_own_file(tmp_path, tiny_lm_dir):
 def test_a_node_with_a_bad_file_is_refused_before_training_and_its_rows_stay_on_the_node(
         tiny_lm_dir, tmp_path, private_cache, caplog):
     """Three nodes; node 0's own file labels an answer bbc-news does not have. The round goes on with the
-    other two; the model owner's records say only that node 0's file was refused, and how many rows."""
+    other two; the model owner's records say only that node 0's file was refused (no count, no row)."""
     config = tiny_config(tiny_lm_dir, tmp_path / "run", **{"num-rounds": 1})
     grid = InProcessGrid(client_app.app, 3, config)
     bad = write_examples(tmp_path / "bad.jsonl", [ChoiceExample("Article: SECRET\nTopic:", [" sport", " weather"], 1),
@@ -130,8 +129,7 @@ def test_a_node_with_a_bad_file_is_refused_before_training_and_its_rows_stay_on_
     record = rounds_of(tmp_path / "run")[-1]
     (problem,) = record["problems"]
     assert problem["node"] == grid.node_ids[0] and problem["kind"] == "failed"
-    assert "the data owner's file was refused (1 bad row); the rows and what to fix are in the node's log" \
-        in problem["reason"]
+    assert client_training.DATA_FILE_REFUSED in problem["reason"] and "1 bad row" not in problem["reason"]
     assert sorted(c["partition-id"] for c in record["clients"]) == [1, 2]
     on_record = "".join(p.read_text(errors="replace") for p in (tmp_path / "run").rglob("*") if p.is_file())
     assert "SECRET" not in on_record and "line 1:" not in on_record

@@ -5,8 +5,10 @@ profile and status queries answer without them; training imports them (fl_offsit
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 
 import psutil
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -31,15 +33,37 @@ def dp_clipping(msg: Message, context: Context, call_next) -> Message:
 
 
 app = ClientApp(mods=[dp_clipping])
+Handler = Callable[[Message, Context], Message]
+
+
+def details_stay_on_the_node(what: str) -> Callable[[Handler], Handler]:
+    """A handler whose failures reach the model owner only as texts written for it (``wire.BadMessage``,
+    ``wire.SharedError``: keys and counts) or as ``what`` failed and the error's type: Flower sends the owner
+    ``str(exception)``, which may quote a local path or a row. The whole error goes to the node's log."""
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def guarded(msg: Message, context: Context) -> Message:
+            try:
+                return handler(msg, context)
+            except (wire.BadMessage, wire.SharedError):
+                raise
+            except Exception as err:  # noqa: BLE001 - its text may quote private data
+                log.exception("node %s: %s failed", context.node_id, what)
+                raise RuntimeError(f"{what} failed on node {context.node_id} ({type(err).__name__}); the details "
+                                   "stay in the node's log") from None
+        return guarded
+    return wrap
 
 
 @app.query("node_profile")
+@details_stay_on_the_node("the profile query")
 def report_profile(msg: Message, context: Context) -> Message:
     profile = node_profile(context.node_config, Settings.from_config(dict(context.run_config)).fleet)
     return Message(RecordDict({"profile": ConfigRecord(dict(profile.to_record()))}), reply_to=msg)
 
 
 @app.query("model_status")
+@details_stay_on_the_node("model status")
 def model_status(msg: Message, context: Context) -> Message:
     store = node_store(context.node_config, context.node_id)
     has = store.has(wire.text(wire.config_record(msg, "model"), "digest", pattern=wire.DIGEST))
@@ -47,6 +71,7 @@ def model_status(msg: Message, context: Context) -> Message:
 
 
 @app.query("model")
+@details_stay_on_the_node("model delivery")
 def receive_model(msg: Message, context: Context) -> Message:
     store = node_store(context.node_config, context.node_id)
     folder = store.store(msg)
@@ -55,6 +80,7 @@ def receive_model(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@details_stay_on_the_node("training")
 def train(msg: Message, context: Context) -> Message:
     log_to_console()
     reached = time.time() - psutil.Process().create_time()
@@ -63,12 +89,4 @@ def train(msg: Message, context: Context) -> Message:
 
     log.info("node %s: the training message reached its handler %.1f s after its process started; imports took "
              "%.1f s", context.node_id, reached, time.perf_counter() - started)
-
-    try:
-        return train_round(msg, context)
-    except (wire.BadMessage, wire.SharedError):
-        raise  # texts written to be sent: they name keys and counts, never a value or a row
-    except Exception as err:  # noqa: BLE001 - Flower sends str(err) to the owner: it may quote private data
-        log.exception("node %s: training failed", context.node_id)
-        raise RuntimeError(f"training failed on node {context.node_id} ({type(err).__name__}); the details stay "
-                           "in the node's log") from None
+    return train_round(msg, context)

@@ -9,9 +9,10 @@ import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from transformers import PreTrainedTokenizerBase
 
 from fl_offsite.app import wire
-from fl_offsite.app.node_cache import ExampleSource, ModelKey, NodeCache
+from fl_offsite.app.node_cache import ExampleSource, Features, ModelKey, NodeCache
 from fl_offsite.app.node_policy import NodePolicy
 from fl_offsite.app.node_store import node_store
 from fl_offsite.config.sections import DataSettings
@@ -28,6 +29,9 @@ from fl_offsite.surgery.tuning import tuned_names
 log = logging.getLogger(__name__)
 
 CACHE = NodeCache()  # this process's prepared model and tokenized examples, kept between messages
+DATA_FILE_REFUSED = ("this node's data file does not fit the run's task (its format or the task's answers) and was "
+                     "refused; what to fix is in the node's log")
+PINNED = "fl-offsite-pinned"  # the run's context state: what this node accepted in the run's first round
 
 
 def train_round(msg: Message, context: Context) -> Message:
@@ -57,14 +61,10 @@ def train_round(msg: Message, context: Context) -> Message:
 
     loaded = time.perf_counter()
     partition_id, num_partitions = _partition(context, settings.data)
-    answers = _answers(round_config)
-    try:
-        features = CACHE.features(ExampleSource(_local_data(context), settings.task, settings.seed, settings.data,
-                                                num_partitions, partition_id, digest, answers), tokenizer)
-    except BadDataFile as err:  # the rows stay on this node: the model owner learns only how many
-        log.error("%s", err)
-        raise wire.SharedError(f"the data owner's file was refused ({err.summary}); the rows and what to fix are in "
-                          "the node's log") from None
+    answers = pinned_answers(context, _answers(round_config))
+    features = training_features(CACHE, ExampleSource(_local_data(context), settings.task, settings.seed,
+                                                       settings.data, num_partitions, partition_id, digest, answers),
+                                 tokenizer)
     tokenized = time.perf_counter()
     rnd = wire.integer(round_config, "round", low=1, high=1_000_000)
     train_settings = settings.train.for_round(rnd, partition_id, lr=wire.number(round_config, "lr", low=0, high=1),
@@ -99,12 +99,38 @@ def protected_update(sent: dict[str, torch.Tensor], trained: dict[str, torch.Ten
             for k, d in delta.items()}
 
 
+def training_features(cache: NodeCache, source: ExampleSource, tokenizer: PreTrainedTokenizerBase) -> Features:
+    """``cache``'s tokenized examples of ``source``. A refused data file reaches the model owner as one fixed
+    text: how many rows are bad depends on the owner's answers and the node's labels, so a count would let the
+    owner learn the labels one answer set at a time. The details go to the node's log."""
+    try:
+        return cache.features(source, tokenizer)
+    except BadDataFile as err:
+        log.error("%s", err)
+        raise wire.SharedError(DATA_FILE_REFUSED) from None
+
+
+def pinned_answers(context: Context, answers: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """``answers`` when they are the task answers this node accepted in the run's first round (kept in the run's
+    context state); other answers are refused: an owner trying answer sets round after round could tell from
+    the refusals how the node's rows are labelled."""
+    sent = json.dumps(answers)
+    if PINNED not in context.state:
+        context.state[PINNED] = ConfigRecord({"task-answers": sent})
+    elif context.state.config_records[PINNED]["task-answers"] != sent:
+        raise wire.SharedError("task-answers changed during the run: this node trains only with the answers it "
+                               "accepted in the run's first round; start a new run to change them")
+    return answers
+
+
 def _plan(plan_json: str) -> SplitPlan | None:
-    """The round's split plan (None: the full model trains)."""
+    """The round's split plan (None: the full model trains); one out of range is a BadMessage saying which field."""
     if not plan_json:
         return None
     try:
         return SplitPlan.from_json(json.loads(plan_json))
+    except UserError as err:
+        raise wire.BadMessage(f"split-plan: {err}") from None
     except (ValueError, KeyError, TypeError):
         raise wire.BadMessage("split-plan is not a split plan") from None
 

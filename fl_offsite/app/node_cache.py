@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fl_offsite.app.delivery import load_delivered
+from fl_offsite.app.node_policy import node_task
 from fl_offsite.config.sections import DataSettings, RealignSettings, Tuning
 from fl_offsite.data.encode import encode_choice_example
 from fl_offsite.data.local_file import load_examples
@@ -96,7 +97,7 @@ class NodeCache:
 
     def _partition(self, source: ExampleSource) -> list[ChoiceExample]:
         """The examples of ``source``'s partition of the task (its training split read once per process)."""
-        key = (source.task, source.seed)
+        key = (node_task(source.task), source.seed)
         if self._task is None or self._task[0] != key:
             self._task = None
             self._task = (key, load_task(source.task, seed=source.seed).train)

@@ -8,14 +8,19 @@ Node config keys (``flower-supernode --node-config`` / ``fl-offsite supernode --
 - ``update-clip-norm``: the node clips its update (the change it made) to this L2 norm before sending it;
 - ``update-noise-multiplier``: and adds Gaussian noise of this many clip norms to every coordinate, drawn from
   the operating system's randomness (local DP: the owner sees only noised updates).
+
+From the node's environment: ``FL_OFFSITE_TASK_FOLDERS``, the ``jsonl:`` task folders a run may train on.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fl_offsite.app.wire import SharedError
 from fl_offsite.config.settings import Settings
+from fl_offsite.data.tasks import TASK_FOLDERS, jsonl_folder
 from fl_offsite.errors import UserError
 
 KEYS = ("allowed-methods", "min-examples-per-update", "update-clip-norm", "update-noise-multiplier")
@@ -58,3 +63,19 @@ class NodePolicy:
     @property
     def protects_update(self) -> bool:
         return self.update_clip_norm > 0
+
+
+def node_task(name: str) -> str:
+    """``name``, the run config's task, if this node may load it: a public task by name (bbc-news, the offline
+    suite, ``bigbench:<task>``, ``hf:<task>``), or a ``jsonl:`` folder that the node's operator lists in the
+    environment variable ``FL_OFFSITE_TASK_FOLDERS`` (``os.pathsep`` between folders). The model owner writes
+    the run config: any other folder is refused, or the owner could make the node train on, and so leak, any
+    JSONL files it can read."""
+    folder = jsonl_folder(name)
+    if folder is None:
+        return name
+    allowed = {Path(f).expanduser().resolve() for f in os.environ.get(TASK_FOLDERS, "").split(os.pathsep) if f}
+    if folder not in allowed:
+        raise SharedError("this node loads only public tasks by name (bbc-news, the offline suite, bigbench:<task>, "
+                          f"hf:<task>), and jsonl: folders only where its operator lists them in {TASK_FOLDERS}")
+    return name

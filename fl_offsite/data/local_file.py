@@ -8,7 +8,8 @@ One example per line, in the format of the run's task (see :class:`fl_offsite.da
 correct one; training puts the loss on the correct answer's tokens. The model owner
 evaluates on the task's own held-out split: for a task with fixed answers (bbc-news's
 topics) a row whose labelled answer is not one of them is refused. Every bad row is
-reported, by line number, before any training; the model owner only learns how many.
+reported, by line number, before any training, in the node's log; the model owner learns only
+that the file was refused (a count would let it tell, answer set by answer set, how the rows are labelled).
 """
 from __future__ import annotations
 
@@ -39,12 +40,7 @@ def data_path(node_config: Mapping[str, object]) -> str | None:
 
 
 class BadDataFile(UserError):
-    """A data file failed its checks. The message lists every bad row (for the data owner);
-    ``summary`` says only how many, for a model owner who must not see the rows."""
-
-    def __init__(self, message: str, summary: str) -> None:
-        super().__init__(message)
-        self.summary = summary
+    """A data file failed its checks. The message lists every bad row: it is for the data owner only."""
 
 
 def load_examples(path: str | Path, answers: Sequence[str] | None = None) -> list[ChoiceExample]:
@@ -57,10 +53,9 @@ def load_examples(path: str | Path, answers: Sequence[str] | None = None) -> lis
     try:
         lines = path.read_text(encoding="utf-8").split("\n")
     except OSError as err:
-        raise BadDataFile(f"{path} cannot be read ({err.strerror or err})", "unreadable") from None
+        raise BadDataFile(f"{path} cannot be read ({err.strerror or err})") from None
     except UnicodeDecodeError as err:
-        raise BadDataFile(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8 JSON Lines",
-                          "not UTF-8") from None
+        raise BadDataFile(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8 JSON Lines") from None
     examples, problems = [], []
     for number, line in enumerate(lines, 1):
         if line.strip():
@@ -73,9 +68,9 @@ def load_examples(path: str | Path, answers: Sequence[str] | None = None) -> lis
         listed = "; ".join(problems[:MAX_LISTED]) + (f"; and {len(problems) - MAX_LISTED} more"
                                                      if len(problems) > MAX_LISTED else "")
         raise BadDataFile(f"{path}: {len(problems)} of {len(problems) + len(examples)} rows are bad ({listed}); "
-                          f"fix or remove them: {FORMAT_HINT}", f"{len(problems)} bad row" + "s" * (len(problems) > 1))
+                          f"fix or remove them: {FORMAT_HINT}")
     if not examples:
-        raise BadDataFile(f"{path} holds no examples; expected {FORMAT_HINT}", "no examples")
+        raise BadDataFile(f"{path} holds no examples; expected {FORMAT_HINT}")
     return examples
 
 

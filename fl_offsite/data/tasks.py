@@ -40,6 +40,9 @@ T = TypeVar("T")
 NAME_FORMATS = ("'bbc-news', a suite task (" + ", ".join(suite_names()) + "), 'jsonl:<folder>', "
                 "'bigbench:<task folder>' (your BIG-bench sdist), 'hf:<task>' (the hub)")
 SPLITS = ("train", "validation", "test")
+JSONL = "jsonl:"
+# A node's own environment: the jsonl: task folders a model owner's run may name (os.pathsep between them)
+TASK_FOLDERS = "FL_OFFSITE_TASK_FOLDERS"
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,8 @@ def load_task(name: str, seed: int = 1234) -> TaskData:
         train, validation, test = seeded_split(_bbc_examples(), seed, BBC_TRAIN, BBC_VALIDATION)
     elif name in suite_names():
         train, validation, test = fraction_split(suite_examples(name), seed)
-    elif name.startswith("jsonl:"):
-        train, validation, test = _jsonl_splits(name.removeprefix("jsonl:"))
+    elif name.startswith(JSONL):
+        train, validation, test = _jsonl_splits(name.removeprefix(JSONL))
     elif name.startswith("bigbench:"):
         train, validation, test = fraction_split(_bigbench_load(name.removeprefix("bigbench:")), seed)
     elif name.startswith("hf:"):
@@ -118,6 +121,11 @@ def fraction_split(items: Sequence[T], seed: int) -> tuple[list[T], list[T], lis
     """A seeded 70 / 10 / 20 % train / validation / test split (for sets published as one split)."""
     n_validation, n_test = round(0.1 * len(items)), round(0.2 * len(items))
     return seeded_split(items, seed, len(items) - n_validation - n_test, n_validation)
+
+
+def jsonl_folder(name: str) -> Path | None:
+    """The folder of a ``jsonl:<folder>`` task name, resolved; None for any other name."""
+    return Path(name.removeprefix(JSONL)).expanduser().resolve() if name.startswith(JSONL) else None
 
 
 def _jsonl_splits(folder: str) -> tuple[list[ChoiceExample], list[ChoiceExample], list[ChoiceExample]]:

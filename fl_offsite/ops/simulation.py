@@ -38,6 +38,7 @@ import tomllib
 from pathlib import Path
 
 from fl_offsite.config.keys import flatten
+from fl_offsite.data.tasks import TASK_FOLDERS, jsonl_folder
 from fl_offsite.errors import UserError
 from fl_offsite.ops.flower_cli import (
     STARTUP_TIMEOUT_S,
@@ -86,7 +87,7 @@ def run_simulation_app(app_dir: Path, run_config: dict[str, ConfigValue], num_su
     stop_stale_launches()
 
     tag = new_launch_tag()
-    env = _simulation_env(home, tag, ray_address or "local")
+    env = _simulation_env(home, tag, ray_address or "local", str(run_config.get("task", "")))
     federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus} "
                   f"client-resources-num-gpus={float(gpus_per_client)!r} init-args-log-to-driver=false")
     if ray_address is None:  # a private instance sized to this machine (a cluster refuses sizes: its own apply)
@@ -149,10 +150,13 @@ def _check_resources(num_supernodes: int, cpus_per_client: float, gpus_per_clien
     return int(cpus_per_client)
 
 
-def _simulation_env(home: Path, tag: str, ray_address: str) -> dict[str, str]:
+def _simulation_env(home: Path, tag: str, ray_address: str, task: str) -> dict[str, str]:
     """Flower's environment plus: this launch's home and tag, no dependency installation, Ray quiet and
-    on ``ray_address`` ("local": a cluster of its own), no proxy for loopback."""
+    on ``ray_address`` ("local": a cluster of its own), no proxy for loopback, and the simulated nodes
+    allowed the run's own ``jsonl:`` task folder (the user runs them all; a cluster's nodes keep their own)."""
+    folders = [os.environ.get(TASK_FOLDERS, ""), str(jsonl_folder(task) or "")]
     return flower_env({
+        TASK_FOLDERS: os.pathsep.join(filter(None, folders)),
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",

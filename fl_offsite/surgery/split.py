@@ -30,6 +30,9 @@ ADAPTER_FILE = "adapter.safetensors"
 SPLIT_FILE = "split.json"
 EMULATOR_DIR = "emulator"
 RUN_METADATA = "fl_offsite_run"  # metadata key of a trained adapter: the run that trained it
+MAX_LAYERS = 10_000  # blocks a split description may name: bounds what a received plan makes a node build
+MAX_PREFIX = 200
+BLOCK_PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")  # a dotted module path
 
 
 @dataclass(frozen=True)
@@ -105,14 +108,48 @@ class SplitPlan:
 
     @classmethod
     def from_json(cls, data: dict) -> SplitPlan:
+        """The plan a split description holds (``split.json``, or a model owner's message: on a node, hostile
+        input). Every field is checked before anything is built from it; a UserError names the field at fault,
+        never its value."""
         fields = ("num_layers", "adapter_bottom", "adapter_top", "kept_layers", "block_prefix")
+        if not isinstance(data, dict):
+            raise UserError("a split description is a JSON object; re-create it with `fl-offsite split`")
         missing = [f for f in fields if f not in data]
         if missing:
             raise UserError(f"split description lacks {missing}; re-create it with `fl-offsite split`")
         if not isinstance(shared := data.get("shared", False), bool):
-            raise UserError(f"split description's 'shared' must be true or false, not {str(shared)[:40]}")
-        return cls(**{f: data[f] for f in fields[:3]}, kept_layers=tuple(data["kept_layers"]),
-                   block_prefix=data["block_prefix"], shared=shared)
+            raise UserError("split description's 'shared' must be true or false")
+        num_layers, bottom, top = (_count(data, f, MAX_LAYERS) for f in fields[:3])
+        if num_layers == 0 or bottom + top > num_layers:
+            raise UserError("split description's 'num_layers' must be at least 1 and at least 'adapter_bottom' + "
+                            "'adapter_top'")
+        kept = _kept_layers(data["kept_layers"], num_layers)
+        if not {*range(bottom), *range(num_layers - top, num_layers)} <= set(kept):
+            raise UserError("split description's 'kept_layers' must keep every adapter block (the bottom "
+                            "'adapter_bottom' and the top 'adapter_top' blocks)")
+        prefix = data["block_prefix"]
+        if not isinstance(prefix, str) or len(prefix) > MAX_PREFIX or not BLOCK_PREFIX.fullmatch(prefix):
+            raise UserError("split description's 'block_prefix' must be a dotted name such as model.layers (at most "
+                            f"{MAX_PREFIX} characters)")
+        return cls(num_layers, bottom, top, kept, prefix, shared)
+
+
+def _count(data: dict, field: str, high: int) -> int:
+    """``data[field]``: an integer (not a bool) in [0, high]."""
+    value = data[field]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise UserError(f"split description's {field!r} must be an integer in [0, {high}]")
+    return value
+
+
+def _kept_layers(value: object, num_layers: int) -> tuple[int, ...]:
+    """``value`` as the emulator's blocks: strictly increasing block indices of a ``num_layers``-block model."""
+    if not isinstance(value, list) or len(value) > num_layers \
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in value) \
+            or value != sorted(set(value)) or (value and not 0 <= value[0] <= value[-1] < num_layers):
+        raise UserError("split description's 'kept_layers' must be a list of strictly increasing block indices in "
+                        "[0, 'num_layers')")
+    return tuple(value)
 
 
 def plan_split(
