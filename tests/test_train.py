@@ -57,3 +57,22 @@ def test_half_weights_score_in_bf16_and_give_the_exact_weights_back(tiny_llama, 
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
     with half_weights(tiny_llama, "fp32"):
         assert {p.dtype for p in tiny_llama.parameters()} == {torch.float32}
+
+
+def test_bf16_on_an_x86_cpu_without_bf16_instructions_warns_once(monkeypatch, caplog):
+    from fl_offsite.learn import train
+
+    monkeypatch.setattr(train.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    train.warn_slow_cpu_bf16.cache_clear()
+    with caplog.at_level("WARNING", logger="fl_offsite.learn.train"):
+        for _ in range(2):
+            with train.precision_autocast(torch.device("cpu"), "bf16"):
+                pass
+        with train.precision_autocast(torch.device("cpu"), "fp32"):
+            pass
+    assert [r.message.startswith("bf16 on this CPU") for r in caplog.records] == [True]
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert train.native_cpu_bf16()
+    train.warn_slow_cpu_bf16.cache_clear()
