@@ -177,7 +177,9 @@ def test_sigterm_mid_round_stops_every_process_and_the_run_resumes(tmp_path: Pat
             process.kill()
     assert not left, f"processes of the stopped run still running: {left}"
     assert code == 130 and "stopped; every process it started has ended" in log.read_text(), log.read_text()[-2000:]
-    assert stopped_s < 20, f"stopping took {stopped_s:.1f} s"
+    # well under the 60 s wait: the grace periods add up to 8 s (14 s with the waits after SIGKILL); with /proc
+    # scans and process exits it took 21.8 s once on a 2-core machine at a load of about 13
+    assert stopped_s < 40, f"stopping took {stopped_s:.1f} s"
     done = checkpointed_round(results)
     assert 1 <= done < rounds and [r["round"] for r in rounds_of(results)][-1] == done
     grid = run(json.loads((results / "config.json").read_text()), num_nodes=2)  # the same run, resumed
